@@ -1,0 +1,30 @@
+# `make train` runs the default job, `make test` the test suite; both install what they need first.
+PYTHON ?= python3
+STAMP := build/.installed
+
+.PHONY: install train test test-slow bench clean
+
+# torch==2.13.0: on a CPU-only machine of this project's kind pip takes the CPU build kept on disk
+# instead of downloading a multi-gigabyte CUDA build; an existing torch is left alone.
+$(STAMP): setup.py
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e '.[dev]'
+	@mkdir -p build && touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(PYTHON) scripts/train.py --config configs/tiny.py
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+# tests too slow for `make test`; .ci/run runs them after it
+test-slow: $(STAMP)
+	$(PYTHON) -m pytest -q -m slow tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+bench: $(STAMP)
+	$(PYTHON) bench/run.py --quick
+
+clean:
+	rm -rf build runs .pytest_cache

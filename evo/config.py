@@ -1,0 +1,529 @@
+"""Python config files -> typed, validated config objects.
+
+A config is a Python file whose module-level names are the config, with InternEvo's sections and
+field names (``JOB_NAME``, ``model``, ``data``, ``parallel``, ``adam``, ``lr_scheduler``,
+``grad_scaler``, ``hybrid_zero_optimizer``, ``loss``, ``ckpt``, ``monitor``). A config may import
+names from another config file in its folder (``from base import *``), as InternEvo's do.
+
+Loading happens once, at start: ``load_config(path, overrides)`` executes the file, applies
+``KEY=VALUE`` overrides (dotted paths into the nested dicts), and validates everything into the
+dataclasses below. Errors are ``ConfigError`` with one line naming the key and what is allowed;
+unknown keys are ignored with a warning naming them.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+import runpy
+import sys
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from evo.errors import ConfigError
+
+REQUIRED = object()  # marker default: the key must be given
+
+# InternEvo keys that evo accepts without a warning but that change nothing here (they tune
+# InternEvo's own machinery: alerting, upload queues, communication overlap, ...).
+_ACCEPTED_NO_EFFECT = {
+    "model": {"num_chunks", "embed_split_hidden", "embed_grad_scale", "parallel_output", "use_flash_attn",
+              "adapt_hf", "mlp_layer_fusion", "use_dynamic_ntk_rope", "use_scaled_init", "use_swiglu",
+              "deepnorm", "residual_in_fp32", "fused_dropout_add_ln", "moe_use_residual", "num_experts"},
+    "data": {"rampup_batch_size", "empty_cache_and_diag_interval", "diag_outlier_ratio", "num_worker",
+             "fixed_random_dataset_seqlen", "gradient_accumulation"},
+    "hybrid_zero_optimizer": {"overlap_sync_grad", "overlap_sync_param", "reduce_bucket_size",
+                              "zero_overlap_communication", "cpu_offload"},
+    "ckpt": {"async_upload", "async_upload_tmp_folder", "oss_snapshot_freq", "stop_file_path",
+             "snapshot_ckpt_folder", "load_optimizer"},
+    "monitor": {"alert"},
+}
+_TOP_LEVEL_NO_EFFECT = {"DO_ALERT", "model_type", "cudnn_deterministic", "cudnn_benchmark", "use_fp32_norm",
+                        "beta2_scheduler", "generation"}
+_DTYPES = ("torch.float32", "torch.float", "torch.tf32", "torch.bfloat16", "torch.float16", "torch.half")
+MODEL_TYPES = ("INTERNLM2_PUBLIC", "INTERNLM2", "INTERNLM", "LLAMA2", "LLAMA")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections. Field names are InternEvo's; defaults are InternEvo's where it has one.
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    num_layers: int = REQUIRED
+    hidden_size: int = REQUIRED
+    num_attention_heads: int = REQUIRED
+    vocab_size: int = REQUIRED
+    num_kv_attention_heads: Optional[int] = None  # None: as many as query heads (MHA)
+    mlp_ratio: float = 8 / 3
+    multiple_of: int = 256  # the MLP width is mlp_ratio * hidden_size rounded up to this
+    dtype: str = "torch.bfloat16"
+    norm_type: str = "rmsnorm"
+    layer_norm_epsilon: float = 1e-5
+    rope_base: float = 10000.0
+    qk_interleaved: bool = False  # rotary layout: False = GPT-NeoX halves, True = GPT-J pairs
+    no_bias: bool = True
+    tie_word_embeddings: bool = False
+    norm_head: bool = False
+    apply_post_layer_norm: bool = False
+    checkpoint: Union[bool, float] = False  # fraction of layers with activation checkpointing
+    init_type: str = "normal"
+    embedding_init_std: float = 0.02
+    attn_wqkv_init_std: float = 0.02
+    attn_other_init_std: float = 0.02
+    ffn_uplayer_init_std: float = 0.02
+    ffn_other_init_std: float = 0.02
+    out_head_init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_attention_heads or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def intermediate_size(self) -> int:
+        m = self.multiple_of
+        return m * ((int(self.hidden_size * self.mlp_ratio) + m - 1) // m)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16}.get(
+            self.dtype.split(".")[-1], torch.float32)
+
+    @property
+    def num_checkpoint_layers(self) -> int:
+        frac = float(self.checkpoint)
+        return int(round(frac * self.num_layers))
+
+
+@dataclass
+class DataConfig:
+    seq_len: int = 2048
+    micro_num: int = 1
+    micro_bsz: int = 1
+    valid_micro_num: int = 1
+    valid_every: int = 0  # 0: never evaluate during training (still at the end if there are val sets)
+    valid_max_batches: Optional[int] = None  # evo: cap on batches per validation set (None: all)
+    total_steps: int = 50000
+    pack_sample_into_one: bool = False
+    use_packed_dataset: bool = True
+    skip_batches: str = ""
+    min_length: int = 0
+    type: Optional[str] = None  # None: "tokenized" with train_folder, else "dummy"
+    train_folder: Optional[str] = None
+    valid_folder: Optional[str] = None
+    tokenizer_path: Optional[str] = None
+    seed: int = 1024
+    num_dummy_samples: int = 10000  # evo: size of the random dummy dataset (documents)
+
+    @property
+    def packed_length(self) -> int:
+        return self.seq_len * self.micro_bsz
+
+
+@dataclass
+class ParallelDim:
+    size: int = 1
+    mode: Optional[str] = None
+    interleaved_overlap: bool = True
+    overlap: bool = False
+    memory_pool: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    zero1: ParallelDim = field(default_factory=lambda: ParallelDim(size=-1))
+    tensor: ParallelDim = field(default_factory=lambda: ParallelDim(mode="mtp"))
+    pipeline: ParallelDim = field(default_factory=ParallelDim)
+    weight: ParallelDim = field(default_factory=ParallelDim)
+    sequence_parallel: bool = False
+
+
+@dataclass
+class AdamConfig:
+    lr: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_beta2_c: float = 0.0
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.01
+
+
+@dataclass
+class LrSchedulerConfig:
+    total_steps: Optional[int] = None  # None: data.total_steps
+    init_steps: int = 0
+    warmup_ratio: float = 0.01
+    eta_min: float = 1e-5
+    last_epoch: int = -1
+
+
+@dataclass
+class Fp16ScalerConfig:
+    initial_scale: float = 2.0**16
+    min_scale: float = 1.0
+    growth_interval: int = 1000
+
+
+@dataclass
+class GradScalerConfig:
+    fp16: Fp16ScalerConfig = field(default_factory=Fp16ScalerConfig)
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    max_scale: float = 2.0**24
+    hysteresis: int = 2
+
+
+@dataclass
+class HybridZeroConfig:
+    clip_grad_norm: float = 1.0  # <= 0: no clipping (inf/NaN steps are still skipped)
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class CkptConfig:
+    enable_save_ckpt: bool = True
+    save_ckpt_folder: Optional[str] = None  # None: <run folder>/checkpoints
+    checkpoint_every: int = 0  # 0: only at the end
+    auto_resume: bool = True
+    load_ckpt_folder: Optional[str] = None
+    load_ckpt_info: Optional[dict] = None  # dict(path=..., content=("model", ...), ckpt_type="evo")
+
+
+@dataclass
+class MonitorConfig:
+    run_folder: Optional[str] = None  # None: runs/<JOB_NAME>
+    tensorboard: dict = field(default_factory=dict)
+    log_every: int = 1  # evo: console/metrics cadence in steps
+    sample_prompt: Optional[str] = None  # evo: at the end of fit(), print a sample generated from this
+    sample_tokens: int = 64
+
+
+@dataclass
+class Config:
+    JOB_NAME: str = "evo"
+    model: ModelConfig = REQUIRED
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    adam: AdamConfig = field(default_factory=AdamConfig)
+    lr_scheduler: LrSchedulerConfig = field(default_factory=LrSchedulerConfig)
+    grad_scaler: GradScalerConfig = field(default_factory=GradScalerConfig)
+    hybrid_zero_optimizer: HybridZeroConfig = field(default_factory=HybridZeroConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    model_type: str = "INTERNLM2_PUBLIC"
+    source: Optional[str] = None  # the file this config came from
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name not in ("JOB_NAME", "model_type", "source")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+def parse_value(text: str) -> Any:
+    """A command-line VALUE: a Python literal when it is one, else the plain string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> None:
+    """Apply ``KEY=VALUE`` strings (dotted KEY into nested dicts) to the raw config namespace."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. data.total_steps=20")
+        *parents, leaf = key.split(".")
+        node = raw
+        for i, part in enumerate(parents):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(parents[: i + 1])
+                raise ConfigError(f"override '{item}': '{where}' is a {type(child).__name__}, not a section")
+            node = child
+        node[leaf] = parse_value(value)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Execute a config file and return its public module-level names (sections and constants).
+
+    The file's folder is put on ``sys.path`` while it runs, so it can import a base config beside it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found")
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    before = set(sys.modules)
+    try:
+        namespace = runpy.run_path(str(path), run_name="__evo_config__")
+    except ConfigError:
+        raise
+    except Exception as exc:  # a config that does not execute is bad input, not an evo bug
+        raise ConfigError(f"config file '{path}' failed to execute: {type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.path.remove(folder)
+        # base configs imported by this file must not leak into the next load (overrides mutate them)
+        for name in set(sys.modules) - before:
+            mod = sys.modules[name]
+            if getattr(mod, "__file__", None) and str(Path(mod.__file__).resolve().parent) == folder:
+                del sys.modules[name]
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a config file into a :class:`Config`."""
+    raw = read_config_file(path)
+    raw = _deepcopy_dicts(raw)
+    apply_overrides(raw, list(overrides or []))
+    cfg = config_from_dict(raw)
+    cfg.source = str(path)
+    return cfg
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Validate a config namespace (sections as dicts) into a :class:`Config`."""
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name in SECTIONS or name == "model":
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{name}' must be a dict, got {type(value).__name__}")
+            kwargs[name] = _build(_section_type(name), value, name)
+        elif name == "JOB_NAME":
+            kwargs[name] = _check_type(value, str, name)
+        elif name == "model_type":
+            kwargs[name] = _check_choice(_check_type(value, str, name), MODEL_TYPES, name)
+        elif name.isupper() or name in _TOP_LEVEL_NO_EFFECT:
+            continue  # constants such as SEQ_LEN, and InternEvo switches evo has no use for
+        else:
+            _warn_unknown(name)
+    if "model" not in kwargs:
+        raise ConfigError("'model' is required: a dict with num_layers, hidden_size, num_attention_heads, vocab_size")
+    cfg = Config(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def _section_type(name: str):
+    return typing.get_type_hints(Config)[name]
+
+
+def _deepcopy_dicts(obj):
+    if isinstance(obj, dict):
+        return {k: _deepcopy_dicts(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deepcopy_dicts(v) for v in obj]
+    return obj
+
+
+def _warn_unknown(key: str) -> None:
+    warnings.warn(f"unknown config key '{key}' (ignored)", UserWarning, stacklevel=3)
+
+
+def _build(cls, raw: dict, where: str):
+    """Build dataclass ``cls`` from dict ``raw``, checking every value against its annotation."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    section = where.split(".")[0]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}"
+        if key not in known:
+            if key not in _ACCEPTED_NO_EFFECT.get(section, ()):
+                _warn_unknown(path)
+            continue
+        kwargs[key] = _convert(value, hints[key], path)
+    for f in dataclasses.fields(cls):
+        if f.default is REQUIRED and f.name not in kwargs:
+            raise ConfigError(f"'{where}.{f.name}' is required ({_type_name(hints[f.name])})")
+    return cls(**kwargs)
+
+
+def _convert(value, annotation, path: str):
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, int) and not isinstance(value, bool) and "size" in {f.name for f in dataclasses.fields(annotation)}:
+            value = {"size": value}  # InternEvo allows parallel=dict(tensor=2) for dict(size=2)
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{path}' must be a dict, got {value!r}")
+        return _build(annotation, value, path)
+    return _check_type(value, annotation, path)
+
+
+def _check_type(value, annotation, path: str):
+    origin = typing.get_origin(annotation)
+    if origin is Union:
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"'{path}' must be {_type_name(annotation)}, got {value!r}")
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, float) and value.is_integer() and not isinstance(value, bool):
+        return int(value)
+    if annotation is dict and isinstance(value, dict):
+        return value
+    if annotation in (int, str, bool) and type(value) is annotation:
+        return value
+    raise ConfigError(f"'{path}' must be {_type_name(annotation)}, got {value!r}")
+
+
+def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    return {type(None): "None", int: "an int", float: "a number", str: "a string", bool: "True or False",
+            dict: "a dict"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _check_choice(value, choices, path: str):
+    if value not in choices:
+        raise ConfigError(f"'{path}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return value
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: everything that types alone cannot say
+# ----------------------------------------------------------------------------------------------
+def validate(cfg: Config) -> None:
+    m, d = cfg.model, cfg.data
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
+        _require(getattr(m, key) >= 1, f"'model.{key}' must be >= 1, got {getattr(m, key)}")
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"'model.hidden_size' ({m.hidden_size}) must be divisible by 'model.num_attention_heads' "
+             f"({m.num_attention_heads})")
+    if m.num_kv_attention_heads is not None:
+        _require(m.num_kv_attention_heads >= 1 and m.num_attention_heads % m.num_kv_attention_heads == 0,
+                 f"'model.num_kv_attention_heads' ({m.num_kv_attention_heads}) must divide "
+                 f"'model.num_attention_heads' ({m.num_attention_heads})")
+    _require(m.head_dim % 2 == 0, f"the head dim (hidden_size / num_attention_heads = {m.head_dim}) must be even for rotary")
+    _require(m.mlp_ratio > 0, f"'model.mlp_ratio' must be > 0, got {m.mlp_ratio}")
+    _require(m.multiple_of >= 1, f"'model.multiple_of' must be >= 1, got {m.multiple_of}")
+    _check_choice(m.dtype, _DTYPES, "model.dtype")
+    _check_choice(m.norm_type, ("rmsnorm",), "model.norm_type")
+    _check_choice(m.init_type, ("normal",), "model.init_type")
+    _require(m.layer_norm_epsilon > 0, f"'model.layer_norm_epsilon' must be > 0, got {m.layer_norm_epsilon}")
+    _require(m.rope_base > 0, f"'model.rope_base' must be > 0, got {m.rope_base}")
+    _require(not m.norm_head, "'model.norm_head' must be False (not supported yet)")
+    _require(not m.apply_post_layer_norm, "'model.apply_post_layer_norm' must be False (pre-norm only)")
+    _require(0 <= float(m.checkpoint) <= 1, f"'model.checkpoint' must be a bool or a fraction in [0, 1], got {m.checkpoint}")
+    for key in ("embedding_init_std", "attn_wqkv_init_std", "attn_other_init_std", "ffn_uplayer_init_std",
+                "ffn_other_init_std", "out_head_init_std"):
+        _require(getattr(m, key) >= 0, f"'model.{key}' must be >= 0")
+
+    for key in ("seq_len", "micro_num", "micro_bsz", "valid_micro_num", "total_steps"):
+        _require(getattr(d, key) >= 1, f"'data.{key}' must be >= 1, got {getattr(d, key)}")
+    _require(d.valid_every >= 0, f"'data.valid_every' must be >= 0, got {d.valid_every}")
+    _require(d.min_length >= 0, f"'data.min_length' must be >= 0, got {d.min_length}")
+    if d.valid_max_batches is not None:
+        _require(d.valid_max_batches >= 1, f"'data.valid_max_batches' must be >= 1 or None, got {d.valid_max_batches}")
+    if d.type is None:
+        d.type = "tokenized" if d.train_folder else "dummy"
+    _check_choice(d.type, ("dummy", "builtin", "tokenized", "streaming"), "data.type")
+    if d.type == "tokenized":
+        _require(d.train_folder is not None, "'data.train_folder' is required when data.type is 'tokenized'")
+    parse_skip_batches(d.skip_batches)
+
+    p = cfg.parallel
+    for name in ("tensor", "pipeline", "weight"):
+        size = getattr(p, name).size
+        _require(size >= 1, f"'parallel.{name}.size' must be >= 1, got {size}")
+    p.tensor.mode = p.tensor.mode or "mtp"
+    _check_choice(p.tensor.mode, ("mtp", "msp", "fsp", "isp"), "parallel.tensor.mode")
+    _require(p.zero1.size == -1 or p.zero1.size >= 1, f"'parallel.zero1.size' must be -1 or >= 1, got {p.zero1.size}")
+
+    a = cfg.adam
+    _require(a.lr >= 0, f"'adam.lr' must be >= 0, got {a.lr}")
+    _require(0 <= a.adam_beta1 < 1 and 0 <= a.adam_beta2 < 1, "'adam.adam_beta1' and 'adam.adam_beta2' must be in [0, 1)")
+    _require(a.adam_eps > 0, f"'adam.adam_eps' must be > 0, got {a.adam_eps}")
+    _require(a.weight_decay >= 0, f"'adam.weight_decay' must be >= 0, got {a.weight_decay}")
+
+    s = cfg.lr_scheduler
+    if s.total_steps is None:
+        s.total_steps = d.total_steps
+    _require(s.total_steps >= 1, f"'lr_scheduler.total_steps' must be >= 1, got {s.total_steps}")
+    _require(0 <= s.init_steps < s.total_steps, "'lr_scheduler.init_steps' must be in [0, total_steps)")
+    _require(0 <= s.warmup_ratio <= 1, f"'lr_scheduler.warmup_ratio' must be in [0, 1], got {s.warmup_ratio}")
+    _require(s.eta_min >= 0, f"'lr_scheduler.eta_min' must be >= 0, got {s.eta_min}")
+
+    g = cfg.grad_scaler
+    _require(g.fp16.initial_scale > 0 and g.fp16.min_scale > 0, "'grad_scaler.fp16' scales must be > 0")
+    _require(g.fp16.min_scale <= g.fp16.initial_scale <= g.max_scale,
+             "'grad_scaler' needs fp16.min_scale <= fp16.initial_scale <= max_scale")
+    _require(g.growth_factor > 1, f"'grad_scaler.growth_factor' must be > 1, got {g.growth_factor}")
+    _require(0 < g.backoff_factor < 1, f"'grad_scaler.backoff_factor' must be in (0, 1), got {g.backoff_factor}")
+    _require(g.fp16.growth_interval >= 1 and g.hysteresis >= 1,
+             "'grad_scaler.fp16.growth_interval' and 'grad_scaler.hysteresis' must be >= 1")
+    _require(math.isfinite(cfg.hybrid_zero_optimizer.clip_grad_norm),
+             "'hybrid_zero_optimizer.clip_grad_norm' must be a finite number (<= 0 turns clipping off)")
+    _require(0 <= cfg.loss.label_smoothing < 1, f"'loss.label_smoothing' must be in [0, 1), got {cfg.loss.label_smoothing}")
+    _require(cfg.ckpt.checkpoint_every >= 0, f"'ckpt.checkpoint_every' must be >= 0, got {cfg.ckpt.checkpoint_every}")
+    info = cfg.ckpt.load_ckpt_info
+    if info is not None:
+        _require("path" in info, "'ckpt.load_ckpt_info' needs a 'path'")
+        content = info.get("content", ("all",))
+        content = (content,) if isinstance(content, str) else tuple(content)
+        for c in content:
+            _check_choice(c, CKPT_CONTENTS, "ckpt.load_ckpt_info.content")
+        info["content"] = content
+        _check_choice(info.get("ckpt_type", "evo"), ("evo", "internevo"), "ckpt.load_ckpt_info.ckpt_type")
+    _require(cfg.monitor.log_every >= 1, f"'monitor.log_every' must be >= 1, got {cfg.monitor.log_every}")
+
+
+CKPT_CONTENTS = ("model", "optimizer", "scheduler", "sampler", "all")
+
+
+def parse_skip_batches(spec: str) -> set[int]:
+    """InternEvo's ``data.skip_batches``: "10-20,30" -> {10, ..., 20, 30} (inclusive ranges)."""
+    out: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, sep, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise ConfigError(f"'data.skip_batches' must look like \"10-20,30\", got {spec!r}") from None
+        if a > b or a < 0:
+            raise ConfigError(f"'data.skip_batches' range '{part}' is empty or negative")
+        out.update(range(a, b + 1))
+    return out
+
+
+def strip_folder_prefix(path: str) -> str:
+    """InternEvo writes local paths as 'local:/x'; other backends (boto3:, volc:) are not supported."""
+    if path.startswith("local:"):
+        return path[len("local:"):]
+    if ":" in path.split("/")[0] and not path[1:3] == ":\\":
+        raise ConfigError(f"storage '{path.split(':')[0]}:' in '{path}' is not supported; use a local path or 'local:'")
+    return path

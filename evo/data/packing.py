@@ -1,0 +1,83 @@
+"""InternEvo's packing: documents concatenated into rows of ``seq_len * micro_bsz`` tokens.
+
+A corpus is one flat token array with document boundaries. Row r is the stream slice
+``[r * L, (r + 1) * L)`` (L = seq_len * micro_bsz): documents are cut at row ends, and the last label
+of a row is the true next token when its document goes on in the next row. Inside a row,
+``cu_seqlens`` has a boundary at every document start and, within a document, every ``seq_len``
+tokens (so no attention span exceeds seq_len); ``indexes`` restart at each boundary. Labels are the
+next token, and -100 at each document's last token and before a negative (input-only) token, whose
+absolute value is the input, as in InternEvo's SFT data. With ``pack_sample_into_one`` the
+boundaries are fixed every seq_len and documents are ignored for attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Corpus:
+    """Documents as one stream: tokens (N,) int32, offsets (docs + 1,) int64, doc_types (docs,) int32."""
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    doc_types: np.ndarray
+
+    @classmethod
+    def from_documents(cls, docs: list, type_ids: list[int] | int = 0, min_length: int = 0) -> "Corpus":
+        docs = [np.asarray(d, dtype=np.int32) for d in docs]
+        types = [type_ids] * len(docs) if isinstance(type_ids, int) else list(type_ids)
+        keep = [i for i, d in enumerate(docs) if len(d) >= max(min_length, 1)]
+        lengths = np.array([len(docs[i]) for i in keep], dtype=np.int64)
+        offsets = np.zeros(len(keep) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = np.concatenate([docs[i] for i in keep]) if keep else np.zeros(0, np.int32)
+        return cls(tokens, offsets, np.array([types[i] for i in keep], dtype=np.int32))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+
+class PackedRows:
+    """Random access to the packed rows of a corpus; ``rows[r]`` is a dict of numpy arrays."""
+
+    def __init__(self, corpus: Corpus, seq_len: int, micro_bsz: int, pack_sample_into_one: bool = False):
+        self.corpus, self.seq_len = corpus, seq_len
+        self.length = seq_len * micro_bsz
+        self.pack_sample_into_one = pack_sample_into_one
+        # the tail shorter than a row is left out; each epoch sees the same full rows
+        self.num_rows = corpus.num_tokens // self.length
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, r: int) -> dict:
+        if not 0 <= r < self.num_rows:
+            raise IndexError(r)
+        c, L = self.corpus, self.length
+        start, end = r * L, (r + 1) * L
+        raw = c.tokens[start:min(end + 1, c.num_tokens)].astype(np.int64)
+        input_ids = np.abs(raw[:L])
+        labels = np.full(L, IGNORE_INDEX, dtype=np.int64)
+        labels[: len(raw) - 1] = raw[1:]
+        labels[labels < 0] = IGNORE_INDEX  # predicting an input-only token takes no loss
+        first_doc = int(np.searchsorted(c.offsets, start, side="right")) - 1
+        last_doc = int(np.searchsorted(c.offsets, end - 1, side="right")) - 1
+        doc_ends = c.offsets[first_doc + 1:last_doc + 2] - 1 - start
+        labels[doc_ends[doc_ends < L]] = IGNORE_INDEX
+        doc_starts = c.offsets[first_doc + 1:last_doc + 1] - start  # documents starting inside the row
+        seg_bounds = np.concatenate(([0], doc_starts, [L]))
+        type_ids = np.repeat(c.doc_types[first_doc:last_doc + 1], np.diff(seg_bounds))
+        if self.pack_sample_into_one:
+            cu = np.arange(0, L + 1, self.seq_len)
+        else:
+            cu = np.unique(np.concatenate([np.arange(a, b, self.seq_len) for a, b in zip(seg_bounds[:-1], seg_bounds[1:])]
+                                          + [[L]]))
+        indexes = np.arange(L) - np.repeat(cu[:-1], np.diff(cu))
+        return {"input_ids": input_ids, "labels": labels, "cu_seqlens": cu.astype(np.int32), "indexes": indexes,
+                "type_ids": type_ids.astype(np.int64)}

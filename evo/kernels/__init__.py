@@ -1,0 +1,150 @@
+"""evo's kernels: the public functions the model layer calls, and the backend that runs them.
+
+Backend per call: ``EVO_KERNEL_BACKEND`` (or ``use_backend(name)`` for a block of code) is
+``auto`` (Triton for CUDA tensors, the plain-PyTorch reference for CPU tensors), ``triton`` (Triton
+always; on CPU that needs ``TRITON_INTERPRET=1`` set before triton is imported) or ``torch`` (the
+reference always). Triton implementations register themselves in ``_TRITON`` as their files land;
+an op without one runs the reference under ``auto`` and raises under ``triton``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Callable
+
+import torch
+
+from evo.kernels import reference
+
+BACKENDS = ("auto", "triton", "torch")
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("evo_kernel_backend", default=None)
+_TRITON: dict[str, Callable] = {}  # op name -> Triton implementation, filled by the kernel modules
+
+
+def backend() -> str:
+    """The backend in force: ``use_backend``'s if inside one, else ``EVO_KERNEL_BACKEND`` (default auto)."""
+    name = _override.get() or os.environ.get("EVO_KERNEL_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"EVO_KERNEL_BACKEND must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run a block of code with kernel backend ``name`` (auto, triton or torch)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def _impl(op: str, x: torch.Tensor) -> Callable:
+    """Pick the implementation of ``op`` for a call whose main tensor is ``x``."""
+    name = backend()
+    if name == "torch" or (name == "auto" and (not x.is_cuda or op not in _TRITON)):
+        return getattr(reference, op)
+    if op not in _TRITON:
+        raise NotImplementedError(f"evo.kernels.{op} has no Triton implementation yet; use EVO_KERNEL_BACKEND=torch")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    return _TRITON[op]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim. x (..., hidden), weight (hidden,) -> (..., hidden) in x.dtype."""
+    return _impl("rms_norm", x)(x, weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+    """Returns (rms_norm(x + residual, weight), x + residual); x and residual (..., hidden)."""
+    return _impl("fused_add_rms_norm", x)(x, residual, weight, eps)
+
+
+def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None,
+                     max_seqlen=None):
+    """Rotary embedding with flash-attn's signature.
+
+    x (batch, seqlen, heads, headdim), or (total_tokens, heads, headdim) with ``cu_seqlens`` (positions
+    restart per sequence); cos, sin (max_seqlen, rotary_dim / 2); channels past rotary_dim unchanged.
+    """
+    return _impl("apply_rotary_emb", x)(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, elementwise; gate and up of one shape and dtype."""
+    return _impl("swiglu", gate)(gate, up)
+
+
+def cross_entropy(logits, labels, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
+                  process_group=None):
+    """Cross-entropy of logits (tokens, vocab) against labels (tokens,); see reference.cross_entropy."""
+    return _impl("cross_entropy", logits)(logits, labels, ignore_index, label_smoothing, z_loss, reduction,
+                                          process_group)
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100, label_smoothing=0.0,
+                               z_loss=0.0, reduction="mean", process_group=None, return_accuracy=False):
+    """Cross-entropy of hidden (tokens, d) @ weight (vocab, d).T (+ bias) without keeping the logits
+    (in the Triton backend). With return_accuracy, returns (loss, number of correct argmax tokens)."""
+    return _impl("fused_linear_cross_entropy", hidden)(hidden, weight, labels, bias, ignore_index, label_smoothing,
+                                                       z_loss, reduction, process_group, return_accuracy)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                           alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash-attn 2's varlen attention: q (total_q, heads_q, d), k and v (total_k, heads_kv, d), int32
+    cu_seqlens; each packed sequence attends only within itself. Returns out (total_q, heads_q, d), or
+    (out, softmax_lse (heads_q, total_q) fp32, None) with return_attn_probs."""
+    return _impl("flash_attn_varlen_func", q)(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                              dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                              deterministic, return_attn_probs)
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash-attn 2's attention: q (batch, seqlen_q, heads_q, d), k and v (batch, seqlen_k, heads_kv, d)."""
+    return _impl("flash_attn_func", q)(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                                       alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """qkv (batch, seqlen, 3, heads, d)."""
+    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
+                           softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q (batch, seqlen_q, heads_q, d), kv (batch, seqlen_k, 2, heads_kv, d)."""
+    return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """qkv (total, 3, heads, d)."""
+    return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q (total_q, heads_q, d), kv (total_k, 2, heads_kv, d)."""
+    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+__all__ = ["backend", "use_backend", "rms_norm", "fused_add_rms_norm", "apply_rotary_emb", "swiglu", "cross_entropy",
+           "fused_linear_cross_entropy", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func",
+           "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func"]

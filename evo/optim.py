@@ -1,0 +1,178 @@
+"""The optimizer side of a step: fp32 master weights, dynamic loss scaling, clipping, the lr schedule.
+
+``MixedPrecisionOptimizer`` runs AdamW on fp32 master copies of bf16/fp16 model parameters (on the
+parameters themselves for an fp32 model). Micro-batch gradients are accumulated into the masters'
+fp32 ``.grad`` after each backward, so accumulation never rounds to 16 bits. ``step()`` all-reduces
+the gradients over data-parallel ranks, unscales them, computes the global gradient norm, skips the
+update when it is inf or NaN (and tells the loss scaler), clips, and steps AdamW. Its state is keyed
+by parameter FQN, independent of layout, for ``torch.distributed.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from evo.config import AdamConfig, GradScalerConfig, LrSchedulerConfig
+from evo.parallel.context import ParallelContext
+
+
+class DynamicLossScaler:
+    """InternEvo's dynamic grad scaler: back off after ``hysteresis`` overflows, grow after
+    ``growth_interval`` clean steps. Disabled (scale 1) for bf16 and fp32."""
+
+    def __init__(self, cfg: GradScalerConfig, enabled: bool):
+        self.enabled = enabled
+        self.cfg = cfg
+        self.scale = float(cfg.fp16.initial_scale) if enabled else 1.0
+        self.growth_tracker = 0
+        self.hysteresis_tracker = cfg.hysteresis
+
+    def update(self, overflow: bool) -> None:
+        if not self.enabled:
+            return
+        c = self.cfg
+        if overflow:
+            self.growth_tracker = 0
+            self.hysteresis_tracker -= 1
+            if self.hysteresis_tracker <= 0:
+                self.scale = max(self.scale * c.backoff_factor, c.fp16.min_scale)
+        else:
+            self.growth_tracker += 1
+            if self.growth_tracker == c.fp16.growth_interval:
+                self.growth_tracker = 0
+                self.hysteresis_tracker = c.hysteresis
+                self.scale = min(self.scale * c.growth_factor, c.max_scale)
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "growth_tracker": self.growth_tracker, "hysteresis_tracker": self.hysteresis_tracker}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = state["scale"]
+        self.growth_tracker = state["growth_tracker"]
+        self.hysteresis_tracker = state["hysteresis_tracker"]
+
+
+def lr_factor(cfg: LrSchedulerConfig, base_lr: float):
+    """The multiplier of ``adam.lr`` at a step: linear warmup to 1, then cosine decay to eta_min / lr.
+
+    The schedule is positioned at ``step + init_steps`` (init_steps: steps trained before this
+    schedule began). Warmup lasts ``ceil(warmup_ratio * total_steps)`` steps.
+    """
+    warmup = math.ceil(cfg.warmup_ratio * cfg.total_steps)
+    floor = cfg.eta_min / base_lr if base_lr > 0 else 0.0
+
+    def factor(step: int) -> float:
+        s = step + cfg.init_steps
+        if s < warmup:
+            return (s + 1) / warmup
+        progress = min(1.0, (s - warmup) / max(1, cfg.total_steps - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class MixedPrecisionOptimizer:
+    def __init__(self, model: nn.Module, adam: AdamConfig, clip_grad_norm: float, scaler: DynamicLossScaler,
+                 ctx: ParallelContext):
+        self.model, self.clip_grad_norm, self.scaler, self.ctx = model, clip_grad_norm, scaler, ctx
+        self.params: dict[str, nn.Parameter] = dict(model.named_parameters())  # FQN -> model param (tied: once)
+        self.masters: dict[str, torch.Tensor] = {}
+        for name, p in self.params.items():
+            self.masters[name] = p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True)
+        self.separate_masters = any(m is not self.params[n] for n, m in self.masters.items())
+        decay = [m for n, m in self.masters.items() if m.ndim >= 2]
+        no_decay = [m for n, m in self.masters.items() if m.ndim < 2]  # norms and biases
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": adam.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=adam.lr, betas=(adam.adam_beta1, adam.adam_beta2), eps=adam.adam_eps,
+            foreach=False)  # the per-tensor loop: same result on every device, and checkpoints resume bit for bit
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def accumulate_grads(self) -> None:
+        """Move the model's (16-bit) gradients into the fp32 masters; call after each backward."""
+        if not self.separate_masters:
+            return
+        for name, p in self.params.items():
+            if p.grad is None:
+                continue
+            m = self.masters[name]
+            if m.grad is None:
+                m.grad = p.grad.float()
+            else:
+                m.grad.add_(p.grad)
+            p.grad = None
+
+    def zero_grad(self) -> None:
+        for m in self.masters.values():
+            m.grad = None
+        for p in self.params.values():
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> tuple[bool, float]:
+        """Sync, unscale, check, clip and update. Returns (updated, gradient norm before clipping)."""
+        self.accumulate_grads()
+        with_grad = [m for m in self.masters.values() if m.grad is not None]
+        grads = [m.grad for m in with_grad]
+        if self.ctx.dp_size > 1:
+            for g in grads:
+                self.ctx.all_reduce_dp(g)
+        if self.scaler.scale != 1.0:
+            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else torch.zeros(())
+        norm_value = float(norm)  # the one host sync of a step: the skip decision needs it
+        overflow = not math.isfinite(norm_value)
+        self.scaler.update(overflow)
+        if overflow:
+            self.zero_grad()
+            return False, norm_value
+        if self.clip_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(with_grad, self.clip_grad_norm, norm)
+        self.optimizer.step()
+        if self.separate_masters:
+            for name, p in self.params.items():
+                p.copy_(self.masters[name])
+        self.zero_grad()
+        return True, norm_value
+
+    # ---------------------------------------------------------------- checkpoint state, keyed by FQN
+    def _ensure_state(self) -> None:
+        """Create AdamW's state as its first step would, so a checkpoint can be loaded into it."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def state_dict(self) -> dict:
+        """{"master": {fqn: fp32}, "exp_avg": {...}, "exp_avg_sq": {...}, "step": {...}} (tensors, shared)."""
+        self._ensure_state()
+        out = {"master": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": {}}
+        for name, m in self.masters.items():
+            state = self.optimizer.state[m]
+            out["master"][name] = m.data
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                out[key][name] = state[key]
+        return out
+
+    @torch.no_grad()
+    def sync_model_from_masters(self) -> None:
+        """After loading masters in place: copy them into the 16-bit model parameters."""
+        if self.separate_masters:
+            for name, p in self.params.items():
+                p.copy_(self.masters[name])
+
+    @torch.no_grad()
+    def sync_masters_from_model(self) -> None:
+        """After loading only the model: take the masters from it."""
+        if self.separate_masters:
+            for name, p in self.params.items():
+                self.masters[name].copy_(p)

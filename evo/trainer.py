@@ -1,0 +1,315 @@
+"""The training loop InternEvo documents, made explicit.
+
+``Trainer.fit()`` = ``train()`` and then a final evaluation, checkpoint and sample. Each step:
+``load_new_batch`` -> ``execute_schedule`` (``data.micro_num`` micro-batches, each through
+``forward_backward_step``) -> ``step`` -> ``evaluate_on_val_dls`` (every ``data.valid_every``) ->
+``try_save_checkpoint``.
+
+The loss of a step is the mean over every labelled token of the step, across its micro-batches and
+data-parallel ranks (InternEvo averages per-micro-batch means instead): each micro-batch's summed
+token loss is divided by the step's global label count before backward, so gradient accumulation
+gives exactly the gradient of one big batch.
+
+``TrainerBuilder`` is the entry point of the documented flow: it takes the launch state created by
+``initialize_distributed_env`` and builds the optimizer, schedule and monitor around the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from evo.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from evo.config import Config, strip_folder_prefix
+from evo.data.packing import IGNORE_INDEX
+from evo.errors import CheckpointError
+from evo.model.decoder import count_parameters
+from evo.monitor import Monitor, logger
+from evo.optim import DynamicLossScaler, MixedPrecisionOptimizer, lr_factor
+from evo.parallel.context import ParallelContext
+
+
+def step_flops(model_cfg, num_matmul_params: int, tokens: int, seqlens_sq_sum: int) -> float:
+    """Model FLOPs of one forward+backward over ``tokens`` tokens (docs/metrics.md states the formula).
+
+    6 * N * tokens for the weight matmuls (N: parameters excluding the input embedding table, which is
+    a lookup), plus causal attention's 6 * num_layers * hidden_size * sum_i s_i^2 over packed sequences
+    of length s_i (QK^T and PV: 4 * s^2 * hidden forward for a full square, halved for causal, x3 for
+    forward + backward).
+    """
+    return 6.0 * num_matmul_params * tokens + 6.0 * model_cfg.num_layers * model_cfg.hidden_size * seqlens_sq_sum
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, train_dl, val_dls: dict, cfg: Config, ctx: ParallelContext,
+                 dataset_types: list[str], optimizer: MixedPrecisionOptimizer, scheduler, run_folder: Path,
+                 profiling: bool = False, monitor: Monitor | None = None):
+        self.model, self.train_dl, self.val_dls = model, train_dl, val_dls
+        self.cfg, self.ctx, self.dataset_types = cfg, ctx, dataset_types
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, optimizer.scaler
+        self.run_folder, self.profiling = Path(run_folder), profiling
+        self.monitor = monitor
+        self.step_count = 0  # completed steps (updated or skipped)
+        self.num_consumed_tokens = 0
+        self.inf_nan_skip_batches = 0
+        self.last_lr = float("nan")  # the lr the last step used
+        self._last_eval_step = self._last_save_step = None
+        self._train_iter = iter(train_dl)
+        n = count_parameters(model, exclude_embedding=True)
+        if model.cfg.tie_word_embeddings:
+            n += model.cfg.vocab_size * model.cfg.hidden_size  # the head is a matmul even when tied
+        self._matmul_params = n
+
+    # ------------------------------------------------------------------ the documented loop
+    def fit(self) -> dict:
+        """Train to ``data.total_steps``; then evaluate, checkpoint and print a sample. Returns the last metrics."""
+        last = self.train()
+        if self.val_dls and self._last_eval_step != self.step_count:
+            last.update(self.evaluate_on_val_dls())
+        self.try_save_checkpoint(force=True)
+        if self.monitor is not None:
+            self.monitor.close()
+        self._print_sample()
+        return last
+
+    def train(self) -> dict:
+        total = self.cfg.data.total_steps
+        if self.monitor is None:
+            self.monitor = Monitor(self.run_folder, self.ctx.is_main, total, self.step_count)
+        profiler = self._profiler()
+        record: dict = {}
+        with profiler or contextlib.nullcontext():
+            while self.step_count < total:
+                start = time.perf_counter()
+                batch = self.load_new_batch()
+                out = self.execute_schedule(batch)
+                grad_norm = self.step()
+                if self.ctx.device.type == "cuda":
+                    torch.cuda.synchronize(self.ctx.device)
+                record = self._step_record(out, grad_norm, time.perf_counter() - start)
+                if self.step_count % self.cfg.monitor.log_every == 0 or self.step_count == total:
+                    self.monitor.log_step(record)
+                every = self.cfg.data.valid_every
+                if self.val_dls and every and self.step_count % every == 0:
+                    record.update(self.evaluate_on_val_dls())
+                self.try_save_checkpoint()
+                if profiler is not None:
+                    profiler.step()
+        return record
+
+    def load_new_batch(self):
+        """The next step's batch for this rank: ({input_ids, cu_seqlens, indexes, type_ids}, labels)."""
+        return next(self._train_iter)
+
+    def execute_schedule(self, batch) -> dict:
+        """Run every micro-batch of the step; returns loss sums and token counts (global over dp ranks)."""
+        inputs, labels = batch
+        micro_num = labels.shape[0]
+        n_types = len(self.dataset_types)
+        type_ids = inputs["type_ids"]
+        labelled = labels != IGNORE_INDEX
+        # [label count, real tokens, attention s^2 sum, per-type label counts, per-type token counts]
+        counts = torch.zeros(3 + 2 * n_types, dtype=torch.float64)
+        counts[0] = labelled.sum()
+        real = type_ids >= 0  # padding carries type id -1
+        counts[1] = real.sum()
+        counts[2] = sum(float((c[1:] - c[:-1]).double().square().sum()) for c in inputs["cu_seqlens"])
+        counts[3:3 + n_types] = torch.bincount(type_ids[labelled].clamp(min=0), minlength=n_types)[:n_types]
+        counts[3 + n_types:] = torch.bincount(type_ids[real], minlength=n_types)[:n_types]
+        local_tokens, local_sq = float(counts[1]), float(counts[2])
+        counts = self.ctx.all_reduce_dp(counts.to(self.ctx.device)).cpu()
+        denom = max(float(counts[0]), 1.0)
+        loss_sums = torch.zeros(n_types, dtype=torch.float64, device=self.ctx.device)
+        for i in range(micro_num):
+            micro = {k: (v[i] if isinstance(v, list) else v[i:i + 1]) for k, v in inputs.items()}
+            token_loss = self.forward_backward_step(micro, labels[i:i + 1], denom)
+            ids = micro["type_ids"].reshape(-1).to(self.ctx.device).clamp(min=0)
+            loss_sums.index_add_(0, ids, token_loss.double())
+        loss_sums = self.ctx.all_reduce_dp(loss_sums).cpu()
+        return {"loss_sums": loss_sums, "label_count": counts[0].item(), "type_labels": counts[3:3 + n_types],
+                "type_tokens": counts[3 + n_types:], "tokens": counts[1].item(), "local_tokens": local_tokens,
+                "local_seqlens_sq": local_sq}
+
+    def forward_backward_step(self, micro_batch: dict, labels: torch.Tensor, denom: float) -> torch.Tensor:
+        """Forward and backward one micro-batch (one packed row); returns its detached per-token losses."""
+        dev = self.ctx.device
+        cu = micro_batch["cu_seqlens"]
+        max_seqlen = int((cu[1:] - cu[:-1]).max())
+        token_loss = self.model(micro_batch["input_ids"].to(dev), cu.to(dev), max_seqlen, labels=labels.to(dev),
+                                label_smoothing=self.cfg.loss.label_smoothing)
+        (token_loss.sum() * (self.scaler.scale / denom)).backward()
+        self.optimizer.accumulate_grads()
+        return token_loss.detach()
+
+    def step(self) -> float:
+        """Optimizer step (skipped when the gradient norm is inf/NaN); returns the gradient norm."""
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        updated, grad_norm = self.optimizer.step()
+        if not updated:
+            self.inf_nan_skip_batches += 1
+            logger.warning("step %d: gradient norm is %s; update skipped (loss scale now %g)", self.step_count + 1,
+                           grad_norm, self.scaler.scale)
+        with warnings.catch_warnings():  # torch warns when a skipped first step never called optimizer.step()
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        self.step_count += 1
+        return grad_norm
+
+    @torch.no_grad()
+    def evaluate_on_val_dls(self) -> dict:
+        """Loss, accuracy and perplexity on every validation set: ``val/<name>_loss|_acc|_plex``."""
+        self.model.eval()
+        record = {"step": self.step_count}
+        dev = self.ctx.device
+        for name, loader in self.val_dls.items():
+            totals = torch.zeros(3, dtype=torch.float64, device=dev)  # loss sum, labelled tokens, correct
+            for inputs, labels in loader:
+                for i in range(labels.shape[0]):
+                    cu = inputs["cu_seqlens"][i]
+                    loss, correct = self.model(inputs["input_ids"][i].to(dev), cu.to(dev), int((cu[1:] - cu[:-1]).max()),
+                                               labels=labels[i].to(dev), return_accuracy=True)
+                    totals += torch.stack([loss.double().sum(), (labels[i] != IGNORE_INDEX).sum().to(dev).double(),
+                                           correct.double()])
+            loss_sum, count, correct = self.ctx.all_reduce_dp(totals).tolist()
+            loss = loss_sum / max(count, 1.0)
+            record.update({f"val/{name}_loss": loss, f"val/{name}_acc": correct / max(count, 1.0),
+                           f"val/{name}_plex": math.exp(min(loss, 700.0))})
+        self.model.train()
+        self._last_eval_step = self.step_count
+        if self.monitor is not None:
+            self.monitor.log_eval(record)
+        return record
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def save_folder(self) -> Path:
+        folder = self.cfg.ckpt.save_ckpt_folder
+        return Path(strip_folder_prefix(folder)) if folder else self.run_folder / "checkpoints"
+
+    def try_save_checkpoint(self, force: bool = False) -> Path | None:
+        """Save every ``ckpt.checkpoint_every`` steps, or now with ``force`` (once per step)."""
+        c = self.cfg.ckpt
+        due = force or (c.checkpoint_every > 0 and self.step_count % c.checkpoint_every == 0)
+        if not c.enable_save_ckpt or not due or self._last_save_step == self.step_count:
+            return None
+        train_state = {"step": self.step_count, "num_consumed_tokens": self.num_consumed_tokens,
+                       "inf_nan_skip_batches": self.inf_nan_skip_batches, "scheduler": self.scheduler.state_dict(),
+                       "scaler": self.scaler.state_dict(), "sampler": self.train_dl.state_dict(), "rng": rng_state()}
+        tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        path = save_checkpoint(self.save_folder, self.step_count, tensors, train_state, self.cfg.to_dict(),
+                               self.ctx.is_main, self.ctx.barrier)
+        self._last_save_step = self.step_count
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    def resume(self, path: str | Path, content=("all",)) -> None:
+        """Load from checkpoint ``path`` what ``content`` names: model, optimizer, scheduler, sampler or all."""
+        content = set(content)
+        if "all" in content:
+            content = {"model", "optimizer", "scheduler", "sampler"}
+        tensors = {}
+        if "model" in content:
+            tensors["model"] = self.model.state_dict()
+        if "optimizer" in content:
+            tensors["optimizer"] = self.optimizer.state_dict()
+        state = load_checkpoint(path, tensors)
+        if "optimizer" in content:
+            self.optimizer.sync_model_from_masters()  # the fp32 masters are the more precise copy
+            self.scaler.load_state_dict(state["scaler"])
+        elif "model" in content:
+            self.optimizer.sync_masters_from_model()
+        if "scheduler" in content:
+            self.scheduler.load_state_dict(state["scheduler"])
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr
+        if "sampler" in content:
+            self.train_dl.load_state_dict(state["sampler"])
+            self.step_count = state["step"]
+            self.num_consumed_tokens = state["num_consumed_tokens"]
+            self.inf_nan_skip_batches = state["inf_nan_skip_batches"]
+            self._last_save_step = self.step_count
+            set_rng_state(state["rng"])
+        logger.info("loaded %s from checkpoint %s (step %d)", ", ".join(sorted(content)), path, state["step"])
+
+    # ------------------------------------------------------------------ helpers
+    def _step_record(self, out: dict, grad_norm: float, seconds: float) -> dict:
+        self.num_consumed_tokens += int(out["tokens"])
+        flops = step_flops(self.model.cfg, self._matmul_params, out["local_tokens"], out["local_seqlens_sq"])
+        record = {"step": self.step_count, "loss": float(out["loss_sums"].sum()) / max(out["label_count"], 1.0),
+                  "lr": self.last_lr, "grad_norm": grad_norm,
+                  "loss_scale": self.scaler.scale, "tgs": out["local_tokens"] / seconds,
+                  "tflops": flops / seconds / 1e12, "num_consumed_tokens": self.num_consumed_tokens,
+                  "inf_nan_skip_batches": self.inf_nan_skip_batches}
+        for t, name in enumerate(self.dataset_types):
+            n = float(out["type_labels"][t])
+            record[f"loss/{name}"] = float(out["loss_sums"][t]) / n if n else float("nan")
+            record[f"tokens/{name}"] = int(out["type_tokens"][t])
+        if self.ctx.device.type == "cuda":
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        return record
+
+    def _profiler(self):
+        if not self.profiling:
+            return None
+        folder = self.run_folder / "profile"
+        folder.mkdir(parents=True, exist_ok=True)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.ctx.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+
+        def export(prof):
+            path = folder / f"trace_rank{self.ctx.rank}_step{self.step_count}.json"
+            prof.export_chrome_trace(str(path))
+            logger.info("profiler trace written to %s", path)
+
+        return torch.profiler.profile(activities=activities, on_trace_ready=export, record_shapes=True,
+                                      schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1))
+
+    def _print_sample(self) -> None:
+        prompt = self.cfg.monitor.sample_prompt
+        tokenizer = getattr(self.train_dl, "tokenizer", None)
+        if not prompt or tokenizer is None or not self.ctx.is_main:
+            return
+        from evo.generate import generate
+
+        text = generate(self.model, tokenizer, prompt, self.cfg.monitor.sample_tokens, device=self.ctx.device)
+        print(f"\n--- sample (prompt {prompt!r}) ---\n{prompt}{text}\n---", flush=True)
+
+
+class TrainerBuilder(Trainer):
+    """The documented flow's trainer: ``TrainerBuilder(model, train_dl, val_dls, dataset_types=..., **vars(args))``.
+
+    Reads the config and ParallelContext from the launch state, builds the optimizer (fp32 masters,
+    AdamW), the loss scaler and the lr schedule, then resumes: from ``ckpt.load_ckpt_info`` when given,
+    else (with ``ckpt.auto_resume``) from the newest complete checkpoint in the save folder.
+    """
+
+    def __init__(self, model, train_dl, val_dls, dataset_types=None, profiling: bool = False, **_args):
+        from evo.initialize import launch_state
+
+        state = launch_state()
+        cfg, ctx = state.config, state.ctx
+        scaler = DynamicLossScaler(cfg.grad_scaler, enabled=cfg.model.torch_dtype == torch.float16)
+        optimizer = MixedPrecisionOptimizer(model, cfg.adam, cfg.hybrid_zero_optimizer.clip_grad_norm, scaler, ctx)
+        factor = lr_factor(cfg.lr_scheduler, cfg.adam.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, [factor] * len(optimizer.param_groups))
+        super().__init__(model, train_dl, val_dls, cfg, ctx, list(dataset_types or ["default"]), optimizer, scheduler,
+                         state.run_folder, profiling=profiling)
+        self._auto_load()
+
+    def _auto_load(self) -> None:
+        c = self.cfg.ckpt
+        latest = latest_checkpoint(self.save_folder) if c.auto_resume else None
+        if latest is not None:  # our own run's newest checkpoint wins over an initial load
+            self.resume(latest)
+        elif c.load_ckpt_info is not None:
+            path = strip_folder_prefix(str(c.load_ckpt_info["path"]))
+            if not Path(path).is_dir():
+                raise CheckpointError(f"'ckpt.load_ckpt_info.path' '{path}' is not a folder")
+            self.resume(path, c.load_ckpt_info["content"])

@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="evo",
+    version="0.1.0",
+    description="A Triton-kernel-first framework for training large language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["evo", "evo.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "triton>=3.0; platform_system == 'Linux'",
+        "einops",
+        "numpy",
+        "tokenizers",
+        "safetensors",
+        "tensorboard",
+        "tqdm",
+    ],
+    extras_require={"dev": ["pytest", "pytest-benchmark"]},
+)

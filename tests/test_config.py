@@ -1,0 +1,122 @@
+import textwrap
+
+import pytest
+
+from conftest import ROOT, run_script, small_sections
+from evo.config import config_from_dict, load_config, parse_skip_batches
+from evo.errors import ConfigError
+
+
+def test_tiny_config_loads_with_typed_sections():
+    cfg = load_config(ROOT / "configs" / "tiny.py")
+    assert cfg.JOB_NAME == "tiny"
+    assert cfg.model.num_layers == 4 and isinstance(cfg.model.mlp_ratio, float)
+    assert cfg.data.type == "builtin"
+    assert cfg.lr_scheduler.total_steps == cfg.data.total_steps
+    assert cfg.model.kv_heads == 2 and cfg.model.head_dim == 64
+
+
+def test_base_config_import_and_override(config_file):
+    config_file(textwrap.dedent("""
+        JOB_NAME = "base"
+        model = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=100)
+        data = dict(seq_len=16, total_steps=5)
+    """), name="base_cfg.py")
+    child = config_file(textwrap.dedent("""
+        from base_cfg import *
+        JOB_NAME = "child"
+        model["num_layers"] = 3
+    """), name="child.py")
+    cfg = load_config(child, ["data.total_steps=20", "data.train_folder=/data/x", "data.type='dummy'",
+                              "adam.lr=3e-4", "monitor.run_folder=out/run"])
+    assert cfg.JOB_NAME == "child" and cfg.model.num_layers == 3
+    assert cfg.data.total_steps == 20 and cfg.lr_scheduler.total_steps == 20
+    assert cfg.data.train_folder == "/data/x"  # not a Python literal: taken as a plain string
+    assert cfg.adam.lr == 3e-4 and cfg.monitor.run_folder == "out/run"
+    # loading again sees the base unchanged: imports and overrides do not leak between loads
+    assert load_config(child).data.total_steps == 5
+
+
+def test_parallel_int_shorthand_and_nested_override():
+    cfg = config_from_dict(small_sections(parallel=dict(tensor=2, pipeline=dict(size=1))))
+    assert cfg.parallel.tensor.size == 2 and cfg.parallel.tensor.mode == "mtp"
+
+
+@pytest.mark.parametrize("sections, message", [
+    (dict(model=dict(hidden_size=None)), "'model.hidden_size' must be an int"),
+    (dict(data=dict(seq_len="long")), "'data.seq_len' must be an int, got 'long'"),
+    (dict(model=dict(hidden_size=66)), "'model.hidden_size' (66) must be divisible by 'model.num_attention_heads' (4)"),
+    (dict(model=dict(num_kv_attention_heads=3)), "'model.num_kv_attention_heads' (3) must divide"),
+    (dict(model=dict(dtype="torch.int8")), "'model.dtype' must be one of"),
+    (dict(data=dict(micro_num=0)), "'data.micro_num' must be >= 1"),
+    (dict(data=dict(type="parquet")), "'data.type' must be one of"),
+    (dict(data=dict(skip_batches="3-1")), "'data.skip_batches'"),
+    (dict(lr_scheduler=dict(warmup_ratio=1.5)), "'lr_scheduler.warmup_ratio' must be in [0, 1]"),
+    (dict(grad_scaler=dict(backoff_factor=2.0)), "'grad_scaler.backoff_factor' must be in (0, 1)"),
+    (dict(ckpt=dict(load_ckpt_info=dict(path="x", content=("weights",)))), "'ckpt.load_ckpt_info.content' must be one of"),
+    (dict(model=dict(checkpoint=2.0)), "'model.checkpoint'"),
+    (dict(data=dict(use_packed_dataset="yes")), "'data.use_packed_dataset' must be True or False"),
+])
+def test_bad_values_name_the_key(sections, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(small_sections(**sections))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_required_key():
+    raw = small_sections()
+    del raw["model"]["vocab_size"]
+    with pytest.raises(ConfigError, match=r"'model.vocab_size' is required \(an int\)"):
+        config_from_dict(raw)
+    with pytest.raises(ConfigError, match="'model' is required"):
+        config_from_dict({"data": {}})
+
+
+def test_unknown_keys_warn_by_name_and_known_internevo_keys_do_not():
+    raw = small_sections(data=dict(my_typo=1, rampup_batch_size=""), model=dict(use_flash_attn=True))
+    raw["cudnn_deterministic"] = False
+    raw["surprise"] = 1
+    raw["SEQ_LEN"] = 32
+    with pytest.warns(UserWarning) as record:
+        config_from_dict(raw)
+    messages = sorted(str(w.message) for w in record)
+    assert messages == ["unknown config key 'data.my_typo' (ignored)", "unknown config key 'surprise' (ignored)"]
+
+
+def test_bad_overrides(config_file):
+    path = config_file("model = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=100)\n")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["data.total_steps"])
+    with pytest.raises(ConfigError, match="'model.num_layers' is a int, not a section"):
+        load_config(path, ["model.num_layers.x=1"])
+
+
+def test_config_file_errors(config_file, tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.py")
+    broken = config_file("model = dict(\n", name="broken.py")
+    with pytest.raises(ConfigError, match="failed to execute: SyntaxError"):
+        load_config(broken)
+
+
+def test_skip_batches_parsing():
+    assert parse_skip_batches("10-12,30") == {10, 11, 12, 30}
+    assert parse_skip_batches("") == set()
+
+
+def test_cli_bad_config_value_exits_2_with_one_line(tmp_path):
+    result = run_script("scripts/train.py", "--config", "configs/tiny.py", "model.hidden_size=258",
+                        f"monitor.run_folder={tmp_path}/run")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "evo: error: 'model.hidden_size' (258) must be divisible by 'model.num_attention_heads' (4)")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # rejected before any work started
+
+
+def test_cli_unsupported_parallel_size_exits_2(tmp_path):
+    result = run_script("scripts/train.py", "--config", "configs/tiny.py", "parallel.tensor.size=2",
+                        f"monitor.run_folder={tmp_path}/run")
+    assert result.returncode == 2
+    assert "'parallel.tensor.size' = 2 is not supported yet" in result.stderr
