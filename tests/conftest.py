@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_configure(config):
+    # tokenizers trained by tests go to a fresh folder, never to the user's ~/.cache/evo
+    os.environ["EVO_CACHE_DIR"] = tempfile.mkdtemp(prefix="evo-test-cache-")
 
 
 def small_sections(**sections) -> dict:

@@ -122,3 +122,21 @@ def test_byte_tokenizer_round_trip(text):
 
     tok = ByteTokenizer()
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_builtin_bpe_trains_from_a_cold_cache_then_loads_from_it(tmp_path, monkeypatch):
+    from evo.data.tokenizer import BPE_VOCAB_SIZE, builtin_bpe_path, load_tokenizer
+
+    monkeypatch.setenv("EVO_CACHE_DIR", str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()
+    tok = load_tokenizer("bpe")
+    path = builtin_bpe_path()
+    assert path.is_file() and path.is_relative_to(tmp_path / "cache")
+    assert tok.vocab_size == BPE_VOCAB_SIZE and tok.eos_id is not None and tok.bos_id is not None
+    text = "def main(argv):\n    return sorted(argv)  # ünïcode"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert len(ids) < len(text.encode()) / 2  # it learned merges, not bytes
+    mtime = path.stat().st_mtime_ns
+    again = load_tokenizer("bpe")  # from the cache: not trained again
+    assert path.stat().st_mtime_ns == mtime and again.encode(text) == ids

@@ -41,15 +41,16 @@ def is_valid_file(relative_path: str) -> bool:
     return zlib.crc32(relative_path.encode()) % VALID_EVERY_NTH == 0
 
 
+def split_files(split: str, root: str | Path | None = None) -> list[Path]:
+    """The files of the 'train' or 'valid' split."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    return [p for p in stdlib_files(root) if is_valid_file(p.relative_to(root).as_posix()) == (split == "valid")]
+
+
 def builtin_corpus(split: str, tokenizer, min_length: int = 0, root: str | Path | None = None) -> Corpus:
     """The 'train' or 'valid' split of the standard-library corpus, tokenized, EOS after each file."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
-    docs = []
-    for path in stdlib_files(root):
-        if is_valid_file(path.relative_to(root).as_posix()) != (split == "valid"):
-            continue
-        text = path.read_text(encoding="utf-8", errors="replace")
-        docs.append(tokenizer.encode(text) + [tokenizer.eos_id])
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in split_files(split, root)]
+    docs = [ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]
     return Corpus.from_documents(docs, 0, min_length)
 
 
