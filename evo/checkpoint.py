@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from evo.errors import CheckpointError
 
@@ -95,9 +96,11 @@ def load_checkpoint(path: str | Path, tensors: dict) -> dict:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(tensors, checkpoint_id=str(path))
-    except Exception as exc:  # a mismatch between checkpoint and model is bad input
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint '{path}' does not fit this model/optimizer: {first}") from exc
+    except (Exception, CheckpointException) as exc:  # a mismatch between checkpoint and model is bad input
+        # DCP's CheckpointException (a BaseException) carries each rank's traceback: its last line is the cause
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        cause = lines[-1].strip() if lines else type(exc).__name__
+        raise CheckpointError(f"checkpoint '{path}' does not fit this model/optimizer: {cause}") from None
     return torch.load(path / TRAIN_STATE, weights_only=False)
 
 

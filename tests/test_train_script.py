@@ -93,3 +93,34 @@ def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path):
     for r in filter(lambda r: "loss" in r, read_metrics(tmp_path / "killed")):
         got[r["step"]] = (r["loss"], r["grad_norm"])  # steps re-run after the resume overwrite the killed ones
     assert got == expected  # exact float equality, every step
+
+
+def small_job(tmp_path, name, *extra):
+    return ["scripts/train.py", "--config", "configs/tiny.py", "model.num_layers=1", "model.hidden_size=64",
+            "model.num_kv_attention_heads=4", "data.total_steps=2", "data.valid_max_batches=1",
+            f"monitor.run_folder={tmp_path / name}", f"ckpt.save_ckpt_folder={tmp_path / name / 'ckpt'}", *extra]
+
+
+def test_load_ckpt_info_loads_only_the_model(tmp_path):
+    first = run_script(*small_job(tmp_path, "a"))
+    assert first.returncode == 0, first.stderr
+    info = [f"ckpt.load_ckpt_info.path=local:{tmp_path / 'a' / 'ckpt' / '2'}", "ckpt.load_ckpt_info.content=('model',)"]
+    second = run_script(*small_job(tmp_path, "b", "data.total_steps=3", *info))
+    assert second.returncode == 0, second.stderr
+    assert "loaded model from checkpoint" in second.stderr
+    steps = [r["step"] for r in read_metrics(tmp_path / "b") if "loss" in r]
+    assert steps == [1, 2, 3]  # the weights came over; the step counter and data position did not
+    loss_a = [r["loss"] for r in read_metrics(tmp_path / "a") if "loss" in r]
+    loss_b = [r["loss"] for r in read_metrics(tmp_path / "b") if "loss" in r]
+    assert loss_b[0] < loss_a[0]  # it starts from trained weights on the same first batch
+
+
+def test_checkpoint_of_another_shape_is_refused_with_one_line(tmp_path):
+    first = run_script(*small_job(tmp_path, "a"))
+    assert first.returncode == 0, first.stderr
+    info = f"ckpt.load_ckpt_info={{'path': '{tmp_path / 'a' / 'ckpt' / '2'}', 'content': 'all'}}"
+    other = run_script(*small_job(tmp_path, "b", "model.hidden_size=128", info))
+    assert other.returncode == 2
+    last = other.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"evo: error: checkpoint '{tmp_path / 'a' / 'ckpt' / '2'}' does not fit this model")
+    assert "Traceback" not in other.stderr
