@@ -3,14 +3,16 @@
 Backend per call: ``EVO_KERNEL_BACKEND`` (or ``use_backend(name)`` for a block of code) is
 ``auto`` (Triton for CUDA tensors, the plain-PyTorch reference for CPU tensors), ``triton`` (Triton
 always; on CPU that needs ``TRITON_INTERPRET=1`` set before triton is imported) or ``torch`` (the
-reference always). Triton implementations register themselves in ``_TRITON`` as their files land;
-an op without one runs the reference under ``auto`` and raises under ``triton``.
+reference always). Each op's Triton implementation lives in the module named in ``_TRITON``, imported on first use
+(so importing evo needs no Triton); an op without one runs the reference under ``auto`` and raises
+under ``triton``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import os
 from typing import Callable
 
@@ -20,7 +22,10 @@ from evo.kernels import reference
 
 BACKENDS = ("auto", "triton", "torch")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("evo_kernel_backend", default=None)
-_TRITON: dict[str, Callable] = {}  # op name -> Triton implementation, filled by the kernel modules
+_TRITON: dict[str, str] = {  # op name -> the module holding its Triton implementation (same name)
+    "rms_norm": "evo.kernels.rmsnorm",
+    "fused_add_rms_norm": "evo.kernels.rmsnorm",
+}
 
 
 def backend() -> str:
@@ -52,7 +57,7 @@ def _impl(op: str, x: torch.Tensor) -> Callable:
         raise NotImplementedError(f"evo.kernels.{op} has no Triton implementation yet; use EVO_KERNEL_BACKEND=torch")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
-    return _TRITON[op]
+    return getattr(importlib.import_module(_TRITON[op]), op)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -1,0 +1,155 @@
+"""RMSNorm and fused add + RMSNorm in Triton.
+
+Forward, per row x of length N (statistics in fp32):
+    rstd = 1 / sqrt(mean(x^2) + eps),   y = x * rstd * w
+Fused add: s = x + residual (rounded to x.dtype, returned), then y = rmsnorm(s).
+Saved for backward: the normalized input (x, or s) and rstd (rows,), fp32.
+
+Backward, with g = dy * w and xhat = x * rstd:
+    dx = rstd * (g - xhat * mean(g * xhat))
+    dw = sum over rows of dy * xhat
+dw is reduced through fp32 partial sums: each program owns a contiguous band of rows and writes
+one (N,) fp32 partial; the partials are summed afterwards (no atomics, so the result is
+deterministic). For the fused add, d(x) = d(residual) = dx + d(s_out).
+
+Shapes: x, residual (..., N) with N <= 65536; weight (N,). One program normalizes whole rows held
+in registers (BLOCK_N = next power of two >= N).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from evo.kernels.triton_utils import num_programs_for_rows, warps_for_block
+
+MAX_HIDDEN = 65536
+
+
+# grid: (rows,); one program per row, the whole row in one BLOCK_N tile
+@triton.jit
+def _rms_norm_fwd(X, R, W, Y, S, RSTD, stride_x, stride_r, stride_y, stride_s, N, eps,
+                  HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(S.dtype.element_ty)  # rounded like the returned sum, so both paths see the same input
+        tl.store(S + row * stride_s + cols, s, mask=mask)
+        x = s.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+# grid: (programs,); program p handles rows [p * rows_per_program, ...) and writes one dw partial
+@triton.jit
+def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, M, N, rows_per_program,
+                  BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program  # int64: row * stride may pass 2^31
+    for i in range(0, tl.minimum(rows_per_program, M - row_start)):
+        row = row_start + i
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        xhat = x * rstd
+        g = dy * w
+        dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / N))
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+    tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """View as (rows, N) with unit stride along N (copies only if the last dim is strided)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _forward(x, residual, weight, eps):
+    N = x.shape[-1]
+    if N > MAX_HIDDEN:
+        raise ValueError(f"rms_norm supports hidden sizes up to {MAX_HIDDEN}, got {N}")
+    if weight.shape != (N,):
+        raise ValueError(f"weight must have shape ({N},), got {tuple(weight.shape)}")
+    x2 = _rows(x)
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    if residual is not None:
+        r2 = _rows(residual)
+        s = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    else:
+        r2, s = x2, y  # unused placeholders
+    block = triton.next_power_of_2(N)
+    if M > 0:
+        _rms_norm_fwd[(M,)](x2, r2, weight, y, s, rstd, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), N, eps,
+                            HAS_RESIDUAL=residual is not None, BLOCK_N=block, num_warps=warps_for_block(block))
+    return y, (s if residual is not None else x2), rstd
+
+
+def _backward(dy, normed_input, weight, rstd):
+    N = normed_input.shape[-1]
+    M = normed_input.shape[0]
+    dy2 = _rows(dy)
+    dx = torch.empty((M, N), dtype=normed_input.dtype, device=dy.device)
+    programs = num_programs_for_rows(M, dy.device)
+    rows_per_program = triton.cdiv(M, programs) if M else 1
+    partial = torch.empty((programs, N), dtype=torch.float32, device=dy.device)
+    block = triton.next_power_of_2(N)
+    if M > 0:
+        _rms_norm_bwd[(programs,)](dy2, normed_input, weight, rstd, dx, partial, dy2.stride(0), normed_input.stride(0),
+                                   dx.stride(0), M, N, rows_per_program, BLOCK_N=block,
+                                   num_warps=warps_for_block(block))
+    dw = partial.sum(0).to(weight.dtype) if M > 0 else torch.zeros_like(weight)
+    return dx, dw
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, x2, rstd = _forward(x, None, weight, eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw = _backward(dy, x2, weight, rstd)
+        return dx.view(dy.shape), dw, None
+
+
+class FusedAddRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        y, s, rstd = _forward(x, residual, weight, eps)
+        ctx.save_for_backward(s, weight, rstd)
+        return y.view(x.shape), s.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        s, weight, rstd = ctx.saved_tensors
+        dx, dw = _backward(dy, s, weight, rstd)
+        dx = dx.view(dy.shape)
+        if ds is not None:
+            dx = dx + ds
+        return dx, dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x (..., N) fp32/fp16/bf16, weight (N,) -> (..., N) in x.dtype; N <= 65536."""
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+    """Returns (rms_norm(x + residual), x + residual), both (..., N) in x.dtype."""
+    return FusedAddRMSNormFunction.apply(x, residual, weight, eps)
