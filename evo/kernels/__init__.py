@@ -25,7 +25,10 @@ _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("evo_kern
 _TRITON: dict[str, str] = {  # op name -> the module holding its Triton implementation (same name)
     "rms_norm": "evo.kernels.rmsnorm",
     "fused_add_rms_norm": "evo.kernels.rmsnorm",
+    "swiglu": "evo.kernels.activation",
 }
+# Module files never share a public function's name: importing evo.kernels.swiglu would replace the
+# function evo.kernels.swiglu with the module. Hence activation.py (swiglu) and loss.py (cross-entropy).
 
 
 def backend() -> str:

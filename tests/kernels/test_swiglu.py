@@ -1,0 +1,35 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from evo.kernels import reference as ref
+from evo.kernels import activation as tri
+from oracle import assert_oracle, run_with_grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 1000), (5, 7, 333), (2049,)])
+def test_swiglu(shape, dtype):
+    torch.manual_seed(len(shape))
+    g, u = (2 * torch.randn(shape)).to(dtype), torch.randn(shape).to(dtype)
+    k_out, k_grad = run_with_grads(tri.swiglu, [g, u])
+    p_out, p_grad = run_with_grads(lambda a, b: F.silu(a) * b, [g, u])
+    e_out, e_grad = run_with_grads(ref.swiglu, [g.double(), u.double()])
+    assert_oracle("y", k_out[0], p_out[0], e_out[0], dtype)
+    for name, k, p, e in zip(("dgate", "dup"), k_grad, p_grad, e_grad):
+        assert_oracle(name, k, p, e, dtype, grad=True)
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_swiglu_tiny_sizes(n):
+    # too few elements for the max-error oracle to be meaningful: compare at bf16 tolerance instead
+    g, u = torch.randn(n, dtype=torch.bfloat16, requires_grad=True), torch.randn(n, dtype=torch.bfloat16)
+    torch.testing.assert_close(tri.swiglu(g, u), ref.swiglu(g, u).detach())
+    tri.swiglu(g, u).sum().backward()
+    expected = torch.autograd.grad(ref.swiglu(g.double(), u.double()).sum(), g)[0]
+    torch.testing.assert_close(g.grad.double(), expected.double(), rtol=1.6e-2, atol=1e-2)
+
+
+def test_swiglu_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        tri.swiglu(torch.randn(3), torch.randn(4))
