@@ -26,6 +26,7 @@ _TRITON: dict[str, str] = {  # op name -> the module holding its Triton implemen
     "rms_norm": "evo.kernels.rmsnorm",
     "fused_add_rms_norm": "evo.kernels.rmsnorm",
     "swiglu": "evo.kernels.activation",
+    "apply_rotary_emb": "evo.kernels.rotary",
 }
 # Module files never share a public function's name: importing evo.kernels.swiglu would replace the
 # function evo.kernels.swiglu with the module. Hence activation.py (swiglu) and loss.py (cross-entropy).

@@ -1,0 +1,139 @@
+"""Rotary position embedding in Triton, with flash-attn's interface.
+
+For a token at position p and channel pair i (0 <= i < rotary_dim / 2), with c = cos[p, i] and
+s = sin[p, i], the pair (a, b) becomes (a * c - b * s, a * s + b * c), in fp32. The pair is
+(x[i], x[i + rotary_dim / 2]) in the GPT-NeoX layout (``interleaved=False``) and (x[2i], x[2i + 1])
+in the GPT-J layout. Channels past rotary_dim pass through. p is the token's index inside its
+sequence (restarting at each ``cu_seqlens`` boundary) plus ``seqlen_offsets``.
+
+Backward is the conjugate rotation (s -> -s) of the incoming gradient; nothing is saved but cos,
+sin and the offsets.
+
+Shapes: x (batch, seqlen, heads, headdim), or (total_tokens, heads, headdim) with int32
+cu_seqlens (batch + 1,); cos and sin (table_len, rotary_dim / 2); seqlen_offsets an int or a
+(batch,) int tensor. Positions past the table's end are left unrotated (flash-attn requires the
+table to cover seqlen + offset; checking it would need a host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 16
+
+
+# grid: (cdiv(max_seqlen, BLOCK_M), batch, heads); a program rotates BLOCK_M tokens of one head of
+# one sequence, all rotary_dim / 2 channel pairs at once
+@triton.jit
+def _rotary_kernel(X, OUT, COS, SIN, CU_SEQLENS, OFFSETS, seqlen, table_len, half,
+                   stride_xb, stride_xm, stride_xh, stride_ob, stride_om, stride_oh, stride_cos, offset_int,
+                   IS_VARLEN: tl.constexpr, OFFSET_TENSOR: tl.constexpr, INTERLEAVED: tl.constexpr,
+                   CONJUGATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if IS_VARLEN:
+        start = tl.load(CU_SEQLENS + b).to(tl.int64)
+        seqlen = tl.load(CU_SEQLENS + b + 1).to(tl.int64) - start
+        x_base = X + start * stride_xm + h * stride_xh
+        o_base = OUT + start * stride_om + h * stride_oh
+    else:
+        x_base = X + b.to(tl.int64) * stride_xb + h * stride_xh
+        o_base = OUT + b.to(tl.int64) * stride_ob + h * stride_oh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    if OFFSET_TENSOR:
+        pos = offs_m + tl.load(OFFSETS + b)
+    else:
+        pos = offs_m + offset_int
+    row_ok = offs_m < seqlen
+    mask = row_ok[:, None] & (offs_k[None, :] < half)
+    in_table = mask & (pos[:, None] < table_len)
+    c = tl.load(COS + pos[:, None] * stride_cos + offs_k[None, :], mask=in_table, other=1.0).to(tl.float32)
+    s = tl.load(SIN + pos[:, None] * stride_cos + offs_k[None, :], mask=in_table, other=0.0).to(tl.float32)
+    if CONJUGATE:
+        s = -s
+    if INTERLEAVED:
+        k1, k2 = 2 * offs_k, 2 * offs_k + 1
+    else:
+        k1, k2 = offs_k, offs_k + half
+    rows_x = offs_m[:, None].to(tl.int64) * stride_xm
+    rows_o = offs_m[:, None].to(tl.int64) * stride_om
+    a = tl.load(x_base + rows_x + k1[None, :], mask=mask, other=0.0).to(tl.float32)
+    bb = tl.load(x_base + rows_x + k2[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(o_base + rows_o + k1[None, :], (a * c - bb * s).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(o_base + rows_o + k2[None, :], (a * s + bb * c).to(OUT.dtype.element_ty), mask=mask)
+
+
+def _launch(x, out, cos, sin, interleaved, conjugate, seqlen_offsets, cu_seqlens, max_seqlen):
+    half = cos.shape[-1]
+    if cos.shape != sin.shape or 2 * half > x.shape[-1]:
+        raise ValueError(f"cos and sin must be (seqlen, rotary_dim / 2) with rotary_dim <= headdim; got "
+                         f"{tuple(cos.shape)}, {tuple(sin.shape)} for headdim {x.shape[-1]}")
+    if x.stride(-1) != 1 or out.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        raise ValueError("apply_rotary_emb needs unit stride along headdim (x, cos and sin)")
+    if sin.stride(0) != cos.stride(0):
+        sin = sin.contiguous()
+        cos = cos.contiguous()
+    offset_tensor = torch.is_tensor(seqlen_offsets)
+    offsets = seqlen_offsets.to(torch.int32) if offset_tensor else cu_seqlens if cu_seqlens is not None else cos
+    if cu_seqlens is not None:
+        batch, heads = cu_seqlens.shape[0] - 1, x.shape[1]
+        seqlen = max_seqlen if max_seqlen is not None else x.shape[0]  # an upper bound; no host sync
+        strides = (0, x.stride(0), x.stride(1), 0, out.stride(0), out.stride(1))
+        cu = cu_seqlens
+    else:
+        batch, seqlen, heads = x.shape[0], x.shape[1], x.shape[2]
+        strides = (x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2))
+        cu = cos  # unused placeholder pointer
+    if x.numel() == 0 or batch == 0:
+        return out
+    grid = (triton.cdiv(seqlen, BLOCK_M), batch, heads)
+    _rotary_kernel[grid](x, out, cos, sin, cu, offsets, seqlen, cos.shape[0], half, *strides, cos.stride(0),
+                         0 if offset_tensor else int(seqlen_offsets), IS_VARLEN=cu_seqlens is not None,
+                         OFFSET_TENSOR=offset_tensor, INTERLEAVED=interleaved, CONJUGATE=conjugate,
+                         BLOCK_M=BLOCK_M, BLOCK_K=triton.next_power_of_2(max(half, 1)))
+    return out
+
+
+def _rotate(x, cos, sin, interleaved, inplace, conjugate, seqlen_offsets, cu_seqlens, max_seqlen):
+    if inplace:
+        out = x
+    else:
+        out = torch.empty_like(x)
+        rot = 2 * cos.shape[-1]
+        if rot < x.shape[-1]:
+            out[..., rot:].copy_(x[..., rot:])
+    return _launch(x, out, cos, sin, interleaved, conjugate, seqlen_offsets, cu_seqlens, max_seqlen)
+
+
+class RotaryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen):
+        out = _rotate(x, cos, sin, interleaved, inplace, False, seqlen_offsets, cu_seqlens, max_seqlen)
+        tensors = [cos, sin, cu_seqlens]
+        if torch.is_tensor(seqlen_offsets):
+            tensors.append(seqlen_offsets)
+            ctx.seqlen_offsets = None
+        else:
+            ctx.seqlen_offsets = seqlen_offsets
+        ctx.save_for_backward(*tensors)
+        ctx.interleaved, ctx.max_seqlen = interleaved, max_seqlen
+        if inplace:
+            ctx.mark_dirty(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        cos, sin, cu_seqlens, *rest = ctx.saved_tensors
+        offsets = rest[0] if rest else ctx.seqlen_offsets
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        dx = _rotate(dout, cos, sin, ctx.interleaved, False, True, offsets, cu_seqlens, ctx.max_seqlen)
+        return dx, None, None, None, None, None, None, None
+
+
+def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None,
+                     max_seqlen=None):
+    """See the module docstring; returns the rotated tensor (x itself with ``inplace=True``)."""
+    return RotaryFunction.apply(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen)
