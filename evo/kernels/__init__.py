@@ -27,6 +27,8 @@ _TRITON: dict[str, str] = {  # op name -> the module holding its Triton implemen
     "fused_add_rms_norm": "evo.kernels.rmsnorm",
     "swiglu": "evo.kernels.activation",
     "apply_rotary_emb": "evo.kernels.rotary",
+    "cross_entropy": "evo.kernels.loss",
+    "fused_linear_cross_entropy": "evo.kernels.loss",
 }
 # Module files never share a public function's name: importing evo.kernels.swiglu would replace the
 # function evo.kernels.swiglu with the module. Hence activation.py (swiglu) and loss.py (cross-entropy).
