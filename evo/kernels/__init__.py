@@ -29,6 +29,8 @@ _TRITON: dict[str, str] = {  # op name -> the module holding its Triton implemen
     "apply_rotary_emb": "evo.kernels.rotary",
     "cross_entropy": "evo.kernels.loss",
     "fused_linear_cross_entropy": "evo.kernels.loss",
+    "flash_attn_func": "evo.kernels.attention",
+    "flash_attn_varlen_func": "evo.kernels.attention",
 }
 # Module files never share a public function's name: importing evo.kernels.swiglu would replace the
 # function evo.kernels.swiglu with the module. Hence activation.py (swiglu) and loss.py (cross-entropy).

@@ -162,7 +162,7 @@ def attention(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), s
     """One sequence: q (sq, hq, d), k and v (sk, hkv, d) -> out (sq, hq, d), lse (hq, sq) in fp32.
 
     Scores s = q k^T * scale, soft-capped as softcap * tanh(s / softcap) when softcap > 0, masked, then
-    softmax over keys. A query with no allowed key outputs zeros and has lse = -inf.
+    softmax over keys. A query with no allowed key outputs zeros and has lse = +inf, as in flash-attn.
     """
     sq, hq, d = q.shape
     hkv = k.shape[1]
@@ -178,7 +178,8 @@ def attention(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), s
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (hq, sq)
-    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    lse = torch.where(lse == float("-inf"), float("inf"), lse)  # no allowed key: +inf, so p = 0 (flash-attn's)
+    p = torch.exp(s - lse[..., None])
     out = (p @ vf).transpose(0, 1).to(q.dtype)
     return out, lse
 

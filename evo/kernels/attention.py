@@ -1,0 +1,365 @@
+"""FlashAttention-style attention in Triton: forward and backward, causal, GQA, packed varlen.
+
+Math, per sequence and query head h (kv head h // (heads_q / heads_kv)), scale c:
+    s_ij = c * q_i . k_j;   with softcap: s_ij = cap * tanh(s_ij / cap)
+    key j is allowed for query i when, with shift = seqlen_k - seqlen_q (bottom-right alignment):
+        j <= i + shift + right  (right = 0 when causal)   and   j >= i + shift - left   (when left >= 0)
+    lse_i = log sum_j exp(s_ij),   p_ij = exp(s_ij - lse_i),   o_i = sum_j p_ij v_j
+A query with no allowed key outputs zeros and gets lse = +inf (so its backward p is 0), as flash-attn.
+
+Forward (``_attn_fwd``): a program owns BLOCK_M queries of one head of one sequence, streams the key
+blocks that can be allowed, and keeps the online-softmax state (running max m, sum l, accumulator)
+in fp32 registers, in base 2 (exp2, with log2(e) folded into the scale). Nothing of size
+seqlen x seqlen is ever stored. Saved: q, k, v, out and lse (fp32).
+
+Backward recomputes p from q, k and lse. With delta_i = sum_d do_id * o_id:
+    dv_j = sum_i p_ij do_i,   dp_ij = do_i . v_j,   ds_ij = p_ij (dp_ij - delta_i) [* (1 - tanh^2) with softcap]
+    dq_i = c * sum_j ds_ij k_j,   dk_j = c * sum_i ds_ij q_i
+``_attn_bwd_dkdv`` owns a key block of one kv head and loops over every query head of its group and
+every query block that can see it, so dK and dV are summed over the group in registers and written
+once; ``_attn_bwd_dq`` owns a query block and loops over key blocks. No atomics anywhere: the same
+inputs give bit-identical gradients.
+
+Layout: q (total_q, heads_q, d), k and v (total_k, heads_kv, d) with int32 cu_seqlens (batch + 1,);
+the batched API is reshaped onto this one. Head dims that are not powers of two are padded to
+BLOCK_D inside the kernel (masked loads). Under Triton's interpreter the tiles are cast to fp32 before
+``tl.dot`` (its bf16 dot is wrong); fp32 inputs use exact ("ieee") dots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from evo.kernels.triton_utils import interpreting
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _scores(q, k, scale2, softcap, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """Base-2 scores of a (BM, D) query tile against a (BN, D) key tile; also tanh(s / cap) for backward."""
+    if DOT_FP32:
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=PRECISION)
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    if SOFTCAP:
+        # scale2 = c * log2(e): s = cap * tanh(c * qk / cap), then to base 2
+        t = 2.0 * tl.sigmoid(2.0 * (qk * (scale2 / 1.4426950408889634) / softcap)) - 1.0
+        return softcap * t * 1.4426950408889634, t
+    return qk * scale2, qk
+
+
+@triton.jit
+def _mask(offs_m, offs_n, seqlen_q, seqlen_k, left, right, CAUSAL: tl.constexpr, LOCAL: tl.constexpr):
+    """Allowed (query, key) pairs of a tile, bottom-right aligned."""
+    allowed = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
+    diag = offs_m[:, None] + (seqlen_k - seqlen_q)
+    if CAUSAL:
+        allowed = allowed & (offs_n[None, :] <= diag + right)
+    if LOCAL:
+        allowed = allowed & (offs_n[None, :] >= diag - left)
+    return allowed
+
+
+# grid: (cdiv(max_seqlen_q, BLOCK_M), batch, heads_q); one query block of one head of one sequence,
+# streaming the key blocks between its window's first and last allowed key
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
+              stride_om, stride_oh, stride_lse_h, scale2, softcap, left, right, group, head_dim,
+              CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(CU_Q + b).to(tl.int64)
+    seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+    if pid_m * BLOCK_M >= seqlen_q:
+        return
+    k_start = tl.load(CU_K + b).to(tl.int64)
+    seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    hk = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    q = tl.load(Q + (q_start + offs_m[:, None]) * stride_qm + h * stride_qh + offs_d[None, :],
+                mask=(offs_m[:, None] < seqlen_q) & d_ok[None, :], other=0.0)
+    # the key range this block can see
+    shift = seqlen_k - seqlen_q
+    hi = seqlen_k
+    if CAUSAL:
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + shift + right)
+    lo = 0
+    if LOCAL:
+        lo = tl.maximum(0, pid_m * BLOCK_M + shift - left)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
+        k = tl.load(K + (k_start + offs_n[:, None]) * stride_km + hk * stride_kh + offs_d[None, :], mask=kv_ok, other=0.0)
+        s, _ = _scores(q, k, scale2, softcap, SOFTCAP, DOT_FP32, PRECISION)
+        s = tl.where(_mask(offs_m, offs_n, seqlen_q, seqlen_k, left, right, CAUSAL, LOCAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + (k_start + offs_n[:, None]) * stride_vm + hk * stride_vh + offs_d[None, :], mask=kv_ok, other=0.0)
+        if DOT_FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    row_ok = offs_m < seqlen_q
+    tl.store(O + (q_start + offs_m[:, None]) * stride_om + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + h * stride_lse_h + q_start + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _ds(q, k, v, do, lse2, delta, offs_m, offs_n, seqlen_q, seqlen_k, scale2, softcap, left, right,
+        CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+        PRECISION: tl.constexpr):
+    """Recompute p and return (p, ds) for a (BM, BN) tile; ds is d(loss)/d(c * q.k), fp32."""
+    s, t = _scores(q, k, scale2, softcap, SOFTCAP, DOT_FP32, PRECISION)
+    allowed = _mask(offs_m, offs_n, seqlen_q, seqlen_k, left, right, CAUSAL, LOCAL)
+    p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
+    if DOT_FP32:
+        dp = tl.dot(do.to(tl.float32), tl.trans(v.to(tl.float32)), input_precision=PRECISION)
+    else:
+        dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return p, ds
+
+
+# grid: (cdiv(max_seqlen_k, BLOCK_N), batch, heads_kv); one key block of one kv head: loops over the
+# group's query heads and the query blocks that can see it, accumulating dk, dv in registers
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, stride_qm, stride_qh, stride_km, stride_kh,
+                   stride_vm, stride_vh, stride_dom, stride_doh, stride_dkm, stride_dkh, stride_dvm, stride_dvh,
+                   stride_lse_h, scale2, softcap, left, right, group, head_dim,
+                   CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n, b, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    k_start = tl.load(CU_K + b).to(tl.int64)
+    seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    if pid_n * BLOCK_N >= seqlen_k:
+        return
+    q_start = tl.load(CU_Q + b).to(tl.int64)
+    seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    kv_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
+    k = tl.load(K + (k_start + offs_n[:, None]) * stride_km + hk * stride_kh + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(V + (k_start + offs_n[:, None]) * stride_vm + hk * stride_vh + offs_d[None, :], mask=kv_ok, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    # the query range that can see this key block
+    shift = seqlen_k - seqlen_q
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(0, pid_n * BLOCK_N - shift - right)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    hi = seqlen_q
+    if LOCAL:
+        hi = tl.minimum(seqlen_q, (pid_n + 1) * BLOCK_N - shift + left)
+    for g in range(0, group):
+        h = hk * group + g
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q_ok = (offs_m[:, None] < seqlen_q) & d_ok[None, :]
+            q = tl.load(Q + (q_start + offs_m[:, None]) * stride_qm + h * stride_qh + offs_d[None, :], mask=q_ok, other=0.0)
+            do = tl.load(DO + (q_start + offs_m[:, None]) * stride_dom + h * stride_doh + offs_d[None, :], mask=q_ok,
+                         other=0.0)
+            row_ok = offs_m < seqlen_q
+            lse2 = tl.load(LSE + h * stride_lse_h + q_start + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + h * stride_lse_h + q_start + offs_m, mask=row_ok, other=0.0)
+            p, ds = _ds(q, k, v, do, lse2, delta, offs_m, offs_n, seqlen_q, seqlen_k, scale2, softcap, left, right,
+                        CAUSAL, LOCAL, SOFTCAP, DOT_FP32, PRECISION)
+            if DOT_FP32:
+                dv += tl.dot(tl.trans(p), do.to(tl.float32), input_precision=PRECISION)
+                dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision=PRECISION)
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    dk = dk * (scale2 / 1.4426950408889634)
+    tl.store(DK + (k_start + offs_n[:, None]) * stride_dkm + hk * stride_dkh + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + (k_start + offs_n[:, None]) * stride_dvm + hk * stride_dvh + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+# grid: (cdiv(max_seqlen_q, BLOCK_M), batch, heads_q); one query block: loops over its key blocks
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, stride_qm, stride_qh, stride_km, stride_kh,
+                 stride_vm, stride_vh, stride_dom, stride_doh, stride_dqm, stride_dqh, stride_lse_h, scale2, softcap,
+                 left, right, group, head_dim,
+                 CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(CU_Q + b).to(tl.int64)
+    seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+    if pid_m * BLOCK_M >= seqlen_q:
+        return
+    k_start = tl.load(CU_K + b).to(tl.int64)
+    seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    hk = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    row_ok = offs_m < seqlen_q
+    q_ok = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + (q_start + offs_m[:, None]) * stride_qm + h * stride_qh + offs_d[None, :], mask=q_ok, other=0.0)
+    do = tl.load(DO + (q_start + offs_m[:, None]) * stride_dom + h * stride_doh + offs_d[None, :], mask=q_ok, other=0.0)
+    lse2 = tl.load(LSE + h * stride_lse_h + q_start + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + h * stride_lse_h + q_start + offs_m, mask=row_ok, other=0.0)
+    shift = seqlen_k - seqlen_q
+    hi = seqlen_k
+    if CAUSAL:
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + shift + right)
+    lo = 0
+    if LOCAL:
+        lo = tl.maximum(0, pid_m * BLOCK_M + shift - left)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
+        k = tl.load(K + (k_start + offs_n[:, None]) * stride_km + hk * stride_kh + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + (k_start + offs_n[:, None]) * stride_vm + hk * stride_vh + offs_d[None, :], mask=kv_ok, other=0.0)
+        _, ds = _ds(q, k, v, do, lse2, delta, offs_m, offs_n, seqlen_q, seqlen_k, scale2, softcap, left, right,
+                    CAUSAL, LOCAL, SOFTCAP, DOT_FP32, PRECISION)
+        if DOT_FP32:
+            dq += tl.dot(ds, k.to(tl.float32), input_precision=PRECISION)
+        else:
+            dq += tl.dot(ds.to(k.dtype), k)
+    dq = dq * (scale2 / 1.4426950408889634)
+    tl.store(DQ + (q_start + offs_m[:, None]) * stride_dqm + h * stride_dqh + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_ok)
+
+
+def _config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes: small under the interpreter (it runs tl.dot at about 1 GFLOP/s), else by head dim."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4, num_stages=1)
+    if block_d <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=3)
+    if block_d <= 128:
+        return dict(BLOCK_M=128 if dtype != torch.float32 else 64, BLOCK_N=64 if dtype != torch.float32 else 32,
+                    BLOCK_D=block_d, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=8, num_stages=1)
+
+
+def _flags(q, causal, window_size, softcap):
+    left, right = window_size
+    if causal and right < 0:
+        right = 0
+    fp32 = q.dtype == torch.float32
+    return dict(CAUSAL=right >= 0, LOCAL=left >= 0, SOFTCAP=softcap > 0, DOT_FP32=interpreting() or fp32,
+                PRECISION="ieee" if fp32 else "tf32"), max(left, 0), max(right, 0)
+
+
+def _check(q, k, v, dropout_p, alibi_slopes):
+    if dropout_p > 0:
+        raise NotImplementedError("attention dropout (dropout_p > 0) is not implemented in evo")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes is not implemented in evo")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share one of fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] != k.shape[-1] or k.shape != v.shape or q.shape[-2] % k.shape[-2]:
+        raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: need one head dim, "
+                         "k and v alike, and heads_q a multiple of heads_kv")
+
+
+def _unit_last(*ts):
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+
+class FlashAttnVarlenFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_size, softcap):
+        q, k, v = _unit_last(q, k, v)
+        total_q, heads_q, head_dim = q.shape
+        batch = cu_q.shape[0] - 1
+        out = torch.empty_like(q)
+        lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=q.device)
+        flags, left, right = _flags(q, causal, window_size, softcap)
+        cfg = _config(head_dim, q.dtype)
+        group = heads_q // k.shape[1]
+        if total_q and batch:
+            grid = (triton.cdiv(max_q, cfg["BLOCK_M"]), batch, heads_q)
+            _attn_fwd[grid](q, k, v, out, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                            v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0), scale * LOG2E,
+                            float(softcap), left, right, group, head_dim, **flags, **cfg)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.args = (max_q, max_k, scale, causal, window_size, softcap)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        max_q, max_k, scale, causal, window_size, softcap = ctx.args
+        (dout,) = _unit_last(dout)
+        total_q, heads_q, head_dim = q.shape
+        heads_kv, batch = k.shape[1], cu_q.shape[0] - 1
+        delta = (dout.float() * out.float()).sum(-1).t().contiguous()  # (heads_q, total_q), like lse
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        flags, left, right = _flags(q, causal, window_size, softcap)
+        cfg = _config(head_dim, q.dtype)
+        group = heads_q // heads_kv
+        common = (scale * LOG2E, float(softcap), left, right, group, head_dim)
+        if k.shape[0] and batch:
+            _attn_bwd_dkdv[(triton.cdiv(max_k, cfg["BLOCK_N"]), batch, heads_kv)](
+                q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0),
+                dv.stride(1), lse.stride(0), *common, **flags, **cfg)
+        else:
+            dk.zero_(), dv.zero_()
+        if total_q and batch:
+            _attn_bwd_dq[(triton.cdiv(max_q, cfg["BLOCK_M"]), batch, heads_q)](
+                q, k, v, dout, lse, delta, dq, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
+                *common, **flags, **cfg)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False):
+    """flash-attn 2's varlen attention (see the module docstring). The backward is deterministic
+    whatever ``deterministic`` says."""
+    _check(q, k, v, dropout_p, alibi_slopes)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out, lse = FlashAttnVarlenFunction.apply(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
+                                             int(max_seqlen_q), int(max_seqlen_k), scale, causal, tuple(window_size),
+                                             float(softcap))
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash-attn 2's batched attention: q (batch, seqlen_q, heads_q, d), k and v (batch, seqlen_k, heads_kv, d).
+    Runs the varlen kernel on the flattened batch; lse comes back as (batch, heads_q, seqlen_q)."""
+    _check(q, k, v, dropout_p, alibi_slopes)
+    batch, sq, hq, d = q.shape
+    sk = k.shape[1]
+    cu_q = torch.arange(0, (batch + 1) * sq, sq, dtype=torch.int32, device=q.device)
+    cu_k = torch.arange(0, (batch + 1) * sk, sk, dtype=torch.int32, device=q.device)
+    out = flash_attn_varlen_func(q.reshape(batch * sq, hq, d), k.reshape(batch * sk, -1, d),
+                                 v.reshape(batch * sk, -1, d), cu_q, cu_k, sq, sk, dropout_p, softmax_scale, causal,
+                                 window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+    if return_attn_probs:
+        o, lse, _ = out
+        return o.view(batch, sq, hq, d), lse.view(hq, batch, sq).permute(1, 0, 2), None
+    return out.view(batch, sq, hq, d)
