@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import run_script
+from helpers import run_script
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ import socket
 
 import pytest
 
-from conftest import run_script
+from helpers import run_script
 from evo.initialize import ConfigArg, _slurm_master, detect_launcher, parse_args
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_script
+from helpers import ROOT, run_script
 
 STEP_KEYS = {"step", "loss", "lr", "grad_norm", "loss_scale", "tgs", "tflops", "num_consumed_tokens",
              "inf_nan_skip_batches", "loss/python", "tokens/python"}

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from conftest import small_sections
+from helpers import small_sections
 from evo import (TrainerBuilder, build_train_loader_with_data_type, build_valid_loader_with_data_type,
                  initialize_distributed_env, initialize_model_and_parallel_communicator)
 from evo.config import GradScalerConfig

@@ -7,6 +7,7 @@ outputs, 3 for gradients; floor 1e-5 (fp32), 1e-3 (fp16), 1e-2 (bf16).
 
 import torch
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
@@ -30,7 +31,7 @@ def run_with_grads(fn, inputs, grad_out_seed=0):
     out = fn(*leaves)
     outs = out if isinstance(out, tuple) else (out,)
     gen = torch.Generator().manual_seed(grad_out_seed)
-    cots = [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outs]
+    cots = [torch.randn(o.shape, generator=gen, device="cpu").to(o.device, o.dtype) for o in outs]
     torch.autograd.backward(outs, cots)
     grads = tuple(t.grad for t in leaves if torch.is_tensor(t) and t.requires_grad)
     return tuple(o.detach() for o in outs), grads

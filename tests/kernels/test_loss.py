@@ -20,9 +20,9 @@ def plain_ce(logits, labels, ignore_index, smoothing, z_loss, reduction):
 
 def make_labels(rows, vocab, ignore_index, frac_ignored=0.2, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, vocab, (rows,), generator=gen)
-    labels[torch.rand(rows, generator=gen) < frac_ignored] = ignore_index
-    return labels
+    labels = torch.randint(0, vocab, (rows,), generator=gen, device="cpu")
+    labels[torch.rand(rows, generator=gen, device="cpu") < frac_ignored] = ignore_index
+    return labels.to(torch.get_default_device())
 
 
 def check_ce(rows, vocab, dtype, ignore_index=-100, smoothing=0.0, z_loss=0.0, reduction="mean", labels=None):

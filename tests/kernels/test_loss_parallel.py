@@ -6,17 +6,18 @@ import torch.distributed as dist
 
 from dist import run_distributed
 from evo.kernels import loss as tri
+from oracle import DEVICE
 
 ROWS, HIDDEN, VOCAB = 24, 16, 1000
 
 
 def inputs():
     gen = torch.Generator().manual_seed(0)
-    h = torch.randn(ROWS, HIDDEN, generator=gen)
-    w = torch.randn(VOCAB, HIDDEN, generator=gen) / 4
-    labels = torch.randint(0, VOCAB, (ROWS,), generator=gen)
+    h = torch.randn(ROWS, HIDDEN, generator=gen, device="cpu")
+    w = torch.randn(VOCAB, HIDDEN, generator=gen, device="cpu") / 4
+    labels = torch.randint(0, VOCAB, (ROWS,), generator=gen, device="cpu")
     labels[3] = -100
-    return h, w, labels
+    return h.to(DEVICE), w.to(DEVICE), labels.to(DEVICE)  # gloo reduces CUDA tensors too
 
 
 def sharded(rank, world_size, smoothing, z_loss):
@@ -31,8 +32,8 @@ def sharded(rank, world_size, smoothing, z_loss):
                                                    process_group=dist.group.WORLD, return_accuracy=True,
                                                    vocab_chunk=128)
     flce.backward()
-    return {"ce": ce.detach(), "dlogits": logits.grad, "flce": flce.detach(), "dh": h.grad, "dw": w_local.grad,
-            "correct": int(correct)}
+    return {"ce": ce.detach().cpu(), "dlogits": logits.grad.cpu(), "flce": flce.detach().cpu(), "dh": h.grad.cpu(),
+            "dw": w_local.grad.cpu(), "correct": int(correct)}
 
 
 def test_vocab_parallel_matches_full_vocab():
@@ -47,9 +48,9 @@ def test_vocab_parallel_matches_full_vocab():
                                                           return_accuracy=True)
         full_fl.backward()
         for r in results:
-            torch.testing.assert_close(r["ce"], full)
-            torch.testing.assert_close(r["flce"], full_fl)
-            torch.testing.assert_close(r["dh"], hh.grad)
+            torch.testing.assert_close(r["ce"], full.cpu())
+            torch.testing.assert_close(r["flce"], full_fl.cpu())
+            torch.testing.assert_close(r["dh"], hh.grad.cpu())
             assert r["correct"] == int(correct)
-        torch.testing.assert_close(torch.cat([r["dlogits"] for r in results], 1), logits.grad)
-        torch.testing.assert_close(torch.cat([r["dw"] for r in results], 0), ww.grad)
+        torch.testing.assert_close(torch.cat([r["dlogits"] for r in results], 1), logits.grad.cpu())
+        torch.testing.assert_close(torch.cat([r["dw"] for r in results], 0), ww.grad.cpu())

@@ -1,0 +1,30 @@
+"""Helpers shared by the tests (importable as ``helpers``; conftest.py keeps the fixtures)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_sections(**sections) -> dict:
+    """A config namespace for a 2-layer, 64-wide model on the dummy data; update sections with keyword dicts."""
+    cfg = {
+        "JOB_NAME": "test",
+        "model": dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_attention_heads=2, vocab_size=300,
+                      multiple_of=32, dtype="torch.float32"),
+        "data": dict(type="dummy", seq_len=32, micro_bsz=2, micro_num=2, total_steps=4, num_dummy_samples=200),
+        "adam": dict(lr=1e-3),
+        "lr_scheduler": dict(warmup_ratio=0.0, eta_min=1e-4),
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def run_script(*args, cwd=None, env=None, timeout=300):
+    """Run a script of the repo in a fresh interpreter; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **(env or {})}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd or ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
