@@ -23,8 +23,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PYTHON) -m pytest -q -m slow tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
+# benchmarks: the harness (GPU kernels and attention where there is a GPU; CPU memory and step time),
+# then the CPU pytest-benchmark cases
 bench: $(STAMP)
 	$(PYTHON) bench/run.py --quick
+	$(PYTHON) -m pytest bench/test_cpu.py --benchmark-only -q -p no:cacheprovider
 
 clean:
 	rm -rf build runs .pytest_cache
