@@ -65,59 +65,124 @@ def _mask(offs_m, offs_n, seqlen_q, seqlen_k, left, right, CAUSAL: tl.constexpr,
     return allowed
 
 
+@triton.jit
+def _key_ranges(m0, seqlen_q, seqlen_k, left, right, CAUSAL: tl.constexpr, LOCAL: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key-block starts for query rows [m0, m0 + BLOCK_M): [lo, full_lo) and [full_hi, hi) hold blocks that
+    need the mask (diagonal, window edge, sequence end); [full_lo, full_hi) blocks are allowed whole."""
+    shift = seqlen_k - seqlen_q
+    hi = seqlen_k
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(hi, m0 + BLOCK_M + shift + right), 0)
+    lo = 0
+    full_lo = 0
+    if LOCAL:
+        lo = (tl.maximum(0, m0 + shift - left) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(0, m0 + BLOCK_M - 1 + shift - left), BLOCK_N) * BLOCK_N
+    full_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        full_hi = tl.minimum(full_hi, (tl.maximum(0, m0 + shift + right + 1) // BLOCK_N) * BLOCK_N)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_ranges(n0, seqlen_q, seqlen_k, left, right, CAUSAL: tl.constexpr, LOCAL: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query-block starts for key rows [n0, n0 + BLOCK_N), split like ``_key_ranges``."""
+    shift = seqlen_k - seqlen_q
+    lo = 0
+    full_lo = 0
+    if CAUSAL:
+        lo = (tl.maximum(0, n0 - shift - right) // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(0, n0 + BLOCK_N - 1 - shift - right), BLOCK_M) * BLOCK_M
+    hi = seqlen_q
+    full_hi = seqlen_q
+    if LOCAL:
+        hi = tl.maximum(tl.minimum(hi, n0 + BLOCK_N - shift + left), 0)
+        full_hi = (tl.maximum(0, n0 + left - shift + 1) // BLOCK_M) * BLOCK_M
+    if n0 + BLOCK_N > seqlen_k:  # a partial key block is masked throughout
+        full_lo = hi
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, K, V, stride_km, stride_vm, start_n, offs_m, offs_d, d_ok, seqlen_q, seqlen_k,
+              scale2, softcap, left, right, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
+              DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of the online softmax; K and V point at this sequence's kv head."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        kv_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
+    else:
+        kv_ok = d_ok[None, :]
+    k = tl.load(K + offs_n[:, None] * stride_km + offs_d[None, :], mask=kv_ok, other=0.0)
+    s, _ = _scores(q, k, scale2, softcap, SOFTCAP, DOT_FP32, PRECISION)
+    if MASKED:
+        s = tl.where(_mask(offs_m, offs_n, seqlen_q, seqlen_k, left, right, CAUSAL, LOCAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = m_new
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(V + offs_n[:, None] * stride_vm + offs_d[None, :], mask=kv_ok, other=0.0)
+    if DOT_FP32:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
 # grid: (cdiv(max_seqlen_q, BLOCK_M), batch, heads_q); one query block of one head of one sequence,
-# streaming the key blocks between its window's first and last allowed key
+# streaming only the key blocks it can see: masked blocks at the window's edges and the diagonal,
+# unmasked ones in between
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
-              stride_om, stride_oh, stride_lse_h, scale2, softcap, left, right, group, head_dim,
+              stride_om, stride_oh, stride_lse_h, scale2, softcap, left, right, group, head_dim, seqlen_bucket,
               CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(CU_Q + b).to(tl.int64)
     seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-    if pid_m * BLOCK_M >= seqlen_q:
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
         return
     k_start = tl.load(CU_K + b).to(tl.int64)
     seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
     hk = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
+    row_ok = offs_m < seqlen_q
     q = tl.load(Q + (q_start + offs_m[:, None]) * stride_qm + h * stride_qh + offs_d[None, :],
-                mask=(offs_m[:, None] < seqlen_q) & d_ok[None, :], other=0.0)
-    # the key range this block can see
-    shift = seqlen_k - seqlen_q
-    hi = seqlen_k
-    if CAUSAL:
-        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + shift + right)
-    lo = 0
-    if LOCAL:
-        lo = tl.maximum(0, pid_m * BLOCK_M + shift - left)
-        lo = (lo // BLOCK_N) * BLOCK_N
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    Kh = K + k_start * stride_km + hk * stride_kh
+    Vh = V + k_start * stride_vm + hk * stride_vh
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
-        k = tl.load(K + (k_start + offs_n[:, None]) * stride_km + hk * stride_kh + offs_d[None, :], mask=kv_ok, other=0.0)
-        s, _ = _scores(q, k, scale2, softcap, SOFTCAP, DOT_FP32, PRECISION)
-        s = tl.where(_mask(offs_m, offs_n, seqlen_q, seqlen_k, left, right, CAUSAL, LOCAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + (k_start + offs_n[:, None]) * stride_vm + hk * stride_vh + offs_d[None, :], mask=kv_ok, other=0.0)
-        if DOT_FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    lo, full_lo, full_hi, hi = _key_ranges(m0, seqlen_q, seqlen_k, left, right, CAUSAL, LOCAL, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, full_lo, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kh, Vh, stride_km, stride_vm, start_n, offs_m, offs_d, d_ok,
+                                  seqlen_q, seqlen_k, scale2, softcap, left, right, CAUSAL, LOCAL, SOFTCAP, DOT_FP32,
+                                  PRECISION, True, BLOCK_N)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kh, Vh, stride_km, stride_vm, start_n, offs_m, offs_d, d_ok,
+                                  seqlen_q, seqlen_k, scale2, softcap, left, right, CAUSAL, LOCAL, SOFTCAP, DOT_FP32,
+                                  PRECISION, False, BLOCK_N)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kh, Vh, stride_km, stride_vm, start_n, offs_m, offs_d, d_ok,
+                                  seqlen_q, seqlen_k, scale2, softcap, left, right, CAUSAL, LOCAL, SOFTCAP, DOT_FP32,
+                                  PRECISION, True, BLOCK_N)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-    row_ok = offs_m < seqlen_q
     tl.store(O + (q_start + offs_m[:, None]) * stride_om + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + h * stride_lse_h + q_start + offs_m, lse, mask=row_ok)
@@ -126,11 +191,12 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, stride_qm, stride_qh, stride_km, stri
 @triton.jit
 def _ds(q, k, v, do, lse2, delta, offs_m, offs_n, seqlen_q, seqlen_k, scale2, softcap, left, right,
         CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
-        PRECISION: tl.constexpr):
+        PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """Recompute p and return (p, ds) for a (BM, BN) tile; ds is d(loss)/d(c * q.k), fp32."""
     s, t = _scores(q, k, scale2, softcap, SOFTCAP, DOT_FP32, PRECISION)
-    allowed = _mask(offs_m, offs_n, seqlen_q, seqlen_k, left, right, CAUSAL, LOCAL)
-    p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        p = tl.where(_mask(offs_m, offs_n, seqlen_q, seqlen_k, left, right, CAUSAL, LOCAL), p, 0.0)
     if DOT_FP32:
         dp = tl.dot(do.to(tl.float32), tl.trans(v.to(tl.float32)), input_precision=PRECISION)
     else:
@@ -141,22 +207,47 @@ def _ds(q, k, v, do, lse2, delta, offs_m, offs_n, seqlen_q, seqlen_k, scale2, so
     return p, ds
 
 
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, start_m, offs_n, offs_d, d_ok, seqlen_q,
+               seqlen_k, scale2, softcap, left, right, CAUSAL: tl.constexpr, LOCAL: tl.constexpr,
+               SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """One query block's contribution to a key block's dk, dv; Q, DO, LSE, DELTA point at this head."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < seqlen_q
+    q_ok = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_ok, other=0.0)
+    lse2 = tl.load(LSE + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+    p, ds = _ds(q, k, v, do, lse2, delta, offs_m, offs_n, seqlen_q, seqlen_k, scale2, softcap, left, right,
+                CAUSAL, LOCAL, SOFTCAP, DOT_FP32, PRECISION, MASKED)
+    if DOT_FP32:
+        dv += tl.dot(tl.trans(p), do.to(tl.float32), input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision=PRECISION)
+    else:
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
+
+
 # grid: (cdiv(max_seqlen_k, BLOCK_N), batch, heads_kv); one key block of one kv head: loops over the
 # group's query heads and the query blocks that can see it, accumulating dk, dv in registers
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, stride_qm, stride_qh, stride_km, stride_kh,
                    stride_vm, stride_vh, stride_dom, stride_doh, stride_dkm, stride_dkh, stride_dvm, stride_dvh,
-                   stride_lse_h, scale2, softcap, left, right, group, head_dim,
+                   stride_lse_h, scale2, softcap, left, right, group, head_dim, seqlen_bucket,
                    CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n, b, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     k_start = tl.load(CU_K + b).to(tl.int64)
     seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-    if pid_n * BLOCK_N >= seqlen_k:
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen_k:
         return
     q_start = tl.load(CU_Q + b).to(tl.int64)
     seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     kv_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
@@ -164,34 +255,25 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, stride_qm, strid
     v = tl.load(V + (k_start + offs_n[:, None]) * stride_vm + hk * stride_vh + offs_d[None, :], mask=kv_ok, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    # the query range that can see this key block
-    shift = seqlen_k - seqlen_q
-    lo = 0
-    if CAUSAL:
-        lo = tl.maximum(0, pid_n * BLOCK_N - shift - right)
-        lo = (lo // BLOCK_M) * BLOCK_M
-    hi = seqlen_q
-    if LOCAL:
-        hi = tl.minimum(seqlen_q, (pid_n + 1) * BLOCK_N - shift + left)
+    lo, full_lo, full_hi, hi = _query_ranges(n0, seqlen_q, seqlen_k, left, right, CAUSAL, LOCAL, BLOCK_M, BLOCK_N)
     for g in range(0, group):
         h = hk * group + g
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q_ok = (offs_m[:, None] < seqlen_q) & d_ok[None, :]
-            q = tl.load(Q + (q_start + offs_m[:, None]) * stride_qm + h * stride_qh + offs_d[None, :], mask=q_ok, other=0.0)
-            do = tl.load(DO + (q_start + offs_m[:, None]) * stride_dom + h * stride_doh + offs_d[None, :], mask=q_ok,
-                         other=0.0)
-            row_ok = offs_m < seqlen_q
-            lse2 = tl.load(LSE + h * stride_lse_h + q_start + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + h * stride_lse_h + q_start + offs_m, mask=row_ok, other=0.0)
-            p, ds = _ds(q, k, v, do, lse2, delta, offs_m, offs_n, seqlen_q, seqlen_k, scale2, softcap, left, right,
-                        CAUSAL, LOCAL, SOFTCAP, DOT_FP32, PRECISION)
-            if DOT_FP32:
-                dv += tl.dot(tl.trans(p), do.to(tl.float32), input_precision=PRECISION)
-                dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision=PRECISION)
-            else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        Qh = Q + q_start * stride_qm + h * stride_qh
+        DOh = DO + q_start * stride_dom + h * stride_doh
+        LSEh = LSE + h * stride_lse_h + q_start
+        DELTAh = DELTA + h * stride_lse_h + q_start
+        for start_m in range(lo, full_lo, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qm, stride_dom, start_m, offs_n, offs_d,
+                                d_ok, seqlen_q, seqlen_k, scale2, softcap, left, right, CAUSAL, LOCAL, SOFTCAP,
+                                DOT_FP32, PRECISION, True, BLOCK_M)
+        for start_m in range(full_lo, full_hi, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qm, stride_dom, start_m, offs_n, offs_d,
+                                d_ok, seqlen_q, seqlen_k, scale2, softcap, left, right, CAUSAL, LOCAL, SOFTCAP,
+                                DOT_FP32, PRECISION, False, BLOCK_M)
+        for start_m in range(full_hi, hi, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qm, stride_dom, start_m, offs_n, offs_d,
+                                d_ok, seqlen_q, seqlen_k, scale2, softcap, left, right, CAUSAL, LOCAL, SOFTCAP,
+                                DOT_FP32, PRECISION, True, BLOCK_M)
     dk = dk * (scale2 / 1.4426950408889634)
     tl.store(DK + (k_start + offs_n[:, None]) * stride_dkm + hk * stride_dkh + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_ok)
@@ -199,22 +281,44 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, stride_qm, strid
              dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, K, V, stride_km, stride_vm, start_n, offs_m, offs_d, d_ok, seqlen_q, seqlen_k,
+             scale2, softcap, left, right, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
+             DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block's contribution to a query block's dq; K and V point at this sequence's kv head."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        kv_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
+    else:
+        kv_ok = d_ok[None, :]
+    k = tl.load(K + offs_n[:, None] * stride_km + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vm + offs_d[None, :], mask=kv_ok, other=0.0)
+    _, ds = _ds(q, k, v, do, lse2, delta, offs_m, offs_n, seqlen_q, seqlen_k, scale2, softcap, left, right,
+                CAUSAL, LOCAL, SOFTCAP, DOT_FP32, PRECISION, MASKED)
+    if DOT_FP32:
+        dq += tl.dot(ds, k.to(tl.float32), input_precision=PRECISION)
+    else:
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
 # grid: (cdiv(max_seqlen_q, BLOCK_M), batch, heads_q); one query block: loops over its key blocks
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, stride_qm, stride_qh, stride_km, stride_kh,
                  stride_vm, stride_vh, stride_dom, stride_doh, stride_dqm, stride_dqh, stride_lse_h, scale2, softcap,
-                 left, right, group, head_dim,
+                 left, right, group, head_dim, seqlen_bucket,
                  CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(CU_Q + b).to(tl.int64)
     seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-    if pid_m * BLOCK_M >= seqlen_q:
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
         return
     k_start = tl.load(CU_K + b).to(tl.int64)
     seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
     hk = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     row_ok = offs_m < seqlen_q
@@ -223,42 +327,55 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, stride_qm, stride_qh, 
     do = tl.load(DO + (q_start + offs_m[:, None]) * stride_dom + h * stride_doh + offs_d[None, :], mask=q_ok, other=0.0)
     lse2 = tl.load(LSE + h * stride_lse_h + q_start + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + h * stride_lse_h + q_start + offs_m, mask=row_ok, other=0.0)
-    shift = seqlen_k - seqlen_q
-    hi = seqlen_k
-    if CAUSAL:
-        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + shift + right)
-    lo = 0
-    if LOCAL:
-        lo = tl.maximum(0, pid_m * BLOCK_M + shift - left)
-        lo = (lo // BLOCK_N) * BLOCK_N
+    Kh = K + k_start * stride_km + hk * stride_kh
+    Vh = V + k_start * stride_vm + hk * stride_vh
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
-        k = tl.load(K + (k_start + offs_n[:, None]) * stride_km + hk * stride_kh + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + (k_start + offs_n[:, None]) * stride_vm + hk * stride_vh + offs_d[None, :], mask=kv_ok, other=0.0)
-        _, ds = _ds(q, k, v, do, lse2, delta, offs_m, offs_n, seqlen_q, seqlen_k, scale2, softcap, left, right,
-                    CAUSAL, LOCAL, SOFTCAP, DOT_FP32, PRECISION)
-        if DOT_FP32:
-            dq += tl.dot(ds, k.to(tl.float32), input_precision=PRECISION)
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+    lo, full_lo, full_hi, hi = _key_ranges(m0, seqlen_q, seqlen_k, left, right, CAUSAL, LOCAL, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, full_lo, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, Kh, Vh, stride_km, stride_vm, start_n, offs_m, offs_d, d_ok, seqlen_q,
+                      seqlen_k, scale2, softcap, left, right, CAUSAL, LOCAL, SOFTCAP, DOT_FP32, PRECISION, True, BLOCK_N)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, Kh, Vh, stride_km, stride_vm, start_n, offs_m, offs_d, d_ok, seqlen_q,
+                      seqlen_k, scale2, softcap, left, right, CAUSAL, LOCAL, SOFTCAP, DOT_FP32, PRECISION, False,
+                      BLOCK_N)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, Kh, Vh, stride_km, stride_vm, start_n, offs_m, offs_d, d_ok, seqlen_q,
+                      seqlen_k, scale2, softcap, left, right, CAUSAL, LOCAL, SOFTCAP, DOT_FP32, PRECISION, True, BLOCK_N)
     dq = dq * (scale2 / 1.4426950408889634)
     tl.store(DQ + (q_start + offs_m[:, None]) * stride_dqm + h * stride_dqh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_ok)
 
 
-def _config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes: small under the interpreter (it runs tl.dot at about 1 GFLOP/s), else by head dim."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4, num_stages=1)
+def _gpu_configs(block_d: int) -> list:
+    """Tile candidates for autotuning on a GPU, by head-dim tile (larger heads, smaller tiles)."""
     if block_d <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=3)
-    if block_d <= 128:
-        return dict(BLOCK_M=128 if dtype != torch.float32 else 64, BLOCK_N=64 if dtype != torch.float32 else 32,
-                    BLOCK_D=block_d, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=8, num_stages=1)
+        tiles = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 2), (64, 128, 4, 2)]
+    elif block_d <= 128:
+        tiles = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)]
+    else:
+        tiles = [(64, 32, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2), (64, 32, 4, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in tiles]
+
+
+_TUNED: dict = {}
+_TUNE_KEY = ["head_dim", "group", "seqlen_bucket", "CAUSAL", "LOCAL", "SOFTCAP", "DOT_FP32"]
+
+
+def _launcher(kernel, block_d: int):
+    """(kernel, fixed launch options): on a GPU the kernel autotuned over tile sizes and cached per shape
+    key (head dim, group, seqlen bucket, mask kind); under the interpreter one small tile (it runs tl.dot
+    at about 1 GFLOP/s and cannot autotune)."""
+    if interpreting():
+        return kernel, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    key = (kernel, block_d)
+    if key not in _TUNED:
+        _TUNED[key] = triton.autotune(configs=_gpu_configs(block_d), key=_TUNE_KEY)(kernel)
+    return _TUNED[key], {}
+
+
+def _bucket(seqlen: int) -> int:
+    """The autotuning key's sequence-length bucket (next power of two)."""
+    return triton.next_power_of_2(max(int(seqlen), 1))
 
 
 def _flags(q, causal, window_size, softcap):
@@ -295,13 +412,15 @@ class FlashAttnVarlenFunction(torch.autograd.Function):
         out = torch.empty_like(q)
         lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=q.device)
         flags, left, right = _flags(q, causal, window_size, softcap)
-        cfg = _config(head_dim, q.dtype)
+        block_d = max(16, triton.next_power_of_2(head_dim))
         group = heads_q // k.shape[1]
         if total_q and batch:
-            grid = (triton.cdiv(max_q, cfg["BLOCK_M"]), batch, heads_q)
-            _attn_fwd[grid](q, k, v, out, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                            v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0), scale * LOG2E,
-                            float(softcap), left, right, group, head_dim, **flags, **cfg)
+            kernel, opts = _launcher(_attn_fwd, block_d)
+            grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch, heads_q)  # noqa: E731
+            kernel[grid](q, k, v, out, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                         v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0), scale * LOG2E,
+                         float(softcap), left, right, group, head_dim, _bucket(max_q), **flags, BLOCK_D=block_d,
+                         **opts)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         ctx.args = (max_q, max_k, scale, causal, window_size, softcap)
         return out, lse
@@ -316,21 +435,25 @@ class FlashAttnVarlenFunction(torch.autograd.Function):
         delta = (dout.float() * out.float()).sum(-1).t().contiguous()  # (heads_q, total_q), like lse
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         flags, left, right = _flags(q, causal, window_size, softcap)
-        cfg = _config(head_dim, q.dtype)
+        block_d = max(16, triton.next_power_of_2(head_dim))
         group = heads_q // heads_kv
         common = (scale * LOG2E, float(softcap), left, right, group, head_dim)
         if k.shape[0] and batch:
-            _attn_bwd_dkdv[(triton.cdiv(max_k, cfg["BLOCK_N"]), batch, heads_kv)](
-                q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0),
-                dv.stride(1), lse.stride(0), *common, **flags, **cfg)
+            kernel, opts = _launcher(_attn_bwd_dkdv, block_d)
+            grid = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), batch, heads_kv)  # noqa: E731
+            kernel[grid](q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0),
+                         k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), dk.stride(0),
+                         dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *common, _bucket(max_k), **flags,
+                         BLOCK_D=block_d, **opts)
         else:
-            dk.zero_(), dv.zero_()
+            dk.zero_()
+            dv.zero_()
         if total_q and batch:
-            _attn_bwd_dq[(triton.cdiv(max_q, cfg["BLOCK_M"]), batch, heads_q)](
-                q, k, v, dout, lse, delta, dq, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
-                *common, **flags, **cfg)
+            kernel, opts = _launcher(_attn_bwd_dq, block_d)
+            grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch, heads_q)  # noqa: E731
+            kernel[grid](q, k, v, dout, lse, delta, dq, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0),
+                         k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), dq.stride(0),
+                         dq.stride(1), lse.stride(0), *common, _bucket(max_q), **flags, BLOCK_D=block_d, **opts)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 

@@ -85,7 +85,7 @@ def test_varlen_packed(causal):
     check([1, 7, 100, 33], [1, 7, 100, 33], 4, 2, 64, torch.bfloat16, causal=causal)
 
 
-@pytest.mark.parametrize("window, causal", [((16, 0), True), ((8, 8), False), ((5, -1), False)])
+@pytest.mark.parametrize("window, causal", [((16, 0), True), ((40, 0), True), ((8, 8), False), ((5, -1), False)])
 def test_sliding_window(window, causal):
     check([7, 90], [7, 90], 2, 1, 32, torch.float32, causal=causal, window=window)
 
