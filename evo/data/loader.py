@@ -18,7 +18,8 @@ import torch
 
 from evo.config import DataConfig, parse_skip_batches
 from evo.data.builtin import builtin_corpus, dummy_corpus
-from evo.data.packing import PackedRows
+from evo.data.packing import PackedRows, UnpackedRows
+from evo.data.tokenized import find_types, tokenized_corpus
 from evo.data.tokenizer import load_tokenizer
 from evo.errors import ConfigError, DataError
 from evo.parallel.context import ParallelContext
@@ -116,32 +117,49 @@ def _check_vocab(tokenizer, vocab_size: int) -> None:
 
 
 def _unsupported(cfg: DataConfig):
-    return ConfigError(f"data.type '{cfg.type}' is not available in this version of evo; use 'builtin' or 'dummy'")
+    return ConfigError(f"data.type '{cfg.type}' is not available in this version of evo; use 'tokenized', 'builtin' "
+                       "or 'dummy'")
+
+
+def _rows(corpus, cfg: DataConfig):
+    if not cfg.use_packed_dataset:
+        return UnpackedRows(corpus, cfg.seq_len, cfg.micro_bsz)
+    return PackedRows(corpus, cfg.seq_len, cfg.micro_bsz, cfg.pack_sample_into_one)
 
 
 def build_train_loader(cfg: DataConfig, ctx: ParallelContext, vocab_size: int) -> tuple[TrainLoader, list[str]]:
     """The training loader for ``cfg.type`` and the dataset type names (index = type id)."""
+    tokenizer = None
     if cfg.type == "dummy":
-        corpus = dummy_corpus(cfg.num_dummy_samples, cfg.seq_len, vocab_size, cfg.seed)
-        tokenizer, types = None, ["dummy"]
+        corpus, types = dummy_corpus(cfg.num_dummy_samples, cfg.seq_len, vocab_size, cfg.seed), ["dummy"]
     elif cfg.type == "builtin":
         tokenizer = load_tokenizer(cfg.tokenizer_path)
         _check_vocab(tokenizer, vocab_size)
         corpus, types = builtin_corpus("train", tokenizer, cfg.min_length), ["python"]
+    elif cfg.type == "tokenized":
+        found = find_types(cfg.train_folder)
+        corpus = tokenized_corpus(found, cfg.min_length, vocab_size, f"data.train_folder '{cfg.train_folder}'")
+        types = [name for name, _ in found]
+        if cfg.tokenizer_path:
+            tokenizer = load_tokenizer(cfg.tokenizer_path)
     else:
         raise _unsupported(cfg)
-    rows = PackedRows(corpus, cfg.seq_len, cfg.micro_bsz, cfg.pack_sample_into_one)
+    rows = _rows(corpus, cfg)
     return TrainLoader(rows, cfg.micro_num, ctx, cfg.seed, cfg.skip_batches, tokenizer), types
 
 
 def build_valid_loaders(cfg: DataConfig, ctx: ParallelContext, vocab_size: int) -> dict[str, ValidLoader]:
-    """Validation sets by name: the built-in corpus has one ('python'); dummy data has none."""
-    if cfg.type == "dummy":
-        return {}
-    if cfg.type != "builtin":
+    """Validation sets by name: the built-in corpus has one ('python'); a tokenized ``valid_folder`` one per
+    subfolder; dummy data has none."""
+    sets = {}
+    if cfg.type == "builtin":
+        sets["python"] = builtin_corpus("valid", load_tokenizer(cfg.tokenizer_path), cfg.min_length)
+    elif cfg.type == "tokenized" and cfg.valid_folder:
+        for name, paths in find_types(cfg.valid_folder):
+            sets[name] = tokenized_corpus([(name, paths)], cfg.min_length, vocab_size,
+                                          f"data.valid_folder '{cfg.valid_folder}' ({name})")
+    elif cfg.type not in ("dummy", "tokenized"):
         raise _unsupported(cfg)
-    tokenizer = load_tokenizer(cfg.tokenizer_path)
-    rows = PackedRows(builtin_corpus("valid", tokenizer, cfg.min_length), cfg.seq_len, cfg.micro_bsz,
-                      cfg.pack_sample_into_one)
-    loader = ValidLoader(rows, cfg.valid_micro_num, ctx, cfg.valid_max_batches)
-    return {"python": loader} if len(loader) else {}
+    loaders = {name: ValidLoader(_rows(corpus, cfg), cfg.valid_micro_num, ctx, cfg.valid_max_batches)
+               for name, corpus in sets.items()}
+    return {name: loader for name, loader in loaders.items() if len(loader)}

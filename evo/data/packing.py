@@ -42,9 +42,18 @@ class Corpus:
     def num_tokens(self) -> int:
         return int(self.offsets[-1])
 
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        """Stream positions [start, stop) as int64 (negative ids kept: they mark input-only tokens)."""
+        return self.tokens[start:stop].astype(np.int64)
+
 
 class PackedRows:
-    """Random access to the packed rows of a corpus; ``rows[r]`` is a dict of numpy arrays."""
+    """Random access to the packed rows of a corpus; ``rows[r]`` is a dict of numpy arrays.
+
+    A corpus is anything with ``offsets`` (documents' start positions in the stream, plus its end),
+    ``doc_types`` and ``slice(start, stop)``: an in-memory ``Corpus`` or a memory-mapped
+    ``evo.data.tokenized.TokenizedCorpus``.
+    """
 
     def __init__(self, corpus: Corpus, seq_len: int, micro_bsz: int, pack_sample_into_one: bool = False):
         self.corpus, self.seq_len = corpus, seq_len
@@ -61,7 +70,7 @@ class PackedRows:
             raise IndexError(r)
         c, L = self.corpus, self.length
         start, end = r * L, (r + 1) * L
-        raw = c.tokens[start:min(end + 1, c.num_tokens)].astype(np.int64)
+        raw = c.slice(start, min(end + 1, c.num_tokens))
         input_ids = np.abs(raw[:L])
         labels = np.full(L, IGNORE_INDEX, dtype=np.int64)
         labels[: len(raw) - 1] = raw[1:]
@@ -81,3 +90,40 @@ class PackedRows:
         indexes = np.arange(L) - np.repeat(cu[:-1], np.diff(cu))
         return {"input_ids": input_ids, "labels": labels, "cu_seqlens": cu.astype(np.int32), "indexes": indexes,
                 "type_ids": type_ids.astype(np.int64)}
+
+
+class UnpackedRows:
+    """``data.use_packed_dataset=False``: each row holds ``micro_bsz`` documents, one per ``seq_len`` slot,
+    truncated to seq_len and padded with token 0, label -100 and type id -1 (padding is its own
+    ``cu_seqlens`` segment). Labels are the next token of the document (the true one at a truncation)."""
+
+    def __init__(self, corpus, seq_len: int, micro_bsz: int):
+        self.corpus, self.seq_len, self.micro_bsz = corpus, seq_len, micro_bsz
+        self.length = seq_len * micro_bsz
+        self.num_rows = (len(corpus.offsets) - 1) // micro_bsz
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, r: int) -> dict:
+        if not 0 <= r < self.num_rows:
+            raise IndexError(r)
+        c, S = self.corpus, self.seq_len
+        input_ids = np.zeros(self.length, dtype=np.int64)
+        labels = np.full(self.length, IGNORE_INDEX, dtype=np.int64)
+        type_ids = np.full(self.length, -1, dtype=np.int64)
+        cu = [0]
+        for slot in range(self.micro_bsz):
+            d = r * self.micro_bsz + slot
+            start, end = int(c.offsets[d]), int(c.offsets[d + 1])
+            raw = c.slice(start, min(end, start + S + 1))
+            n = min(len(raw), S)
+            base = slot * S
+            input_ids[base:base + n] = np.abs(raw[:n])
+            nxt = raw[1:n + 1]
+            labels[base:base + len(nxt)] = np.where(nxt < 0, IGNORE_INDEX, nxt)
+            type_ids[base:base + n] = c.doc_types[d]
+            cu += [base + n] if n == S else [base + n, base + S]
+        cu = np.asarray(cu, dtype=np.int32)
+        indexes = np.arange(self.length) - np.repeat(cu[:-1], np.diff(cu))
+        return {"input_ids": input_ids, "labels": labels, "cu_seqlens": cu, "indexes": indexes, "type_ids": type_ids}

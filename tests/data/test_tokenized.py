@@ -1,0 +1,125 @@
+"""InternEvo's tokenized format: reading, dataset types, unpacked rows, and every bad input."""
+
+import numpy as np
+import pytest
+
+from evo.config import config_from_dict
+from evo.data.loader import build_train_loader, build_valid_loaders
+from evo.data.packing import IGNORE_INDEX as X
+from evo.data.packing import Corpus, PackedRows, UnpackedRows
+from evo.data.tokenized import TokenizedCorpus, TokenizedFile, find_types, tokenized_corpus, write_tokenized
+from evo.errors import DataError
+from evo.parallel.context import ParallelContext
+from helpers import run_script, small_sections
+
+
+def random_docs(n, seed, vocab=300, max_len=50):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, size=int(rng.integers(1, max_len))).tolist() for _ in range(n)]
+
+
+def data_cfg(tmp_path, **data):
+    return config_from_dict(small_sections(data=dict(type="tokenized", train_folder=str(tmp_path / "train"), **data)))
+
+
+def test_round_trip_and_packing_equal_the_in_memory_corpus(tmp_path):
+    docs_a, docs_b = random_docs(30, 0), random_docs(20, 1)
+    write_tokenized(tmp_path / "a.bin", docs_a)
+    write_tokenized(tmp_path / "b.bin", docs_b)
+    files = [TokenizedFile(tmp_path / "a.bin"), TokenizedFile(tmp_path / "b.bin")]
+    assert files[0].tokens(7).tolist() == docs_a[7] and len(files[1]) == 20
+    lazy = TokenizedCorpus(files, [0, 1], min_length=3)
+    memory = Corpus.from_documents(docs_a + docs_b, [0] * 30 + [1] * 20, min_length=3)
+    np.testing.assert_array_equal(lazy.offsets, memory.offsets)
+    np.testing.assert_array_equal(lazy.doc_types, memory.doc_types)
+    for a, b in zip(PackedRows(lazy, 16, 2), PackedRows(memory, 16, 2)):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_dataset_types_are_sorted_subfolders_with_their_own_losses(tmp_path):
+    write_tokenized(tmp_path / "train" / "en" / "part0.bin", random_docs(40, 2))
+    write_tokenized(tmp_path / "train" / "code" / "x" / "part0.bin", random_docs(40, 3))
+    write_tokenized(tmp_path / "valid" / "code" / "v.bin", random_docs(30, 4))
+    write_tokenized(tmp_path / "valid" / "en" / "v.bin", random_docs(30, 5))
+    cfg = data_cfg(tmp_path, valid_folder=str(tmp_path / "valid"))
+    loader, types = build_train_loader(cfg.data, ParallelContext(), cfg.model.vocab_size)
+    assert types == ["code", "en"]
+    seen = set()
+    for _ in range(10):
+        inputs, _ = next(loader)
+        seen |= set(inputs["type_ids"].unique().tolist())
+    assert seen == {0, 1}
+    valid = build_valid_loaders(cfg.data, ParallelContext(), cfg.model.vocab_size)
+    assert sorted(valid) == ["code", "en"]
+
+
+def test_unpacked_rows_one_document_per_slot():
+    corpus = Corpus.from_documents([[1, 2, 3], [4, 5, 6, 7, 8, 9], [10, 11], [12]], [0, 1, 0, 1])
+    rows = UnpackedRows(corpus, seq_len=4, micro_bsz=2)
+    assert len(rows) == 2
+    r = rows[0]
+    assert r["input_ids"].tolist() == [1, 2, 3, 0, 4, 5, 6, 7]
+    assert r["labels"].tolist() == [2, 3, X, X, 5, 6, 7, 8]  # truncated: the last label is the true next token
+    assert r["cu_seqlens"].tolist() == [0, 3, 4, 8]
+    assert r["type_ids"].tolist() == [0, 0, 0, -1, 1, 1, 1, 1]
+    assert r["indexes"].tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
+
+
+def corrupt_meta(path, row, col, value):
+    meta = np.load(str(path) + ".meta")
+    meta[row, col] = value
+    np.save(str(path) + ".meta.npy", meta)
+    (path.parent / (path.name + ".meta.npy")).replace(str(path) + ".meta")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "data folder '{root}/train' not found"),
+    ("empty", "holds no .bin files"),
+    ("no_meta", "'{root}/train/a.bin' has no 'a.bin.meta' beside it"),
+    ("offset", "'{root}/train/a.bin.meta': document 2 has offset 999999, past the end of 'a.bin'"),
+    ("count", "'{root}/train/a.bin': document 1 (byte offset"),
+    ("vocab", "'{root}/train/a.bin': document 0 (byte offset 0) has token id 300, not below 'model.vocab_size' (300)"),
+    ("min_length", "has no document of at least data.min_length=1000 tokens"),
+])
+def test_bad_data_is_one_clear_error_naming_the_file(tmp_path, case, message):
+    root = tmp_path
+    path = root / "train" / "a.bin"
+    if case != "missing":
+        (root / "train").mkdir()
+    if case not in ("missing", "empty"):
+        write_tokenized(path, [[300 if case == "vocab" else 5] * 4, [1, 2, 3], [7] * 10])
+    if case == "no_meta":
+        (root / "train" / "a.bin.meta").unlink()
+    if case == "offset":
+        corrupt_meta(path, 2, 0, 999999)
+    if case == "count":
+        corrupt_meta(path, 1, 1, 4)
+    extra = {"min_length": 1000} if case == "min_length" else {}
+    cfg = data_cfg(tmp_path, **extra)
+    with pytest.raises(DataError) as err:
+        build_train_loader(cfg.data, ParallelContext(), cfg.model.vocab_size)
+    assert message.format(root=root) in str(err.value)
+
+
+def test_bad_data_from_the_command_line_exits_2(tmp_path):
+    (tmp_path / "train").mkdir()
+    write_tokenized(tmp_path / "train" / "a.bin", [[5] * 40])
+    (tmp_path / "train" / "a.bin.meta").unlink()
+    result = run_script("scripts/train.py", "--config", "configs/tiny.py", f"data.train_folder={tmp_path / 'train'}",
+                        "data.type='tokenized'", f"monitor.run_folder={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"evo: error: '{tmp_path / 'train' / 'a.bin'}' has no 'a.bin.meta' beside it "
+        "(InternEvo's index of offsets and counts)")
+
+
+def test_check_is_remembered_per_dataset(tmp_path):
+    write_tokenized(tmp_path / "t" / "a.bin", random_docs(5, 0))
+    types = find_types(tmp_path / "t")
+    corpus = tokenized_corpus(types, 0, 300, "x")
+    marker = corpus._marker(300)
+    assert marker.exists()
+    write_tokenized(tmp_path / "t" / "a.bin", [[400]])  # rewritten: a new size and mtime, checked again
+    with pytest.raises(DataError, match="token id 400"):
+        tokenized_corpus(find_types(tmp_path / "t"), 0, 300, "x")
