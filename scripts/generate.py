@@ -4,7 +4,9 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source tree too
+# the repo root replaces the scripts folder on the path: evo imports from a source tree, and
+# scripts/tokenize.py does not shadow the standard library's tokenize module
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 

@@ -3,7 +3,9 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source tree too
+# the repo root replaces the scripts folder on the path: evo imports from a source tree, and
+# scripts/tokenize.py does not shadow the standard library's tokenize module
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from evo import (TrainerBuilder, build_train_loader_with_data_type, build_valid_loader_with_data_type,  # noqa: E402
                  initialize_distributed_env, initialize_model_and_parallel_communicator, parse_args)

@@ -140,3 +140,31 @@ def test_builtin_bpe_trains_from_a_cold_cache_then_loads_from_it(tmp_path, monke
     mtime = path.stat().st_mtime_ns
     again = load_tokenizer("bpe")  # from the cache: not trained again
     assert path.stat().st_mtime_ns == mtime and again.encode(text) == ids
+
+
+def test_resume_with_another_data_parallel_size_continues_exactly():
+    rows = rows_of([[i] * 4 for i in range(40)], seq_len=4, micro_bsz=1)
+    single = TrainLoader(rows, micro_num=4, ctx=ParallelContext(), seed=5)
+    for _ in range(3):
+        next(single)
+    state = single.state_dict()
+    expected = [next(single)[0]["input_ids"][:, 0].tolist() for _ in range(4)]
+    ranks = [TrainLoader(rows, micro_num=2, ctx=ParallelContext(world_size=2, rank=k, dp_size=2, dp_rank=k), seed=5)
+             for k in range(2)]
+    for r in ranks:
+        r.load_state_dict(state)  # same global batch (4 rows), split over two ranks
+    got = [sum((next(r)[0]["input_ids"][:, 0].tolist() for r in ranks), []) for _ in range(4)]
+    assert got == expected
+
+
+def test_resume_with_another_global_batch_warns_and_keeps_the_position():
+    rows = rows_of([[i] * 4 for i in range(40)], seq_len=4, micro_bsz=1)
+    a = TrainLoader(rows, micro_num=2, ctx=ParallelContext(), seed=5)
+    for _ in range(3):
+        next(a)
+    state = a.state_dict()
+    following = [t for _ in range(2) for t in next(a)[0]["input_ids"][:, 0].tolist()]  # the next 4 rows
+    b = TrainLoader(rows, micro_num=4, ctx=ParallelContext(), seed=5)
+    with pytest.warns(UserWarning, match="global batch changed from 2 to 4 rows"):
+        b.load_state_dict(state)
+    assert next(b)[0]["input_ids"][:, 0].tolist() == following  # no row repeated or skipped

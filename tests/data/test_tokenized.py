@@ -123,3 +123,22 @@ def test_check_is_remembered_per_dataset(tmp_path):
     write_tokenized(tmp_path / "t" / "a.bin", [[400]])  # rewritten: a new size and mtime, checked again
     with pytest.raises(DataError, match="token id 400"):
         tokenized_corpus(find_types(tmp_path / "t"), 0, 300, "x")
+
+
+def test_training_on_tokenized_data_reports_each_type(tmp_path):
+    import json
+
+    write_tokenized(tmp_path / "train" / "en" / "p.bin", random_docs(60, 2, max_len=200))
+    write_tokenized(tmp_path / "train" / "code" / "p.bin", random_docs(60, 3, max_len=200))
+    write_tokenized(tmp_path / "valid" / "en" / "v.bin", random_docs(30, 4, max_len=200))
+    result = run_script("scripts/train.py", "--config", "configs/tiny.py", "data.type='tokenized'",
+                        f"data.train_folder={tmp_path / 'train'}", f"data.valid_folder={tmp_path / 'valid'}",
+                        "model.vocab_size=300", "model.num_layers=1", "data.total_steps=2", "data.valid_every=2",
+                        "data.use_packed_dataset=False", f"monitor.run_folder={tmp_path / 'run'}",
+                        f"ckpt.save_ckpt_folder={tmp_path / 'ckpt'}", "monitor.sample_tokens=4")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert {"loss/code", "loss/en", "tokens/code", "tokens/en"} <= set(steps[0])
+    assert sum(steps[0][f"tokens/{t}"] for t in ("code", "en")) < 2 * 512  # unpacked rows carry padding
+    assert {"val/en_loss", "val/en_acc", "val/en_plex"} <= set(records[-1])
