@@ -452,8 +452,10 @@ def validate(cfg: Config) -> None:
     if d.type is None:
         d.type = "tokenized" if d.train_folder else "dummy"
     _check_choice(d.type, ("dummy", "builtin", "tokenized", "streaming"), "data.type")
-    if d.type == "tokenized":
-        _require(d.train_folder is not None, "'data.train_folder' is required when data.type is 'tokenized'")
+    if d.type in ("tokenized", "streaming"):
+        _require(d.train_folder is not None, f"'data.train_folder' is required when data.type is '{d.type}'")
+    if d.type == "streaming":
+        _require(d.use_packed_dataset, "'data.use_packed_dataset' must be True with data.type 'streaming'")
     parse_skip_batches(d.skip_batches)
 
     p = cfg.parallel

@@ -200,7 +200,7 @@ class Trainer:
             return None
         train_state = {"step": self.step_count, "num_consumed_tokens": self.num_consumed_tokens,
                        "inf_nan_skip_batches": self.inf_nan_skip_batches, "scheduler": self.scheduler.state_dict(),
-                       "scaler": self.scaler.state_dict(), "sampler": self.train_dl.state_dict(), "rng": rng_state()}
+                       "scaler": self.scaler.state_dict(), "sampler": self._sampler_states(), "rng": rng_state()}
         tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         path = save_checkpoint(self.save_folder, self.step_count, tensors, train_state, self.cfg.to_dict(),
                                self.ctx.is_main, self.ctx.barrier)
@@ -229,7 +229,8 @@ class Trainer:
             for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
                 group["lr"] = lr
         if "sampler" in content:
-            self.train_dl.load_state_dict(state["sampler"])
+            states = state["sampler"]  # one per data-parallel rank (a streaming loader's differ)
+            self.train_dl.load_state_dict(states[self.ctx.dp_rank] if len(states) == self.ctx.dp_size else states[0])
             self.step_count = state["step"]
             self.num_consumed_tokens = state["num_consumed_tokens"]
             self.inf_nan_skip_batches = state["inf_nan_skip_batches"]
@@ -238,6 +239,15 @@ class Trainer:
         logger.info("loaded %s from checkpoint %s (step %d)", ", ".join(sorted(content)), path, state["step"])
 
     # ------------------------------------------------------------------ helpers
+    def _sampler_states(self) -> list:
+        """Every data-parallel rank's loader state, in rank order."""
+        state = self.train_dl.state_dict()
+        if self.ctx.dp_size == 1:
+            return [state]
+        states = [None] * self.ctx.dp_size
+        torch.distributed.all_gather_object(states, state, group=self.ctx.dp_group)
+        return states
+
     def _step_record(self, out: dict, grad_norm: float, seconds: float) -> dict:
         self.num_consumed_tokens += int(out["tokens"])
         flops = step_flops(self.model.cfg, self._matmul_params, out["local_tokens"], out["local_seqlens_sq"])

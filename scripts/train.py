@@ -7,6 +7,12 @@ import sys
 # scripts/tokenize.py does not shadow the standard library's tokenize module
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Bit-reproducible CPU math, set before torch loads MKL: MKL may otherwise use fewer threads than asked
+# when the machine is busy (a different reduction order) and take alignment-dependent code paths, and
+# a resumed run would then not repeat an uninterrupted one exactly.
+for _name, _value in (("MKL_DYNAMIC", "FALSE"), ("OMP_DYNAMIC", "FALSE"), ("MKL_CBWR", "AUTO,STRICT")):
+    os.environ.setdefault(_name, _value)
+
 from evo import (TrainerBuilder, build_train_loader_with_data_type, build_valid_loader_with_data_type,  # noqa: E402
                  initialize_distributed_env, initialize_model_and_parallel_communicator, parse_args)
 from evo.cli import run  # noqa: E402

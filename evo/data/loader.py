@@ -136,6 +136,13 @@ def build_train_loader(cfg: DataConfig, ctx: ParallelContext, vocab_size: int) -
         tokenizer = load_tokenizer(cfg.tokenizer_path)
         _check_vocab(tokenizer, vocab_size)
         corpus, types = builtin_corpus("train", tokenizer, cfg.min_length), ["python"]
+    elif cfg.type == "streaming":
+        from evo.data.streaming import StreamingLoader
+
+        tokenizer = load_tokenizer(cfg.tokenizer_path)
+        _check_vocab(tokenizer, vocab_size)
+        loader = StreamingLoader(cfg, ctx, tokenizer)
+        return loader, loader.type_names
     elif cfg.type == "tokenized":
         found = find_types(cfg.train_folder)
         corpus = tokenized_corpus(found, cfg.min_length, vocab_size, f"data.train_folder '{cfg.train_folder}'")
@@ -154,11 +161,11 @@ def build_valid_loaders(cfg: DataConfig, ctx: ParallelContext, vocab_size: int) 
     sets = {}
     if cfg.type == "builtin":
         sets["python"] = builtin_corpus("valid", load_tokenizer(cfg.tokenizer_path), cfg.min_length)
-    elif cfg.type == "tokenized" and cfg.valid_folder:
+    elif cfg.type in ("tokenized", "streaming") and cfg.valid_folder:
         for name, paths in find_types(cfg.valid_folder):
             sets[name] = tokenized_corpus([(name, paths)], cfg.min_length, vocab_size,
                                           f"data.valid_folder '{cfg.valid_folder}' ({name})")
-    elif cfg.type not in ("dummy", "tokenized"):
+    elif cfg.type not in ("dummy", "tokenized", "streaming"):  # streaming: validation comes from valid_folder
         raise _unsupported(cfg)
     loaders = {name: ValidLoader(_rows(corpus, cfg), cfg.valid_micro_num, ctx, cfg.valid_max_batches)
                for name, corpus in sets.items()}

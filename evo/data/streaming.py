@@ -1,0 +1,131 @@
+"""Streaming data: ``.jsonl`` files tokenized on the fly, packed like the indexed data.
+
+Documents are read in order (files sorted; each first-level subfolder of ``train_folder`` is a
+dataset type, as for the tokenized format) and document i goes to data-parallel rank
+i % dp_size, so the ranks read disjoint shares. Each rank packs its share into rows exactly as
+``PackedRows`` does, from a small buffer of the documents not yet emitted. The loader's state (file,
+byte offset, document counter, epoch and that buffer) goes into every checkpoint, so a resumed run
+with the same data-parallel size continues where it stopped. At the end of the files a new epoch
+starts from the first one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from evo.config import DataConfig, parse_skip_batches
+from evo.data.loader import Batch, collate
+from evo.data.packing import Corpus, PackedRows
+from evo.errors import DataError
+from evo.parallel.context import ParallelContext
+
+
+def jsonl_types(folder: str | Path) -> list[tuple[str, list[Path]]]:
+    """[(type name, its .jsonl files)], like ``evo.data.tokenized.find_types``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder '{folder}' not found")
+    types = []
+    direct = sorted(folder.glob("*.jsonl"))
+    if direct:
+        types.append((folder.name, direct))
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = sorted(sub.rglob("*.jsonl"))
+        if files:
+            types.append((sub.name, files))
+    if not types:
+        raise DataError(f"data folder '{folder}' holds no .jsonl files (data.type='streaming')")
+    return types
+
+
+class StreamingLoader:
+    def __init__(self, cfg: DataConfig, ctx: ParallelContext, tokenizer, text_key: str = "text"):
+        if tokenizer.eos_id is None:
+            raise DataError(f"tokenizer '{tokenizer.name}' has no end-of-sequence token")
+        self.types = jsonl_types(cfg.train_folder)
+        self.files = [(path, t) for t, (_, paths) in enumerate(self.types) for path in paths]
+        self.cfg, self.tokenizer, self.text_key = cfg, tokenizer, text_key
+        self.dp_size, self.dp_rank = ctx.dp_size, ctx.dp_rank
+        self.length = cfg.seq_len * cfg.micro_bsz
+        self.skip = parse_skip_batches(cfg.skip_batches)
+        self.state = {"file": 0, "offset": 0, "doc": 0, "epoch": 0, "buffer": [], "batch_index": 0,
+                      "dp_size": self.dp_size}
+
+    @property
+    def type_names(self) -> list[str]:
+        return [name for name, _ in self.types]
+
+    def _next_document(self):
+        """The next document of this rank's share: (tokens, type id)."""
+        s = self.state
+        dry_wraps = 0  # passes over every file without a document for this rank
+        while True:
+            if s["file"] == len(self.files):
+                dry_wraps += 1
+                if dry_wraps == 2:
+                    raise DataError(f"'{self.cfg.train_folder}' holds no document for data-parallel rank "
+                                    f"{self.dp_rank} (a JSON line with a string under '{self.text_key}' of at least "
+                                    f"data.min_length={self.cfg.min_length} tokens)")
+                s.update(file=0, offset=0, epoch=s["epoch"] + 1)
+            path, type_id = self.files[s["file"]]
+            with open(path, "rb") as f:
+                f.seek(s["offset"])
+                line = f.readline()
+            if not line:
+                s.update(file=s["file"] + 1, offset=0)
+                continue
+            s["offset"] += len(line)
+            try:
+                text = json.loads(line)[self.text_key]
+            except (ValueError, KeyError, TypeError):
+                continue  # as scripts/tokenize.py: a bad line is skipped (reported there)
+            if not isinstance(text, str):
+                continue
+            mine = s["doc"] % self.dp_size == self.dp_rank
+            s["doc"] += 1
+            if not mine:
+                continue
+            tokens = self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+            if len(tokens) < max(self.cfg.min_length, 1):
+                continue
+            return tokens, type_id
+
+    def _next_row(self) -> dict:
+        buffer = self.state["buffer"]  # [[tokens, type id], ...]: what is not yet emitted
+        while sum(len(t) for t, _ in buffer) < self.length + 1:
+            buffer.append(list(self._next_document()))
+        corpus = Corpus.from_documents([t for t, _ in buffer], [ty for _, ty in buffer])
+        row = PackedRows(corpus, self.cfg.seq_len, self.cfg.micro_bsz, self.cfg.pack_sample_into_one)[0]
+        # drop the emitted tokens: whole documents, and the head of the one the row cut
+        left = self.length
+        while left:
+            if len(buffer[0][0]) <= left:
+                left -= len(buffer.pop(0)[0])
+            else:
+                buffer[0][0] = buffer[0][0][left:]
+                left = 0
+        return row
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        while True:
+            rows = [self._next_row() for _ in range(self.cfg.micro_num)]
+            index = self.state["batch_index"]
+            self.state["batch_index"] += 1
+            if index not in self.skip:
+                return collate(rows)
+
+    def state_dict(self) -> dict:
+        return json.loads(json.dumps(self.state))  # a deep copy of plain data
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["dp_size"] != self.dp_size:
+            raise DataError(f"this streaming checkpoint was written with {state['dp_size']} data-parallel ranks; "
+                            f"resume it with the same number (now {self.dp_size})")
+        self.state = json.loads(json.dumps(state))
