@@ -141,8 +141,7 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
-        device = torch.device("cpu")
-        torch.set_flush_denormal(True)  # denormal floats (tiny Adam moments, attention tails) slow CPUs many-fold
+        device = torch.device("cpu")  # scripts/train.py flushes denormals to zero before any thread starts
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                                 timeout=timedelta(minutes=30), device_id=device if device.type == "cuda" else None)

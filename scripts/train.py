@@ -13,6 +13,14 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _name, _value in (("MKL_DYNAMIC", "FALSE"), ("OMP_DYNAMIC", "FALSE"), ("MKL_CBWR", "AUTO,STRICT")):
     os.environ.setdefault(_name, _value)
 
+import torch  # noqa: E402
+
+# Flush denormal floats to zero (they slow CPU math many-fold late in training). The flag is per
+# thread and new threads copy it from their creator: set it before any worker thread exists, so every
+# thread computes alike (a thread pool started earlier would keep the old flag, and results would
+# depend on which thread ran which chunk).
+torch.set_flush_denormal(True)
+
 from evo import (TrainerBuilder, build_train_loader_with_data_type, build_valid_loader_with_data_type,  # noqa: E402
                  initialize_distributed_env, initialize_model_and_parallel_communicator, parse_args)
 from evo.cli import run  # noqa: E402

@@ -59,8 +59,8 @@ class PackedRows:
         self.corpus, self.seq_len = corpus, seq_len
         self.length = seq_len * micro_bsz
         self.pack_sample_into_one = pack_sample_into_one
-        # the tail shorter than a row is left out; each epoch sees the same full rows
-        self.num_rows = corpus.num_tokens // self.length
+        # the last row may be short: it is padded (token 0, label -100, type id -1), so no token is skipped
+        self.num_rows = -(-corpus.num_tokens // self.length)
 
     def __len__(self) -> int:
         return self.num_rows
@@ -69,24 +69,28 @@ class PackedRows:
         if not 0 <= r < self.num_rows:
             raise IndexError(r)
         c, L = self.corpus, self.length
-        start, end = r * L, (r + 1) * L
+        start = r * L
+        end = min(start + L, c.num_tokens)  # real tokens of this row end here; padding fills the rest
+        n = end - start
         raw = c.slice(start, min(end + 1, c.num_tokens))
-        input_ids = np.abs(raw[:L])
+        input_ids = np.zeros(L, dtype=np.int64)
+        input_ids[:n] = np.abs(raw[:n])
         labels = np.full(L, IGNORE_INDEX, dtype=np.int64)
         labels[: len(raw) - 1] = raw[1:]
         labels[labels < 0] = IGNORE_INDEX  # predicting an input-only token takes no loss
         first_doc = int(np.searchsorted(c.offsets, start, side="right")) - 1
         last_doc = int(np.searchsorted(c.offsets, end - 1, side="right")) - 1
         doc_ends = c.offsets[first_doc + 1:last_doc + 2] - 1 - start
-        labels[doc_ends[doc_ends < L]] = IGNORE_INDEX
+        labels[doc_ends[doc_ends < n]] = IGNORE_INDEX
         doc_starts = c.offsets[first_doc + 1:last_doc + 1] - start  # documents starting inside the row
-        seg_bounds = np.concatenate(([0], doc_starts, [L]))
-        type_ids = np.repeat(c.doc_types[first_doc:last_doc + 1], np.diff(seg_bounds))
+        seg_bounds = np.concatenate(([0], doc_starts, [n]))
+        type_ids = np.full(L, -1, dtype=np.int64)
+        type_ids[:n] = np.repeat(c.doc_types[first_doc:last_doc + 1], np.diff(seg_bounds))
         if self.pack_sample_into_one:
             cu = np.arange(0, L + 1, self.seq_len)
         else:
-            cu = np.unique(np.concatenate([np.arange(a, b, self.seq_len) for a, b in zip(seg_bounds[:-1], seg_bounds[1:])]
-                                          + [[L]]))
+            pieces = [np.arange(a, b, self.seq_len) for a, b in zip(seg_bounds[:-1], seg_bounds[1:])]
+            cu = np.unique(np.concatenate(pieces + [[n, L]]))  # padding, if any, is its own segment
         indexes = np.arange(L) - np.repeat(cu[:-1], np.diff(cu))
         return {"input_ids": input_ids, "labels": labels, "cu_seqlens": cu.astype(np.int32), "indexes": indexes,
                 "type_ids": type_ids.astype(np.int64)}
@@ -100,7 +104,8 @@ class UnpackedRows:
     def __init__(self, corpus, seq_len: int, micro_bsz: int):
         self.corpus, self.seq_len, self.micro_bsz = corpus, seq_len, micro_bsz
         self.length = seq_len * micro_bsz
-        self.num_rows = (len(corpus.offsets) - 1) // micro_bsz
+        self.num_docs = len(corpus.offsets) - 1
+        self.num_rows = -(-self.num_docs // micro_bsz)  # a last row with empty slots is padded
 
     def __len__(self) -> int:
         return self.num_rows
@@ -115,6 +120,9 @@ class UnpackedRows:
         cu = [0]
         for slot in range(self.micro_bsz):
             d = r * self.micro_bsz + slot
+            if d >= self.num_docs:
+                cu.append((slot + 1) * S)
+                continue
             start, end = int(c.offsets[d]), int(c.offsets[d + 1])
             raw = c.slice(start, min(end, start + S + 1))
             n = min(len(raw), S)

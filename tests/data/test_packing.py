@@ -16,7 +16,7 @@ def test_documents_packed_with_boundaries_indexes_and_labels():
     # docs of 3, 5 and 6 tokens; rows of seq_len 4 x micro_bsz 2 = 8 tokens
     docs = [[10, 11, 12], [20, 21, 22, 23, 24], [30, 31, 32, 33, 34, 35]]
     rows = rows_of(docs, seq_len=4, micro_bsz=2, types=[0, 1, 1])
-    assert len(rows) == 1  # 14 tokens: one full row, the 6-token tail is left out
+    assert len(rows) == 2  # 14 tokens: a full row and a padded one
     r = rows[0]
     assert r["input_ids"].tolist() == [10, 11, 12, 20, 21, 22, 23, 24]
     # doc 1 (5 tokens) is longer than seq_len: split into 4 + 1
@@ -25,17 +25,23 @@ def test_documents_packed_with_boundaries_indexes_and_labels():
     # next token; -100 at each document's end; the split inside a document keeps the true next token
     assert r["labels"].tolist() == [11, 12, X, 21, 22, 23, 24, X]
     assert r["type_ids"].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    last = rows[1]  # the third document's 6 tokens, then 2 of padding (its own segment)
+    assert last["input_ids"].tolist() == [30, 31, 32, 33, 34, 35, 0, 0]
+    assert last["labels"].tolist() == [31, 32, 33, 34, 35, X, X, X]
+    assert last["cu_seqlens"].tolist() == [0, 4, 6, 8]
+    assert last["type_ids"].tolist() == [1, 1, 1, 1, 1, 1, -1, -1]
 
 
 def test_row_end_label_is_true_next_token_and_continuation_restarts_positions():
     docs = [list(range(100, 112)), [7, 8]]  # 12 + 2 tokens, rows of 6
     rows = rows_of(docs, seq_len=6, micro_bsz=1)
-    assert len(rows) == 2
+    assert len(rows) == 3  # 12 tokens in two full rows, and 2 in a padded third
     first, second = rows[0], rows[1]
     assert first["labels"].tolist() == [101, 102, 103, 104, 105, 106]  # last label continues into row 2
     assert second["input_ids"].tolist() == [106, 107, 108, 109, 110, 111]
     assert second["labels"].tolist() == [107, 108, 109, 110, 111, X]
     assert second["cu_seqlens"].tolist() == [0, 6] and second["indexes"].tolist() == list(range(6))
+    assert rows[2]["input_ids"].tolist() == [7, 8, 0, 0, 0, 0] and rows[2]["labels"].tolist() == [8, X, X, X, X, X]
 
 
 def test_pack_sample_into_one_has_fixed_boundaries():
@@ -54,8 +60,8 @@ def test_negative_tokens_are_input_only():
 
 
 def test_min_length_drops_short_documents():
-    r = rows_of([[1], [2, 3, 4], [5, 6]], seq_len=5, micro_bsz=1, min_length=2)[0]
-    assert r["input_ids"].tolist() == [2, 3, 4, 5, 6]
+    rows = rows_of([[1], [2, 3, 4], [5, 6]], seq_len=5, micro_bsz=1, min_length=2)
+    assert len(rows) == 1 and rows[0]["input_ids"].tolist() == [2, 3, 4, 5, 6]
 
 
 def test_collate_builds_internevo_batch():
