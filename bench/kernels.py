@@ -79,10 +79,10 @@ def run(quick: bool, device: str) -> list[dict]:
     # SwiGLU forward + backward, (16384, 11008)
     g = torch.randn(16384, 11008, device=dev, dtype=bf16, requires_grad=True)
     u = torch.randn_like(g, requires_grad=True)
-    dy = torch.randn_like(g)
+    dout = torch.randn_like(g)
     for impl, fn in _impls(activation.swiglu, ref.swiglu):
-        add("swiglu fwd+bwd", impl, "16384x11008", _bench(_fwd_bwd(fn, [g, u], dy), quick), nbytes=7 * g.numel() * 2)
-    del g, u, dy
+        add("swiglu fwd+bwd", impl, "16384x11008", _bench(_fwd_bwd(fn, [g, u], dout), quick), nbytes=7 * g.numel() * 2)
+    del g, u, dout
 
     # cross-entropy forward + backward at 8192 x 131072
     logits = torch.randn(8192, 131072, device=dev, dtype=bf16, requires_grad=True)

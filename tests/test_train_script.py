@@ -6,8 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from helpers import ROOT, run_script
 
 STEP_KEYS = {"step", "loss", "lr", "grad_norm", "loss_scale", "tgs", "tflops", "num_consumed_tokens",

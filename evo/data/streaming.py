@@ -12,41 +12,21 @@ starts from the first one.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Iterator
-
-import numpy as np
 
 from evo.config import DataConfig, parse_skip_batches
 from evo.data.loader import Batch, collate
 from evo.data.packing import Corpus, PackedRows
+from evo.data.tokenized import find_types
 from evo.errors import DataError
 from evo.parallel.context import ParallelContext
-
-
-def jsonl_types(folder: str | Path) -> list[tuple[str, list[Path]]]:
-    """[(type name, its .jsonl files)], like ``evo.data.tokenized.find_types``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"data folder '{folder}' not found")
-    types = []
-    direct = sorted(folder.glob("*.jsonl"))
-    if direct:
-        types.append((folder.name, direct))
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = sorted(sub.rglob("*.jsonl"))
-        if files:
-            types.append((sub.name, files))
-    if not types:
-        raise DataError(f"data folder '{folder}' holds no .jsonl files (data.type='streaming')")
-    return types
 
 
 class StreamingLoader:
     def __init__(self, cfg: DataConfig, ctx: ParallelContext, tokenizer, text_key: str = "text"):
         if tokenizer.eos_id is None:
             raise DataError(f"tokenizer '{tokenizer.name}' has no end-of-sequence token")
-        self.types = jsonl_types(cfg.train_folder)
+        self.types = find_types(cfg.train_folder, ".jsonl", "data.type='streaming'")
         self.files = [(path, t) for t, (_, paths) in enumerate(self.types) for path in paths]
         self.cfg, self.tokenizer, self.text_key = cfg, tokenizer, text_key
         self.dp_size, self.dp_rank = ctx.dp_size, ctx.dp_rank

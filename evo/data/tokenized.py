@@ -74,22 +74,22 @@ class TokenizedFile:
         return np.asarray(tokens, dtype=np.int64)
 
 
-def find_types(folder: str | Path) -> list[tuple[str, list[Path]]]:
-    """[(type name, its .bin files)]: one type per first-level subfolder (sorted); .bin files directly in the
-    folder form a type named after the folder."""
+def find_types(folder: str | Path, suffix: str = ".bin", what: str = "InternEvo's tokenized format") -> list[tuple[str, list[Path]]]:
+    """[(type name, its ``suffix`` files)]: one type per first-level subfolder (sorted, searched recursively);
+    files directly in the folder form a type named after the folder."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"data folder '{folder}' not found")
     types = []
-    direct = sorted(folder.glob("*.bin"))
+    direct = sorted(folder.glob(f"*{suffix}"))
     if direct:
         types.append((folder.name, direct))
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = sorted(sub.rglob("*.bin"))
+        files = sorted(sub.rglob(f"*{suffix}"))
         if files:
             types.append((sub.name, files))
     if not types:
-        raise DataError(f"data folder '{folder}' holds no .bin files (InternEvo's tokenized format)")
+        raise DataError(f"data folder '{folder}' holds no {suffix} files ({what})")
     return types
 
 

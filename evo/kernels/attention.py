@@ -40,6 +40,13 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _seq(CU, b):
+    """(start row, length) of packed sequence b."""
+    start = tl.load(CU + b).to(tl.int64)
+    return start, (tl.load(CU + b + 1) - start).to(tl.int32)
+
+
+@triton.jit
 def _scores(q, k, scale2, softcap, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """Base-2 scores of a (BM, D) query tile against a (BN, D) key tile; also tanh(s / cap) for backward."""
     if DOT_FP32:
@@ -148,13 +155,11 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, stride_qm, stride_qh, stride_km, stri
               CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start = tl.load(CU_Q + b).to(tl.int64)
-    seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+    q_start, seqlen_q = _seq(CU_Q, b)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
-    k_start = tl.load(CU_K + b).to(tl.int64)
-    seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    k_start, seqlen_k = _seq(CU_K, b)
     hk = h // group
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -240,13 +245,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, stride_qm, strid
                    CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n, b, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    k_start = tl.load(CU_K + b).to(tl.int64)
-    seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    k_start, seqlen_k = _seq(CU_K, b)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
         return
-    q_start = tl.load(CU_Q + b).to(tl.int64)
-    seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+    q_start, seqlen_q = _seq(CU_Q, b)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
@@ -310,13 +313,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, stride_qm, stride_qh, 
                  CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start = tl.load(CU_Q + b).to(tl.int64)
-    seqlen_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+    q_start, seqlen_q = _seq(CU_Q, b)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
-    k_start = tl.load(CU_K + b).to(tl.int64)
-    seqlen_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    k_start, seqlen_k = _seq(CU_K, b)
     hk = h // group
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)

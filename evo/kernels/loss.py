@@ -28,6 +28,8 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from evo.kernels.reference import _check_reduction, _reduce  # the reductions are the reference's own
+
 BLOCK_V = 2048
 CHUNK_ELEMENTS = 1 << 24  # logits elements per vocab chunk of the fused version (32 MiB in bf16)
 
@@ -138,14 +140,6 @@ def _finish(run: _Running, labels, ignore_index, vocab_total, smoothing, z_loss)
     return loss, lse, valid, correct
 
 
-def _reduce(loss, valid, reduction):
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / valid.sum().clamp(min=1)
-
-
 def _row_scale(grad_out, valid, reduction):
     """d(reduced loss)/d(per-token loss) per token: the chain rule through the reduction, 0 where ignored."""
     if reduction == "none":
@@ -165,8 +159,7 @@ def _shard(process_group, vocab_local):
 
 
 def _check(reduction, labels, rows):
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    _check_reduction(reduction)
     if labels.shape != (rows,):
         raise ValueError(f"labels must have shape ({rows},), got {tuple(labels.shape)}")
 

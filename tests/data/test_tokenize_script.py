@@ -1,7 +1,5 @@
 import json
 
-import numpy as np
-
 from evo.data.tokenized import TokenizedFile, find_types
 from evo.data.tokenizer import ByteTokenizer
 from helpers import run_script
