@@ -18,5 +18,5 @@ setup(
         "tensorboard",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest", "pytest-benchmark"]},
+    extras_require={"dev": ["pytest", "pytest-benchmark", "datasets"]},
 )

@@ -1,7 +1,8 @@
 """Streaming data: ``.jsonl`` files tokenized on the fly, packed like the indexed data.
 
 Documents are read in order (files sorted; each first-level subfolder of ``train_folder`` is a
-dataset type, as for the tokenized format) and document i goes to data-parallel rank
+dataset type, as for the tokenized format; or the rows of a Hugging Face ``datasets`` dataset saved
+with ``save_to_disk``, when that package is installed) and document i goes to data-parallel rank
 i % dp_size, so the ranks read disjoint shares. Each rank packs its share into rows exactly as
 ``PackedRows`` does, from a small buffer of the documents not yet emitted. The loader's state (file,
 byte offset, document counter, epoch and that buffer) goes into every checkpoint, so a resumed run
@@ -12,6 +13,7 @@ starts from the first one.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Iterator
 
 from evo.config import DataConfig, parse_skip_batches
@@ -22,16 +24,23 @@ from evo.errors import DataError
 from evo.parallel.context import ParallelContext
 
 
+_EPOCH_END = object()  # returned by _read when the data is exhausted and a new epoch begins
+
+
 class StreamingLoader:
     def __init__(self, cfg: DataConfig, ctx: ParallelContext, tokenizer, text_key: str = "text"):
         if tokenizer.eos_id is None:
             raise DataError(f"tokenizer '{tokenizer.name}' has no end-of-sequence token")
-        self.types = find_types(cfg.train_folder, ".jsonl", "data.type='streaming'")
-        self.files = [(path, t) for t, (_, paths) in enumerate(self.types) for path in paths]
         self.cfg, self.tokenizer, self.text_key = cfg, tokenizer, text_key
         self.dp_size, self.dp_rank = ctx.dp_size, ctx.dp_rank
         self.length = cfg.seq_len * cfg.micro_bsz
         self.skip = parse_skip_batches(cfg.skip_batches)
+        self.hf = _hf_dataset(Path(cfg.train_folder))
+        if self.hf is not None:  # one type; the position is a row index ("offset")
+            self.types, self.files = [(Path(cfg.train_folder).name, [])], []
+        else:
+            self.types = find_types(cfg.train_folder, ".jsonl", "data.type='streaming'")
+            self.files = [(path, t) for t, (_, paths) in enumerate(self.types) for path in paths]
         self.state = {"file": 0, "offset": 0, "doc": 0, "epoch": 0, "buffer": [], "batch_index": 0,
                       "dp_size": self.dp_size}
 
@@ -39,30 +48,44 @@ class StreamingLoader:
     def type_names(self) -> list[str]:
         return [name for name, _ in self.types]
 
-    def _next_document(self):
-        """The next document of this rank's share: (tokens, type id)."""
+    def _read(self):
+        """The next raw record and its type id, advancing the position (``_EPOCH_END`` at the end of the data)."""
         s = self.state
-        dry_wraps = 0  # passes over every file without a document for this rank
-        while True:
-            if s["file"] == len(self.files):
-                dry_wraps += 1
-                if dry_wraps == 2:
-                    raise DataError(f"'{self.cfg.train_folder}' holds no document for data-parallel rank "
-                                    f"{self.dp_rank} (a JSON line with a string under '{self.text_key}' of at least "
-                                    f"data.min_length={self.cfg.min_length} tokens)")
-                s.update(file=0, offset=0, epoch=s["epoch"] + 1)
+        if self.hf is not None:
+            if s["offset"] >= len(self.hf):
+                s.update(offset=0, epoch=s["epoch"] + 1)
+                return _EPOCH_END, 0
+            s["offset"] += 1
+            return self.hf[s["offset"] - 1], 0
+        while s["file"] < len(self.files):
             path, type_id = self.files[s["file"]]
             with open(path, "rb") as f:
                 f.seek(s["offset"])
                 line = f.readline()
-            if not line:
-                s.update(file=s["file"] + 1, offset=0)
+            if line:
+                s["offset"] += len(line)
+                try:
+                    return json.loads(line), type_id
+                except ValueError:
+                    return None, type_id  # as scripts/tokenize.py: a bad line is skipped (reported there)
+            s.update(file=s["file"] + 1, offset=0)
+        s.update(file=0, offset=0, epoch=s["epoch"] + 1)
+        return _EPOCH_END, 0
+
+    def _next_document(self):
+        """The next document of this rank's share: (tokens, type id)."""
+        s = self.state
+        dry_wraps = 0  # passes over all the data without a document for this rank
+        while True:
+            record, type_id = self._read()
+            if record is _EPOCH_END:
+                dry_wraps += 1
+                if dry_wraps == 2:
+                    raise DataError(f"'{self.cfg.train_folder}' holds no document for data-parallel rank "
+                                    f"{self.dp_rank} (a record with a string under '{self.text_key}' of at least "
+                                    f"data.min_length={self.cfg.min_length} tokens)")
                 continue
-            s["offset"] += len(line)
-            try:
-                text = json.loads(line)[self.text_key]
-            except (ValueError, KeyError, TypeError):
-                continue  # as scripts/tokenize.py: a bad line is skipped (reported there)
+            text = record.get(self.text_key) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 continue
             mine = s["doc"] % self.dp_size == self.dp_rank
@@ -109,3 +132,18 @@ class StreamingLoader:
             raise DataError(f"this streaming checkpoint was written with {state['dp_size']} data-parallel ranks; "
                             f"resume it with the same number (now {self.dp_size})")
         self.state = json.loads(json.dumps(state))
+
+
+def _hf_dataset(folder: Path):
+    """A Hugging Face ``datasets`` dataset saved with ``save_to_disk`` (its "train" split if it is a dict),
+    or None when ``folder`` is not one."""
+    if not ((folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file()):
+        return None
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"'{folder}' is a Hugging Face datasets folder: pip install datasets to stream it") from None
+    ds = datasets.load_from_disk(str(folder))
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else ds[sorted(ds)[0]]
+    return ds

@@ -91,3 +91,25 @@ def test_streaming_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path
     assert second.returncode == 0, second.stderr
     assert "loaded model, optimizer, sampler, scheduler" in second.stderr
     assert losses("resumed") == losses("straight")
+
+
+def test_a_hugging_face_dataset_streams_like_the_same_jsonl(tmp_path):
+    datasets = pytest.importorskip("datasets")  # in the dev extra: CI has it
+    docs = texts(50, 5)
+    datasets.Dataset.from_dict({"text": docs, "id": list(range(50))}).save_to_disk(str(tmp_path / "hf"))
+    write_jsonl(tmp_path / "train" / "x.jsonl", docs)
+    from_jsonl, _ = loader_for(tmp_path)
+    cfg = config_from_dict(small_sections(data=dict(type="streaming", train_folder=str(tmp_path / "hf"),
+                                                    tokenizer_path="byte", seq_len=16, micro_bsz=2, micro_num=2)))
+    from_hf, types = build_train_loader(cfg.data, ParallelContext(), cfg.model.vocab_size)
+    assert types == ["hf"]
+    for _ in range(3):
+        next(from_hf)
+    state = from_hf.state_dict()
+    expected = [next(from_hf)[0]["input_ids"].tolist() for _ in range(30)]  # wraps into the next epoch
+    for _ in range(3):
+        next(from_jsonl)
+    assert [next(from_jsonl)[0]["input_ids"].tolist() for _ in range(30)] == expected
+    resumed, _ = build_train_loader(cfg.data, ParallelContext(), cfg.model.vocab_size)
+    resumed.load_state_dict(state)
+    assert [next(resumed)[0]["input_ids"].tolist() for _ in range(30)] == expected
