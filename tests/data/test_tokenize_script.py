@@ -45,3 +45,15 @@ def test_tokenize_missing_input_exits_2(tmp_path):
     result = run_script("scripts/tokenize.py", "--input", tmp_path / "nope", "--output", tmp_path / "o")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"evo: error: --input '{tmp_path / 'nope'}' not found"
+
+
+def test_tokenize_with_a_tokenizer_json(tmp_path):
+    from evo.data.tokenizer import builtin_bpe_path, load_tokenizer
+
+    bpe = load_tokenizer("bpe")  # evo's built-in BPE is an ordinary tokenizer.json file
+    (tmp_path / "raw.jsonl").write_text(json.dumps({"body": "import os\nprint(os.getcwd())"}) + "\n")
+    result = run_script("scripts/tokenize.py", "--input", tmp_path / "raw.jsonl", "--output", tmp_path / "out",
+                        "--tokenizer", builtin_bpe_path(), "--text-key", "body")
+    assert result.returncode == 0, result.stderr
+    tokens = TokenizedFile(tmp_path / "out" / "raw.bin").tokens(0).tolist()
+    assert tokens == bpe.encode("import os\nprint(os.getcwd())") + [bpe.eos_id]
