@@ -25,15 +25,14 @@ import json  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from evo.cli import run  # noqa: E402
+from evo.data.tokenized import INT32_MAX, TokenizedWriter  # noqa: E402
 from evo.data.tokenizer import load_tokenizer  # noqa: E402
 from evo.errors import DataError  # noqa: E402
 
 SUFFIXES = (".jsonl", ".json", ".txt")
-INT32_MAX = 2**31 - 1
 BATCH = 256  # documents encoded together (the tokenizers package parallelizes a batch)
 
 
@@ -75,46 +74,12 @@ def documents(path: Path, text_key: str, bad: list):
             yield record[text_key]
 
 
-class ShardWriter:
-    """Writes ``stem.bin`` (+ ``.meta``), starting ``stem_1.bin`` etc. before an offset would pass ``limit``."""
-
-    def __init__(self, stem: Path, limit: int):
-        self.stem, self.limit, self.index = stem, limit, 0
-        self.stem.parent.mkdir(parents=True, exist_ok=True)
-        self.paths = []
-        self._open()
-
-    def _open(self):
-        name = self.stem.name + (f"_{self.index}" if self.index else "") + ".bin"
-        self.path = self.stem.parent / name
-        self.paths.append(self.path)
-        self.file, self.meta = open(self.path, "wb"), []
-
-    def write(self, tokens: list[int]) -> None:
-        line = (json.dumps({"tokens": tokens}) + "\n").encode()
-        if self.meta and self.file.tell() + len(line) > self.limit:
-            self._close()
-            self.index += 1
-            self._open()
-        self.meta.append((self.file.tell(), len(tokens)))
-        self.file.write(line)
-
-    def _close(self):
-        self.file.close()
-        meta = np.asarray(self.meta, dtype=np.int32).reshape(-1, 2)
-        with open(str(self.path) + ".meta", "wb") as f:
-            np.save(f, meta)
-
-    def close(self):
-        self._close()
-
-
 def tokenize_file(path: Path, out_stem: Path, tokenizer_path: str, text_key: str, limit: int) -> dict:
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.eos_id is None:
         raise DataError(f"tokenizer '{tokenizer_path}' has no end-of-sequence token")
     bad, docs, tokens = [], 0, 0
-    writer = ShardWriter(out_stem, limit)
+    writer = TokenizedWriter(out_stem, limit)
     batch = []
 
     def flush():

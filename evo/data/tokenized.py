@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -170,14 +169,45 @@ def tokenized_corpus(types: list[tuple[str, list[Path]]], min_length: int, vocab
     return corpus
 
 
+INT32_MAX = 2**31 - 1
+
+
+class TokenizedWriter:
+    """Writes documents as ``stem.bin`` with its ``.bin.meta``, InternEvo's format, starting ``stem_1.bin``,
+    ``stem_2.bin``, ... before a byte offset would pass ``limit`` (int32 by default, what the meta holds)."""
+
+    def __init__(self, stem: str | Path, limit: int = INT32_MAX):
+        self.stem, self.limit, self.index = Path(stem), limit, 0
+        self.stem.parent.mkdir(parents=True, exist_ok=True)
+        self.paths: list[Path] = []
+        self._open()
+
+    def _open(self) -> None:
+        self.path = self.stem.parent / (self.stem.name + (f"_{self.index}" if self.index else "") + ".bin")
+        self.paths.append(self.path)
+        self.file, self.meta = open(self.path, "wb"), []
+
+    def write(self, tokens) -> None:
+        line = (json.dumps({"tokens": [int(t) for t in tokens]}) + "\n").encode()
+        if self.meta and self.file.tell() + len(line) > self.limit:
+            self._finish()
+            self.index += 1
+            self._open()
+        self.meta.append((self.file.tell(), len(tokens)))
+        self.file.write(line)
+
+    def _finish(self) -> None:
+        self.file.close()
+        with open(str(self.path) + ".meta", "wb") as f:
+            np.save(f, np.asarray(self.meta, dtype=np.int32).reshape(-1, 2))
+
+    def close(self) -> None:
+        self._finish()
+
+
 def write_tokenized(path: str | Path, documents) -> None:
-    """Write documents (lists of token ids) as one .bin and its .meta, InternEvo's format."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = []
-    with open(path, "wb") as f:
-        for tokens in documents:
-            meta.append((f.tell(), len(tokens)))
-            f.write((json.dumps({"tokens": [int(t) for t in tokens]}) + "\n").encode())
-    np.save(str(path) + ".meta", np.asarray(meta, dtype=np.int32).reshape(-1, 2))
-    os.replace(str(path) + ".meta.npy", str(path) + ".meta")
+    """Write documents (sequences of token ids) as one .bin (``path``) and its .meta."""
+    writer = TokenizedWriter(Path(path).with_suffix(""))
+    for tokens in documents:
+        writer.write(tokens)
+    writer.close()
