@@ -6,13 +6,15 @@ always; on CPU that needs ``TRITON_INTERPRET=1`` set before triton is imported) 
 reference always). Each op's Triton implementation lives in the module named in ``_TRITON``, imported on first use
 (so importing evo needs no Triton); an op without one runs the reference under ``auto`` and raises
 under ``triton``.
+
+Under torch.compile the backend is chosen while tracing: a ``use_backend`` block is guarded (a change
+recompiles), ``EVO_KERNEL_BACKEND`` is read once (Dynamo does not guard the environment). The Triton
+launches reach the compiled graph as the custom ops ``torch.ops.evo.*`` (see ``triton_utils.OpaqueOp``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import importlib
 import os
 from typing import Callable
 
@@ -21,16 +23,16 @@ import torch
 from evo.kernels import reference
 
 BACKENDS = ("auto", "triton", "torch")
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("evo_kernel_backend", default=None)
-_TRITON: dict[str, str] = {  # op name -> the module holding its Triton implementation (same name)
-    "rms_norm": "evo.kernels.rmsnorm",
-    "fused_add_rms_norm": "evo.kernels.rmsnorm",
-    "swiglu": "evo.kernels.activation",
-    "apply_rotary_emb": "evo.kernels.rotary",
-    "cross_entropy": "evo.kernels.loss",
-    "fused_linear_cross_entropy": "evo.kernels.loss",
-    "flash_attn_func": "evo.kernels.attention",
-    "flash_attn_varlen_func": "evo.kernels.attention",
+_override: str | None = None  # use_backend's choice: a plain global, which torch.compile guards on
+_TRITON: dict[str, str] = {  # op name -> the module (in evo/kernels/) holding its Triton implementation
+    "rms_norm": "rmsnorm",
+    "fused_add_rms_norm": "rmsnorm",
+    "swiglu": "activation",
+    "apply_rotary_emb": "rotary",
+    "cross_entropy": "loss",
+    "fused_linear_cross_entropy": "loss",
+    "flash_attn_func": "attention",
+    "flash_attn_varlen_func": "attention",
 }
 # Module files never share a public function's name: importing evo.kernels.swiglu would replace the
 # function evo.kernels.swiglu with the module. Hence activation.py (swiglu) and loss.py (cross-entropy).
@@ -38,7 +40,7 @@ _TRITON: dict[str, str] = {  # op name -> the module holding its Triton implemen
 
 def backend() -> str:
     """The backend in force: ``use_backend``'s if inside one, else ``EVO_KERNEL_BACKEND`` (default auto)."""
-    name = _override.get() or os.environ.get("EVO_KERNEL_BACKEND", "auto")
+    name = _override or os.environ.get("EVO_KERNEL_BACKEND", "auto")
     if name not in BACKENDS:
         raise ValueError(f"EVO_KERNEL_BACKEND must be one of {', '.join(BACKENDS)}; got {name!r}")
     return name
@@ -46,14 +48,30 @@ def backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run a block of code with kernel backend ``name`` (auto, triton or torch)."""
+    """Run a block of code with kernel backend ``name`` (auto, triton or torch); process-wide, not per thread."""
+    global _override
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
-    token = _override.set(name)
+    previous, _override = _override, name
     try:
         yield
     finally:
-        _override.reset(token)
+        _override = previous
+
+
+def _triton_module(name: str):
+    """evo.kernels.<name>, imported on first use by import statements (Dynamo traces those, not importlib)."""
+    if name == "rmsnorm":
+        from evo.kernels import rmsnorm as module
+    elif name == "activation":
+        from evo.kernels import activation as module
+    elif name == "rotary":
+        from evo.kernels import rotary as module
+    elif name == "loss":
+        from evo.kernels import loss as module
+    else:
+        from evo.kernels import attention as module
+    return module
 
 
 def _impl(op: str, x: torch.Tensor) -> Callable:
@@ -65,7 +83,7 @@ def _impl(op: str, x: torch.Tensor) -> Callable:
         raise NotImplementedError(f"evo.kernels.{op} has no Triton implementation yet; use EVO_KERNEL_BACKEND=torch")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
-    return getattr(importlib.import_module(_TRITON[op]), op)
+    return getattr(_triton_module(_TRITON[op]), op)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from evo.kernels.triton_utils import OpaqueOp
+
 BLOCK = 1024
 
 
@@ -40,6 +42,26 @@ def _swiglu_bwd(G, U, DY, DG, DU, n, BLOCK: tl.constexpr):
     tl.store(DG + offs, (dy * u * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
 
 
+def _forward(gate, up):
+    y = torch.empty_like(gate)
+    n = gate.numel()
+    _swiglu_fwd[(triton.cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK)
+    return y
+
+
+def _backward(gate, up, dy):
+    dg, du = torch.empty_like(gate), torch.empty_like(up)
+    n = gate.numel()
+    _swiglu_bwd[(triton.cdiv(n, BLOCK),)](gate, up, dy, dg, du, n, BLOCK=BLOCK)
+    return dg, du
+
+
+_forward_op = OpaqueOp("swiglu_fwd", "(Tensor gate, Tensor up) -> Tensor", _forward,
+                       lambda gate, up: torch.empty_like(gate))
+_backward_op = OpaqueOp("swiglu_bwd", "(Tensor gate, Tensor up, Tensor dy) -> (Tensor, Tensor)", _backward,
+                        lambda gate, up, dy: (torch.empty_like(gate), torch.empty_like(up)))
+
+
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
@@ -47,20 +69,13 @@ class SwiGLUFunction(torch.autograd.Function):
             raise ValueError(f"swiglu needs gate and up of one shape and dtype, got {tuple(gate.shape)} {gate.dtype} "
                              f"and {tuple(up.shape)} {up.dtype}")
         gate, up = gate.contiguous(), up.contiguous()
-        y = torch.empty_like(gate)
-        n = gate.numel()
-        _swiglu_fwd[(triton.cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK)
         ctx.save_for_backward(gate, up)
-        return y
+        return _forward_op(gate, up)
 
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        dy = dy.contiguous()
-        dg, du = torch.empty_like(gate), torch.empty_like(up)
-        n = gate.numel()
-        _swiglu_bwd[(triton.cdiv(n, BLOCK),)](gate, up, dy, dg, du, n, BLOCK=BLOCK)
-        return dg, du
+        return _backward_op(gate, up, dy.contiguous())
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from evo.kernels.triton_utils import interpreting
+from evo.kernels.triton_utils import OpaqueOp, interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -404,57 +404,83 @@ def _unit_last(*ts):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
+def _forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, softcap):
+    """(out (total_q, heads_q, d), lse (heads_q, total_q) fp32) for unit-stride q, k, v; window (left, right)."""
+    total_q, heads_q, head_dim = q.shape
+    batch = cu_q.shape[0] - 1
+    out = torch.empty_like(q)
+    lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=q.device)
+    flags, left, right = _flags(q, causal, (left, right), softcap)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    group = heads_q // k.shape[1]
+    if total_q and batch:
+        kernel, opts = _launcher(_attn_fwd, block_d)
+        grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch, heads_q)  # noqa: E731
+        kernel[grid](q, k, v, out, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                     v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0), scale * LOG2E,
+                     float(softcap), left, right, group, head_dim, _bucket(max_q), **flags, BLOCK_D=block_d, **opts)
+    return out, lse
+
+
+def _forward_fake(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, softcap):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+def _backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, left, right, softcap):
+    """(dq, dk, dv) for unit-stride inputs."""
+    total_q, heads_q, head_dim = q.shape
+    heads_kv, batch = k.shape[1], cu_q.shape[0] - 1
+    delta = (dout.float() * out.float()).sum(-1).t().contiguous()  # (heads_q, total_q), like lse
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    flags, left, right = _flags(q, causal, (left, right), softcap)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    group = heads_q // heads_kv
+    common = (scale * LOG2E, float(softcap), left, right, group, head_dim)
+    if k.shape[0] and batch:
+        kernel, opts = _launcher(_attn_bwd_dkdv, block_d)
+        grid = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), batch, heads_kv)  # noqa: E731
+        kernel[grid](q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0),
+                     k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), dk.stride(0),
+                     dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *common, _bucket(max_k), **flags,
+                     BLOCK_D=block_d, **opts)
+    else:
+        dk.zero_()
+        dv.zero_()
+    if total_q and batch:
+        kernel, opts = _launcher(_attn_bwd_dq, block_d)
+        grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch, heads_q)  # noqa: E731
+        kernel[grid](q, k, v, dout, lse, delta, dq, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0),
+                     k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), dq.stride(0),
+                     dq.stride(1), lse.stride(0), *common, _bucket(max_q), **flags, BLOCK_D=block_d, **opts)
+    return dq, dk, dv
+
+
+_SIGNATURE = "int max_q, int max_k, float scale, bool causal, int left, int right, float softcap"
+_forward_op = OpaqueOp("flash_attn_fwd", f"(Tensor q, Tensor k, Tensor v, Tensor cu_q, Tensor cu_k, {_SIGNATURE})"
+                       " -> (Tensor, Tensor)", _forward, _forward_fake)
+_backward_op = OpaqueOp("flash_attn_bwd", "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+                        f"Tensor cu_q, Tensor cu_k, {_SIGNATURE}) -> (Tensor, Tensor, Tensor)", _backward,
+                        lambda dout, q, k, v, *args: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
+
+
 class FlashAttnVarlenFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_size, softcap):
+        if cu_k is None:  # self-attention layouts pass one cu_seqlens (Dynamo refuses one tensor given twice)
+            cu_k = cu_q
         q, k, v = _unit_last(q, k, v)
-        total_q, heads_q, head_dim = q.shape
-        batch = cu_q.shape[0] - 1
-        out = torch.empty_like(q)
-        lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=q.device)
-        flags, left, right = _flags(q, causal, window_size, softcap)
-        block_d = max(16, triton.next_power_of_2(head_dim))
-        group = heads_q // k.shape[1]
-        if total_q and batch:
-            kernel, opts = _launcher(_attn_fwd, block_d)
-            grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch, heads_q)  # noqa: E731
-            kernel[grid](q, k, v, out, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                         v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0), scale * LOG2E,
-                         float(softcap), left, right, group, head_dim, _bucket(max_q), **flags, BLOCK_D=block_d,
-                         **opts)
+        options = (max_q, max_k, scale, causal, window_size[0], window_size[1], softcap)
+        out, lse = _forward_op(q, k, v, cu_q, cu_k, *options)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.args = (max_q, max_k, scale, causal, window_size, softcap)
+        ctx.options = options
+        ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        max_q, max_k, scale, causal, window_size, softcap = ctx.args
         (dout,) = _unit_last(dout)
-        total_q, heads_q, head_dim = q.shape
-        heads_kv, batch = k.shape[1], cu_q.shape[0] - 1
-        delta = (dout.float() * out.float()).sum(-1).t().contiguous()  # (heads_q, total_q), like lse
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        flags, left, right = _flags(q, causal, window_size, softcap)
-        block_d = max(16, triton.next_power_of_2(head_dim))
-        group = heads_q // heads_kv
-        common = (scale * LOG2E, float(softcap), left, right, group, head_dim)
-        if k.shape[0] and batch:
-            kernel, opts = _launcher(_attn_bwd_dkdv, block_d)
-            grid = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), batch, heads_kv)  # noqa: E731
-            kernel[grid](q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0),
-                         k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), dk.stride(0),
-                         dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *common, _bucket(max_k), **flags,
-                         BLOCK_D=block_d, **opts)
-        else:
-            dk.zero_()
-            dv.zero_()
-        if total_q and batch:
-            kernel, opts = _launcher(_attn_bwd_dq, block_d)
-            grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch, heads_q)  # noqa: E731
-            kernel[grid](q, k, v, dout, lse, delta, dq, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0),
-                         k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), dq.stride(0),
-                         dq.stride(1), lse.stride(0), *common, _bucket(max_q), **flags, BLOCK_D=block_d, **opts)
+        dq, dk, dv = _backward_op(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.options)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -465,9 +491,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     whatever ``deterministic`` says."""
     _check(q, k, v, dropout_p, alibi_slopes)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, lse = FlashAttnVarlenFunction.apply(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
-                                             int(max_seqlen_q), int(max_seqlen_k), scale, causal, tuple(window_size),
-                                             float(softcap))
+    cu_q = cu_seqlens_q.to(torch.int32)
+    cu_k = None if cu_seqlens_k is cu_seqlens_q else cu_seqlens_k.to(torch.int32)
+    out, lse = FlashAttnVarlenFunction.apply(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale, causal,
+                                             tuple(window_size), float(softcap))
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from evo.kernels.reference import _check_reduction, _reduce  # the reductions are the reference's own
+from evo.kernels.triton_utils import OpaqueOp
 
 BLOCK_V = 2048
 CHUNK_ELEMENTS = 1 << 24  # logits elements per vocab chunk of the fused version (32 MiB in bf16)
@@ -85,15 +86,22 @@ def _stats(logits: torch.Tensor, labels: torch.Tensor, label_offset: int) -> tor
     return out
 
 
-def _grad(logits, labels, lse, scale, label_offset, vocab_total, smoothing, z_loss, out=None, dtype=None):
+def _grad(logits, labels, lse, scale, label_offset, vocab_total, smoothing, z_loss, dtype):
+    """d loss / d logits (rows, vocab) in ``dtype``, each row times scale[row]."""
     rows, vocab = logits.shape
-    if out is None:
-        out = torch.empty((rows, vocab), dtype=dtype or logits.dtype, device=logits.device)
+    out = torch.empty((rows, vocab), dtype=dtype, device=logits.device)
     if rows and vocab:
         _ce_grad[(rows, triton.cdiv(vocab, BLOCK_V))](logits, labels, lse, scale, out, logits.stride(0), out.stride(0),
                                                       vocab, label_offset, 1.0 / vocab_total, smoothing, z_loss,
                                                       BLOCK_V=BLOCK_V)
     return out
+
+
+_stats_op = OpaqueOp("ce_stats", "(Tensor logits, Tensor labels, int label_offset) -> Tensor", _stats,
+                     lambda logits, labels, label_offset: logits.new_empty((logits.shape[0], 4), dtype=torch.float32))
+_grad_op = OpaqueOp("ce_grad", "(Tensor logits, Tensor labels, Tensor lse, Tensor scale, int label_offset, "
+                    "int vocab_total, float smoothing, float z_loss, ScalarType dtype) -> Tensor", _grad,
+                    lambda logits, *args: logits.new_empty(logits.shape, dtype=args[-1]))
 
 
 class _Running:
@@ -173,7 +181,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         labels = labels.contiguous()
         offset, vocab_total = _shard(process_group, logits.shape[1])
         run = _Running(logits.shape[0], logits.device)
-        run.add(_stats(logits, labels, offset))
+        run.add(_stats_op(logits, labels, offset))
         run.reduce(process_group)
         loss, lse, valid, _ = _finish(run, labels, ignore_index, vocab_total, smoothing, z_loss)
         ctx.save_for_backward(logits, labels, lse, valid)
@@ -185,7 +193,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         logits, labels, lse, valid = ctx.saved_tensors
         offset, vocab_total, smoothing, z_loss, reduction = ctx.args
         scale = _row_scale(grad_out, valid, reduction)
-        return _grad(logits, labels, lse, scale, offset, vocab_total, smoothing, z_loss), None, None, None, None, None, None
+        dlogits = _grad_op(logits, labels, lse, scale, offset, vocab_total, smoothing, z_loss, logits.dtype)
+        return dlogits, None, None, None, None, None, None
 
 
 def cross_entropy(logits, labels, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
@@ -216,7 +225,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         chunks = _vocab_chunks(weight.shape[0], hidden.shape[0], vocab_chunk)
         run = _Running(hidden.shape[0], hidden.device)
         for v0, v1 in chunks:
-            run.add(_stats(_chunk_logits(hidden, weight, bias, v0, v1), labels, offset + v0))
+            run.add(_stats_op(_chunk_logits(hidden, weight, bias, v0, v1), labels, offset + v0))
         run.reduce(process_group)
         loss, lse, valid, correct = _finish(run, labels, ignore_index, vocab_total, smoothing, z_loss)
         if process_group is not None:
@@ -237,7 +246,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         grad_b = torch.empty(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         for v0, v1 in chunks:
             logits = _chunk_logits(hidden, weight, bias, v0, v1)
-            dlogits = _grad(logits, labels, lse, scale, offset + v0, vocab_total, smoothing, z_loss, dtype=hidden.dtype)
+            dlogits = _grad_op(logits, labels, lse, scale, offset + v0, vocab_total, smoothing, z_loss, hidden.dtype)
             if need_h:
                 grad_h += (dlogits @ weight[v0:v1]).float()
             if need_w:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from evo.kernels.triton_utils import num_programs_for_rows, warps_for_block
+from evo.kernels.triton_utils import OpaqueOp, num_programs_for_rows, warps_for_block
 
 MAX_HIDDEN = 65536
 
@@ -75,36 +75,35 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _forward(x, residual, weight, eps):
-    N = x.shape[-1]
-    if N > MAX_HIDDEN:
-        raise ValueError(f"rms_norm supports hidden sizes up to {MAX_HIDDEN}, got {N}")
-    if weight.shape != (N,):
-        raise ValueError(f"weight must have shape ({N},), got {tuple(weight.shape)}")
-    x2 = _rows(x)
-    M = x2.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-    if residual is not None:
-        r2 = _rows(residual)
-        s = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    else:
-        r2, s = x2, y  # unused placeholders
+def _forward(x2, residual2, weight, eps):
+    """x2, residual2 (M, N) with unit stride along N -> (y, x2 + residual2 (or an empty placeholder), rstd)."""
+    M, N = x2.shape
+    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x2.device)
+    has_residual = residual2 is not None
+    s = torch.empty((M, N) if has_residual else (0,), dtype=x2.dtype, device=x2.device)
     block = triton.next_power_of_2(N)
     if M > 0:
-        _rms_norm_fwd[(M,)](x2, r2, weight, y, s, rstd, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), N, eps,
-                            HAS_RESIDUAL=residual is not None, BLOCK_N=block, num_warps=warps_for_block(block))
-    return y, (s if residual is not None else x2), rstd
+        r2 = residual2 if has_residual else x2  # unused placeholder
+        _rms_norm_fwd[(M,)](x2, r2, weight, y, s, rstd, x2.stride(0), r2.stride(0), y.stride(0),
+                            s.stride(0) if has_residual else 0, N, eps, HAS_RESIDUAL=has_residual, BLOCK_N=block,
+                            num_warps=warps_for_block(block))
+    return y, s, rstd
 
 
-def _backward(dy, normed_input, weight, rstd):
-    N = normed_input.shape[-1]
-    M = normed_input.shape[0]
-    dy2 = _rows(dy)
-    dx = torch.empty((M, N), dtype=normed_input.dtype, device=dy.device)
-    programs = num_programs_for_rows(M, dy.device)
+def _forward_fake(x2, residual2, weight, eps):
+    M, N = x2.shape
+    return (x2.new_empty((M, N)), x2.new_empty((M, N) if residual2 is not None else (0,)),
+            x2.new_empty((M,), dtype=torch.float32))
+
+
+def _backward(dy2, normed_input, weight, rstd):
+    """dy2, normed_input (M, N) -> (dx (M, N), dw (N,))."""
+    M, N = normed_input.shape
+    dx = torch.empty((M, N), dtype=normed_input.dtype, device=dy2.device)
+    programs = num_programs_for_rows(M, dy2.device)
     rows_per_program = triton.cdiv(M, programs) if M else 1
-    partial = torch.empty((programs, N), dtype=torch.float32, device=dy.device)
+    partial = torch.empty((programs, N), dtype=torch.float32, device=dy2.device)
     block = triton.next_power_of_2(N)
     if M > 0:
         _rms_norm_bwd[(programs,)](dy2, normed_input, weight, rstd, dx, partial, dy2.stride(0), normed_input.stride(0),
@@ -114,31 +113,53 @@ def _backward(dy, normed_input, weight, rstd):
     return dx, dw
 
 
+def _backward_fake(dy2, normed_input, weight, rstd):
+    return normed_input.new_empty(normed_input.shape), torch.empty_like(weight)
+
+
+_forward_op = OpaqueOp("rms_norm_fwd",
+                       "(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)",
+                       _forward, _forward_fake)
+_backward_op = OpaqueOp("rms_norm_bwd", "(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)",
+                        _backward, _backward_fake)
+
+
+def _check(x, weight):
+    N = x.shape[-1]
+    if N > MAX_HIDDEN:
+        raise ValueError(f"rms_norm supports hidden sizes up to {MAX_HIDDEN}, got {N}")
+    if weight.shape != (N,):
+        raise ValueError(f"weight must have shape ({N},), got {tuple(weight.shape)}")
+
+
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        y, x2, rstd = _forward(x, None, weight, eps)
+        _check(x, weight)
+        x2 = _rows(x)
+        y, _, rstd = _forward_op(x2, None, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
-        dx, dw = _backward(dy, x2, weight, rstd)
+        dx, dw = _backward_op(_rows(dy), x2, weight, rstd)
         return dx.view(dy.shape), dw, None
 
 
 class FusedAddRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps):
-        y, s, rstd = _forward(x, residual, weight, eps)
+        _check(x, weight)
+        y, s, rstd = _forward_op(_rows(x), _rows(residual), weight, eps)
         ctx.save_for_backward(s, weight, rstd)
         return y.view(x.shape), s.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy, ds):
         s, weight, rstd = ctx.saved_tensors
-        dx, dw = _backward(dy, s, weight, rstd)
+        dx, dw = _backward_op(_rows(dy), s, weight, rstd)
         dx = dx.view(dy.shape)
         if ds is not None:
             dx = dx + ds

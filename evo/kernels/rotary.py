@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from evo.kernels.triton_utils import OpaqueOp
+
 BLOCK_M = 16
 
 
@@ -65,71 +67,79 @@ def _rotary_kernel(X, OUT, COS, SIN, CU_SEQLENS, OFFSETS, seqlen, table_len, hal
     tl.store(o_base + rows_o + k2[None, :], (a * s + bb * c).to(OUT.dtype.element_ty), mask=mask)
 
 
-def _launch(x, out, cos, sin, interleaved, conjugate, seqlen_offsets, cu_seqlens, max_seqlen):
+def _launch(x, out, cos, sin, interleaved, conjugate, offsets, offset, cu_seqlens, max_seqlen):
+    """Rotate x into out (which may be x); ``offsets`` a (batch,) int tensor or None, then ``offset`` is used."""
     half = cos.shape[-1]
-    if cos.shape != sin.shape or 2 * half > x.shape[-1]:
-        raise ValueError(f"cos and sin must be (seqlen, rotary_dim / 2) with rotary_dim <= headdim; got "
-                         f"{tuple(cos.shape)}, {tuple(sin.shape)} for headdim {x.shape[-1]}")
-    if x.stride(-1) != 1 or out.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
-        raise ValueError("apply_rotary_emb needs unit stride along headdim (x, cos and sin)")
-    if sin.stride(0) != cos.stride(0):
-        sin = sin.contiguous()
-        cos = cos.contiguous()
-    offset_tensor = torch.is_tensor(seqlen_offsets)
-    offsets = seqlen_offsets.to(torch.int32) if offset_tensor else cu_seqlens if cu_seqlens is not None else cos
     if cu_seqlens is not None:
         batch, heads = cu_seqlens.shape[0] - 1, x.shape[1]
         seqlen = max_seqlen if max_seqlen is not None else x.shape[0]  # an upper bound; no host sync
         strides = (0, x.stride(0), x.stride(1), 0, out.stride(0), out.stride(1))
-        cu = cu_seqlens
     else:
         batch, seqlen, heads = x.shape[0], x.shape[1], x.shape[2]
         strides = (x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2))
-        cu = cos  # unused placeholder pointer
     if x.numel() == 0 or batch == 0:
         return out
+    placeholder = cos  # pointer for the arguments a specialization does not read
     grid = (triton.cdiv(seqlen, BLOCK_M), batch, heads)
-    _rotary_kernel[grid](x, out, cos, sin, cu, offsets, seqlen, cos.shape[0], half, *strides, cos.stride(0),
-                         0 if offset_tensor else int(seqlen_offsets), IS_VARLEN=cu_seqlens is not None,
-                         OFFSET_TENSOR=offset_tensor, INTERLEAVED=interleaved, CONJUGATE=conjugate,
-                         BLOCK_M=BLOCK_M, BLOCK_K=triton.next_power_of_2(max(half, 1)))
+    _rotary_kernel[grid](x, out, cos, sin, placeholder if cu_seqlens is None else cu_seqlens,
+                         placeholder if offsets is None else offsets, seqlen, cos.shape[0], half, *strides,
+                         cos.stride(0), offset, IS_VARLEN=cu_seqlens is not None, OFFSET_TENSOR=offsets is not None,
+                         INTERLEAVED=interleaved, CONJUGATE=conjugate, BLOCK_M=BLOCK_M,
+                         BLOCK_K=triton.next_power_of_2(max(half, 1)))
     return out
 
 
-def _rotate(x, cos, sin, interleaved, inplace, conjugate, seqlen_offsets, cu_seqlens, max_seqlen):
-    if inplace:
-        out = x
-    else:
-        out = torch.empty_like(x)
-        rot = 2 * cos.shape[-1]
-        if rot < x.shape[-1]:
-            out[..., rot:].copy_(x[..., rot:])
-    return _launch(x, out, cos, sin, interleaved, conjugate, seqlen_offsets, cu_seqlens, max_seqlen)
+def _rotated(x, cos, sin, interleaved, conjugate, offsets, offset, cu_seqlens, max_seqlen):
+    """A rotated copy of x (channels past rotary_dim copied through)."""
+    out = torch.empty_like(x)
+    rot = 2 * cos.shape[-1]
+    if rot < x.shape[-1]:
+        out[..., rot:].copy_(x[..., rot:])
+    return _launch(x, out, cos, sin, interleaved, conjugate, offsets, offset, cu_seqlens, max_seqlen)
+
+
+_rotated_op = OpaqueOp("rotary", "(Tensor x, Tensor cos, Tensor sin, bool interleaved, bool conjugate, "
+                       "Tensor? offsets, int offset, Tensor? cu_seqlens, int? max_seqlen) -> Tensor", _rotated,
+                       lambda x, *args: torch.empty_like(x))
+
+
+def _prepare(x, cos, sin, seqlen_offsets):
+    """Checks; returns (cos, sin, offsets tensor or None, int offset)."""
+    if cos.shape != sin.shape or 2 * cos.shape[-1] > x.shape[-1]:
+        raise ValueError(f"cos and sin must be (seqlen, rotary_dim / 2) with rotary_dim <= headdim; got "
+                         f"{tuple(cos.shape)}, {tuple(sin.shape)} for headdim {x.shape[-1]}")
+    if x.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        raise ValueError("apply_rotary_emb needs unit stride along headdim (x, cos and sin)")
+    if sin.stride(0) != cos.stride(0):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    if torch.is_tensor(seqlen_offsets):
+        return cos, sin, seqlen_offsets.to(torch.int32), 0
+    return cos, sin, None, int(seqlen_offsets)
 
 
 class RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen):
-        out = _rotate(x, cos, sin, interleaved, inplace, False, seqlen_offsets, cu_seqlens, max_seqlen)
-        tensors = [cos, sin, cu_seqlens]
-        if torch.is_tensor(seqlen_offsets):
-            tensors.append(seqlen_offsets)
-            ctx.seqlen_offsets = None
+        cos, sin, offsets, offset = _prepare(x, cos, sin, seqlen_offsets)
+        if inplace and not torch.compiler.is_compiling():
+            out = _launch(x, x, cos, sin, interleaved, False, offsets, offset, cu_seqlens, max_seqlen)
         else:
-            ctx.seqlen_offsets = seqlen_offsets
-        ctx.save_for_backward(*tensors)
-        ctx.interleaved, ctx.max_seqlen = interleaved, max_seqlen
+            out = _rotated_op(x, cos, sin, interleaved, False, offsets, offset, cu_seqlens, max_seqlen)
+            if inplace:  # a compiled graph has no in-place kernels of its own: rotate, then copy back
+                x.copy_(out)
+                out = x
+        ctx.save_for_backward(cos, sin, offsets, cu_seqlens)
+        ctx.interleaved, ctx.offset, ctx.max_seqlen = interleaved, offset, max_seqlen
         if inplace:
             ctx.mark_dirty(x)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        cos, sin, cu_seqlens, *rest = ctx.saved_tensors
-        offsets = rest[0] if rest else ctx.seqlen_offsets
+        cos, sin, offsets, cu_seqlens = ctx.saved_tensors
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
-        dx = _rotate(dout, cos, sin, ctx.interleaved, False, True, offsets, cu_seqlens, ctx.max_seqlen)
+        dx = _rotated_op(dout, cos, sin, ctx.interleaved, True, offsets, ctx.offset, cu_seqlens, ctx.max_seqlen)
         return dx, None, None, None, None, None, None, None
 
 

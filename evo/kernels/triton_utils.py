@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Callable
 
 import torch
 
@@ -33,3 +34,30 @@ def warps_for_block(block: int) -> int:
     if block >= 2048:
         return 8
     return 4
+
+
+OPAQUE_OPS: dict[str, "OpaqueOp"] = {}  # name -> op, every one registered (the tests check each)
+
+
+class OpaqueOp:
+    """A Triton launch function, also registered as the custom op ``evo::<name>`` for torch.compile.
+
+    Dynamo cannot trace a Triton launch under the interpreter, and on a GPU it need not: while compiling,
+    a call goes to the custom op, which the graph keeps as one opaque node (``fake`` gives its output
+    shapes and dtypes). Eager calls go straight to the function, skipping the dispatcher (about 10 us
+    a call on this project's 2-core x86 CPU, torch 2.13). Autograd stays with the callers'
+    ``torch.autograd.Function``: its forward and backward call these, so a compiled graph traces
+    through the Function.
+    The function must return fresh tensors (a custom op's outputs may not alias its inputs).
+    """
+
+    def __init__(self, name: str, schema: str, fn: Callable, fake: Callable):
+        self.fn = fn
+        self.op = torch.library.custom_op(f"evo::{name}", fn, mutates_args=(), schema=schema)
+        self.op.register_fake(fake)
+        OPAQUE_OPS[name] = self
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return self.op(*args)
+        return self.fn(*args)

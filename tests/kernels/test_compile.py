@@ -1,0 +1,156 @@
+"""The Triton kernels under torch.compile: custom-op contracts, whole graphs, and a compiled model.
+
+Dynamo sees each Triton launch as a custom op ``torch.ops.evo.*`` (evo/kernels/triton_utils.OpaqueOp);
+autograd stays with the kernels' autograd.Functions, which Dynamo traces. ``fullgraph=True`` makes a
+graph break an error, so these tests fail if any kernel call falls out of the compiled graph. On the
+CPU the kernels run through Triton's interpreter and the graphs use the aot_eager backend (Dynamo,
+AOTAutograd, fake tensors, functionalization; no code generation) except where a test names inductor.
+"""
+
+import pytest
+import torch
+
+from evo import kernels
+from evo.kernels import triton_utils
+from oracle import DEVICE, run_with_grads
+
+# torch's compile stack imports torch.jit code that warns about its own deprecation
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+# load every Triton module, so that all the custom ops are registered
+for _module in set(kernels._TRITON.values()):
+    kernels._triton_module(_module)
+
+
+def _op_samples():
+    """Sample arguments for each custom op (small: the interpreter runs them several times)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+    x, res, w = rand(6, 40), rand(6, 40), rand(40)
+    cos, sin = rand(12, 4), rand(12, 4)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=DEVICE)
+    logits = rand(5, 300)
+    labels = torch.tensor([3, -100, 299, 0, 150], device=DEVICE)
+    q, k, v = rand(12, 4, 16), rand(12, 2, 16), rand(12, 2, 16)
+    attn = (7, 7, 0.25, True, -1, 0, 0.0)
+    out, lse = triton_utils.OPAQUE_OPS["flash_attn_fwd"].fn(q, k, v, cu, cu, *attn)
+    return {
+        "rms_norm_fwd": [(x, None, w, 1e-6), (x, res, w, 1e-5)],
+        "rms_norm_bwd": [(rand(6, 40), x, w, rand(6).abs() + 0.5)],
+        "swiglu_fwd": [(x, res)],
+        "swiglu_bwd": [(x, res, rand(6, 40))],
+        "rotary": [(rand(2, 12, 3, 10), cos, sin, False, False, None, 2, None, None),
+                   (rand(12, 3, 8), cos, sin, True, True, torch.tensor([1, 0], dtype=torch.int32, device=DEVICE), 0,
+                    cu, 7)],
+        "ce_stats": [(logits, labels, 0), (logits, labels, 100)],
+        "ce_grad": [(logits, labels, rand(5), rand(5), 0, 300, 0.1, 1e-4, torch.float32)],
+        "flash_attn_fwd": [(q, k, v, cu, cu, *attn)],
+        "flash_attn_bwd": [(rand(12, 4, 16), q, k, v, out, lse, cu, cu, *attn)],
+    }
+
+
+def test_every_custom_op_passes_opcheck():
+    """torch.library.opcheck: schema, fake (meta) implementation against the real one, and AOT dispatch
+    with static and dynamic shapes, for every op evo registers."""
+    samples = _op_samples()
+    assert set(samples) == set(triton_utils.OPAQUE_OPS), "every registered custom op needs sample arguments here"
+    for name, cases in samples.items():
+        for args in cases:
+            torch.library.opcheck(triton_utils.OPAQUE_OPS[name].op, args)
+
+
+def _cases():
+    g = torch.Generator(device="cpu").manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE)
+
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=DEVICE)
+    labels = torch.tensor([3, -100, 299, 0, 150, 7, 42], device=DEVICE)
+    offsets = torch.tensor([1, 2], dtype=torch.int32, device=DEVICE)
+    return {
+        "rms_norm": (lambda x, w: kernels.rms_norm(x, w), (rand(5, 64), rand(64))),
+        "fused_add_rms_norm": (lambda x, r, w: kernels.fused_add_rms_norm(x, r, w),
+                               (rand(5, 64), rand(5, 64), rand(64))),
+        "swiglu": (kernels.swiglu, (rand(3, 50), rand(3, 50))),
+        "rotary": (lambda x, c, s: kernels.apply_rotary_emb(x, c, s), (rand(2, 12, 2, 16), rand(12, 4), rand(12, 4))),
+        "rotary_varlen": (lambda x, c, s: kernels.apply_rotary_emb(x, c, s, interleaved=True, seqlen_offsets=offsets,
+                                                                   cu_seqlens=cu, max_seqlen=7),
+                          (rand(12, 2, 16), rand(12, 4), rand(12, 4))),
+        "rotary_inplace": (lambda x, c, s: kernels.apply_rotary_emb(x * 1.0, c, s, inplace=True),
+                           (rand(2, 12, 2, 16), rand(12, 4), rand(12, 4))),
+        "cross_entropy": (lambda x: kernels.cross_entropy(x, labels, label_smoothing=0.1, z_loss=1e-4),
+                          (rand(7, 300),)),
+        "cross_entropy_none": (lambda x: kernels.cross_entropy(x, labels, reduction="none"), (rand(7, 300),)),
+        "fused_linear_cross_entropy": (lambda h, w, b: kernels.fused_linear_cross_entropy(h, w, labels, b),
+                                       (rand(7, 32), rand(300, 32), rand(300))),
+        "fused_linear_cross_entropy_accuracy": (
+            lambda h, w: kernels.fused_linear_cross_entropy(h, w, labels, reduction="none", return_accuracy=True)[0],
+            (rand(7, 32), rand(300, 32))),
+        "flash_attn_varlen_func": (lambda q, k, v: kernels.flash_attn_varlen_func(q, k, v, cu, cu, 7, 7, causal=True),
+                                   (rand(12, 4, 16), rand(12, 2, 16), rand(12, 2, 16))),
+        "flash_attn_func": (lambda q, k, v: kernels.flash_attn_func(q, k, v, window_size=(3, 2), softcap=5.0),
+                            (rand(2, 6, 4, 16), rand(2, 6, 2, 16), rand(2, 6, 2, 16))),
+    }
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compiled_function_matches_eager(case):
+    """Forward and backward of each public kernel, compiled whole (fullgraph) against eager, Triton backend."""
+    torch._dynamo.reset()
+    fn, inputs = CASES[case]
+    with kernels.use_backend("triton"):
+        eager_out, eager_grads = run_with_grads(fn, inputs)
+        out, grads = run_with_grads(torch.compile(fn, backend="aot_eager", fullgraph=True), inputs)
+    for a, b in zip(out + grads, eager_out + eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert len(grads) == len(eager_grads) > 0
+
+
+def test_inductor_compiles_around_the_custom_ops():
+    """Inductor generates code for the torch ops around the kernels (C++ on this CPU) and calls the ops."""
+    torch._dynamo.reset()
+
+    def block(x, w, gate):
+        return kernels.swiglu(kernels.rms_norm(x * 2.0, w), gate.sin())
+
+    inputs = (torch.randn(4, 48, device=DEVICE), torch.rand(48, device=DEVICE) + 0.5, torch.randn(4, 48, device=DEVICE))
+    with kernels.use_backend("triton"):
+        eager_out, eager_grads = run_with_grads(block, inputs)
+        out, grads = run_with_grads(torch.compile(block, fullgraph=True), inputs)
+    for a, b in zip(out + grads, eager_out + eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_model_matches_eager_model():
+    """A 2-layer model (every kernel: norms, rotary, varlen attention, SwiGLU, fused linear CE) compiled whole:
+    its per-token losses and every parameter gradient match the eager model's."""
+    from helpers import small_sections
+    from evo.config import config_from_dict
+    from evo.model import build_model
+
+    torch._dynamo.reset()
+    cfg = config_from_dict(small_sections()).model
+    ids = torch.randint(0, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    labels = torch.roll(ids, -1)
+    labels[[9, 39]] = -100
+    cu = torch.tensor([0, 10, 40], dtype=torch.int32, device=DEVICE)
+    results = []
+    for compiled in (False, True):
+        model = build_model(cfg, DEVICE, seed=0)
+        run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        with kernels.use_backend("triton"):
+            token_loss = run(ids, cu, 30, labels=labels)
+            token_loss.sum().backward()
+        results.append((token_loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (eager_loss, eager_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-6)
+    assert set(grads) == set(eager_grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-5, atol=1e-6, msg=name)
