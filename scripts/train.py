@@ -10,9 +10,8 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _mkl_branch() -> str:
-    """MKL's strict code path for this CPU. Without a pinned, strict branch MKL's results depend on how
-    its inputs happen to be aligned in memory: measured here, about one process in sixteen trained to
-    different last bits, and a resumed run did not repeat an uninterrupted one exactly."""
+    """MKL's strict code path for this CPU: a precaution, as MKL documents that without a pinned, strict
+    branch its results may depend on how inputs happen to be aligned in memory (see docs/training.md)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split() for line in f if line.startswith("flags")), [])
