@@ -79,3 +79,24 @@ def test_init_uses_the_config_std():
     model, _ = tiny_model(embedding_init_std=0.5, ffn_other_init_std=0.0)
     assert 0.45 < model.tok_embeddings.weight.std().item() < 0.55
     assert torch.count_nonzero(model.layers[1].feed_forward.w2.weight) == 0
+
+
+def test_rotary_tables_grow_past_2048_positions_eager_and_compiled():
+    """Positions past the first table (2048) rotate with the exact angles, eagerly (table regrown in
+    NumPy) and inside torch.compile (torch ops in the graph instead)."""
+    from evo.model.decoder import RotaryEmbedding
+
+    rope = RotaryEmbedding(8, 10000.0, interleaved=False)
+    n = 2100
+    x = torch.randn(n, 1, 8, dtype=torch.float64).float()
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    pos = torch.arange(n, dtype=torch.float64)[:, None]
+    angles = pos * 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    x1, x2 = x.double()[..., :4], x.double()[..., 4:]
+    c, s = angles.cos()[:, None], angles.sin()[:, None]
+    expected = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    traced = RotaryEmbedding(8, 10000.0, interleaved=False)
+    compiled = torch.compile(lambda t: traced(t, cu, n), backend="aot_eager", fullgraph=True)
+    for out in (compiled(x), rope(x, cu, n)):
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    assert rope._cos.shape[0] >= n and traced._cos.shape[0] == 2048  # the compiled graph builds its own

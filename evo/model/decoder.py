@@ -31,24 +31,37 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
+def rotary_tables(head_dim: int, base: float, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * base^(-2i / head_dim), (size, head_dim / 2) fp32 on the CPU.
+
+    Computed in fp64 with NumPy, so the same on every machine and device. Not with torch.cos on the
+    CPU: measured on this project's 2-core x86 machine (torch 2.13, two threads), about one process in
+    ten got a few entries of the table different in the last bit, and identical runs trained apart.
+    """
+    inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    angles = np.outer(np.arange(size, dtype=np.float64), inv_freq)
+    return torch.from_numpy(np.cos(angles)).float(), torch.from_numpy(np.sin(angles)).float()
+
+
 class RotaryEmbedding(nn.Module):
-    """Holds the cos/sin tables (max_position, head_dim / 2) in fp32, grown on demand."""
+    """Holds the cos/sin tables (positions, head_dim / 2) in fp32: built with the module for 2048
+    positions (outside any torch.compile trace), moved to the input's device and grown on demand."""
 
     def __init__(self, head_dim: int, base: float, interleaved: bool):
         super().__init__()
         self.head_dim, self.base, self.interleaved = head_dim, base, interleaved
-        self._cos = self._sin = None
+        self._cos, self._sin = rotary_tables(head_dim, base, 2048)
 
     def tables(self, length: int, device: torch.device):
-        if self._cos is None or self._cos.shape[0] < length or self._cos.device != device:
-            size = max(length, 2048)
-            # fp64 in NumPy, the same on every device. Not torch.cos on the CPU: measured on this project's
-            # 2-core x86 machine (torch 2.13, MKL threaded), about one process in ten got a few entries of
-            # its cos table different in the last bit, so identical runs trained apart.
-            inv_freq = 1.0 / (self.base ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim))
-            angles = np.outer(np.arange(size, dtype=np.float64), inv_freq)
-            self._cos = torch.from_numpy(np.cos(angles)).float().to(device)
-            self._sin = torch.from_numpy(np.sin(angles)).float().to(device)
+        if self._cos.shape[0] < length:
+            if torch.compiler.is_compiling():  # Dynamo cannot put NumPy calls in a graph: torch ops then
+                angles = torch.outer(torch.arange(length, dtype=torch.float64, device=device),
+                                     self.base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64,
+                                                                 device=device) / self.head_dim))
+                return angles.cos().float(), angles.sin().float()
+            self._cos, self._sin = rotary_tables(self.head_dim, self.base, max(length, 2 * self._cos.shape[0]))
+        if self._cos.device != device:
+            self._cos, self._sin = self._cos.to(device), self._sin.to(device)
         return self._cos, self._sin
 
     def forward(self, x, cu_seqlens, max_seqlen):
