@@ -3,24 +3,33 @@ backend forced (PyTorch's FlashAttention-2) and with its default backend choice,
 
 FLOPs: 4 * batch * heads_q * seqlen_q * seqlen_k * headdim for the forward (halved when causal),
 2.5 times that for the backward; varlen sums seqlen_i^2 over the packed sequences.
+``smoke=True`` runs the same code at tiny shapes on any device (on a CPU through Triton's
+interpreter), so that a test can check the benchmark itself before a GPU run; its numbers mean nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from kernels import bench_ms
 
-def _bench(fn, quick):
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100)
+# (headdim, seqlen, causal, kv heads) with 16 query heads and 16k tokens per batch
+CASES = [(128, 8192, True, 16), (128, 16384, True, 16), (128, 16384, False, 16), (64, 4096, True, 16),
+         (128, 8192, True, 4)]
+FULL_ONLY = [(64, 1024, False, 16), (128, 2048, True, 16), (64, 16384, True, 16)]
+VARLEN = [4096, 2048, 2048, 1024, 1024, 1024, 1024, 512, 512, 512, 512, 512, 512, 512, 512, 512]  # 16k tokens
+# smoke: (headdim, seqlen, causal, kv heads) with 4 query heads and 64 tokens per batch
+SMOKE_CASES = [(32, 64, True, 4), (40, 32, False, 2)]
+SMOKE_VARLEN = [33, 7, 1, 23]
 
 
 def _sdpa(backend):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def attn(q, k, v, causal):  # (b, s, h, d) -> (b, s, h, d), GQA through enable_gqa
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if backend == "flash" else list(SDPBackend)):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if backend == "flash" else contextlib.nullcontext():
             out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                                    v.transpose(1, 2), is_causal=causal,
                                                                    enable_gqa=k.shape[2] != q.shape[2])
@@ -29,28 +38,32 @@ def _sdpa(backend):
     return attn
 
 
-def run(quick: bool, device: str) -> list[dict]:
-    if device != "cuda":
+def run(quick: bool, device: str, smoke: bool = False) -> list[dict]:
+    if device != "cuda" and not smoke:
         return []
     from evo.kernels import attention
 
+    def _bench(fn, quick):
+        return bench_ms(fn, quick, device)
+
     impls = {"evo": lambda q, k, v, c: attention.flash_attn_func(q, k, v, causal=c),
              "sdpa-flash": _sdpa("flash"), "sdpa-default": _sdpa("default")}
-    cases = [(128, 8192, True, 16), (128, 16384, True, 16), (128, 16384, False, 16), (64, 4096, True, 16),
-             (128, 8192, True, 4)]  # (headdim, seqlen, causal, kv heads); 16 query heads, 16k tokens per batch
-    if not quick:
-        cases += [(64, 1024, False, 16), (128, 2048, True, 16), (64, 16384, True, 16)]
+    if smoke:
+        cases, tokens, hq, lens = SMOKE_CASES, 64, 4, SMOKE_VARLEN
+    else:
+        cases, tokens, hq, lens = CASES + ([] if quick else FULL_ONLY), 16384, 16, VARLEN
     rows = []
     for d, s, causal, hkv in cases:
-        b, hq = max(1, 16384 // s), 16
-        q = torch.randn(b, s, hq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(b, s, hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(b, s, hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        b = max(1, tokens // s)
+        q = torch.randn(b, s, hq, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(b, s, hkv, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(b, s, hkv, d, device=device, dtype=torch.bfloat16, requires_grad=True)
         do = torch.randn_like(q)
         fwd_flops = 4 * b * hq * s * s * d / (2 if causal else 1)
+        outs = {}
         for name, fn in impls.items():
             try:
-                out = fn(q, k, v, causal)
+                out = outs[name] = fn(q, k, v, causal)
                 fwd = _bench(lambda: fn(q, k, v, causal), quick)
                 bwd = _bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True), quick)
             except RuntimeError as exc:  # e.g. no flash backend for this shape in this PyTorch
@@ -60,17 +73,20 @@ def run(quick: bool, device: str) -> list[dict]:
                          "fwd_ms": fwd, "bwd_ms": bwd, "fwd_TFLOP_s": fwd_flops / fwd / 1e9,
                          "bwd_TFLOP_s": 2.5 * fwd_flops / bwd / 1e9,
                          "fwd_bwd_TFLOP_s": 3.5 * fwd_flops / (fwd + bwd) / 1e9})
-    # a packed varlen case: 16 documents of mixed length in 16k tokens
-    lens = [4096, 2048, 2048, 1024, 1024, 1024, 1024, 512, 512, 512, 512, 512, 512, 512, 512, 512]
-    cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
-    total, d = int(cu[-1]), 128
-    q = torch.randn(total, 16, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(total, 4, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(total, 4, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        if "evo" in outs and "sdpa-default" in outs:  # a sanity check of the tuned kernel's output at this shape
+            evo_row = next(r for r in rows[::-1] if r["impl"] == "evo")
+            evo_row["max_abs_diff_vs_sdpa"] = (outs["evo"].float() - outs["sdpa-default"].float()).abs().max().item()
+    # a packed varlen case: documents of mixed length, GQA (heads_q / 4 kv heads)
+    cu = torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
+    total, d = int(cu[-1]), 32 if smoke else 128
+    q = torch.randn(total, hq, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(total, hq // 4, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(total, hq // 4, d, device=device, dtype=torch.bfloat16, requires_grad=True)
     out = attention.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
     fwd = _bench(lambda: attention.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True), quick)
     bwd = _bench(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out), retain_graph=True), quick)
-    flops = 4 * 16 * sum(x * x for x in lens) * d / 2
-    rows.append({"impl": "evo", "case": "varlen 16 docs, 16k tokens, GQA 16/4", "headdim": d, "causal": True,
+    flops = 4 * hq * sum(x * x for x in lens) * d / 2
+    rows.append({"impl": "evo", "case": f"varlen {len(lens)} docs, {total} tokens, GQA {hq}/{hq // 4}", "headdim": d,
+                 "causal": True,
                  "fwd_ms": fwd, "bwd_ms": bwd, "fwd_TFLOP_s": flops / fwd / 1e9, "bwd_TFLOP_s": 2.5 * flops / bwd / 1e9})
     return rows

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 BENCHMARKS = ["train_step", "loader", "kernels", "attention", "flce_memory"]
+SMOKE = ["kernels", "attention"]  # the GPU benchmarks, runnable at tiny shapes anywhere with --smoke
 
 
 def machine(device: str) -> dict:
@@ -43,18 +44,27 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a few minutes in all)")
-    parser.add_argument("--only", nargs="*", default=BENCHMARKS, choices=BENCHMARKS)
+    parser.add_argument("--smoke", action="store_true",
+                        help="the GPU benchmarks at tiny shapes on any device (CPU: needs TRITON_INTERPRET=1), "
+                             "to check that they run; the numbers mean nothing")
+    parser.add_argument("--only", nargs="*", choices=BENCHMARKS)
     parser.add_argument("--out", help="JSON results file")
     args = parser.parse_args()
+    only = args.only or (SMOKE if args.smoke else BENCHMARKS)
+    if args.smoke and set(only) - set(SMOKE):
+        parser.error(f"--smoke runs only {' and '.join(SMOKE)}; got --only {' '.join(only)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = {"machine": machine(device), "date": datetime.datetime.now().isoformat(timespec="seconds"), "rows": []}
-    for name in args.only:
-        for row in importlib.import_module(name).run(args.quick, device):
+    results = {"machine": machine(device), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+               "smoke": args.smoke, "rows": []}
+    out = Path(args.out or Path(__file__).parent / "results" / f"{device}-{datetime.date.today()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name in only:
+        options = {"smoke": True} if args.smoke else {}
+        for row in importlib.import_module(name).run(args.quick, device, **options):
             row = {"benchmark": name, **row}
             results["rows"].append(row)
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    out = Path(args.out or Path(__file__).parent / "results" / f"{device}-{datetime.date.today()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2))  # after every row: a run cut short keeps what it measured
     out.write_text(json.dumps(results, indent=2))
     print(f"results written to {out}")
 

@@ -29,6 +29,7 @@ BLOCK_D inside the kernel (masked loads). Under Triton's interpreter the tiles a
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -365,9 +366,14 @@ _TUNE_KEY = ["head_dim", "group", "seqlen_bucket", "CAUSAL", "LOCAL", "SOFTCAP",
 def _launcher(kernel, block_d: int):
     """(kernel, fixed launch options): on a GPU the kernel autotuned over tile sizes and cached per shape
     key (head dim, group, seqlen bucket, mask kind); under the interpreter one small tile (it runs tl.dot
-    at about 1 GFLOP/s and cannot autotune)."""
+    at about 1 GFLOP/s and cannot autotune). ``EVO_AUTOTUNE=0`` takes the smallest GPU candidate (the
+    one surest to fit in shared memory) without tuning: the GPU tests, where tuning every shape of the
+    sweep would cost minutes of compiling."""
     if interpreting():
         return kernel, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if os.environ.get("EVO_AUTOTUNE", "1") == "0":
+        small = min(_gpu_configs(block_d), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)
+        return kernel, dict(small.kwargs, num_warps=small.num_warps, num_stages=small.num_stages)
     key = (kernel, block_d)
     if key not in _TUNED:
         _TUNED[key] = triton.autotune(configs=_gpu_configs(block_d), key=_TUNE_KEY)(kernel)

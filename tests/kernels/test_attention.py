@@ -138,3 +138,21 @@ def test_gpu_backward_is_bit_identical_across_runs():
         _, g = run_with_grads(lambda *t: tri.flash_attn_func(*t, causal=True), [q, k, v])
         grads.append(g)
     assert all(torch.equal(a, b) for g in grads[1:] for a, b in zip(g, grads[0]))
+
+
+def test_gpu_launcher_autotunes_unless_told_not_to(monkeypatch):
+    """On a GPU the kernels are autotuned over the candidate tiles; EVO_AUTOTUNE=0 (the GPU tests) takes
+    the smallest candidate instead. Checked without a GPU: only the launch plan is built."""
+    import triton
+
+    from evo.kernels import attention
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tuned, opts = attention._launcher(attention._attn_fwd, 128)
+    assert isinstance(tuned, triton.runtime.Autotuner) and opts == {}
+    assert len(tuned.configs) == len(attention._gpu_configs(128)) > 1
+    monkeypatch.setenv("EVO_AUTOTUNE", "0")
+    kernel, opts = attention._launcher(attention._attn_fwd, 128)
+    assert kernel is attention._attn_fwd
+    sizes = [c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages for c in attention._gpu_configs(128)]
+    assert opts["BLOCK_M"] * opts["BLOCK_N"] * opts["num_stages"] == min(sizes)
