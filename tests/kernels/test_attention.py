@@ -156,3 +156,15 @@ def test_gpu_launcher_autotunes_unless_told_not_to(monkeypatch):
     assert kernel is attention._attn_fwd
     sizes = [c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages for c in attention._gpu_configs(128)]
     assert opts["BLOCK_M"] * opts["BLOCK_N"] * opts["num_stages"] == min(sizes)
+
+
+def test_attention_kernels_use_no_atomics():
+    """The determinism argument, checked where no GPU is needed: no kernel in attention.py uses an atomic
+    operation, so every output tile is written by one program in a fixed loop order (the GPU test above
+    then shows the bits)."""
+    import inspect
+
+    from evo.kernels import attention
+
+    source = inspect.getsource(attention)
+    assert "atomic" not in source.replace("No atomics", "").replace("no atomics", "")
