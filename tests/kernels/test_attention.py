@@ -148,6 +148,7 @@ def test_gpu_launcher_autotunes_unless_told_not_to(monkeypatch):
     from evo.kernels import attention
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("EVO_AUTOTUNE", raising=False)  # bench/gpu_check.sh sets it for the test run
     tuned, opts = attention._launcher(attention._attn_fwd, 128)
     assert isinstance(tuned, triton.runtime.Autotuner) and opts == {}
     assert len(tuned.configs) == len(attention._gpu_configs(128)) > 1
