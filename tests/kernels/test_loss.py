@@ -45,6 +45,11 @@ def test_cross_entropy_shapes(rows, vocab, dtype):
     check_ce(rows, vocab, dtype)
 
 
+def test_cross_entropy_gemma_vocab():
+    """vocab 256000 (Gemma's), the largest the issue names, in bf16 with label smoothing and z-loss."""
+    check_ce(2, 256000, torch.bfloat16, smoothing=0.1, z_loss=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("smoothing, z_loss", [(0.1, 0.0), (0.0, 1e-4), (0.1, 1e-4)])
