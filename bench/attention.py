@@ -3,13 +3,16 @@ backend forced (PyTorch's FlashAttention-2) and with its default backend choice,
 
 FLOPs: 4 * batch * heads_q * seqlen_q * seqlen_k * headdim for the forward (halved when causal),
 2.5 times that for the backward; varlen sums seqlen_i^2 over the packed sequences.
-``smoke=True`` runs the same code at tiny shapes on any device (on a CPU through Triton's
-interpreter), so that a test can check the benchmark itself before a GPU run; its numbers mean nothing.
+``evo-tma`` is evo with ``EVO_ATTN_TMA=1`` (the forward's K and V through Hopper's TMA; the backward
+is the same kernels). ``smoke=True`` runs the same code at tiny shapes on any device (on a CPU through
+Triton's interpreter), so that a test can check the benchmark itself before a GPU run; its numbers
+mean nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -46,7 +49,18 @@ def run(quick: bool, device: str, smoke: bool = False) -> list[dict]:
     def _bench(fn, quick):
         return bench_ms(fn, quick, device)
 
-    impls = {"evo": lambda q, k, v, c: attention.flash_attn_func(q, k, v, causal=c),
+    def evo_tma(q, k, v, c):  # the opt-in Hopper path: K and V loaded through TMA descriptors in the forward
+        previous = os.environ.get("EVO_ATTN_TMA")
+        os.environ["EVO_ATTN_TMA"] = "1"
+        try:
+            return attention.flash_attn_func(q, k, v, causal=c)
+        finally:
+            if previous is None:
+                del os.environ["EVO_ATTN_TMA"]
+            else:
+                os.environ["EVO_ATTN_TMA"] = previous
+
+    impls = {"evo": lambda q, k, v, c: attention.flash_attn_func(q, k, v, causal=c), "evo-tma": evo_tma,
              "sdpa-flash": _sdpa("flash"), "sdpa-default": _sdpa("default")}
     if smoke:
         cases, tokens, hq, lens = SMOKE_CASES, 64, 4, SMOKE_VARLEN
@@ -73,9 +87,10 @@ def run(quick: bool, device: str, smoke: bool = False) -> list[dict]:
                          "fwd_ms": fwd, "bwd_ms": bwd, "fwd_TFLOP_s": fwd_flops / fwd / 1e9,
                          "bwd_TFLOP_s": 2.5 * fwd_flops / bwd / 1e9,
                          "fwd_bwd_TFLOP_s": 3.5 * fwd_flops / (fwd + bwd) / 1e9})
-        if "evo" in outs and "sdpa-default" in outs:  # a sanity check of the tuned kernel's output at this shape
-            evo_row = next(r for r in rows[::-1] if r["impl"] == "evo")
-            evo_row["max_abs_diff_vs_sdpa"] = (outs["evo"].float() - outs["sdpa-default"].float()).abs().max().item()
+        for name in ("evo", "evo-tma"):  # a sanity check of the tuned kernels' output at this shape
+            if name in outs and "sdpa-default" in outs:
+                row = next(r for r in rows[::-1] if r["impl"] == name)
+                row["max_abs_diff_vs_sdpa"] = (outs[name].float() - outs["sdpa-default"].float()).abs().max().item()
     # a packed varlen case: documents of mixed length, GQA (heads_q / 4 kv heads)
     cu = torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
     total, d = int(cu[-1]), 32 if smoke else 128
@@ -87,6 +102,6 @@ def run(quick: bool, device: str, smoke: bool = False) -> list[dict]:
     bwd = _bench(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out), retain_graph=True), quick)
     flops = 4 * hq * sum(x * x for x in lens) * d / 2
     rows.append({"impl": "evo", "case": f"varlen {len(lens)} docs, {total} tokens, GQA {hq}/{hq // 4}", "headdim": d,
-                 "causal": True,
-                 "fwd_ms": fwd, "bwd_ms": bwd, "fwd_TFLOP_s": flops / fwd / 1e9, "bwd_TFLOP_s": 2.5 * flops / bwd / 1e9})
+                 "causal": True, "fwd_ms": fwd, "bwd_ms": bwd, "fwd_TFLOP_s": flops / fwd / 1e9,
+                 "bwd_TFLOP_s": 2.5 * flops / bwd / 1e9})
     return rows

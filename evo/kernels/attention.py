@@ -23,7 +23,9 @@ inputs give bit-identical gradients.
 Layout: q (total_q, heads_q, d), k and v (total_k, heads_kv, d) with int32 cu_seqlens (batch + 1,);
 the batched API is reshaped onto this one. Head dims that are not powers of two are padded to
 BLOCK_D inside the kernel (masked loads). Under Triton's interpreter the tiles are cast to fp32 before
-``tl.dot`` (its bf16 dot is wrong); fp32 inputs use exact ("ieee") dots.
+``tl.dot`` (its bf16 dot is wrong); fp32 inputs use exact ("ieee") dots. With ``EVO_ATTN_TMA=1`` on
+Hopper or newer, the forward loads K and V through TMA tensor descriptors built per sequence and head
+(opt-in until a GPU has measured it; checked through the interpreter and an sm_90 compile).
 """
 
 from __future__ import annotations
@@ -120,14 +122,19 @@ def _query_ranges(n0, seqlen_q, seqlen_k, left, right, CAUSAL: tl.constexpr, LOC
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, K, V, stride_km, stride_vm, start_n, offs_m, offs_d, d_ok, seqlen_q, seqlen_k,
               scale2, softcap, left, right, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
-              DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One key block of the online softmax; K and V point at this sequence's kv head."""
+              DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+              TMA: tl.constexpr):
+    """One key block of the online softmax; K and V point at this sequence's kv head (with TMA: tensor
+    descriptors of it, whose loads fill rows past the sequence and columns past head_dim with zeros)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if MASKED:
         kv_ok = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
     else:
         kv_ok = d_ok[None, :]
-    k = tl.load(K + offs_n[:, None] * stride_km + offs_d[None, :], mask=kv_ok, other=0.0)
+    if TMA:
+        k = K.load([start_n, 0])
+    else:
+        k = tl.load(K + offs_n[:, None] * stride_km + offs_d[None, :], mask=kv_ok, other=0.0)
     s, _ = _scores(q, k, scale2, softcap, SOFTCAP, DOT_FP32, PRECISION)
     if MASKED:
         s = tl.where(_mask(offs_m, offs_n, seqlen_q, seqlen_k, left, right, CAUSAL, LOCAL), s, float("-inf"))
@@ -139,7 +146,10 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, stride_km, stride_vm, start_n, offs_m, off
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(V + offs_n[:, None] * stride_vm + offs_d[None, :], mask=kv_ok, other=0.0)
+    if TMA:
+        v = V.load([start_n, 0])
+    else:
+        v = tl.load(V + offs_n[:, None] * stride_vm + offs_d[None, :], mask=kv_ok, other=0.0)
     if DOT_FP32:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
     else:
@@ -154,7 +164,8 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, stride_km, stride_vm, start_n, offs_m, off
 def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
               stride_om, stride_oh, stride_lse_h, scale2, softcap, left, right, group, head_dim, seqlen_bucket,
               CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
-              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              TMA: tl.constexpr):
     pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, seqlen_q = _seq(CU_Q, b)
     m0 = pid_m * BLOCK_M
@@ -170,6 +181,11 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, stride_qm, stride_qh, stride_km, stri
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     Kh = K + k_start * stride_km + hk * stride_kh
     Vh = V + k_start * stride_vm + hk * stride_vh
+    if TMA:  # Hopper's tensor memory accelerator loads whole (BLOCK_N, BLOCK_D) tiles of this sequence's head
+        Kh = tl.make_tensor_descriptor(Kh, shape=[seqlen_k, head_dim], strides=[stride_km, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D])
+        Vh = tl.make_tensor_descriptor(Vh, shape=[seqlen_k, head_dim], strides=[stride_vm, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D])
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -177,15 +193,15 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, stride_qm, stride_qh, stride_km, stri
     for start_n in range(lo, full_lo, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kh, Vh, stride_km, stride_vm, start_n, offs_m, offs_d, d_ok,
                                   seqlen_q, seqlen_k, scale2, softcap, left, right, CAUSAL, LOCAL, SOFTCAP, DOT_FP32,
-                                  PRECISION, True, BLOCK_N)
+                                  PRECISION, True, BLOCK_N, TMA)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kh, Vh, stride_km, stride_vm, start_n, offs_m, offs_d, d_ok,
                                   seqlen_q, seqlen_k, scale2, softcap, left, right, CAUSAL, LOCAL, SOFTCAP, DOT_FP32,
-                                  PRECISION, False, BLOCK_N)
+                                  PRECISION, False, BLOCK_N, TMA)
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kh, Vh, stride_km, stride_vm, start_n, offs_m, offs_d, d_ok,
                                   seqlen_q, seqlen_k, scale2, softcap, left, right, CAUSAL, LOCAL, SOFTCAP, DOT_FP32,
-                                  PRECISION, True, BLOCK_N)
+                                  PRECISION, True, BLOCK_N, TMA)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
@@ -376,7 +392,8 @@ def _launcher(kernel, block_d: int):
         return kernel, dict(small.kwargs, num_warps=small.num_warps, num_stages=small.num_stages)
     key = (kernel, block_d)
     if key not in _TUNED:
-        _TUNED[key] = triton.autotune(configs=_gpu_configs(block_d), key=_TUNE_KEY)(kernel)
+        tune_key = _TUNE_KEY + (["TMA"] if kernel is _attn_fwd else [])
+        _TUNED[key] = triton.autotune(configs=_gpu_configs(block_d), key=tune_key)(kernel)
     return _TUNED[key], {}
 
 
@@ -410,6 +427,26 @@ def _unit_last(*ts):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
+def _tma_allocator(size: int, alignment: int, stream):
+    """Global scratch for the tensor descriptors the kernel builds on the device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _use_tma(q, k, v) -> bool:
+    """Whether the forward loads k and v through TMA tensor descriptors: opt-in (``EVO_ATTN_TMA=1``) until
+    measured on a GPU; needs a Hopper or newer GPU (or the interpreter, for tests), and what TMA requires of
+    memory: 16-byte aligned base addresses and row strides."""
+    if os.environ.get("EVO_ATTN_TMA", "0") != "1":
+        return False
+    if not interpreting():
+        if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
+            return False
+        triton.set_allocator(_tma_allocator)
+    size = k.element_size()
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0 and (t.stride(1) * size) % 16 == 0
+               for t in (k, v))
+
+
 def _forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, softcap):
     """(out (total_q, heads_q, d), lse (heads_q, total_q) fp32) for unit-stride q, k, v; window (left, right)."""
     total_q, heads_q, head_dim = q.shape
@@ -424,7 +461,8 @@ def _forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, soft
         grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch, heads_q)  # noqa: E731
         kernel[grid](q, k, v, out, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                      v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0), scale * LOG2E,
-                     float(softcap), left, right, group, head_dim, _bucket(max_q), **flags, BLOCK_D=block_d, **opts)
+                     float(softcap), left, right, group, head_dim, _bucket(max_q), **flags, BLOCK_D=block_d,
+                     TMA=_use_tma(q, k, v), **opts)
     return out, lse
 
 

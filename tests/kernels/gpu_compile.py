@@ -6,8 +6,8 @@ what Triton's interpreter lets through (``tl.dot`` tiles under 16, type errors i
 memory overflow) before a GPU is at hand. Run in a fresh process: under TRITON_INTERPRET=1 the kernels
 are not compilable objects. Prints one JSON line per specialization.
 
-Default: every kernel in its main specializations, attention with the tile EVO_AUTOTUNE=0 uses. ``--full``
-adds every attention autotune candidate, the other mask kinds and fp32 inputs.
+Default: every kernel in its main specializations, attention with the tile EVO_AUTOTUNE=0 uses (the forward
+with and without TMA loads). ``--full`` adds every attention autotune candidate, the other mask kinds and fp32.
 """
 
 from __future__ import annotations
@@ -71,6 +71,10 @@ def specs(full: bool) -> list[tuple]:
                 fp32 = dtype == "fp32"
                 constexprs = dict(masks[mask], DOT_FP32=fp32, PRECISION="ieee" if fp32 else "tf32", BLOCK_D=block_d,
                                   **cfg.kwargs)
+                if name == "_attn_fwd":  # the forward also with Hopper's TMA loads (EVO_ATTN_TMA=1)
+                    out.append(("attention", name, dtype, attn_types, {**constexprs, "TMA": True}, cfg.num_warps,
+                                cfg.num_stages))
+                    constexprs["TMA"] = False
                 out.append(("attention", name, dtype, attn_types, constexprs, cfg.num_warps, cfg.num_stages))
     return out
 

@@ -169,3 +169,17 @@ def test_attention_kernels_use_no_atomics():
 
     source = inspect.getsource(attention)
     assert "atomic" not in source.replace("No atomics", "").replace("no atomics", "")
+
+
+@pytest.mark.parametrize("d, causal, window, softcap", [(64, True, (-1, -1), 0.0), (40, False, (20, 5), 3.0)])
+def test_tma_forward_matches(monkeypatch, d, causal, window, softcap):
+    """The opt-in Hopper path (EVO_ATTN_TMA=1: K and V through tensor descriptors, zero-filled past each
+    sequence and past head_dim), through the interpreter, on a varlen GQA batch."""
+    from evo.kernels import attention
+
+    monkeypatch.setenv("EVO_ATTN_TMA", "1")
+    probe = torch.randn(8, 2, d, dtype=torch.bfloat16)
+    assert attention._use_tma(probe, probe, probe)
+    check([1, 7, 100, 33], [1, 7, 100, 33], 4, 2, d, torch.bfloat16, causal=causal, window=window, softcap=softcap)
+    odd = torch.randn(8, 2, 111, dtype=torch.bfloat16)  # rows of 222 bytes: TMA cannot, the pointer path does
+    assert not attention._use_tma(odd, odd, odd)
