@@ -25,7 +25,9 @@ the batched API is reshaped onto this one. Head dims that are not powers of two 
 BLOCK_D inside the kernel (masked loads). Under Triton's interpreter the tiles are cast to fp32 before
 ``tl.dot`` (its bf16 dot is wrong); fp32 inputs use exact ("ieee") dots. With ``EVO_ATTN_TMA=1`` on
 Hopper or newer, the forward loads K and V through TMA tensor descriptors built per sequence and head
-(opt-in until a GPU has measured it; checked through the interpreter and an sm_90 compile).
+(opt-in until a GPU has measured it; checked through the interpreter and an sm_90 compile). Triton
+3.6's ptxas crashes on 7 of the 21 TMA specializations tests/kernels/gpu_compile.py builds (3.9 compiles
+all): the autotuner drops such candidates; ``EVO_AUTOTUNE=0`` with TMA on 3.6 may fail.
 """
 
 from __future__ import annotations

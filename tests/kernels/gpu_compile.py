@@ -4,7 +4,7 @@ Triton's front end, its GPU passes and the ptxas it ships build each kernel spec
 cubin for sm_90 (H100, H200); the cubin's shared memory must fit in one block (227 KiB). This catches
 what Triton's interpreter lets through (``tl.dot`` tiles under 16, type errors in branches, shared
 memory overflow) before a GPU is at hand. Run in a fresh process: under TRITON_INTERPRET=1 the kernels
-are not compilable objects. Prints one JSON line per specialization.
+are not compilable objects. Prints one JSON line per specialization, after ``PREFIX``.
 
 Default: every kernel in its main specializations, attention with the tile EVO_AUTOTUNE=0 uses (the forward
 with and without TMA loads). ``--full`` adds every attention autotune candidate, the other mask kinds and fp32.
@@ -18,6 +18,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 ARCH = 90
+PREFIX = "gpu-compile: "
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
 
 
@@ -108,7 +109,7 @@ def main() -> int:
     todo = specs("--full" in sys.argv)
     with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         for row in pool.map(compile_one, todo):
-            print(json.dumps(row), flush=True)
+            print(PREFIX + json.dumps(row), flush=True)  # prefixed: Triton prints ptxas failures to stdout too
     return 0
 
 

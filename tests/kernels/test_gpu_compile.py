@@ -27,7 +27,8 @@ def compile_all(full: bool) -> list[dict]:
     result = subprocess.run([sys.executable, str(HERE / "gpu_compile.py"), *(["--full"] if full else [])], env=env,
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(line) for line in result.stdout.splitlines()]
+    prefix = "gpu-compile: "
+    return [json.loads(line[len(prefix):]) for line in result.stdout.splitlines() if line.startswith(prefix)]
 
 
 def check(rows: list[dict], expected_kernels: set) -> None:
