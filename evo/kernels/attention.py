@@ -381,16 +381,20 @@ _TUNED: dict = {}
 _TUNE_KEY = ["head_dim", "group", "seqlen_bucket", "CAUSAL", "LOCAL", "SOFTCAP", "DOT_FP32"]
 
 
+def untuned_config(block_d: int):
+    """The candidate ``EVO_AUTOTUNE=0`` takes: the smallest tiles times stages, surest to fit in shared memory."""
+    return min(_gpu_configs(block_d), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)
+
+
 def _launcher(kernel, block_d: int):
     """(kernel, fixed launch options): on a GPU the kernel autotuned over tile sizes and cached per shape
     key (head dim, group, seqlen bucket, mask kind); under the interpreter one small tile (it runs tl.dot
-    at about 1 GFLOP/s and cannot autotune). ``EVO_AUTOTUNE=0`` takes the smallest GPU candidate (the
-    one surest to fit in shared memory) without tuning: the GPU tests, where tuning every shape of the
-    sweep would cost minutes of compiling."""
+    at about 1 GFLOP/s and cannot autotune). ``EVO_AUTOTUNE=0`` takes ``untuned_config`` without tuning:
+    the GPU tests, where tuning every shape of the sweep would cost minutes of compiling."""
     if interpreting():
         return kernel, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     if os.environ.get("EVO_AUTOTUNE", "1") == "0":
-        small = min(_gpu_configs(block_d), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)
+        small = untuned_config(block_d)
         return kernel, dict(small.kwargs, num_warps=small.num_warps, num_stages=small.num_stages)
     key = (kernel, block_d)
     if key not in _TUNED:

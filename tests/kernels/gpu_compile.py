@@ -60,11 +60,11 @@ def specs(full: bool) -> list[tuple]:
              "window+softcap": dict(CAUSAL=True, LOCAL=True, SOFTCAP=True)}
     for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
         for block_d in (64, 128, 256):
-            configs = attention._gpu_configs(block_d)
-            untuned = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)
+            untuned = attention.untuned_config(block_d)
             cases = [(untuned, "bf16", "window+softcap")]
             if full:
-                cases += [(c, "bf16", "causal") for c in configs if c is not untuned]
+                cases += [(c, "bf16", "causal") for c in attention._gpu_configs(block_d)
+                          if c.all_kwargs() != untuned.all_kwargs()]
                 cases += [(untuned, "bf16", "causal"), (untuned, "bf16", "full")]
                 if block_d == 64:  # the GPU tests run fp32 at head dims up to 40
                     cases += [(untuned, "fp32", "causal")]
