@@ -69,8 +69,10 @@ def _triton_module(name: str):
         from evo.kernels import rotary as module
     elif name == "loss":
         from evo.kernels import loss as module
-    else:
+    elif name == "attention":
         from evo.kernels import attention as module
+    else:
+        raise KeyError(f"no import statement for evo.kernels.{name}: add one here with its _TRITON entry")
     return module
 
 

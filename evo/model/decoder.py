@@ -54,10 +54,10 @@ class RotaryEmbedding(nn.Module):
 
     def tables(self, length: int, device: torch.device):
         if self._cos.shape[0] < length:
-            if torch.compiler.is_compiling():  # Dynamo cannot put NumPy calls in a graph: torch ops then
-                angles = torch.outer(torch.arange(length, dtype=torch.float64, device=device),
-                                     self.base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64,
-                                                                 device=device) / self.head_dim))
+            if torch.compiler.is_compiling():  # Dynamo cannot put NumPy calls in a graph: rotary_tables in torch
+                f64 = dict(dtype=torch.float64, device=device)
+                inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, **f64) / self.head_dim))
+                angles = torch.outer(torch.arange(length, **f64), inv_freq)
                 return angles.cos().float(), angles.sin().float()
             self._cos, self._sin = rotary_tables(self.head_dim, self.base, max(length, 2 * self._cos.shape[0]))
         if self._cos.device != device:
