@@ -29,10 +29,13 @@ _TRITON: dict[str, str] = {  # op name -> the module (in evo/kernels/) holding i
     "fused_add_rms_norm": "rmsnorm",
     "swiglu": "activation",
     "apply_rotary_emb": "rotary",
+    "apply_rotary_emb_qkv_": "rotary",
+    "apply_rotary_emb_kv_": "rotary",
     "cross_entropy": "loss",
     "fused_linear_cross_entropy": "loss",
     "flash_attn_func": "attention",
     "flash_attn_varlen_func": "attention",
+    "flash_attn_with_kvcache": "attention",
 }
 # Module files never share a public function's name: importing evo.kernels.swiglu would replace the
 # function evo.kernels.swiglu with the module. Hence activation.py (swiglu) and loss.py (cross-entropy).
@@ -94,7 +97,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
-    """Returns (rms_norm(x + residual, weight), x + residual); x and residual (..., hidden)."""
+    """Returns (rms_norm(x + residual, weight) in x.dtype, x + residual in residual.dtype); x and residual
+    (..., hidden), their dtypes may differ (an fp32 residual stream). The norm is of the unrounded fp32 sum."""
     return _impl("fused_add_rms_norm", x)(x, residual, weight, eps)
 
 
@@ -108,24 +112,53 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
     return _impl("apply_rotary_emb", x)(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen)
 
 
+def apply_rotary_emb_qkv_(qkv, cos, sin, cos_k=None, sin_k=None, interleaved=False, seqlen_offsets=0,
+                          num_heads_q=None):
+    """flash-attn's in-place rotary of packed q and k: qkv (batch, seqlen, 3, heads, headdim), or (batch, seqlen,
+    heads_q + 2 * heads_k, headdim) with ``num_heads_q``; k uses cos_k, sin_k if given. Returns qkv."""
+    return _impl("apply_rotary_emb_qkv_", qkv)(qkv, cos, sin, cos_k, sin_k, interleaved, seqlen_offsets, num_heads_q)
+
+
+def apply_rotary_emb_kv_(kv, cos, sin, interleaved=False, seqlen_offsets=0):
+    """flash-attn's in-place rotary of k in kv (batch, seqlen, 2, heads, headdim). Returns kv."""
+    return _impl("apply_rotary_emb_kv_", kv)(kv, cos, sin, interleaved, seqlen_offsets)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, elementwise; gate and up of one shape and dtype."""
     return _impl("swiglu", gate)(gate, up)
 
 
 def cross_entropy(logits, labels, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
-                  process_group=None):
-    """Cross-entropy of logits (tokens, vocab) against labels (tokens,); see reference.cross_entropy."""
+                  process_group=None, *, logit_scale=1.0, return_z_loss=False, precomputed_lse=None):
+    """Cross-entropy of logits (tokens, vocab) against labels (tokens,), fp32; flash-attn's cross_entropy_loss
+    with CrossEntropyLoss's reductions (z_loss is its lse_square_scale). With return_z_loss, (loss, the z-loss
+    part reduced alike, not differentiable). precomputed_lse (tokens,) is used where flash-attn uses it
+    (label_smoothing 0, logit_scale 1). Labels outside [0, vocab) other than ignore_index raise a ValueError on
+    the reference path, and on the Triton path with EVO_DEBUG=1. See reference.cross_entropy and loss.py."""
     return _impl("cross_entropy", logits)(logits, labels, ignore_index, label_smoothing, z_loss, reduction,
-                                          process_group)
+                                          process_group, logit_scale=logit_scale, return_z_loss=return_z_loss,
+                                          precomputed_lse=precomputed_lse)
+
+
+def cross_entropy_loss(logits, labels, precomputed_lse=None, label_smoothing=0.0, logit_scale=1.0,
+                       lse_square_scale=0.0, ignore_index=-100, inplace_backward=False, process_group=None):
+    """flash-attn's functional cross-entropy (flash_attn.ops.triton.cross_entropy), same signature: returns
+    (losses, z_losses), both (tokens,) fp32 and 0 where ignored; losses include the z-loss
+    lse_square_scale * lse^2, z_losses is that part alone (not differentiable). ``inplace_backward`` (a memory
+    saving of flash-attn's) is accepted and changes nothing here. ``cross_entropy`` with reduction="none"."""
+    return cross_entropy(logits, labels, ignore_index, label_smoothing, lse_square_scale, "none", process_group,
+                         logit_scale=logit_scale, return_z_loss=True, precomputed_lse=precomputed_lse)
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100, label_smoothing=0.0,
-                               z_loss=0.0, reduction="mean", process_group=None, return_accuracy=False):
-    """Cross-entropy of hidden (tokens, d) @ weight (vocab, d).T (+ bias) without keeping the logits
-    (in the Triton backend). With return_accuracy, returns (loss, number of correct argmax tokens)."""
+                               z_loss=0.0, reduction="mean", process_group=None, return_accuracy=False, *,
+                               logit_scale=1.0):
+    """Cross-entropy of logit_scale * (hidden (tokens, d) @ weight (vocab, d).T (+ bias)) without keeping the
+    logits (in the Triton backend). With return_accuracy, returns (loss, number of correct argmax tokens)."""
     return _impl("fused_linear_cross_entropy", hidden)(hidden, weight, labels, bias, ignore_index, label_smoothing,
-                                                       z_loss, reduction, process_group, return_accuracy)
+                                                       z_loss, reduction, process_group, return_accuracy,
+                                                       logit_scale=logit_scale)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -144,6 +177,26 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """flash-attn 2's attention: q (batch, seqlen_q, heads_q, d), k and v (batch, seqlen_k, heads_kv, d)."""
     return _impl("flash_attn_func", q)(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                                        alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                            cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
+                            num_splits=0, return_softmax_lse=False):
+    """flash-attn 2's attention against a KV cache, for decoding; no backward (as flash-attn).
+
+    q (batch, seqlen_q, heads_q, d); k_cache, v_cache (batch_cache, seqlen_cache, heads_kv, d), updated in place
+    with k, v (batch, seqlen_new, heads_kv, d) written at rows cache_seqlens (an int or an int32 (batch,) tensor;
+    None: the whole cache is valid) of cache row cache_batch_idx[b]. With rotary_cos, rotary_sin (seqlen_ro >=
+    seqlen_cache, rotary_dim / 2) the new k is rotated at positions cache_seqlens + i, and q too when causal or
+    local (else all of q at cache_seqlens). cache_leftpad (batch,): keys before it are not attended. block_table
+    and alibi_slopes raise NotImplementedError. Returns out (batch, seqlen_q, heads_q, d), or (out, softmax_lse
+    (batch, heads_q, seqlen_q) fp32) with return_softmax_lse.
+    """
+    return _impl("flash_attn_with_kvcache", q)(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                                               cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
+                                               window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,
+                                               return_softmax_lse)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -178,6 +231,8 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                   return_attn_probs)
 
 
-__all__ = ["backend", "use_backend", "rms_norm", "fused_add_rms_norm", "apply_rotary_emb", "swiglu", "cross_entropy",
+__all__ = ["backend", "use_backend", "rms_norm", "fused_add_rms_norm", "apply_rotary_emb", "apply_rotary_emb_qkv_",
+           "apply_rotary_emb_kv_", "swiglu", "cross_entropy", "cross_entropy_loss",
            "fused_linear_cross_entropy", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func",
-           "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func"]
+           "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
+           "flash_attn_with_kvcache"]

@@ -1,9 +1,11 @@
-"""FlashAttention-style attention in Triton: forward and backward, causal, GQA, packed varlen.
+"""FlashAttention-style attention in Triton: forward and backward, causal, GQA, packed varlen, KV cache.
 
 Math, per sequence and query head h (kv head h // (heads_q / heads_kv)), scale c:
     s_ij = c * q_i . k_j;   with softcap: s_ij = cap * tanh(s_ij / cap)
     key j is allowed for query i when, with shift = seqlen_k - seqlen_q (bottom-right alignment):
-        j <= i + shift + right  (right = 0 when causal)   and   j >= i + shift - left   (when left >= 0)
+        j <= i + shift + right  (when right >= 0)   and   j >= i + shift - left   (when left >= 0)
+    (left, right) is flash-attn's window after its normalization (reference.attention_window: causal forces
+    right = 0, a side >= seqlen_k is unbounded, ...), done once per call with the call's seqlen_q / seqlen_k.
     lse_i = log sum_j exp(s_ij),   p_ij = exp(s_ij - lse_i),   o_i = sum_j p_ij v_j
 A query with no allowed key outputs zeros and gets lse = +inf (so its backward p is 0), as flash-attn.
 
@@ -21,7 +23,11 @@ once; ``_attn_bwd_dq`` owns a query block and loops over key blocks. No atomics 
 inputs give bit-identical gradients.
 
 Layout: q (total_q, heads_q, d), k and v (total_k, heads_kv, d) with int32 cu_seqlens (batch + 1,);
-the batched API is reshaped onto this one. Head dims that are not powers of two are padded to
+the batched API is reshaped onto this one. ``flash_attn_with_kvcache`` (forward only, as flash-attn) runs the
+same forward kernel with KV_CACHE: batch row b's keys are read in place from its cache row, from element offsets
+and a key count the launcher computes from cache_batch_idx, cache_leftpad and cache_seqlens (no host sync, no
+copy of the cache); the cache update and rotary happen before it (reference.prepare_kvcache, shared by both
+backends, with evo's rotary kernel here). Head dims that are not powers of two are padded to
 BLOCK_D inside the kernel (masked loads). Under Triton's interpreter the tiles are cast to fp32 before
 ``tl.dot`` (its bf16 dot is wrong); fp32 inputs use exact ("ieee") dots. With ``EVO_ATTN_TMA=1`` on
 Hopper or newer, the forward loads K and V through TMA tensor descriptors built per sequence and head
@@ -39,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from evo.kernels.reference import attention_window, prepare_kvcache
+from evo.kernels.rotary import apply_rotary_emb
 from evo.kernels.triton_utils import OpaqueOp, interpreting
 
 LOG2E = 1.4426950408889634
@@ -161,28 +169,35 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, stride_km, stride_vm, start_n, offs_m, off
 
 # grid: (cdiv(max_seqlen_q, BLOCK_M), batch, heads_q); one query block of one head of one sequence,
 # streaming only the key blocks it can see: masked blocks at the window's edges and the diagonal,
-# unmasked ones in between
+# unmasked ones in between. KV_CACHE: sequence b's keys are not a cu_seqlens span but CU_K's (3, batch)
+# int64 columns: element offsets of its first key in K and in V, and its key count (flash_attn_with_kvcache)
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
               stride_om, stride_oh, stride_lse_h, scale2, softcap, left, right, group, head_dim, seqlen_bucket,
               CAUSAL: tl.constexpr, LOCAL: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              TMA: tl.constexpr):
+              TMA: tl.constexpr, KV_CACHE: tl.constexpr):
     pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, seqlen_q = _seq(CU_Q, b)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
-    k_start, seqlen_k = _seq(CU_K, b)
     hk = h // group
+    if KV_CACHE:
+        batch = tl.num_programs(1)
+        seqlen_k = tl.load(CU_K + 2 * batch + b).to(tl.int32)
+        Kh = K + tl.load(CU_K + b) + hk * stride_kh
+        Vh = V + tl.load(CU_K + batch + b) + hk * stride_vh
+    else:
+        k_start, seqlen_k = _seq(CU_K, b)
+        Kh = K + k_start * stride_km + hk * stride_kh
+        Vh = V + k_start * stride_vm + hk * stride_vh
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     row_ok = offs_m < seqlen_q
     q = tl.load(Q + (q_start + offs_m[:, None]) * stride_qm + h * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    Kh = K + k_start * stride_km + hk * stride_kh
-    Vh = V + k_start * stride_vm + hk * stride_vh
     if TMA:  # Hopper's tensor memory accelerator loads whole (BLOCK_N, BLOCK_D) tiles of this sequence's head
         Kh = tl.make_tensor_descriptor(Kh, shape=[seqlen_k, head_dim], strides=[stride_km, 1],
                                        block_shape=[BLOCK_N, BLOCK_D])
@@ -398,7 +413,7 @@ def _launcher(kernel, block_d: int):
         return kernel, dict(small.kwargs, num_warps=small.num_warps, num_stages=small.num_stages)
     key = (kernel, block_d)
     if key not in _TUNED:
-        tune_key = _TUNE_KEY + (["TMA"] if kernel is _attn_fwd else [])
+        tune_key = _TUNE_KEY + (["TMA", "KV_CACHE"] if kernel is _attn_fwd else [])
         _TUNED[key] = triton.autotune(configs=_gpu_configs(block_d), key=tune_key)(kernel)
     return _TUNED[key], {}
 
@@ -408,10 +423,9 @@ def _bucket(seqlen: int) -> int:
     return triton.next_power_of_2(max(int(seqlen), 1))
 
 
-def _flags(q, causal, window_size, softcap):
-    left, right = window_size
-    if causal and right < 0:
-        right = 0
+def _flags(q, left, right, softcap):
+    """Kernel specialization for a window normalized by ``attention_window`` (-1: no bound on that side):
+    CAUSAL is the right bound (plain causal: right = 0), LOCAL the left one."""
     fp32 = q.dtype == torch.float32
     return dict(CAUSAL=right >= 0, LOCAL=left >= 0, SOFTCAP=softcap > 0, DOT_FP32=interpreting() or fp32,
                 PRECISION="ieee" if fp32 else "tf32"), max(left, 0), max(right, 0)
@@ -453,13 +467,13 @@ def _use_tma(q, k, v) -> bool:
                for t in (k, v))
 
 
-def _forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, softcap):
-    """(out (total_q, heads_q, d), lse (heads_q, total_q) fp32) for unit-stride q, k, v; window (left, right)."""
+def _forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap):
+    """(out (total_q, heads_q, d), lse (heads_q, total_q) fp32) for unit-stride q, k, v; a normalized window."""
     total_q, heads_q, head_dim = q.shape
     batch = cu_q.shape[0] - 1
     out = torch.empty_like(q)
     lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=q.device)
-    flags, left, right = _flags(q, causal, (left, right), softcap)
+    flags, left, right = _flags(q, left, right, softcap)
     block_d = max(16, triton.next_power_of_2(head_dim))
     group = heads_q // k.shape[1]
     if total_q and batch:
@@ -468,21 +482,21 @@ def _forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, soft
         kernel[grid](q, k, v, out, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                      v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0), scale * LOG2E,
                      float(softcap), left, right, group, head_dim, _bucket(max_q), **flags, BLOCK_D=block_d,
-                     TMA=_use_tma(q, k, v), **opts)
+                     TMA=_use_tma(q, k, v), KV_CACHE=False, **opts)
     return out, lse
 
 
-def _forward_fake(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, softcap):
+def _forward_fake(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-def _backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, left, right, softcap):
+def _backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, softcap):
     """(dq, dk, dv) for unit-stride inputs."""
     total_q, heads_q, head_dim = q.shape
     heads_kv, batch = k.shape[1], cu_q.shape[0] - 1
     delta = (dout.float() * out.float()).sum(-1).t().contiguous()  # (heads_q, total_q), like lse
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    flags, left, right = _flags(q, causal, (left, right), softcap)
+    flags, left, right = _flags(q, left, right, softcap)
     block_d = max(16, triton.next_power_of_2(head_dim))
     group = heads_q // heads_kv
     common = (scale * LOG2E, float(softcap), left, right, group, head_dim)
@@ -505,7 +519,7 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, 
     return dq, dk, dv
 
 
-_SIGNATURE = "int max_q, int max_k, float scale, bool causal, int left, int right, float softcap"
+_SIGNATURE = "int max_q, int max_k, float scale, int left, int right, float softcap"
 _forward_op = OpaqueOp("flash_attn_fwd", f"(Tensor q, Tensor k, Tensor v, Tensor cu_q, Tensor cu_k, {_SIGNATURE})"
                        " -> (Tensor, Tensor)", _forward, _forward_fake)
 _backward_op = OpaqueOp("flash_attn_bwd", "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
@@ -513,13 +527,42 @@ _backward_op = OpaqueOp("flash_attn_bwd", "(Tensor dout, Tensor q, Tensor k, Ten
                         lambda dout, q, k, v, *args: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
 
 
+def _kvcache_forward(q, k_cache, v_cache, spans, scale, left, right, softcap):
+    """(out (batch, seqlen_q, heads_q, d), lse (batch, heads_q, seqlen_q) fp32) of q (batch, seqlen_q, heads_q, d)
+    against the caches (batch_cache, seqlen_cache, heads_kv, d): batch row b sees spans[2, b] keys starting at
+    element offset spans[0, b] of k_cache and spans[1, b] of v_cache (int64 (3, batch)); a normalized window."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    q = q.reshape(batch * seqlen_q, heads_q, head_dim)  # a view unless q was not row-major in its first two dims
+    out = q.new_empty(q.shape)  # contiguous, as the fake's
+    lse = torch.empty((heads_q, batch * seqlen_q), dtype=torch.float32, device=q.device)
+    flags, left, right = _flags(q, left, right, softcap)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if q.shape[0]:
+        cu_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=q.device)
+        kernel, opts = _launcher(_attn_fwd, block_d)
+        grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch, heads_q)  # noqa: E731
+        # a cache row's keys may start anywhere (leftpad), so not TMA's 16-byte aligned descriptors
+        kernel[grid](q, k_cache, v_cache, out, lse, cu_q, spans, q.stride(0), q.stride(1), k_cache.stride(1),
+                     k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+                     lse.stride(0), scale * LOG2E, float(softcap), left, right, heads_q // k_cache.shape[2], head_dim,
+                     _bucket(seqlen_q), **flags, BLOCK_D=block_d, TMA=False, KV_CACHE=True, **opts)
+    return (out.view(batch, seqlen_q, heads_q, head_dim),
+            lse.view(heads_q, batch, seqlen_q).permute(1, 0, 2).contiguous())
+
+
+_kvcache_op = OpaqueOp("flash_attn_kvcache_fwd", "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor spans, "
+                       "float scale, int left, int right, float softcap) -> (Tensor, Tensor)", _kvcache_forward,
+                       lambda q, *args: (q.new_empty(q.shape),
+                                         q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)))
+
+
 class FlashAttnVarlenFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_size, softcap):
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap):
         if cu_k is None:  # self-attention layouts pass one cu_seqlens (Dynamo refuses one tensor given twice)
             cu_k = cu_q
         q, k, v = _unit_last(q, k, v)
-        options = (max_q, max_k, scale, causal, window_size[0], window_size[1], softcap)
+        options = (max_q, max_k, scale, left, right, softcap)
         out, lse = _forward_op(q, k, v, cu_q, cu_k, *options)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         ctx.options = options
@@ -538,13 +581,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False):
     """flash-attn 2's varlen attention (see the module docstring). The backward is deterministic
-    whatever ``deterministic`` says."""
+    whatever ``deterministic`` says. window_size: any pair of integers, tensors included."""
     _check(q, k, v, dropout_p, alibi_slopes)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     cu_q = cu_seqlens_q.to(torch.int32)
     cu_k = None if cu_seqlens_k is cu_seqlens_q else cu_seqlens_k.to(torch.int32)
-    out, lse = FlashAttnVarlenFunction.apply(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale, causal,
-                                             tuple(window_size), float(softcap))
+    max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
+    left, right = attention_window(causal, window_size, max_q, max_k)
+    out, lse = FlashAttnVarlenFunction.apply(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, float(softcap))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -564,3 +608,27 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         o, lse, _ = out
         return o.view(batch, sq, hq, d), lse.view(hq, batch, sq).permute(1, 0, 2), None
     return out.view(batch, sq, hq, d)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                            cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
+                            num_splits=0, return_softmax_lse=False):
+    """flash-attn 2's decoding attention (forward only, as flash-attn): q (batch, seqlen_q, heads_q, d); k_cache,
+    v_cache (batch_cache, seqlen_cache, heads_kv, d), updated in place with k, v (batch, seqlen_new, heads_kv, d) at
+    cache_seqlens (an int or an int32 (batch,) tensor; None: the whole cache is valid). Rotary, cache_batch_idx,
+    cache_leftpad, causal / window / softcap as flash-attn (reference.prepare_kvcache has the rules); the cache
+    update and rotary run as torch ops and evo's rotary kernel, the attention in ``_attn_fwd`` reading the cache
+    rows in place. ``num_splits`` is accepted and ignored (a flash-attn performance knob). Returns out (batch,
+    seqlen_q, heads_q, d), or (out, softmax_lse (batch, heads_q, seqlen_q) fp32) with return_softmax_lse."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"flash_attn_with_kvcache: q must be fp16, bf16 or fp32; got {q.dtype}")
+    q, cache_row, leftpad, seqlen_k, left, right = prepare_kvcache(
+        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+        causal, window_size, rotary_interleaved, alibi_slopes, apply_rotary_emb)
+    spans = torch.stack((cache_row * k_cache.stride(0) + leftpad * k_cache.stride(1),
+                         cache_row * v_cache.stride(0) + leftpad * v_cache.stride(1), seqlen_k))
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    (q,) = _unit_last(q)
+    out, lse = _kvcache_op(q, k_cache, v_cache, spans, scale, left, right, float(softcap))
+    return (out, lse) if return_softmax_lse else out

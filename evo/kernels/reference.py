@@ -19,17 +19,22 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ RMSNorm
+def _rms(xf: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * _acc(weight)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """y = x / sqrt(mean(x^2) + eps) * weight over the last dim; statistics in fp32."""
-    xf = _acc(x)
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * rstd * _acc(weight)).to(x.dtype)
+    return _rms(_acc(x), weight, eps).to(x.dtype)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
-    """(rms_norm(x + residual), x + residual); the sum is rounded to x.dtype before the norm."""
-    summed = (_acc(x) + _acc(residual)).to(x.dtype)
-    return rms_norm(summed, weight, eps), summed
+    """(rms_norm(x + residual) in x.dtype, x + residual in residual.dtype), as flash-attn's prenorm rms_norm_fn:
+    the sum is taken in fp32 and normalized unrounded; only the returned sum is rounded, to residual.dtype."""
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    summed = _acc(x) + _acc(residual)
+    return _rms(summed, weight, eps).to(x.dtype), summed.to(residual.dtype)
 
 
 # ------------------------------------------------------------------------------------ rotary
@@ -69,10 +74,45 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
         pos = (pos + offsets).expand(x.shape[0], seqlen)
         c, s = _acc(cos[pos][:, :, None, :]), _acc(sin[pos][:, :, None, :])  # (batch, seqlen, 1, rot/2)
     out = _rotate(x, c, s, interleaved)
-    if inplace:
-        x.copy_(out)
-        return x
-    return out
+    return _write_in_place(x, out) if inplace else out
+
+
+def _write_in_place(x, out):
+    """flash-attn's in-place contract: x holds ``out`` afterwards. Where autograd forbids changing x in place (a
+    leaf that requires grad, or a view of one) x is written outside autograd and ``out``, which carries the
+    graph back to x, is returned; elsewhere the copy is tracked by autograd and x itself returned."""
+    base = x if x._base is None else x._base
+    if base.is_leaf and base.requires_grad and torch.is_grad_enabled():
+        with torch.no_grad():
+            x.copy_(out)
+        return out
+    x.copy_(out)
+    return x
+
+
+def apply_rotary_emb_qkv_(qkv, cos, sin, cos_k=None, sin_k=None, interleaved=False, seqlen_offsets=0,
+                          num_heads_q=None):
+    """flash-attn's in-place rotary of packed q and k: qkv (batch, seqlen, 3, heads, d), or (batch, seqlen,
+    heads_q + 2 * heads_k, d) with num_heads_q; k uses cos_k, sin_k when given. v is left as it is."""
+    cos_k, sin_k = (cos, sin) if cos_k is None else (cos_k, sin_k)
+    if qkv.dim() == 5:
+        q, k, v = qkv.unbind(2)
+    else:
+        if num_heads_q is None:
+            raise ValueError("qkv (batch, seqlen, heads_q + 2 * heads_k, d) needs num_heads_q")
+        heads_k = (qkv.shape[2] - num_heads_q) // 2
+        q, k, v = qkv.split([num_heads_q, heads_k, qkv.shape[2] - num_heads_q - heads_k], dim=2)
+    q = apply_rotary_emb(q, cos, sin, interleaved, seqlen_offsets=seqlen_offsets)
+    k = apply_rotary_emb(k, cos_k, sin_k, interleaved, seqlen_offsets=seqlen_offsets)
+    rotated = torch.stack((q, k, v), dim=2) if qkv.dim() == 5 else torch.cat((q, k, v), dim=2)
+    return _write_in_place(qkv, rotated)
+
+
+def apply_rotary_emb_kv_(kv, cos, sin, interleaved=False, seqlen_offsets=0):
+    """flash-attn's in-place rotary of packed k and v: kv (batch, seqlen, 2, heads, d); k rotated, v left."""
+    k, v = kv.unbind(2)
+    rotated = torch.stack((apply_rotary_emb(k, cos, sin, interleaved, seqlen_offsets=seqlen_offsets), v), dim=2)
+    return _write_in_place(kv, rotated)
 
 
 # ------------------------------------------------------------------------------------ SwiGLU
@@ -83,41 +123,66 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ cross-entropy
 def cross_entropy(logits, labels, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
-                  process_group=None):
-    """Per token: (1 - s) * (lse - x[label]) + s * (lse - mean(x)) + z_loss * lse^2, 0 where ignored.
+                  process_group=None, *, logit_scale=1.0, return_z_loss=False, precomputed_lse=None):
+    """Per token, with x = logit_scale * logits and lse = logsumexp(x):
+    (1 - s) * (lse - x[label]) + s * (lse - mean(x)) + z_loss * lse^2, 0 where ignored.
 
-    logits (tokens, vocab) in any float dtype (computed in fp32); labels (tokens,). ``mean`` divides by
-    the number of non-ignored tokens (0 when there are none, not NaN).
+    logits (tokens, vocab) in any float dtype (computed in fp32); labels (tokens,), each in [0, vocab) or
+    ignore_index (else a ValueError naming it; checked eagerly, not inside a torch.compile trace). ``mean``
+    divides by the number of non-ignored tokens (0 when there are none, not NaN). With return_z_loss, returns
+    (loss, z-loss part of it), the latter reduced alike and not differentiable (flash-attn's, for logging).
+    precomputed_lse (tokens,) is used as lse only where flash-attn uses it (label_smoothing 0, logit_scale 1;
+    otherwise ignored); it gets no gradient, and the logits' gradient is flash-attn's, exp(x - lse) - onehot.
     """
     if process_group is not None:
         raise NotImplementedError("cross_entropy with process_group (vocab-parallel) needs the Triton backend")
     _check_reduction(reduction)
-    x = _acc(logits)
+    if not torch.compiler.is_compiling():
+        check_labels(labels, ignore_index, logits.shape[-1])
+    x = _acc(logits) * logit_scale if logit_scale != 1.0 else _acc(logits)
     valid = labels != ignore_index
     target = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    lse = torch.logsumexp(x, dim=-1)
+    if precomputed_lse is not None and label_smoothing == 0 and logit_scale == 1.0:
+        lse = precomputed_lse.detach().to(x.dtype)
+        p_sum = torch.exp(x - lse[:, None]).sum(-1)
+        lse = lse + (p_sum - p_sum.detach())  # the value given; its gradient exp(x - lse), as flash-attn's backward
+    else:
+        lse = torch.logsumexp(x, dim=-1)
     nll = lse - x.gather(-1, target[:, None]).squeeze(-1)
     loss = nll if label_smoothing == 0 else (1 - label_smoothing) * nll + label_smoothing * (lse - x.mean(-1))
-    if z_loss:
-        loss = loss + z_loss * lse.square()
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
-    return _reduce(loss, valid, reduction)
+    z_part = z_loss * lse.square() if z_loss else torch.zeros_like(lse)
+    loss = torch.where(valid, loss + z_part, torch.zeros_like(loss))
+    if not return_z_loss:
+        return _reduce(loss, valid, reduction)
+    z_part = torch.where(valid, z_part, torch.zeros_like(z_part)).detach()
+    return _reduce(loss, valid, reduction), _reduce(z_part, valid, reduction)
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100, label_smoothing=0.0,
-                               z_loss=0.0, reduction="mean", process_group=None, return_accuracy=False):
-    """cross_entropy(hidden @ weight.T + bias, labels); the reference materializes the logits.
+                               z_loss=0.0, reduction="mean", process_group=None, return_accuracy=False, *,
+                               logit_scale=1.0):
+    """cross_entropy(hidden @ weight.T + bias, labels, logit_scale=...); the reference materializes the logits.
 
     hidden (tokens, d), weight (vocab, d), bias (vocab,) or None. With return_accuracy, also returns
     the number of non-ignored tokens whose argmax logit is the label (an int64 tensor).
     """
     logits = F.linear(hidden, weight, bias)
-    loss = cross_entropy(logits, labels, ignore_index, label_smoothing, z_loss, reduction, process_group)
+    loss = cross_entropy(logits, labels, ignore_index, label_smoothing, z_loss, reduction, process_group,
+                         logit_scale=logit_scale)
     if not return_accuracy:
         return loss
     with torch.no_grad():
         correct = ((logits.argmax(-1) == labels) & (labels != ignore_index)).sum()
     return loss, correct
+
+
+def check_labels(labels: torch.Tensor, ignore_index: int, vocab: int) -> None:
+    """Raise ValueError naming the first label outside [0, vocab) that is not ignore_index (a host sync)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"cross_entropy: label {int(labels[i])} (token {i}) is outside the vocabulary of size "
+                         f"{vocab}: labels must be in [0, {vocab}) or ignore_index ({ignore_index})")
 
 
 def _check_reduction(reduction: str) -> None:
@@ -141,14 +206,40 @@ def _check_attention_args(dropout_p, alibi_slopes):
         raise NotImplementedError("alibi_slopes is not implemented in evo")
 
 
-def _attention_mask(sq: int, sk: int, causal: bool, window_size, device) -> torch.Tensor | None:
-    """Boolean (sq, sk) mask of allowed keys; causal and windows aligned to the bottom right, as flash-attn."""
-    left, right = window_size
-    if right < 0 and causal:
+def attention_window(causal: bool, window_size, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
+    """flash-attn's key window (left, right) after its argument normalization; both backends use it.
+
+    Query i of a sequence with sq queries and sk keys may see key j iff
+    ``i + sk - sq - left <= j <= i + sk - sq + right``, a bound of -1 being absent. ``window_size`` is any
+    pair of integers (ints or 0-d tensors); seqlen_q, seqlen_k are the call's: the batched API's, the varlen
+    API's max_seqlen_q / max_seqlen_k, the kvcache API's seqlen_q and cache length. The rules, from
+    flash-attn 2.8's csrc/flash_attn/flash_api.cpp (mha_fwd, mha_varlen_fwd, mha_fwd_kvcache, set_params_fprop):
+    one query turns causal off (it changes no mask); causal forces right = 0; a side >= seqlen_k becomes
+    unbounded; with left bounded an unbounded right becomes seqlen_k (it can then exclude keys, for the
+    first queries when sq > sk + 1). flash-attn also bounds an unbounded left at seqlen_k when right is
+    bounded; that never excludes a key (i + sk - sq - seqlen_k < 0), so it stays -1 here: plain causal
+    keeps the kernel's cheaper one-sided mask.
+    """
+    left, right = (int(w) for w in window_size)
+    left, right = max(left, -1), max(right, -1)
+    if seqlen_q == 1:
+        causal = False
+    if causal:
         right = 0
+    if left >= seqlen_k:
+        left = -1
+    if right >= seqlen_k:
+        right = -1
+    if left >= 0 and right < 0:
+        right = seqlen_k
+    return left, right
+
+
+def _attention_mask(sq: int, sk: int, left: int, right: int, device) -> torch.Tensor | None:
+    """Boolean (sq, sk) mask of allowed keys for a normalized window (``attention_window``); None: all."""
     if left < 0 and right < 0:
         return None
-    i = torch.arange(sq, device=device)[:, None] + (sk - sq)
+    i = torch.arange(sq, device=device)[:, None] + (sk - sq)  # bottom-right aligned, as flash-attn
     j = torch.arange(sk, device=device)[None, :]
     allowed = torch.ones(sq, sk, dtype=torch.bool, device=device)
     if right >= 0:
@@ -158,23 +249,17 @@ def _attention_mask(sq: int, sk: int, causal: bool, window_size, device) -> torc
     return allowed
 
 
-def attention(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0):
-    """One sequence: q (sq, hq, d), k and v (sk, hkv, d) -> out (sq, hq, d), lse (hq, sq) in fp32.
-
-    Scores s = q k^T * scale, soft-capped as softcap * tanh(s / softcap) when softcap > 0, masked, then
-    softmax over keys. A query with no allowed key outputs zeros and has lse = +inf, as in flash-attn.
-    """
+def _attend(q, k, v, scale, left, right, softcap):
+    """One sequence, a normalized window: q (sq, hq, d), k and v (sk, hkv, d) -> out (sq, hq, d), lse (hq, sq)."""
     sq, hq, d = q.shape
-    hkv = k.shape[1]
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    group = hq // hkv
+    group = hq // k.shape[1]
     qf = _acc(q).transpose(0, 1)  # (hq, sq, d)
     kf = _acc(k).transpose(0, 1).repeat_interleave(group, dim=0)  # (hq, sk, d)
     vf = _acc(v).transpose(0, 1).repeat_interleave(group, dim=0)
     s = qf @ kf.transpose(1, 2) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    mask = _attention_mask(sq, k.shape[0], causal, window_size, q.device)
+    mask = _attention_mask(sq, k.shape[0], left, right, q.device)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (hq, sq)
@@ -184,9 +269,21 @@ def attention(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), s
     return out, lse
 
 
-def _fast_path(q, k, causal, window_size, softcap, return_lse) -> bool:
+def attention(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0):
+    """One sequence: q (sq, hq, d), k and v (sk, hkv, d) -> out (sq, hq, d), lse (hq, sq) in fp32.
+
+    Scores s = q k^T * scale, soft-capped as softcap * tanh(s / softcap) when softcap > 0, masked by
+    ``attention_window``, then softmax over keys. A query with no allowed key outputs zeros and has
+    lse = +inf, as in flash-attn.
+    """
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    left, right = attention_window(causal, window_size, q.shape[0], k.shape[0])
+    return _attend(q, k, v, scale, left, right, softcap)
+
+
+def _fast_path(q, k, left, right, softcap, return_lse) -> bool:
     # SDPA's causal mask is top-left aligned: only use it where that equals flash-attn's bottom-right
-    return softcap == 0 and not return_lse and tuple(window_size) == (-1, -1) and (not causal or q.shape[0] == k.shape[0])
+    return softcap == 0 and not return_lse and left < 0 and (right < 0 or (right == 0 and q.shape[0] == k.shape[0]))
 
 
 def _sdpa(q, k, v, scale, causal):
@@ -199,6 +296,12 @@ def _sdpa(q, k, v, scale, causal):
     return out.transpose(0, 1).to(q.dtype)
 
 
+def _sequence(q, k, v, scale, left, right, softcap, return_lse):
+    if _fast_path(q, k, left, right, softcap, return_lse):
+        return _sdpa(q, k, v, scale, right == 0), None
+    return _attend(q, k, v, scale, left, right, softcap)
+
+
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                            alibi_slopes=None, deterministic=False, return_attn_probs=False):
@@ -206,16 +309,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     cu_seqlens[i]:cu_seqlens[i+1] and attends only within itself. Returns out, or (out, lse (hq, total_q), None)."""
     _check_attention_args(dropout_p, alibi_slopes)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    left, right = attention_window(causal, window_size, int(max_seqlen_q), int(max_seqlen_k))
     bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs, lses = [], []
     for i in range(len(bq) - 1):
-        qi, ki, vi = q[bq[i]:bq[i + 1]], k[bk[i]:bk[i + 1]], v[bk[i]:bk[i + 1]]
-        if _fast_path(qi, ki, causal, window_size, softcap, return_attn_probs):
-            outs.append(_sdpa(qi, ki, vi, scale, causal))
-        else:
-            o, lse = attention(qi, ki, vi, scale, causal, window_size, softcap)
-            outs.append(o)
-            lses.append(lse)
+        o, lse = _sequence(q[bq[i]:bq[i + 1]], k[bk[i]:bk[i + 1]], v[bk[i]:bk[i + 1]], scale, left, right, softcap,
+                           return_attn_probs)
+        outs.append(o)
+        lses.append(lse)
     out = torch.cat(outs, dim=0)
     if return_attn_probs:
         return out, torch.cat(lses, dim=1), None
@@ -226,16 +327,110 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """Batched: q (batch, sq, hq, d), k and v (batch, sk, hkv, d). Returns out, or (out, lse (batch, hq, sq), None)."""
     _check_attention_args(dropout_p, alibi_slopes)
-    outs, lses = [], []
-    for b in range(q.shape[0]):
-        if _fast_path(q[b], k[b], causal, window_size, softcap, return_attn_probs):
-            scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-            outs.append(_sdpa(q[b], k[b], v[b], scale, causal))
-        else:
-            o, lse = attention(q[b], k[b], v[b], softmax_scale, causal, window_size, softcap)
-            outs.append(o)
-            lses.append(lse)
-    out = torch.stack(outs)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    left, right = attention_window(causal, window_size, q.shape[1], k.shape[1])
+    results = [_sequence(q[b], k[b], v[b], scale, left, right, softcap, return_attn_probs) for b in range(q.shape[0])]
+    out = torch.stack([o for o, _ in results])
     if return_attn_probs:
-        return out, torch.stack(lses), None
+        return out, torch.stack([lse for _, lse in results]), None
     return out
+
+
+def prepare_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                    block_table, causal, window_size, rotary_interleaved, alibi_slopes, rotary):
+    """flash_attn_with_kvcache's argument checks, rotary and in-place cache update, shared by both backends
+    (``rotary``: an ``apply_rotary_emb``). Returns (q rotated, cache_row, leftpad, seqlen_k, left, right): batch row b
+    attends to keys leftpad[b] .. leftpad[b] + seqlen_k[b] - 1 of cache row cache_row[b] (int64 (batch,) tensors)
+    with the normalized window (left, right). Semantics of flash-attn 2.8 (flash_attn_interface.py's docstring;
+    csrc/flash_attn/flash_api.cpp mha_fwd_kvcache; src/block_info.h; flash_fwd_kernel.h's split-kv kernel):
+    batch row b uses cache row cache_batch_idx[b]; its cache holds keys leftpad[b] .. cache_seqlens[b] - 1;
+    new k (rotated at positions cache_seqlens[b] + i) and v are written at cache_seqlens[b] + i; q is rotated
+    at positions cache_seqlens[b] + i when the normalized window is causal or local, else all of it at
+    cache_seqlens[b]; the keys attended are leftpad[b] .. cache_seqlens[b] + seqlen_new - 1, the window
+    aligned to their bottom right. Host syncs: none."""
+    if block_table is not None:
+        raise NotImplementedError("flash_attn_with_kvcache: block_table (a paged KV cache) is not implemented in evo")
+    if alibi_slopes is not None:
+        raise NotImplementedError("flash_attn_with_kvcache: alibi_slopes is not implemented in evo")
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    cache_batch, cache_len, heads_kv = k_cache.shape[:3]
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or \
+            k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q, k_cache and v_cache must share one float dtype; got {q.dtype}, {k_cache.dtype}, "
+                         f"{v_cache.dtype}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != head_dim or heads_q % heads_kv:
+        raise ValueError(f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}: need "
+                         "(batch, seqlen, heads, d) q and (batch_cache, seqlen_cache, heads_kv, d) caches alike, "
+                         "heads a multiple of heads_kv")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must have a contiguous last dimension (they are updated in place)")
+    if (k is None) != (v is None):
+        raise ValueError("flash_attn_with_kvcache: give k and v together")
+    if k is not None:
+        if cache_seqlens is None:
+            raise ValueError("flash_attn_with_kvcache: new k and v need cache_seqlens (where to write them)")
+        if k.dtype != q.dtype or v.dtype != q.dtype or k.shape != v.shape or k.dim() != 4 or \
+                k.shape[0] != batch or k.shape[2:] != (heads_kv, head_dim):
+            raise ValueError(f"k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} {v.dtype}: need (batch, seqlen_new, "
+                             f"heads_kv, d) like the cache, in {q.dtype}")
+        if seqlen_q > cache_len:
+            raise ValueError(f"with new k and v, seqlen_q ({seqlen_q}) must be at most the cache length ({cache_len})")
+    if rotary_cos is not None or rotary_sin is not None:
+        if rotary_cos is None or rotary_sin is None or rotary_cos.shape != rotary_sin.shape or rotary_cos.dim() != 2:
+            raise ValueError("rotary_cos and rotary_sin: both (seqlen_ro, rotary_dim / 2), or neither")
+        if k is None:
+            raise ValueError("flash_attn_with_kvcache: rotary_cos / rotary_sin need new k and v to rotate")
+        if 2 * rotary_cos.shape[1] > head_dim:
+            raise ValueError(f"rotary_dim ({2 * rotary_cos.shape[1]}) must be at most the head dim ({head_dim})")
+        if rotary_cos.shape[0] < cache_len:  # flash-attn's check; positions reach the cache's end
+            raise ValueError(f"rotary_cos / rotary_sin cover {rotary_cos.shape[0]} positions, fewer than the cache "
+                             f"length {cache_len}")
+    q, k, v = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # as flash-attn
+    device = k_cache.device
+    index = dict(dtype=torch.int64, device=device)
+    if cache_seqlens is None:  # the whole cache
+        cache_seqlens = torch.full((batch,), cache_len, **index)
+    elif torch.is_tensor(cache_seqlens):
+        cache_seqlens = cache_seqlens.to(**index).expand(batch)
+    else:
+        cache_seqlens = torch.full((batch,), int(cache_seqlens), **index)
+    cache_row = torch.arange(batch, **index) if cache_batch_idx is None else cache_batch_idx.to(**index)
+    leftpad = torch.zeros(batch, **index) if cache_leftpad is None else cache_leftpad.to(**index)
+    left, right = attention_window(causal, window_size, seqlen_q, cache_len)
+    seqlen_new = 0
+    if k is not None:
+        seqlen_new = k.shape[1]
+        if rotary_cos is not None:
+            k = rotary(k, rotary_cos, rotary_sin, interleaved=rotary_interleaved, seqlen_offsets=cache_seqlens)
+        rows = cache_seqlens[:, None] + torch.arange(seqlen_new, **index)  # (batch, seqlen_new)
+        k_cache[cache_row[:, None], rows] = k  # in place, only the new rows
+        v_cache[cache_row[:, None], rows] = v
+    if rotary_cos is not None:
+        if left >= 0 or right >= 0:  # causal or local: query i at position cache_seqlens + i
+            q = rotary(q, rotary_cos, rotary_sin, interleaved=rotary_interleaved, seqlen_offsets=cache_seqlens)
+        else:  # every query at position cache_seqlens: one position of seqlen_q * heads_q rows
+            flat = q.reshape(batch, 1, seqlen_q * heads_q, head_dim)
+            q = rotary(flat, rotary_cos, rotary_sin, interleaved=rotary_interleaved,
+                       seqlen_offsets=cache_seqlens).view(q.shape)
+    return q, cache_row, leftpad, cache_seqlens + seqlen_new - leftpad, left, right
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                            cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
+                            num_splits=0, return_softmax_lse=False):
+    """flash-attn's decoding attention against a KV cache (see ``prepare_kvcache``): q (batch, sq, hq, d),
+    caches (batch_cache, seqlen_cache, hkv, d) updated in place with k, v (batch, seqlen_new, hkv, d).
+    Returns out (batch, sq, hq, d), or (out, lse (batch, hq, sq) fp32) with return_softmax_lse."""
+    q, cache_row, leftpad, seqlen_k, left, right = prepare_kvcache(
+        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+        causal, window_size, rotary_interleaved, alibi_slopes, apply_rotary_emb)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    outs, lses = [], []
+    for b, (row, start, length) in enumerate(zip(cache_row.tolist(), leftpad.tolist(), seqlen_k.tolist())):
+        keys, values = k_cache[row, start:start + length], v_cache[row, start:start + length]
+        o, lse = _attend(q[b], keys, values, scale, left, right, softcap)
+        outs.append(o)
+        lses.append(lse)
+    out = torch.stack(outs)
+    return (out, torch.stack(lses)) if return_softmax_lse else out

@@ -13,6 +13,18 @@ Shapes: x (batch, seqlen, heads, headdim), or (total_tokens, heads, headdim) wit
 cu_seqlens (batch + 1,); cos and sin (table_len, rotary_dim / 2); seqlen_offsets an int or a
 (batch,) int tensor. Positions past the table's end are left unrotated (flash-attn requires the
 table to cover seqlen + offset; checking it would need a host sync).
+
+In place (``inplace=True``, and always for ``apply_rotary_emb_qkv_`` / ``apply_rotary_emb_kv_``, which
+rotate the q and k parts of a packed tensor and leave v alone), as flash-attn: x holds the result
+afterwards and is returned, and the gradient still reaches x's producer through the rotation, even
+where x is a leaf that requires grad (or a view of one), which a PyTorch in-place op refuses. There
+the returned tensor is an alias of x carrying the rotation's graph (flash-attn's ``ApplyRotaryEmb``
+returns x without marking it dirty); anywhere else x is marked dirty, so autograd tracks the change
+as for any in-place op. The backward writes a fresh gradient (flash-attn rotates the incoming one in
+place). Inside torch.compile the in-place forms rotate out of place and write x back by the reference's
+rule (``reference._write_in_place``): a compiled graph holds no in-place kernels of its own, and
+AOTAutograd mishandles a Function that marks a graph input dirty (torch 2.13: the gradient came back
+unrotated).
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from evo.kernels.reference import _write_in_place  # the in-place rule of the compiled path is the reference's
 from evo.kernels.triton_utils import OpaqueOp
 
 BLOCK_M = 16
@@ -117,22 +130,29 @@ def _prepare(x, cos, sin, seqlen_offsets):
     return cos, sin, None, int(seqlen_offsets)
 
 
+def _returned_in_place(ctx, x):
+    """flash-attn's contract for an in-place rotation: return x, which the kernel has just rewritten. Marked dirty
+    where autograd allows it; a leaf that requires grad, or a view of one, is returned unmarked (autograd then
+    hands back an alias of x carrying this Function's graph, as flash-attn's ApplyRotaryEmb does), its version
+    bumped so that any graph that saved x's old values fails loudly instead of reading the rotated ones."""
+    base = x if x._base is None else x._base
+    if base.is_leaf and base.requires_grad:
+        torch.autograd.graph.increment_version(x)
+    else:
+        ctx.mark_dirty(x)
+    return x
+
+
 class RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen):
         cos, sin, offsets, offset = _prepare(x, cos, sin, seqlen_offsets)
-        if inplace and not torch.compiler.is_compiling():
-            out = _launch(x, x, cos, sin, interleaved, False, offsets, offset, cu_seqlens, max_seqlen)
-        else:
-            out = _rotated_op(x, cos, sin, interleaved, False, offsets, offset, cu_seqlens, max_seqlen)
-            if inplace:  # a compiled graph has no in-place kernels of its own: rotate, then copy back
-                x.copy_(out)
-                out = x
         ctx.save_for_backward(cos, sin, offsets, cu_seqlens)
         ctx.interleaved, ctx.offset, ctx.max_seqlen = interleaved, offset, max_seqlen
-        if inplace:
-            ctx.mark_dirty(x)
-        return out
+        if inplace:  # eager only (compiled: see the module docstring)
+            _launch(x, x, cos, sin, interleaved, False, offsets, offset, cu_seqlens, max_seqlen)
+            return _returned_in_place(ctx, x)
+        return _rotated_op(x, cos, sin, interleaved, False, offsets, offset, cu_seqlens, max_seqlen)
 
     @staticmethod
     def backward(ctx, dout):
@@ -143,7 +163,100 @@ class RotaryFunction(torch.autograd.Function):
         return dx, None, None, None, None, None, None, None
 
 
+def _packed_parts(packed, num_heads_q, kv):
+    """(q, k, v) views of qkv (batch, seqlen, 3, heads, d) or (batch, seqlen, heads_q + 2 * heads_k, d), each
+    (batch, seqlen, heads, d); (None, k, v) for kv (batch, seqlen, 2, heads, d)."""
+    if kv:
+        if packed.dim() != 5 or packed.shape[2] != 2:
+            raise ValueError(f"kv must be (batch, seqlen, 2, heads, headdim), got {tuple(packed.shape)}")
+        return None, packed[:, :, 0], packed[:, :, 1]
+    if packed.dim() == 5:
+        if packed.shape[2] != 3:
+            raise ValueError(f"qkv must be (batch, seqlen, 3, heads, headdim), got {tuple(packed.shape)}")
+        return packed[:, :, 0], packed[:, :, 1], packed[:, :, 2]
+    if packed.dim() != 4 or num_heads_q is None:
+        raise ValueError("qkv must be (batch, seqlen, 3, heads, headdim), or (batch, seqlen, heads_q + 2 * heads_k, "
+                         f"headdim) with num_heads_q; got {tuple(packed.shape)} and num_heads_q={num_heads_q}")
+    heads_k = (packed.shape[2] - num_heads_q) // 2
+    if num_heads_q <= 0 or heads_k <= 0 or packed.shape[2] != num_heads_q + 2 * heads_k:
+        raise ValueError(f"qkv's {packed.shape[2]} heads are not num_heads_q={num_heads_q} + 2 * heads_k")
+    return (packed[:, :, :num_heads_q], packed[:, :, num_heads_q:num_heads_q + heads_k],
+            packed[:, :, num_heads_q + heads_k:])
+
+
+def _rotate_packed(packed, tables, interleaved, conjugate, offsets, offset, num_heads_q, kv):
+    """Rotate the q and k parts of ``packed`` in place, one launch each; tables = (cos, sin, cos_k, sin_k)."""
+    q, k, _ = _packed_parts(packed, num_heads_q, kv)
+    cos, sin, cos_k, sin_k = tables
+    if q is not None:
+        _launch(q, q, cos, sin, interleaved, conjugate, offsets, offset, None, None)
+    _launch(k, k, cos_k, sin_k, interleaved, conjugate, offsets, offset, None, None)
+
+
+class RotaryPackedFunction(torch.autograd.Function):
+    """flash-attn's ApplyRotaryEmbQKV_ / ApplyRotaryEmbKV_ (eager): q and k rotated in place, packed returned."""
+
+    @staticmethod
+    def forward(ctx, packed, cos, sin, cos_k, sin_k, interleaved, seqlen_offsets, num_heads_q, kv):
+        _, k, _ = _packed_parts(packed, num_heads_q, kv)
+        cos, sin, offsets, offset = _prepare(k, cos, sin, seqlen_offsets)
+        cos_k, sin_k, _, _ = _prepare(k, cos_k, sin_k, 0)
+        _rotate_packed(packed, (cos, sin, cos_k, sin_k), interleaved, False, offsets, offset, num_heads_q, kv)
+        ctx.save_for_backward(cos, sin, cos_k, sin_k, offsets)
+        ctx.args = (interleaved, offset, num_heads_q, kv)
+        return _returned_in_place(ctx, packed)
+
+    @staticmethod
+    def backward(ctx, dpacked):
+        cos, sin, cos_k, sin_k, offsets = ctx.saved_tensors
+        interleaved, offset, num_heads_q, kv = ctx.args
+        d = dpacked.clone(memory_format=torch.contiguous_format)  # v's part passes through unchanged
+        _rotate_packed(d, (cos, sin, cos_k, sin_k), interleaved, True, offsets, offset, num_heads_q, kv)
+        return d, None, None, None, None, None, None, None, None
+
+
+def _packed_rotated_copy(packed, cos, sin, cos_k, sin_k, interleaved, seqlen_offsets, num_heads_q, kv):
+    """The packed tensor with q and k rotated, out of place (the compiled path)."""
+    q, k, v = _packed_parts(packed, num_heads_q, kv)
+
+    def rotate(t, c, s):
+        return RotaryFunction.apply(t, c, s, interleaved, False, seqlen_offsets, None, None)
+
+    k = rotate(k, cos_k, sin_k)
+    if q is None:
+        return torch.stack((k, v), dim=2)
+    q = rotate(q, cos, sin)
+    return torch.stack((q, k, v), dim=2) if packed.dim() == 5 else torch.cat((q, k, v), dim=2)
+
+
 def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None,
                      max_seqlen=None):
-    """See the module docstring; returns the rotated tensor (x itself with ``inplace=True``)."""
+    """x (batch, seqlen, heads, headdim), or (total_tokens, heads, headdim) with int32 cu_seqlens (batch + 1,);
+    cos, sin (table_len, rotary_dim / 2); fp32/fp16/bf16. Returns the rotated tensor in x.dtype; with
+    ``inplace=True`` x is rotated in place and returned (see the module docstring)."""
+    if inplace and torch.compiler.is_compiling():
+        return _write_in_place(x, RotaryFunction.apply(x, cos, sin, interleaved, False, seqlen_offsets, cu_seqlens,
+                                                       max_seqlen))
     return RotaryFunction.apply(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen)
+
+
+def apply_rotary_emb_qkv_(qkv, cos, sin, cos_k=None, sin_k=None, interleaved=False, seqlen_offsets=0,
+                          num_heads_q=None):
+    """flash-attn's in-place rotary of packed q and k. qkv (batch, seqlen, 3, heads, headdim), or (batch, seqlen,
+    heads_q + 2 * heads_k, headdim) with ``num_heads_q`` (GQA/MQA); cos, sin (table_len, rotary_dim / 2) for q,
+    and for k unless cos_k, sin_k are given; seqlen_offsets an int or a (batch,) int tensor. Rotates q and k in
+    place, leaves v, and returns qkv."""
+    cos_k, sin_k = (cos, sin) if cos_k is None else (cos_k, sin_k)
+    args = (cos, sin, cos_k, sin_k, interleaved, seqlen_offsets, num_heads_q, False)
+    if torch.compiler.is_compiling():
+        return _write_in_place(qkv, _packed_rotated_copy(qkv, *args))
+    return RotaryPackedFunction.apply(qkv, *args)
+
+
+def apply_rotary_emb_kv_(kv, cos, sin, interleaved=False, seqlen_offsets=0):
+    """flash-attn's in-place rotary of packed k and v: kv (batch, seqlen, 2, heads, headdim), fp32/fp16/bf16;
+    rotates k (kv[:, :, 0]) in place, leaves v, and returns kv."""
+    args = (cos, sin, cos, sin, interleaved, seqlen_offsets, None, True)
+    if torch.compiler.is_compiling():
+        return _write_in_place(kv, _packed_rotated_copy(kv, *args))
+    return RotaryPackedFunction.apply(kv, *args)

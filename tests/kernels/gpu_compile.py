@@ -7,7 +7,8 @@ memory overflow) before a GPU is at hand. Run in a fresh process: under TRITON_I
 are not compilable objects. Prints one JSON line per specialization, after ``PREFIX``.
 
 Default: every kernel in its main specializations, attention with the tile EVO_AUTOTUNE=0 uses (the forward
-with and without TMA loads). ``--full`` adds every attention autotune candidate, the other mask kinds and fp32.
+with and without TMA loads, and in flash_attn_with_kvcache's KV_CACHE mode).
+``--full`` adds every attention autotune candidate, the other mask kinds and fp32.
 """
 
 from __future__ import annotations
@@ -40,7 +41,14 @@ def specs(full: bool) -> list[tuple]:
         out.append(("rmsnorm", "_rms_norm_fwd", "bf16", {"RSTD": "*fp32", "eps": "fp32", "N": "i32"},
                     {"HAS_RESIDUAL": True, "BLOCK_N": block}, warps, 1))
         out.append(("rmsnorm", "_rms_norm_bwd", "bf16",
-                    {"RSTD": "*fp32", "DW_PARTIAL": "*fp32", "M": "i32", "N": "i32"}, {"BLOCK_N": block}, warps, 1))
+                    {"RSTD": "*fp32", "DW_PARTIAL": "*fp32", "M": "i32", "N": "i32"},
+                    {"HAS_DS": False, "STORE_DR": False, "BLOCK_N": block}, warps, 1))
+    # fused add with an fp32 residual stream (bf16 x): the sum and its gradient in fp32
+    out.append(("rmsnorm", "_rms_norm_fwd", "bf16", {"R": "*fp32", "S": "*fp32", "RSTD": "*fp32", "eps": "fp32",
+                                                     "N": "i32"}, {"HAS_RESIDUAL": True, "BLOCK_N": 4096}, 8, 1))
+    out.append(("rmsnorm", "_rms_norm_bwd", "bf16",
+                {"X": "*fp32", "DS": "*fp32", "DR": "*fp32", "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "M": "i32",
+                 "N": "i32"}, {"HAS_DS": True, "STORE_DR": True, "BLOCK_N": 4096}, 8, 1))
     out.append(("activation", "_swiglu_fwd", "bf16", {}, {"BLOCK": 1024}, 4, 1))
     out.append(("activation", "_swiglu_bwd", "bf16", {"n": "i64"}, {"BLOCK": 1024}, 4, 1))
     for varlen, offsets, interleaved in ((False, False, False), (True, True, True)):
@@ -48,10 +56,10 @@ def specs(full: bool) -> list[tuple]:
                     {"COS": "*fp32", "SIN": "*fp32", "CU_SEQLENS": "*i32", "OFFSETS": "*i32"},
                     {"IS_VARLEN": varlen, "OFFSET_TENSOR": offsets, "INTERLEAVED": interleaved, "CONJUGATE": varlen,
                      "BLOCK_M": 16, "BLOCK_K": 64}, 4, 1))
-    out.append(("loss", "_ce_stats", "bf16", {"LABELS": "*i64", "STATS": "*fp32", "V": "i32"}, {"BLOCK_V": 2048},
-                4, 1))
+    out.append(("loss", "_ce_stats", "bf16", {"LABELS": "*i64", "STATS": "*fp32", "V": "i32", "logit_scale": "fp32"},
+                {"BLOCK_V": 2048}, 4, 1))
     ce_grad_types = {"LABELS": "*i64", "LSE": "*fp32", "SCALE": "*fp32", "inv_vocab": "fp32", "smoothing": "fp32",
-                     "z_loss": "fp32", "V": "i32"}
+                     "z_loss": "fp32", "logit_scale": "fp32", "V": "i32"}
     out.append(("loss", "_ce_grad", "bf16", ce_grad_types, {"BLOCK_V": 2048}, 4, 1))
 
     attn_types = {"LSE": "*fp32", "DELTA": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "scale2": "fp32", "softcap": "fp32"}
@@ -73,10 +81,16 @@ def specs(full: bool) -> list[tuple]:
                 constexprs = dict(masks[mask], DOT_FP32=fp32, PRECISION="ieee" if fp32 else "tf32", BLOCK_D=block_d,
                                   **cfg.kwargs)
                 if name == "_attn_fwd":  # the forward also with Hopper's TMA loads (EVO_ATTN_TMA=1)
-                    out.append(("attention", name, dtype, attn_types, {**constexprs, "TMA": True}, cfg.num_warps,
-                                cfg.num_stages))
-                    constexprs["TMA"] = False
+                    out.append(("attention", name, dtype, attn_types, {**constexprs, "TMA": True, "KV_CACHE": False},
+                                cfg.num_warps, cfg.num_stages))
+                    constexprs.update(TMA=False, KV_CACHE=False)
                 out.append(("attention", name, dtype, attn_types, constexprs, cfg.num_warps, cfg.num_stages))
+    # flash_attn_with_kvcache's forward: CU_K holds int64 (k offset, v offset, key count) per sequence
+    for block_d in (64, 128, 256):
+        untuned = attention.untuned_config(block_d)
+        out.append(("attention", "_attn_fwd", "bf16", {**attn_types, "CU_K": "*i64"},
+                    dict(masks["window+softcap"], DOT_FP32=False, PRECISION="tf32", BLOCK_D=block_d, TMA=False,
+                         KV_CACHE=True, **untuned.kwargs), untuned.num_warps, untuned.num_stages))
     return out
 
 

@@ -1,41 +1,80 @@
-"""Triton FlashAttention (through the interpreter on CPU) against the fp64 reference, forward and
-backward, with the flash-attention oracle. Shapes stay at 256 tokens or less: the interpreter runs
-tl.dot at about 1 GFLOP/s."""
+"""Triton FlashAttention (through the interpreter on CPU) and the reference twin against an independent fp64
+attention built here from flash-attn's documented rules, forward and backward, with the flash-attention oracle.
+Shapes stay at 256 tokens or less: the interpreter runs tl.dot at about 1 GFLOP/s."""
 
 import math
 
 import pytest
 import torch
 
+from evo import kernels
 from evo.kernels import attention as tri
 from evo.kernels import reference as ref
 from oracle import assert_oracle, run_with_grads
 
 
-def plain_attention(q, k, v, causal, window, softcap):
-    """The same-dtype PyTorch implementation, one sequence: every op in the input dtype."""
+def flash_window(causal, window, seqlen_q, seqlen_k):
+    """flash-attn 2.8's window normalization, restated from csrc/flash_attn/flash_api.cpp (mha_fwd,
+    mha_varlen_fwd, mha_fwd_kvcache, then set_params_fprop); seqlen_q, seqlen_k: the batch's (varlen: the
+    max_seqlen arguments; kvcache: the cache length). Returns (left, right), None for an absent bound."""
+    left, right = int(window[0]), int(window[1])
+    if seqlen_q == 1:
+        causal = False  # "causal=true is the same as causal=false in this case"
+    if causal:
+        right = 0
+    left = None if left < 0 or left >= seqlen_k else left
+    right = None if right < 0 or right >= seqlen_k else right
+    if left is not None and right is None:
+        right = seqlen_k  # set_params_fprop: "window_size_right = seqlen_k"
+    if right is not None and left is None:
+        left = seqlen_k  # likewise for the left side
+    return left, right
+
+
+def allowed_keys(sq, sk, left, right):
+    """(sq, sk) bool from positions: query i sees key j iff i + sk - sq - left <= j <= i + sk - sq + right."""
+    i = torch.arange(sq)[:, None]
+    j = torch.arange(sk)[None, :]
+    ok = torch.ones(sq, sk, dtype=torch.bool)
+    if right is not None:
+        ok &= j <= i + sk - sq + right
+    if left is not None:
+        ok &= j >= i + sk - sq - left
+    return ok
+
+
+def plain_attention(q, k, v, allowed, softcap=0.0, scale=None):
+    """One sequence, every op in q's dtype (fp64 makes the exact reference): q (sq, hq, d), k and v (sk, hkv, d),
+    allowed (sq, sk). Returns (out (sq, hq, d), lse (hq, sq)); a query without keys: zeros and lse +inf."""
     sq, hq, d = q.shape
     group = hq // k.shape[1]
-    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(group, 0), v.transpose(0, 1).repeat_interleave(group, 0)
-    s = qt @ kt.transpose(1, 2) / math.sqrt(d)
+    qt = q.transpose(0, 1)
+    kt, vt = (t.transpose(0, 1).repeat_interleave(group, 0) for t in (k, v))
+    s = qt @ kt.transpose(1, 2) * (scale if scale is not None else 1 / math.sqrt(d))
     if softcap:
         s = softcap * torch.tanh(s / softcap)
-    mask = ref._attention_mask(sq, k.shape[0], causal, window, q.device)
-    if mask is None:
-        return (torch.softmax(s, -1) @ vt).transpose(0, 1)
-    has_key = mask.any(-1, keepdim=True)
-    s = torch.where(has_key, s.masked_fill(~mask, float("-inf")), torch.zeros_like(s))
-    p = torch.softmax(s, -1) * mask  # queries without keys: all zero
-    return (p @ vt).transpose(0, 1)
+    allowed = allowed.to(q.device)
+    has_key = allowed.any(-1, keepdim=True)
+    s = torch.where(has_key, s.masked_fill(~allowed, float("-inf")), torch.zeros_like(s))
+    p = torch.softmax(s, -1) * allowed  # queries without keys: all zero
+    lse = torch.where(has_key[..., 0], torch.logsumexp(s, -1), torch.full_like(s[..., 0], float("inf")))
+    return (p @ vt).transpose(0, 1), lse
 
 
-def plain_varlen(q, k, v, cu_q, cu_k, causal, window, softcap):
+def plain_varlen(q, k, v, cu_q, cu_k, causal, window, softcap, max_q=None, max_k=None):
+    """Packed sequences, the window normalized with the batch's max lengths (flash-attn's varlen rule)."""
     bq, bk = cu_q.tolist(), cu_k.tolist()
-    return torch.cat([plain_attention(q[bq[i]:bq[i + 1]], k[bk[i]:bk[i + 1]], v[bk[i]:bk[i + 1]], causal, window, softcap)
-                      for i in range(len(bq) - 1)])
+    max_q = max_q or max(b - a for a, b in zip(bq, bq[1:]))
+    max_k = max_k or max(b - a for a, b in zip(bk, bk[1:]))
+    left, right = flash_window(causal, window, max_q, max_k)
+    outs = [plain_attention(q[bq[i]:bq[i + 1]], k[bk[i]:bk[i + 1]], v[bk[i]:bk[i + 1]],
+                            allowed_keys(bq[i + 1] - bq[i], bk[i + 1] - bk[i], left, right), softcap)
+            for i in range(len(bq) - 1)]
+    return torch.cat([o for o, _ in outs]), torch.cat([lse for _, lse in outs], dim=1)
 
 
-def check(lens_q, lens_k, hq, hkv, d, dtype, causal=False, window=(-1, -1), softcap=0.0, seed=0):
+def check(lens_q, lens_k, hq, hkv, d, dtype, causal=False, window=(-1, -1), softcap=0.0, seed=0, twin=True):
+    """The Triton kernel (and, with ``twin``, the reference twin) against the independent fp64 attention."""
     torch.manual_seed(seed)
     cu_q = torch.tensor([0] + lens_q, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     cu_k = torch.tensor([0] + lens_k, dtype=torch.int32).cumsum(0, dtype=torch.int32)
@@ -44,18 +83,21 @@ def check(lens_q, lens_k, hq, hkv, d, dtype, causal=False, window=(-1, -1), soft
     v = torch.randn(int(cu_k[-1]), hkv, d).to(dtype)
     kw = dict(causal=causal, window_size=window, softcap=softcap)
     mq, mk = max(lens_q), max(lens_k)
-    k_out, k_grad = run_with_grads(lambda *t: tri.flash_attn_varlen_func(*t, cu_q, cu_k, mq, mk, **kw), [q, k, v])
-    p_out, p_grad = run_with_grads(lambda *t: plain_varlen(*t, cu_q, cu_k, causal, window, softcap), [q, k, v])
-    e_out, e_grad = run_with_grads(lambda *t: ref.flash_attn_varlen_func(*t, cu_q, cu_k, mq, mk, **kw),
+    p_out, p_grad = run_with_grads(lambda *t: plain_varlen(*t, cu_q, cu_k, causal, window, softcap)[0], [q, k, v])
+    e_out, e_grad = run_with_grads(lambda *t: plain_varlen(*t, cu_q, cu_k, causal, window, softcap)[0],
                                    [q.double(), k.double(), v.double()])
-    assert_oracle("out", k_out[0], p_out[0], e_out[0], dtype)
-    for name, kg, pg, eg in zip(("dq", "dk", "dv"), k_grad, p_grad, e_grad):
-        assert_oracle(name, kg, pg, eg, dtype, grad=True)
-    _, lse, _ = tri.flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, return_attn_probs=True, **kw)
-    _, ref_lse, _ = ref.flash_attn_varlen_func(q.double(), k.double(), v.double(), cu_q, cu_k, mq, mk,
-                                               return_attn_probs=True, **kw)
-    assert lse.dtype == torch.float32 and lse.shape == (hq, int(cu_q[-1]))
-    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-3, rtol=1e-3)
+    impls = {"triton": tri.flash_attn_varlen_func}
+    if twin:
+        impls["reference"] = ref.flash_attn_varlen_func
+    for impl, fn in impls.items():
+        k_out, k_grad = run_with_grads(lambda *t: fn(*t, cu_q, cu_k, mq, mk, **kw), [q, k, v])
+        assert_oracle(f"{impl} out", k_out[0], p_out[0], e_out[0], dtype)
+        for name, kg, pg, eg in zip(("dq", "dk", "dv"), k_grad, p_grad, e_grad):
+            assert_oracle(f"{impl} {name}", kg, pg, eg, dtype, grad=True)
+        _, lse, _ = fn(q, k, v, cu_q, cu_k, mq, mk, return_attn_probs=True, **kw)
+        ref_lse = plain_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, causal, window, softcap)[1]
+        assert lse.dtype == torch.float32 and lse.shape == (hq, int(cu_q[-1]))
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("d", [32, 40, 64, 80, 111, 128, 256])
@@ -93,6 +135,74 @@ def test_sliding_window(window, causal):
 def test_softcap():
     check([60, 5], [60, 5], 2, 2, 32, torch.bfloat16, causal=True, softcap=5.0)
     check([40], [40], 2, 1, 32, torch.float32, softcap=2.0)
+
+
+def test_causal_window_keeps_right_side_zero_varlen_qkvpacked():
+    """Issue 9's case: under causal flash-attn forces the window's right side to 0 (evo used to let queries see
+    `right` future keys: max error 3.7). Varlen qkv-packed, seqlen 97, head dim 59, fp16, a random window given as
+    a tensor (as flash-attn's tests do), through evo.kernels on both backends, forward and backward."""
+    gen = torch.Generator().manual_seed(9)
+    s, d = 97, 59
+    window = torch.randint(1, s, (2,), generator=gen)
+    assert window[1] > 0
+    qkv = torch.randn(s, 3, 2, d, generator=gen).half()
+    cu = torch.tensor([0, s], dtype=torch.int32)
+
+    def plain(t):
+        return plain_varlen(t[:, 0], t[:, 1], t[:, 2], cu, cu, True, window, 0.0)[0]
+
+    p_out, (p_grad,) = run_with_grads(plain, [qkv])
+    e_out, (e_grad,) = run_with_grads(plain, [qkv.double()])
+    for backend in ("triton", "torch"):
+        with kernels.use_backend(backend):
+            out, (grad,) = run_with_grads(
+                lambda t: kernels.flash_attn_varlen_qkvpacked_func(t, cu, s, causal=True, window_size=window), [qkv])
+        assert_oracle(f"{backend} out", out[0], p_out[0], e_out[0], torch.float16)
+        assert_oracle(f"{backend} dqkv", grad, p_grad, e_grad, torch.float16, grad=True)
+
+
+@pytest.mark.parametrize("lens_q, lens_k, causal, window", [
+    ([40], [9], False, (3, -1)),  # left bounded: right becomes seqlen_k, so the first queries see no key
+    ([40], [9], False, (-1, 12)),  # right >= seqlen_k: unbounded (all keys), not "j <= i + sk - sq + 12"
+    ([9], [30], False, (50, 2)),  # left >= seqlen_k: unbounded
+    ([1], [30], True, (2, 5)),  # one query: causal is off, the window stays
+    ([30, 4], [6, 25], False, (7, -1)),  # varlen: right becomes max_seqlen_k (25), not the sequence's 6
+    ([30, 4], [6, 25], False, (-1, 10)),  # varlen: 10 < max_seqlen_k stays bounded for the 6-key sequence
+    ([30, 4], [6, 25], True, (30, 3)),  # causal: right 0; left >= max_seqlen_k: unbounded
+])
+def test_window_normalization_follows_flash_api(lens_q, lens_k, causal, window):
+    """flash_api.cpp's rules on window_size (a side >= seqlen_k is unbounded; a bounded left bounds right at
+    seqlen_k; varlen uses max_seqlen_k), both backends, forward, backward and lse."""
+    check(lens_q, lens_k, 2, 1, 24, torch.float32, causal=causal, window=window)
+
+
+def test_window_as_tensor_every_variant():
+    """window_size as a pair of 0-d int64 tensors (flash-attn's tests: torch.randint(0, s, (2,))) in every
+    public variant, both backends, against the independent attention."""
+    torch.manual_seed(3)
+    b, s, h, d = 2, 21, 2, 16
+    window = torch.tensor([6, 2])
+    q, k, v = torch.randn(b, s, h, d), torch.randn(b, s, h, d), torch.randn(b, s, h, d)
+    cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32)
+    left, right = flash_window(False, window, s, s)
+    expected = torch.stack([plain_attention(q[i].double(), k[i].double(), v[i].double(),
+                                            allowed_keys(s, s, left, right))[0] for i in range(b)]).float()
+    flat = [t.reshape(b * s, h, d) for t in (q, k, v)]
+    calls = {
+        "func": lambda: kernels.flash_attn_func(q, k, v, window_size=window),
+        "kvpacked": lambda: kernels.flash_attn_kvpacked_func(q, torch.stack((k, v), 2), window_size=window),
+        "qkvpacked": lambda: kernels.flash_attn_qkvpacked_func(torch.stack((q, k, v), 2), window_size=window),
+        "varlen": lambda: kernels.flash_attn_varlen_func(*flat, cu, cu, s, s, window_size=window),
+        "varlen_kvpacked": lambda: kernels.flash_attn_varlen_kvpacked_func(flat[0], torch.stack(flat[1:], 1), cu, cu,
+                                                                           s, s, window_size=window),
+        "varlen_qkvpacked": lambda: kernels.flash_attn_varlen_qkvpacked_func(torch.stack(flat, 1), cu, s,
+                                                                             window_size=window),
+    }
+    for backend in ("triton", "torch"):
+        with kernels.use_backend(backend):
+            for name, call in calls.items():
+                torch.testing.assert_close(call().reshape(b, s, h, d), expected, atol=1e-5, rtol=1e-5,
+                                           msg=lambda m: f"{backend} {name}: {m}")
 
 
 def test_batched_api_and_lse_layout():

@@ -35,20 +35,27 @@ def _op_samples():
     logits = rand(5, 300)
     labels = torch.tensor([3, -100, 299, 0, 150], device=DEVICE)
     q, k, v = rand(12, 4, 16), rand(12, 2, 16), rand(12, 2, 16)
-    attn = (7, 7, 0.25, True, -1, 0, 0.0)
+    attn = (7, 7, 0.25, -1, 0, 0.0)  # max_q, max_k, scale, left, right (causal), softcap
     out, lse = triton_utils.OPAQUE_OPS["flash_attn_fwd"].fn(q, k, v, cu, cu, *attn)
     return {
-        "rms_norm_fwd": [(x, None, w, 1e-6), (x, res, w, 1e-5)],
-        "rms_norm_bwd": [(rand(6, 40), x, w, rand(6).abs() + 0.5)],
+        "rms_norm_fwd": [(x, None, w, 1e-6), (x, res, w, 1e-5), (x.bfloat16(), res, w, 1e-5)],
+        "rms_norm_bwd": [(rand(6, 40), x, w, rand(6).abs() + 0.5, None, torch.float32, False),
+                         (rand(6, 40, dtype=torch.bfloat16), res, w, rand(6).abs() + 0.5, rand(6, 40), torch.bfloat16,
+                          True)],
         "swiglu_fwd": [(x, res)],
         "swiglu_bwd": [(x, res, rand(6, 40))],
         "rotary": [(rand(2, 12, 3, 10), cos, sin, False, False, None, 2, None, None),
                    (rand(12, 3, 8), cos, sin, True, True, torch.tensor([1, 0], dtype=torch.int32, device=DEVICE), 0,
                     cu, 7)],
-        "ce_stats": [(logits, labels, 0), (logits, labels, 100)],
-        "ce_grad": [(logits, labels, rand(5), rand(5), 0, 300, 0.1, 1e-4, torch.float32)],
+        "ce_stats": [(logits, labels, 0, 1.0), (logits, labels, 100, 0.7)],
+        "ce_grad": [(logits, labels, rand(5), rand(5), 0, 300, 0.1, 1e-4, 1.0, torch.float32),
+                    (logits, labels, rand(5), rand(5), 100, 600, 0.0, 0.0, 0.7, torch.bfloat16)],
         "flash_attn_fwd": [(q, k, v, cu, cu, *attn)],
         "flash_attn_bwd": [(rand(12, 4, 16), q, k, v, out, lse, cu, cu, *attn)],
+        # 2 batch rows of 3 queries against cache rows 2 and 0 (of 3): keys 1..6 and 0..3 (k and v offsets, counts)
+        "flash_attn_kvcache_fwd": [(rand(2, 3, 4, 16), rand(3, 8, 2, 16), rand(3, 8, 2, 16),
+                                    torch.tensor([[2 * 256 + 32, 0], [2 * 256 + 32, 0], [6, 4]], device=DEVICE),
+                                    0.25, 4, 0, 0.0)],
     }
 
 
@@ -82,9 +89,24 @@ def _cases():
                           (rand(12, 2, 16), rand(12, 4), rand(12, 4))),
         "rotary_inplace": (lambda x, c, s: kernels.apply_rotary_emb(x * 1.0, c, s, inplace=True),
                            (rand(2, 12, 2, 16), rand(12, 4), rand(12, 4))),
+        "rotary_inplace_leaf": (lambda x, c, s: kernels.apply_rotary_emb(x, c, s, inplace=True, seqlen_offsets=offsets),
+                                (rand(2, 5, 2, 16), rand(12, 4), rand(12, 4))),
+        "rotary_qkv_": (lambda qkv, c, s: kernels.apply_rotary_emb_qkv_(qkv, c, s, interleaved=True),
+                        (rand(2, 6, 3, 2, 16), rand(12, 4), rand(12, 4))),
+        "rotary_qkv_gqa": (lambda qkv, c, s: kernels.apply_rotary_emb_qkv_(qkv, c, s, c.flip(0), s.flip(0),
+                                                                           seqlen_offsets=offsets, num_heads_q=2),
+                           (rand(2, 6, 4, 16), rand(12, 3), rand(12, 3))),
+        "rotary_kv_": (lambda kv, c, s: kernels.apply_rotary_emb_kv_(kv, c, s, seqlen_offsets=3),
+                       (rand(2, 6, 2, 2, 16), rand(12, 4), rand(12, 4))),
         "cross_entropy": (lambda x: kernels.cross_entropy(x, labels, label_smoothing=0.1, z_loss=1e-4),
                           (rand(7, 300),)),
         "cross_entropy_none": (lambda x: kernels.cross_entropy(x, labels, reduction="none"), (rand(7, 300),)),
+        "cross_entropy_scale_z_loss": (lambda x: sum(kernels.cross_entropy(x, labels, z_loss=1e-3, logit_scale=0.7,
+                                                                           return_z_loss=True)), (rand(7, 300),)),
+        "cross_entropy_precomputed_lse": (lambda x: kernels.cross_entropy(
+            x, labels, z_loss=1e-3, precomputed_lse=torch.logsumexp(x.detach(), -1)), (rand(7, 300),)),
+        "fused_linear_cross_entropy_scale": (lambda h, w: kernels.fused_linear_cross_entropy(
+            h, w, labels, label_smoothing=0.1, z_loss=1e-3, logit_scale=1.3), (rand(7, 32), rand(300, 32))),
         "fused_linear_cross_entropy": (lambda h, w, b: kernels.fused_linear_cross_entropy(h, w, labels, b),
                                        (rand(7, 32), rand(300, 32), rand(300))),
         "fused_linear_cross_entropy_accuracy": (
@@ -111,6 +133,60 @@ def test_compiled_function_matches_eager(case):
     for a, b in zip(out + grads, eager_out + eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert len(grads) == len(eager_grads) > 0
+
+
+def test_compiled_kvcache_step_matches_eager():
+    """flash_attn_with_kvcache compiled whole (fullgraph): the in-place cache update (rotated k, v), the rotary of q
+    and the kernel's custom op; the output, lse and both caches match eager's."""
+    g = torch.Generator(device="cpu").manual_seed(4)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE)
+
+    q, k, v, cos, sin = rand(2, 3, 4, 16), rand(2, 3, 2, 16), rand(2, 3, 2, 16), rand(12, 8), rand(12, 8)
+    k_cache, v_cache = rand(2, 12, 2, 16), rand(2, 12, 2, 16)
+    seqlens = torch.tensor([4, 0], dtype=torch.int32, device=DEVICE)
+
+    def step(q, k, v, k_cache, v_cache):
+        return kernels.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin,
+                                               cache_seqlens=seqlens, causal=True, window_size=(5, 0), softcap=3.0,
+                                               return_softmax_lse=True)
+
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        caches = (k_cache.clone(), v_cache.clone())
+        with kernels.use_backend("triton"):
+            run = torch.compile(step, backend="aot_eager", fullgraph=True) if compiled else step
+            out, lse = run(q, k, v, *caches)
+        results.append((out, lse, *caches))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(results[0][2], k_cache)  # the cache was written
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_compiled_in_place_rotary_of_a_non_leaf_input(packed):
+    """In place on a non-leaf that enters the compiled graph as an input: AOTAutograd loses the graph of a Function
+    that marks such an input dirty (the gradient came back unrotated), so the compiled path must not do that."""
+    g = torch.Generator(device="cpu").manual_seed(3)
+    shape = (2, 6, 3, 2, 16) if packed else (2, 6, 2, 16)
+    x0, c, s = (torch.randn(*sh, generator=g).to(DEVICE) for sh in (shape, (12, 4), (12, 4)))
+
+    def fn(x):
+        return kernels.apply_rotary_emb_qkv_(x, c, s) if packed else kernels.apply_rotary_emb(x, c, s, inplace=True)
+
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        base = x0.clone().requires_grad_()
+        x = base * 1.0
+        with kernels.use_backend("triton"):
+            out = (torch.compile(fn, backend="aot_eager", fullgraph=True) if compiled else fn)(x)
+            (out * x0).sum().backward()
+        results.append((out.detach(), x.detach(), base.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_inductor_compiles_around_the_custom_ops():

@@ -1,4 +1,5 @@
-"""Triton rotary against the fp64 reference, batched and varlen, both layouts, partial rotary dim."""
+"""Triton rotary against fp64 math written here, batched and varlen, both layouts, partial rotary dim, in place
+(leaves included, as flash-attn allows), and flash-attn's packed in-place variants (qkv, GQA qkv, kv)."""
 
 import pytest
 import torch
@@ -14,10 +15,9 @@ def tables(length, rot, dtype=torch.float32):
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
-def plain(x, cos, sin, interleaved, seqlen_offsets, cu_seqlens, max_seqlen):
-    """The same-dtype PyTorch implementation: the reference's math with cos/sin rounded to x's dtype."""
-    if x.dtype == torch.float64:
-        return ref.apply_rotary_emb(x, cos, sin, interleaved, False, seqlen_offsets, cu_seqlens, max_seqlen)
+def plain(x, cos, sin, interleaved, seqlen_offsets=0, cu_seqlens=None, max_seqlen=None):
+    """The rotation from its definition, every op in x's dtype (cos/sin rounded to it): the same-dtype PyTorch
+    implementation for 16-bit x, the exact one for fp64 x and tables."""
     rot = cos.shape[-1] * 2
     c, s = cos.to(x.dtype), sin.to(x.dtype)
     if cu_seqlens is not None:
@@ -69,14 +69,112 @@ def test_rotary(shape, rot, cu, offsets, interleaved, dtype):
     assert_oracle("dx", k_grad[0], p_grad[0], e_grad[0], dtype, grad=True)
 
 
-def test_inplace_writes_into_x_and_backprops():
+IMPLS = {"triton": tri, "reference": ref}
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("leaf", [False, True])
+def test_inplace_writes_into_x_and_backprops(leaf, impl):
+    """flash-attn's inplace=True: x holds the rotated values and is returned; the gradient reaches x's producer,
+    also when x is a leaf that requires grad (which a PyTorch in-place op refuses)."""
     cos, sin = tables(64, 16)
-    base = torch.randn(2, 10, 2, 16, requires_grad=True)
-    expected = ref.apply_rotary_emb(base.detach(), cos, sin)
-    x = base * 1.0  # a non-leaf, so it may be modified in place
-    out = tri.apply_rotary_emb(x, cos, sin, inplace=True)
-    assert out.data_ptr() == x.data_ptr()
-    torch.testing.assert_close(out, expected)
-    out.sum().backward()
-    expected_grad = torch.autograd.grad(ref.apply_rotary_emb(base, cos, sin).sum(), base)[0]
-    torch.testing.assert_close(base.grad, expected_grad)
+    x0 = torch.randn(2, 10, 2, 24)
+    base = x0.clone().requires_grad_()
+    x = base if leaf else base * 1.0  # a leaf, or a non-leaf
+    out = IMPLS[impl].apply_rotary_emb(x, cos, sin, inplace=True, seqlen_offsets=3)
+    expected = plain(x0.double(), cos.double(), sin.double(), False, 3)
+    fp32 = dict(rtol=1e-6, atol=1e-6)  # fp32 results against fp64 math
+    torch.testing.assert_close(out.double(), expected, **fp32)
+    torch.testing.assert_close(x.detach().double(), expected, **fp32)  # rotated in place
+    if impl == "triton":
+        assert out.data_ptr() == x.data_ptr()
+    g = torch.randn(out.shape)
+    out.backward(g)
+    x64 = x0.double().requires_grad_()
+    plain(x64, cos.double(), sin.double(), False, 3).backward(g.double())
+    torch.testing.assert_close(base.grad.double(), x64.grad, **fp32)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_inplace_on_a_view_of_a_leaf(impl):
+    """flash-attn rotates q = qkv[:, :, 0] of a leaf qkv in place; the untouched parts keep their gradient."""
+    cos, sin = tables(64, 8)
+    qkv0 = torch.randn(2, 5, 3, 2, 16)
+    qkv = qkv0.clone().requires_grad_()
+    out = IMPLS[impl].apply_rotary_emb(qkv[:, :, 0], cos, sin, inplace=True)
+    expected = plain(qkv0[:, :, 0].double(), cos.double(), sin.double(), False)
+    fp32 = dict(rtol=1e-6, atol=1e-6)  # fp32 results against fp64 math
+    torch.testing.assert_close(qkv.detach()[:, :, 0].double(), expected, **fp32)
+    torch.testing.assert_close(qkv.detach()[:, :, 1:], qkv0[:, :, 1:], rtol=0, atol=0)
+    (out.sum() + qkv.sum()).backward()
+    q64 = qkv0[:, :, 0].double().requires_grad_()
+    plain(q64, cos.double(), sin.double(), False).sum().backward()
+    torch.testing.assert_close(qkv.grad[:, :, 0].double(), q64.grad + 1, **fp32)
+    assert torch.all(qkv.grad[:, :, 1:] == 1)
+
+
+def plain_packed(packed, cos, sin, cos_k, sin_k, interleaved, offsets, num_heads_q, kv):
+    """flash-attn's packed rotary from the definition (``plain``): q and k rotated, v untouched; functional."""
+    def rot(t, c, s):
+        return plain(t, c, s, interleaved, offsets)
+
+    if kv:
+        return torch.stack((rot(packed[:, :, 0], cos, sin), packed[:, :, 1]), dim=2)
+    if packed.dim() == 5:
+        return torch.stack((rot(packed[:, :, 0], cos, sin), rot(packed[:, :, 1], cos_k, sin_k), packed[:, :, 2]), 2)
+    hk = (packed.shape[2] - num_heads_q) // 2
+    q, k, v = packed.split([num_heads_q, hk, hk], dim=2)
+    return torch.cat((rot(q, cos, sin), rot(k, cos_k, sin_k), v), dim=2)
+
+
+PACKED = [  # (kind, shape, num_heads_q, rotary_dim, separate k tables, offsets, interleaved)
+    ("qkv", (2, 19, 3, 2, 32), None, 32, False, 0, False),
+    ("qkv", (2, 19, 3, 2, 32), None, 16, True, "tensor", True),
+    ("qkv", (2, 19, 4 + 2 * 1, 32), 4, 32, False, 5, True),  # GQA: heads_q + 2 * heads_k
+    ("qkv", (1, 7, 2 + 2 * 2, 24), 2, 24, True, "tensor", False),
+    ("kv", (2, 19, 2, 3, 32), None, 32, False, 0, True),
+    ("kv", (2, 19, 2, 3, 32), None, 16, False, "tensor", False),
+]
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind, shape, num_heads_q, rot, own_k, offsets, interleaved", PACKED)
+def test_packed_in_place(kind, shape, num_heads_q, rot, own_k, offsets, interleaved, dtype, impl):
+    torch.manual_seed(rot + shape[2])
+    packed0 = torch.randn(shape).to(dtype)
+    cos, sin = tables(40, rot)
+    cos_k, sin_k = (c.flip(0).contiguous() for c in tables(40, rot)) if own_k else (cos, sin)
+    offs = torch.tensor([3, 0], dtype=torch.int32)[:shape[0]] if offsets == "tensor" else offsets
+    mod = IMPLS[impl]
+
+    def kernel(p):
+        if kind == "kv":
+            return mod.apply_rotary_emb_kv_(p, cos, sin, interleaved=interleaved, seqlen_offsets=offs)
+        return mod.apply_rotary_emb_qkv_(p, cos, sin, cos_k if own_k else None, sin_k if own_k else None,
+                                         interleaved=interleaved, seqlen_offsets=offs, num_heads_q=num_heads_q)
+
+    args = (interleaved, offs, num_heads_q, kind == "kv")
+    packed = packed0.clone().requires_grad_()
+    out = kernel(packed)  # on a leaf that requires grad, as flash-attn's tests call it
+    assert out.dtype == dtype and out.shape == packed0.shape
+    torch.testing.assert_close(packed.detach(), out.detach(), rtol=0, atol=0)  # rotated in place
+    if impl == "triton":
+        assert out.data_ptr() == packed.data_ptr()
+    k_out, k_grad = run_with_grads(kernel, [packed0])
+    p_out, p_grad = run_with_grads(lambda p: plain_packed(p, cos, sin, cos_k, sin_k, *args), [packed0])
+    e_out, e_grad = run_with_grads(lambda p: plain_packed(p, cos.double(), sin.double(), cos_k.double(),
+                                                          sin_k.double(), *args), [packed0.double()])
+    assert_oracle("out", k_out[0], p_out[0], e_out[0], dtype)
+    assert_oracle("dpacked", k_grad[0], p_grad[0], e_grad[0], dtype, grad=True)
+    untouched = (slice(None), slice(None), -1) if packed0.dim() == 5 else (slice(None), slice(None), slice(-1, None))
+    assert torch.equal(k_out[0][untouched], packed0[untouched])  # v is left bit for bit
+    assert torch.equal(k_grad[0][untouched], p_grad[0][untouched])  # and its gradient passes through
+
+
+def test_packed_shape_errors():
+    cos, sin = tables(8, 8)
+    with pytest.raises(ValueError, match="num_heads_q"):
+        tri.apply_rotary_emb_qkv_(torch.randn(1, 4, 6, 8), cos, sin)
+    with pytest.raises(ValueError, match="kv must be"):
+        tri.apply_rotary_emb_kv_(torch.randn(1, 4, 3, 2, 8), cos, sin)
