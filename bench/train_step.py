@@ -7,8 +7,8 @@ import time
 import torch
 
 from evo.config import config_from_dict
-from evo.model import build_model, count_parameters
-from evo.trainer import step_flops
+from evo.model import build_model, matmul_parameters
+from evo.trainer import attention_pair_sum, step_flops
 
 # (name, model shape, tokens per packed row, documents per row)
 CASES = [
@@ -46,8 +46,7 @@ def run(quick: bool, device: str) -> list[dict]:
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / iters
-        sq = float(((cu[1:] - cu[:-1]).double() ** 2).sum())
-        flops = step_flops(cfg, count_parameters(model, exclude_embedding=True), tokens, sq)
+        flops = step_flops(cfg, matmul_parameters(model), tokens, attention_pair_sum(cu, cfg.sliding_window))
         rows.append({"case": name, "tokens": tokens, "ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
                      "tflops": flops / seconds / 1e12})
     return rows

@@ -40,18 +40,19 @@ data = dict(
 )
 
 adam = dict(lr=3e-3, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.01)
-lr_scheduler = dict(total_steps=TOTAL_STEPS, warmup_ratio=0.05, eta_min=3e-4)
+lr_scheduler = dict(warmup_ratio=0.05, eta_min=3e-4)  # over data.total_steps
 hybrid_zero_optimizer = dict(clip_grad_norm=1.0)
 loss = dict(label_smoothing=0.0)
 grad_scaler = dict(fp16=dict(initial_scale=2**16, min_scale=1, growth_interval=1000), growth_factor=2,
                    backoff_factor=0.5, max_scale=2**24, hysteresis=2)
 parallel = dict(zero1=dict(size=-1), tensor=dict(size=1, mode="mtp"), pipeline=dict(size=1), weight=dict(size=1))
 
+# The run folder is runs/<JOB_NAME> (JOB_NAME=other on the command line gives another) and checkpoints
+# go to its checkpoints/ folder. The same command again continues a stopped run (auto_resume).
 ckpt = dict(
     enable_save_ckpt=True,
-    save_ckpt_folder="local:runs/tiny/checkpoints",
     checkpoint_every=100,
-    auto_resume=False,  # the default job starts fresh each time; set True to continue a stopped run
+    auto_resume=True,
 )
 
-monitor = dict(run_folder="runs/tiny", sample_prompt="def ", sample_tokens=160)
+monitor = dict(sample_prompt="def ", sample_tokens=160)

@@ -1,8 +1,18 @@
-"""What every evo script does around its main(): one line and exit 2 for bad input, tracebacks for bugs."""
+"""What every evo script does around its main(): one line and exit 2 for bad input, tracebacks for bugs.
+
+Under a launcher with several processes (torchrun, srun) every process meets the same bad input (the
+same config, data and checkpoints), so only rank 0 prints the line; every rank exits 2. An error only
+some ranks can meet (marked ``every_rank``) is printed by each rank that meets it. Under torchrun the
+line also goes to the worker's error file (``TORCHELASTIC_ERROR_FILE``), so torchrun's failure
+summary names it (for the ranks that printed it) instead of a link to its documentation.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
 import warnings
 
 from evo.errors import EvoError
@@ -12,6 +22,28 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     return f"evo: warning: {message}\n"
 
 
+def launch_rank(env=os.environ) -> int:
+    """This process's global rank as the launcher set it (torchrun: RANK, srun: SLURM_PROCID), 0 alone."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    return 0
+
+
+def _record_for_torchrun(line: str) -> None:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    # the record torchrun's @record decorator writes, with our line where it puts the traceback: the
+    # failure summary prints it as the failure's "traceback"
+    record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(record, f)
+    except OSError:
+        pass
+
+
 def run(main) -> None:
     """Call ``main()``; a user-input error (EvoError) prints ``evo: error: ...`` and exits 2.
     Anything else propagates: Python prints the traceback and exits 1."""
@@ -19,7 +51,10 @@ def run(main) -> None:
     try:
         main()
     except EvoError as exc:
-        print(f"evo: error: {exc}", file=sys.stderr, flush=True)
+        line = f"evo: error: {exc}"
+        if launch_rank() == 0 or getattr(exc, "every_rank", False):
+            print(line, file=sys.stderr, flush=True)
+            _record_for_torchrun(line)
         sys.exit(2)
     except KeyboardInterrupt:
         print("evo: interrupted", file=sys.stderr, flush=True)

@@ -33,7 +33,7 @@ REQUIRED = object()  # marker default: the key must be given
 # InternEvo's own machinery: alerting, upload queues, communication overlap, ...).
 _ACCEPTED_NO_EFFECT = {
     "model": {"num_chunks", "embed_split_hidden", "embed_grad_scale", "parallel_output", "use_flash_attn",
-              "adapt_hf", "mlp_layer_fusion", "use_dynamic_ntk_rope", "use_scaled_init", "use_swiglu",
+              "adapt_hf", "mlp_layer_fusion", "use_scaled_init", "use_swiglu",
               "deepnorm", "residual_in_fp32", "fused_dropout_add_ln", "moe_use_residual", "num_experts"},
     "data": {"rampup_batch_size", "empty_cache_and_diag_interval", "diag_outlier_ratio", "num_worker",
              "fixed_random_dataset_seqlen", "gradient_accumulation"},
@@ -59,14 +59,24 @@ class ModelConfig:
     num_attention_heads: int = REQUIRED
     vocab_size: int = REQUIRED
     num_kv_attention_heads: Optional[int] = None  # None: as many as query heads (MHA)
+    head_dim: Optional[int] = None  # None: hidden_size / num_attention_heads (Qwen3 and others set it apart)
     mlp_ratio: float = 8 / 3
     multiple_of: int = 256  # the MLP width is mlp_ratio * hidden_size rounded up to this
+    intermediate_size: Optional[int] = None  # evo: the MLP width itself (Hugging Face's key); wins over mlp_ratio
     dtype: str = "torch.bfloat16"
     norm_type: str = "rmsnorm"
     layer_norm_epsilon: float = 1e-5
     rope_base: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Hugging Face's dict: rope_type linear | dynamic | llama3, factor, ...
+    max_position_embeddings: int = 2048  # the trained context: dynamic NTK scaling starts past it
+    use_dynamic_ntk_rope: bool = False  # InternEvo's switch: rope_scaling=dict(rope_type="dynamic", factor=1.0)
     qk_interleaved: bool = False  # rotary layout: False = GPT-NeoX halves, True = GPT-J pairs
-    no_bias: bool = True
+    no_bias: bool = True  # the default for every bias below
+    qkv_bias: Optional[bool] = None  # None: not no_bias (Qwen2: True)
+    o_bias: Optional[bool] = None  # None: not no_bias
+    mlp_bias: Optional[bool] = None  # None: not no_bias
+    qk_norm: bool = False  # RMSNorm over head_dim on each query and key head, before rotary (Qwen3)
+    sliding_window: Optional[int] = None  # each token attends to itself and the sliding_window - 1 before it (Mistral)
     tie_word_embeddings: bool = False
     norm_head: bool = False
     apply_post_layer_norm: bool = False
@@ -79,18 +89,25 @@ class ModelConfig:
     ffn_other_init_std: float = 0.02
     out_head_init_std: float = 0.02
 
+    def __post_init__(self):
+        self.resolve()
+
+    def resolve(self) -> None:
+        """Fill the derived fields left None (head_dim, intermediate_size, the biases); idempotent."""
+        if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(self.num_attention_heads, int):
+            if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0:
+                self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.intermediate_size is None and isinstance(self.hidden_size, int):
+            m = self.multiple_of
+            if isinstance(m, int) and m >= 1 and isinstance(self.mlp_ratio, (int, float)):
+                self.intermediate_size = m * ((int(self.hidden_size * self.mlp_ratio) + m - 1) // m)
+        for key in ("qkv_bias", "o_bias", "mlp_bias"):
+            if getattr(self, key) is None:
+                setattr(self, key, not self.no_bias)
+
     @property
     def kv_heads(self) -> int:
         return self.num_kv_attention_heads or self.num_attention_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def intermediate_size(self) -> int:
-        m = self.multiple_of
-        return m * ((int(self.hidden_size * self.mlp_ratio) + m - 1) // m)
 
     @property
     def torch_dtype(self):
@@ -103,6 +120,20 @@ class ModelConfig:
     def num_checkpoint_layers(self) -> int:
         frac = float(self.checkpoint)
         return int(round(frac * self.num_layers))
+
+    @property
+    def attention_window(self) -> tuple[int, int]:
+        """flash-attn's (left, right) window of the causal attention: (sliding_window - 1, 0), or (-1, -1)."""
+        return (self.sliding_window - 1, 0) if self.sliding_window else (-1, -1)
+
+    @property
+    def rope(self) -> dict:
+        """The rotary scaling in force as one dict: rope_type default | linear | dynamic | llama3 and its fields."""
+        scaling = dict(self.rope_scaling or {})
+        kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+        if self.use_dynamic_ntk_rope and kind == "default":
+            kind = "dynamic"
+        return dict(scaling, rope_type=kind, base=self.rope_base, max_position_embeddings=self.max_position_embeddings)
 
 
 @dataclass
@@ -124,6 +155,7 @@ class DataConfig:
     tokenizer_path: Optional[str] = None
     seed: int = 1024
     num_dummy_samples: int = 10000  # evo: size of the random dummy dataset (documents)
+    max_bad_lines: int = 0  # evo: malformed .jsonl lines a streaming run may skip (0: the first one is an error)
 
     @property
     def packed_length(self) -> int:
@@ -417,20 +449,61 @@ def _require(cond: bool, message: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Validation: everything that types alone cannot say
 # ----------------------------------------------------------------------------------------------
+ROPE_TYPES = {  # rope_type -> the keys it needs besides factor (Hugging Face's names)
+    "default": (), "linear": ("factor",), "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _validate_rope_scaling(m: ModelConfig) -> None:
+    """``model.rope_scaling`` in Hugging Face's form: dict(rope_type=..., factor=..., ...) ("type" also read)."""
+    if m.rope_scaling is None:
+        if m.use_dynamic_ntk_rope:
+            m.rope_scaling = {"rope_type": "dynamic", "factor": 1.0}  # InternEvo's dynamic NTK: factor 1
+        return
+    rope = dict(m.rope_scaling)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    _check_choice(kind, tuple(ROPE_TYPES), "model.rope_scaling.rope_type")
+    if m.use_dynamic_ntk_rope:
+        _require(kind == "dynamic", f"'model.use_dynamic_ntk_rope' is True but 'model.rope_scaling.rope_type' is "
+                                    f"{kind!r}: set one of them")
+    for key in ROPE_TYPES[kind]:
+        _require(key in rope, f"'model.rope_scaling.{key}' is required with rope_type {kind!r}")
+        value = rope[key]
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                 f"'model.rope_scaling.{key}' must be a number > 0, got {value!r}")
+    if kind == "llama3":
+        _require(rope["high_freq_factor"] > rope["low_freq_factor"],
+                 "'model.rope_scaling.high_freq_factor' must be greater than 'low_freq_factor'")
+    known = {"rope_type", "type", "rope_theta", *ROPE_TYPES[kind]}
+    for key in rope:
+        if key not in known:
+            _warn_unknown(f"model.rope_scaling.{key}")
+    if "rope_theta" in rope:
+        _require(float(rope["rope_theta"]) == float(m.rope_base),
+                 f"'model.rope_scaling.rope_theta' ({rope['rope_theta']}) differs from 'model.rope_base' ({m.rope_base})")
+
+
 def validate(cfg: Config) -> None:
     m, d = cfg.model, cfg.data
     for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
         _require(getattr(m, key) >= 1, f"'model.{key}' must be >= 1, got {getattr(m, key)}")
-    _require(m.hidden_size % m.num_attention_heads == 0,
+    _require(m.head_dim is not None,
              f"'model.hidden_size' ({m.hidden_size}) must be divisible by 'model.num_attention_heads' "
-             f"({m.num_attention_heads})")
+             f"({m.num_attention_heads}), or 'model.head_dim' set")
+    _require(m.head_dim >= 2 and m.head_dim % 2 == 0, f"'model.head_dim' must be even and >= 2 for rotary, got {m.head_dim}")
     if m.num_kv_attention_heads is not None:
         _require(m.num_kv_attention_heads >= 1 and m.num_attention_heads % m.num_kv_attention_heads == 0,
                  f"'model.num_kv_attention_heads' ({m.num_kv_attention_heads}) must divide "
                  f"'model.num_attention_heads' ({m.num_attention_heads})")
-    _require(m.head_dim % 2 == 0, f"the head dim (hidden_size / num_attention_heads = {m.head_dim}) must be even for rotary")
     _require(m.mlp_ratio > 0, f"'model.mlp_ratio' must be > 0, got {m.mlp_ratio}")
     _require(m.multiple_of >= 1, f"'model.multiple_of' must be >= 1, got {m.multiple_of}")
+    _require(m.intermediate_size >= 1, f"'model.intermediate_size' must be >= 1, got {m.intermediate_size}")
+    _require(m.max_position_embeddings >= 1,
+             f"'model.max_position_embeddings' must be >= 1, got {m.max_position_embeddings}")
+    if m.sliding_window is not None:
+        _require(m.sliding_window >= 1, f"'model.sliding_window' must be >= 1 or None, got {m.sliding_window}")
+    _validate_rope_scaling(m)
     _check_choice(m.dtype, _DTYPES, "model.dtype")
     _check_choice(m.norm_type, ("rmsnorm",), "model.norm_type")
     _check_choice(m.init_type, ("normal",), "model.init_type")
@@ -456,6 +529,8 @@ def validate(cfg: Config) -> None:
         _require(d.train_folder is not None, f"'data.train_folder' is required when data.type is '{d.type}'")
     if d.type == "streaming":
         _require(d.use_packed_dataset, "'data.use_packed_dataset' must be True with data.type 'streaming'")
+    _require(d.max_bad_lines >= 0, f"'data.max_bad_lines' must be >= 0, got {d.max_bad_lines}")
+    _check_data_conflicts(d)
     parse_skip_batches(d.skip_batches)
 
     p = cfg.parallel
@@ -502,6 +577,73 @@ def validate(cfg: Config) -> None:
         info["content"] = content
         _check_choice(info.get("ckpt_type", "evo"), ("evo", "internevo"), "ckpt.load_ckpt_info.ckpt_type")
     _require(cfg.monitor.log_every >= 1, f"'monitor.log_every' must be >= 1, got {cfg.monitor.log_every}")
+    _resolve_folders(cfg)
+
+
+# A data key set to something other than its default that the chosen data.type never reads: an error
+# naming both (a setting that is silently ignored looks like it works). type -> the keys it ignores.
+_IGNORED_BY_TYPE = {
+    "dummy": ("train_folder", "valid_folder", "tokenizer_path", "max_bad_lines"),
+    "builtin": ("train_folder", "valid_folder", "num_dummy_samples", "max_bad_lines"),
+    "tokenized": ("num_dummy_samples", "max_bad_lines"),
+    "streaming": ("num_dummy_samples",),
+}
+
+
+def _check_data_conflicts(d: DataConfig) -> None:
+    defaults = DataConfig()
+    for key in _IGNORED_BY_TYPE[d.type]:
+        value = getattr(d, key)
+        _require(value == getattr(defaults, key),
+                 f"'data.{key}' ({value!r}) is not used with 'data.type' {d.type!r}: remove one of them")
+    _require(not (d.pack_sample_into_one and not d.use_packed_dataset),
+             "'data.pack_sample_into_one' is True but 'data.use_packed_dataset' is False (one document per "
+             "seq_len slot, never packed): remove one of them")
+
+
+def _resolve_folders(cfg: Config) -> None:
+    """The run folder defaults to runs/<JOB_NAME>, the checkpoint folder to <run folder>/checkpoints."""
+    if cfg.monitor.run_folder is None:
+        name = cfg.JOB_NAME
+        _require(bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name,
+                 f"'JOB_NAME' {name!r} names the run folder runs/<JOB_NAME>: it must be a plain folder name "
+                 "(or set 'monitor.run_folder')")
+        cfg.monitor.run_folder = str(Path("runs") / name)
+    if cfg.ckpt.save_ckpt_folder is None:
+        cfg.ckpt.save_ckpt_folder = str(Path(cfg.monitor.run_folder) / "checkpoints")
+
+
+# What may change between the invocations of one run (a resume), everything else in the saved config
+# being what the run computes: names and folders, how long it trains (data.total_steps, and the
+# lr_scheduler.total_steps that follows it), evaluation, data.skip_batches (InternEvo's way past a bad
+# batch on a resume), data.max_bad_lines, the parallel layout (checkpoints reshard), activation
+# checkpointing (the same math), checkpointing and monitoring, and keys that change nothing in evo.
+SAME_RUN_MAY_CHANGE = ("JOB_NAME", "source", "model_type", "model.checkpoint", "data.total_steps",
+                       "lr_scheduler.total_steps", "lr_scheduler.last_epoch", "adam.adam_beta2_c", "data.valid_every",
+                       "data.valid_max_batches", "data.valid_micro_num", "data.valid_folder", "data.skip_batches",
+                       "data.max_bad_lines", "parallel", "ckpt", "monitor")
+
+
+def run_differences(saved: dict, current: dict) -> list[str]:
+    """The training-relevant differences between a run's saved config (config.json) and ``current``
+    (``Config.to_dict()``), as 'key: A there, B here' strings; keys only one side has are not compared (a
+    newer evo may add fields)."""
+    import json
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if any(key == p or key.startswith(p + ".") for p in SAME_RUN_MAY_CHANGE):
+                continue
+            if isinstance(v, dict) and v and k != "rope_scaling":
+                out.update(flat(v, key + "."))
+            else:
+                out[key] = v
+        return out
+
+    old, new = flat(saved), flat(json.loads(json.dumps(current, default=str)))
+    return [f"{k}: {old[k]!r} there, {new[k]!r} here" for k in old if k in new and old[k] != new[k]]
 
 
 CKPT_CONTENTS = ("model", "optimizer", "scheduler", "sampler", "all")

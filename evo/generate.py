@@ -1,33 +1,88 @@
-"""Sampling text from a trained model (no KV cache: the whole sequence is re-run per token)."""
+"""Sampling text from a model: a KV cache (the prompt runs once, then one token per step), temperature,
+top-k and top-p (nucleus) sampling."""
 
 from __future__ import annotations
 
 import torch
 
 
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens (batch,) from fp32 logits (batch, vocab): greedy when temperature <= 0; else softmax of
+    logits / temperature restricted to the top_k most likely tokens (0: all), then to the smallest set of
+    most likely tokens whose probability reaches top_p (1: all), renormalized."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        probs, order = torch.softmax(logits, -1).sort(-1, descending=True)
+        # drop a token when the tokens more likely than it already reach top_p (the most likely always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,
-             seed: int = 0, device: torch.device | str = "cpu") -> str:
-    """Continue ``prompt`` by up to ``max_new_tokens`` tokens (stops at EOS); returns only the new text."""
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, vocab_limit: int | None = None,
+                 use_cache: bool = True) -> list[int]:
+    """Up to ``max_new_tokens`` token ids continuing ``prompt_ids`` (stops after ``eos_id``, which is not
+    returned). ``vocab_limit``: sample only ids below it (a model's vocab may be padded past its tokenizer's).
+    ``use_cache=False`` re-runs the whole sequence for every token (slow; kept to check the cache against)."""
     was_training = model.training
     model.eval()
-    ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    device = model.tok_embeddings.weight.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     new: list[int] = []
+    cache = model.new_kv_cache(1, len(prompt_ids) + max_new_tokens) if use_cache else None
+    step_input = prompt_ids
     for _ in range(max_new_tokens):
-        x = torch.tensor(ids + new, dtype=torch.long, device=device)
-        logits = model(x)[-1].float().cpu()
-        logits = logits[: tokenizer.vocab_size]  # the model's vocab may be padded beyond the tokenizer's
-        if temperature <= 0:
-            nxt = int(logits.argmax())
+        if use_cache:
+            logits = model(torch.tensor([step_input], dtype=torch.long, device=device), kv_cache=cache)[0, -1]
         else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-        if nxt == tokenizer.eos_id:
+            logits = model(torch.tensor(prompt_ids + new, dtype=torch.long, device=device))[-1]
+        logits = logits.float().cpu()[None, :vocab_limit]
+        nxt = int(sample_next(logits, temperature, top_k, top_p, gen)[0])
+        if nxt == eos_id:
             break
         new.append(nxt)
+        step_input = [nxt]
     model.train(was_training)
+    return new
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,
+             seed: int = 0, device=None, top_p: float = 1.0, use_cache: bool = True) -> str:
+    """Continue ``prompt`` by up to ``max_new_tokens`` tokens (stops at EOS); returns only the new text.
+    ``device`` is accepted for older callers and ignored: the model's device is used."""
+    ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    new = generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eos_id,
+                       tokenizer.vocab_size, use_cache)
     return tokenizer.decode(new)
+
+
+def load_model(ckpt: str, device: torch.device | str | None = None):
+    """(model, config) from an evo checkpoint folder, or the newest complete checkpoint in a folder of them;
+    the model is in eval mode on ``device`` (default: the GPU when there is one)."""
+    import os
+
+    from evo.checkpoint import latest_checkpoint, load_checkpoint, read_config
+    from evo.config import config_from_dict
+    from evo.errors import CheckpointError
+    from evo.model import build_model
+
+    path = ckpt
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        path = latest_checkpoint(path)
+        if path is None:
+            raise CheckpointError(f"'{ckpt}' is neither a checkpoint nor a folder holding one")
+    raw = {k: v for k, v in read_config(path).items() if k != "source"}
+    cfg = config_from_dict(raw)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(cfg.model, device)
+    load_checkpoint(path, {"model": model.state_dict()})
+    return model.eval(), cfg

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from evo.config import Config, ConfigError, load_config
+from evo.config import Config, ConfigError, load_config, run_differences, strip_folder_prefix
 from evo.monitor import logger, setup_logging
 from evo.parallel.context import ParallelContext
 
@@ -151,15 +151,45 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
     ctx = ParallelContext(world_size=world_size, rank=rank, local_rank=local_rank, device=device, dp_size=world_size,
                           dp_rank=rank, dp_group=dist.group.WORLD if world_size > 1 else None)
     run_folder = Path(cfg.monitor.run_folder or Path("runs") / cfg.JOB_NAME)
+    check_run_folder(cfg, run_folder)  # every rank: each must fail alike, before anything is written
     setup_logging(run_folder, ctx.is_main)
-    if ctx.is_main:
-        run_folder.mkdir(parents=True, exist_ok=True)
-        (run_folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
     set_seed(seed)
     logger.info("launcher=%s world_size=%d device=%s config=%s run_folder=%s", launcher, world_size, device,
                 cfg.source, run_folder)
     _LAUNCH = LaunchState(cfg, ctx, run_folder, seed)
     return _LAUNCH
+
+
+def check_run_folder(cfg: Config, run_folder: Path) -> None:
+    """Refuse a run folder (or checkpoint folder) that holds another run: one trained with a config whose
+    training-relevant content differs (``config.run_differences``). The reference is the config of the newest
+    checkpoint, else the run folder's config.json when its metrics.jsonl has records; a folder with neither
+    holds nothing to lose."""
+    from evo.checkpoint import latest_checkpoint
+
+    save = Path(strip_folder_prefix(cfg.ckpt.save_ckpt_folder or str(run_folder / "checkpoints")))
+    latest = latest_checkpoint(save)
+    saved_file = latest / "config.json" if latest is not None else run_folder / "config.json"
+    if latest is None and not _has_records(run_folder / "metrics.jsonl"):
+        return
+    try:
+        saved = json.loads(saved_file.read_text())
+    except (OSError, ValueError):
+        return  # no readable config to compare with (a foreign folder): the checkpoint loader speaks for it
+    diffs = run_differences(saved, cfg.to_dict())
+    if diffs:
+        more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+        raise ConfigError(f"run folder '{run_folder}' holds another run ('{saved_file}' differs from this config: "
+                          f"{'; '.join(diffs[:3])}{more}): use another JOB_NAME (or monitor.run_folder) for this "
+                          f"config, or remove '{run_folder}' to start afresh")
+
+
+def _has_records(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return any(line.strip() for line in f)
+    except OSError:
+        return False
 
 
 def launch_state() -> LaunchState:

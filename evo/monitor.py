@@ -1,8 +1,14 @@
-"""Metrics out of a run: a console progress bar, ``metrics.jsonl``, TensorBoard, a log file.
+"""Metrics out of a run: a console progress bar or step lines, ``metrics.jsonl``, TensorBoard, a log file.
 
-Only the main rank writes. ``metrics.jsonl`` holds one JSON object per training step and per
+Only the main rank writes. ``metrics.jsonl`` holds one JSON object per logged training step and per
 evaluation, with InternEvo's key names (``loss``, ``lr``, ``grad_norm``, ``tgs``, ``val/<name>_loss``,
-...). A resumed run appends to it; a run that starts from step 0 replaces it.
+...). It is strict JSON: a number that is not finite (the gradient norm of a skipped step) is written
+as ``null``. A run that starts from step 0 starts the file anew; a run resumed at step N keeps the
+records up to step N and appends, and tells TensorBoard to purge its events past N, so no step
+appears twice.
+
+Progress: on a terminal, a progress bar on stderr, and a step line in ``train.log`` for each logged
+step; elsewhere (slurm, nohup, a pipe) no bar, and the step lines go to stderr too.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -17,9 +24,13 @@ from tqdm import tqdm
 
 logger = logging.getLogger("evo")
 
+_STEP_LINE = "evo_step_line"  # LogRecord attribute marking a step line
+
 
 def setup_logging(run_folder: Path | None, is_main: bool) -> None:
     """Log to stderr (main rank: INFO, others: WARNING) and, on the main rank, to run_folder/train.log."""
+    for handler in logger.handlers:
+        handler.close()
     logger.handlers.clear()
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -36,30 +47,67 @@ def setup_logging(run_folder: Path | None, is_main: bool) -> None:
 
 def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no inf/nan; keep the information as a string
+        return None  # JSON has no inf/nan
     return value
+
+
+def _not_step_line(record: logging.LogRecord) -> bool:
+    return not getattr(record, _STEP_LINE, False)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None  # a line cut short by a kill mid-write
+    return record.get("step") if isinstance(record, dict) else None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of ``path`` up to ``step`` (a resumed run logs the later ones again)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if (s := _step_of(line)) is not None and s <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 class Monitor:
     def __init__(self, run_folder: Path, is_main: bool, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True):
-        self.is_main = is_main
+                 tensorboard: bool = True, progress: bool | None = None, progress_file=None):
+        """progress: None shows a bar when ``progress_file`` (default stderr) is a terminal."""
+        self.is_main, self.total_steps = is_main, total_steps
         self._metrics = self._tb = self._bar = None
+        self._quiet_consoles: list[logging.Handler] = []
         if not is_main:
             return
+        run_folder = Path(run_folder)
         run_folder.mkdir(parents=True, exist_ok=True)
-        # a resumed run continues the file; a run from step 0 starts it anew
-        self._metrics = open(run_folder / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8")
+        metrics = run_folder / "metrics.jsonl"
+        if start_step:
+            truncate_metrics(metrics, start_step)
+        self._metrics = open(metrics, "a" if start_step else "w", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_folder / "tensorboard"))
+            # purge_step: events at or past it, left by the run before the resume, are dropped
+            self._tb = SummaryWriter(log_dir=str(run_folder / "tensorboard"),
+                                     purge_step=start_step + 1 if start_step else None)
+        progress_file = progress_file or sys.stderr
+        if progress is None:
+            progress = hasattr(progress_file, "isatty") and progress_file.isatty()
         if progress:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                             file=sys.stderr, mininterval=1.0)
+                             file=progress_file, mininterval=1.0)
+            # the bar carries the progress on the console; the step lines go to train.log only
+            self._quiet_consoles = [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
+            for handler in self._quiet_consoles:
+                handler.addFilter(_not_step_line)
 
     def _write(self, record: dict, step: int) -> None:
-        self._metrics.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        self._metrics.write(json.dumps({k: _jsonable(v) for k, v in record.items()}, allow_nan=False) + "\n")
         self._metrics.flush()
         if self._tb is not None:
             for key, value in record.items():
@@ -70,10 +118,12 @@ class Monitor:
         if not self.is_main:
             return
         self._write(record, record["step"])
-        if self._bar is not None:
-            self._bar.update(record["step"] - self._bar.n)
+        if self._bar is not None:  # the postfix first: update() draws the bar with it
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tgs=f"{record['tgs']:.0f}",
                                   refresh=False)
+            self._bar.update(record["step"] - self._bar.n)
+        logger.info("step %d/%d %s", record["step"], self.total_steps, _step_text(record),
+                    extra={_STEP_LINE: True})
 
     def log_eval(self, record: dict) -> None:
         if not self.is_main:
@@ -87,9 +137,23 @@ class Monitor:
             self._bar.refresh()
 
     def close(self) -> None:
+        for handler in self._quiet_consoles:
+            handler.removeFilter(_not_step_line)
+        self._quiet_consoles = []
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
         if self._metrics is not None:
             self._metrics.close()
+
+
+def _step_text(record: dict) -> str:
+    """The step line's fields: loss, lr, gradient norm, loss scale, tokens per second, TFLOP/s, per-type losses."""
+    formats = {"loss": "{:.4f}", "lr": "{:.3e}", "grad_norm": "{:.4g}", "loss_scale": "{:g}", "tgs": "{:.0f}",
+               "tflops": "{:.3g}"}
+    parts = [f"{key}={fmt.format(record[key])}" for key, fmt in formats.items() if key in record]
+    parts += [f"{key}={value:.4f}" for key, value in record.items() if key.startswith("loss/")]
+    if record.get("inf_nan_skip_batches"):
+        parts.append(f"skipped={record['inf_nan_skip_batches']}")
+    return " ".join(parts)

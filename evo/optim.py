@@ -47,10 +47,15 @@ class DynamicLossScaler:
                 self.scale = min(self.scale * c.growth_factor, c.max_scale)
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "growth_tracker": self.growth_tracker, "hysteresis_tracker": self.hysteresis_tracker}
+        return {"scale": self.scale, "growth_tracker": self.growth_tracker,
+                "hysteresis_tracker": self.hysteresis_tracker, "enabled": self.enabled}
 
     def load_state_dict(self, state: dict) -> None:
-        self.scale = state["scale"]
+        """Continue a saved scaler; one saved disabled (a bf16/fp32 run) leaves this one as configured, and the
+        scale is kept within this config's [fp16.min_scale, max_scale]."""
+        if not self.enabled or not state.get("enabled", True):
+            return
+        self.scale = min(max(float(state["scale"]), self.cfg.fp16.min_scale), self.cfg.max_scale)
         self.growth_tracker = state["growth_tracker"]
         self.hysteresis_tracker = state["hysteresis_tracker"]
 

@@ -17,6 +17,7 @@ gives exactly the gradient of one big batch.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 import warnings
@@ -29,21 +30,35 @@ from evo.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_c
 from evo.config import Config, strip_folder_prefix
 from evo.data.packing import IGNORE_INDEX
 from evo.errors import CheckpointError
-from evo.model.decoder import count_parameters
+from evo.model.decoder import matmul_parameters
 from evo.monitor import Monitor, logger
 from evo.optim import DynamicLossScaler, MixedPrecisionOptimizer, lr_factor
 from evo.parallel.context import ParallelContext
 
 
-def step_flops(model_cfg, num_matmul_params: int, tokens: int, seqlens_sq_sum: int) -> float:
-    """Model FLOPs of one forward+backward over ``tokens`` tokens (docs/metrics.md states the formula).
+def step_flops(model_cfg, num_matmul_params: int, tokens: float, attention_pairs: float) -> float:
+    """Model FLOPs of one forward+backward over ``tokens`` tokens (docs/training.md states the formula).
 
-    6 * N * tokens for the weight matmuls (N: parameters excluding the input embedding table, which is
-    a lookup), plus causal attention's 6 * num_layers * hidden_size * sum_i s_i^2 over packed sequences
-    of length s_i (QK^T and PV: 4 * s^2 * hidden forward for a full square, halved for causal, x3 for
-    forward + backward).
+    ``6 * N * tokens`` for the weight matmuls (N: ``matmul_parameters``, the input embedding excluded as a
+    lookup), plus attention's ``6 * num_layers * heads * head_dim * attention_pairs``, where
+    ``attention_pairs`` (``attention_pair_sum``) is sum_i s_i^2 over the packed sequences of lengths s_i
+    (Q K^T and P V: 4 * s^2 * heads * head_dim forward for a full square, halved for causal, x3 for
+    forward + backward), less what a sliding window leaves out.
     """
-    return 6.0 * num_matmul_params * tokens + 6.0 * model_cfg.num_layers * model_cfg.hidden_size * seqlens_sq_sum
+    width = model_cfg.num_attention_heads * model_cfg.head_dim
+    return 6.0 * num_matmul_params * tokens + 6.0 * model_cfg.num_layers * width * attention_pairs
+
+
+def attention_pair_sum(cu_seqlens: torch.Tensor, sliding_window: int | None = None) -> float:
+    """The attention term of ``step_flops`` for one packed row: sum over its sequences of s^2, which stands for
+    twice the s (s + 1) / 2 causal (query, key) pairs; with a window of W keys, the pairs a query past the
+    first W cannot see are taken off: s^2 - (s - W) (s - W + 1) when s > W."""
+    s = (cu_seqlens[1:] - cu_seqlens[:-1]).double()
+    total = s.square()
+    if sliding_window:
+        cut = (s - sliding_window).clamp(min=0)
+        total = total - cut * (cut + 1)
+    return float(total.sum())
 
 
 class Trainer:
@@ -61,14 +76,21 @@ class Trainer:
         self.last_lr = float("nan")  # the lr the last step used
         self._last_eval_step = self._last_save_step = None
         self._train_iter = iter(train_dl)
-        n = count_parameters(model, exclude_embedding=True)
-        if model.cfg.tie_word_embeddings:
-            n += model.cfg.vocab_size * model.cfg.hidden_size  # the head is a matmul even when tied
-        self._matmul_params = n
+        self._matmul_params = matmul_parameters(model)
 
     # ------------------------------------------------------------------ the documented loop
     def fit(self) -> dict:
-        """Train to ``data.total_steps``; then evaluate, checkpoint and print a sample. Returns the last metrics."""
+        """Train to ``data.total_steps``; then evaluate, checkpoint and print a sample. Returns the last metrics.
+
+        A run resumed at or past ``data.total_steps`` is complete: it says so and writes nothing."""
+        total = self.cfg.data.total_steps
+        if self.step_count >= total:
+            if self.ctx.is_main:
+                logger.info("run '%s' is complete: it trained %d steps (data.total_steps=%d); nothing was changed. "
+                            "To train further, raise data.total_steps; to start afresh, use another JOB_NAME (or "
+                            "monitor.run_folder) or remove '%s'", self.run_folder, self.step_count, total,
+                            self.run_folder)
+            return {}
         last = self.train()
         if self.val_dls and self._last_eval_step != self.step_count:
             last.update(self.evaluate_on_val_dls())
@@ -80,6 +102,9 @@ class Trainer:
 
     def train(self) -> dict:
         total = self.cfg.data.total_steps
+        if self.ctx.is_main:  # written when training starts: a run folder's config is the one that trained in it
+            self.run_folder.mkdir(parents=True, exist_ok=True)
+            (self.run_folder / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
         if self.monitor is None:
             self.monitor = Monitor(self.run_folder, self.ctx.is_main, total, self.step_count)
         profiler = self._profiler()
@@ -119,7 +144,7 @@ class Trainer:
         counts[0] = labelled.sum()
         real = type_ids >= 0  # padding carries type id -1
         counts[1] = real.sum()
-        counts[2] = sum(float((c[1:] - c[:-1]).double().square().sum()) for c in inputs["cu_seqlens"])
+        counts[2] = sum(attention_pair_sum(c, self.model.cfg.sliding_window) for c in inputs["cu_seqlens"])
         counts[3:3 + n_types] = torch.bincount(type_ids[labelled].clamp(min=0), minlength=n_types)[:n_types]
         counts[3 + n_types:] = torch.bincount(type_ids[real], minlength=n_types)[:n_types]
         local_tokens, local_sq = float(counts[1]), float(counts[2])
@@ -209,7 +234,16 @@ class Trainer:
         return path
 
     def resume(self, path: str | Path, content=("all",)) -> None:
-        """Load from checkpoint ``path`` what ``content`` names: model, optimizer, scheduler, sampler or all."""
+        """Load from checkpoint ``path`` what ``content`` names (InternEvo's ``load_ckpt_info`` contents):
+
+        - ``model``: the weights (the fp32 masters are taken from them);
+        - ``optimizer``: the fp32 masters (the model is taken from them), AdamW's moments, the fp16 loss scaler;
+        - ``scheduler``: the run's position: the step counters (step, consumed tokens, skipped steps) and the
+          lr schedule at that step, so the run continues to ``data.total_steps`` (InternEvo positions its
+          scheduler from the step count it loads with it);
+        - ``sampler``: the data position and the random number generator states;
+        - ``all``: everything (what auto-resume loads).
+        """
         content = set(content)
         if "all" in content:
             content = {"model", "optimizer", "scheduler", "sampler"}
@@ -225,16 +259,24 @@ class Trainer:
         elif "model" in content:
             self.optimizer.sync_masters_from_model()
         if "scheduler" in content:
-            self.scheduler.load_state_dict(state["scheduler"])
-            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-                group["lr"] = lr
-        if "sampler" in content:
-            states = state["sampler"]  # one per data-parallel rank (a streaming loader's differ)
-            self.train_dl.load_state_dict(states[self.ctx.dp_rank] if len(states) == self.ctx.dp_size else states[0])
             self.step_count = state["step"]
             self.num_consumed_tokens = state["num_consumed_tokens"]
             self.inf_nan_skip_batches = state["inf_nan_skip_batches"]
             self._last_save_step = self.step_count
+            self.scheduler.load_state_dict(state["scheduler"])
+            # as InternEvo's load_scheduler: the schedule continues from the checkpoint's step with this
+            # config's adam.lr (a changed lr is used, with a warning), not the lr the checkpoint was trained with
+            lr = self.cfg.adam.lr
+            if any(base != lr for base in self.scheduler.base_lrs):
+                logger.warning("adam.lr is %g; the checkpoint was trained with %g: the schedule continues with %g",
+                               lr, self.scheduler.base_lrs[0], lr)
+            self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+            self.scheduler._last_lr = [lr * f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas]
+            for group, group_lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = group_lr
+        if "sampler" in content:
+            states = state["sampler"]  # one per data-parallel rank (a streaming loader's differ)
+            self.train_dl.load_state_dict(states[self.ctx.dp_rank] if len(states) == self.ctx.dp_size else states[0])
             set_rng_state(state["rng"])
         logger.info("loaded %s from checkpoint %s (step %d)", ", ".join(sorted(content)), path, state["step"])
 
@@ -258,7 +300,8 @@ class Trainer:
                   "inf_nan_skip_batches": self.inf_nan_skip_batches}
         for t, name in enumerate(self.dataset_types):
             n = float(out["type_labels"][t])
-            record[f"loss/{name}"] = float(out["loss_sums"][t]) / n if n else float("nan")
+            if n:  # a type with no labelled tokens in this step has no loss (the key is left out)
+                record[f"loss/{name}"] = float(out["loss_sums"][t]) / n
             record[f"tokens/{name}"] = int(out["type_tokens"][t])
         if self.ctx.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
@@ -314,12 +357,21 @@ class TrainerBuilder(Trainer):
         self._auto_load()
 
     def _auto_load(self) -> None:
+        """Resume: the save folder's newest checkpoint (with ``ckpt.auto_resume``) wins over
+        ``ckpt.load_ckpt_info``. A run never starts behind checkpoints already in its save folder: they would be
+        overwritten one by one, and a later auto-resume would pick the old run's newest."""
         c = self.cfg.ckpt
-        latest = latest_checkpoint(self.save_folder) if c.auto_resume else None
-        if latest is not None:  # our own run's newest checkpoint wins over an initial load
+        latest = latest_checkpoint(self.save_folder)
+        if latest is not None and c.auto_resume:
             self.resume(latest)
         elif c.load_ckpt_info is not None:
             path = strip_folder_prefix(str(c.load_ckpt_info["path"]))
             if not Path(path).is_dir():
                 raise CheckpointError(f"'ckpt.load_ckpt_info.path' '{path}' is not a folder")
             self.resume(path, c.load_ckpt_info["content"])
+        if latest is not None and int(latest.name) > self.step_count:
+            raise CheckpointError(
+                f"'{self.save_folder}' holds checkpoints up to step {latest.name} and ckpt.auto_resume is False: this "
+                f"run would start at step {self.step_count + 1} and overwrite them. To continue that run, set "
+                "ckpt.auto_resume=True (the default); to start afresh, use another JOB_NAME (or monitor.run_folder) "
+                f"or remove '{self.save_folder}'")

@@ -1,22 +1,19 @@
-"""Sample from a checkpoint: ``python scripts/generate.py --ckpt DIR --prompt TEXT [--tokens N]``."""
+"""Sample from a checkpoint: ``python scripts/generate.py --ckpt DIR --prompt TEXT [--tokens N] [--temperature T]
+[--top-k K] [--top-p P] [--seed S] [--no-cache]``. The text goes to stdout; the speed to stderr."""
 
 import argparse
 import os
 import sys
+import time
 
 # the repo root replaces the scripts folder on the path: evo imports from a source tree, and
 # scripts/tokenize.py does not shadow the standard library's tokenize module
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-
-from evo.checkpoint import latest_checkpoint, load_checkpoint, read_config  # noqa: E402
 from evo.cli import run  # noqa: E402
-from evo.config import config_from_dict  # noqa: E402
 from evo.data.tokenizer import load_tokenizer  # noqa: E402
-from evo.errors import CheckpointError  # noqa: E402
-from evo.generate import generate  # noqa: E402
-from evo.model import build_model  # noqa: E402
+from evo.errors import ConfigError  # noqa: E402
+from evo.generate import generate_ids, load_model  # noqa: E402
 
 
 def main():
@@ -24,24 +21,24 @@ def main():
     parser.add_argument("--ckpt", required=True, help="a checkpoint folder, or a folder of them (newest is used)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--tokens", type=int, default=128, help="new tokens at most")
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=40, help="sample from the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set reaching p")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="re-run the whole sequence for every token")
     args = parser.parse_args()
-    path = args.ckpt
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        path = latest_checkpoint(path)
-        if path is None:
-            raise CheckpointError(f"'{args.ckpt}' is neither a checkpoint nor a folder holding one")
-    raw = read_config(path)
-    raw = {k: v for k, v in raw.items() if k != "source"}
-    cfg = config_from_dict(raw)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(cfg.model, device)
-    load_checkpoint(path, {"model": model.state_dict()})
+    if args.tokens < 1 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError("--tokens must be >= 1, --top-k >= 0 and --top-p in (0, 1]")
+    model, cfg = load_model(args.ckpt)
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
-    text = generate(model, tokenizer, args.prompt, args.tokens, args.temperature, args.top_k, args.seed, device)
-    print(args.prompt + text)
+    ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
+    start = time.perf_counter()
+    new = generate_ids(model, ids, args.tokens, args.temperature, args.top_k, args.top_p, args.seed, tokenizer.eos_id,
+                       tokenizer.vocab_size, use_cache=not args.no_cache)
+    seconds = time.perf_counter() - start
+    print(args.prompt + tokenizer.decode(new), flush=True)
+    print(f"evo: {len(new)} tokens in {seconds:.2f} s ({len(new) / max(seconds, 1e-9):.1f} tokens/s, prompt "
+          f"{len(ids)} tokens, {'no cache' if args.no_cache else 'KV cache'})", file=sys.stderr)
 
 
 if __name__ == "__main__":

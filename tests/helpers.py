@@ -20,6 +20,8 @@ def small_sections(**sections) -> dict:
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
+    if cfg["data"].get("type") != "dummy" and "num_dummy_samples" not in sections.get("data", {}):
+        del cfg["data"]["num_dummy_samples"]  # another data type does not read it (a config error)
     return cfg
 
 

@@ -27,7 +27,7 @@ def test_base_config_import_and_override(config_file):
         JOB_NAME = "child"
         model["num_layers"] = 3
     """), name="child.py")
-    cfg = load_config(child, ["data.total_steps=20", "data.train_folder=/data/x", "data.type='dummy'",
+    cfg = load_config(child, ["data.total_steps=20", "data.train_folder=/data/x", "data.type='tokenized'",
                               "adam.lr=3e-4", "monitor.run_folder=out/run"])
     assert cfg.JOB_NAME == "child" and cfg.model.num_layers == 3
     assert cfg.data.total_steps == 20 and cfg.lr_scheduler.total_steps == 20
@@ -109,8 +109,8 @@ def test_cli_bad_config_value_exits_2_with_one_line(tmp_path):
     result = run_script("scripts/train.py", "--config", "configs/tiny.py", "model.hidden_size=258",
                         f"monitor.run_folder={tmp_path}/run")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
-        "evo: error: 'model.hidden_size' (258) must be divisible by 'model.num_attention_heads' (4)")
+    (line,) = result.stderr.strip().splitlines()  # the one line, nothing else
+    assert line.startswith("evo: error: 'model.hidden_size' (258) must be divisible by 'model.num_attention_heads' (4)")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()  # rejected before any work started
 
@@ -120,3 +120,74 @@ def test_cli_unsupported_parallel_size_exits_2(tmp_path):
                         f"monitor.run_folder={tmp_path}/run")
     assert result.returncode == 2
     assert "'parallel.tensor.size' = 2 is not supported yet" in result.stderr
+
+
+@pytest.mark.parametrize("data, message", [
+    (dict(type="builtin", train_folder="/x"), "'data.train_folder' ('/x') is not used with 'data.type' 'builtin'"),
+    (dict(type="builtin", valid_folder="/v"), "'data.valid_folder' ('/v') is not used with 'data.type' 'builtin'"),
+    (dict(type="dummy", train_folder="/x"), "'data.train_folder' ('/x') is not used with 'data.type' 'dummy'"),
+    (dict(type="dummy", tokenizer_path="byte"), "'data.tokenizer_path' ('byte') is not used with 'data.type' 'dummy'"),
+    (dict(type="tokenized", train_folder="/t", num_dummy_samples=5), "'data.num_dummy_samples' (5) is not used"),
+    (dict(type="builtin", max_bad_lines=3), "'data.max_bad_lines' (3) is not used with 'data.type' 'builtin'"),
+    (dict(pack_sample_into_one=True, use_packed_dataset=False), "'data.pack_sample_into_one' is True but "
+                                                                "'data.use_packed_dataset' is False"),
+    (dict(type="streaming", train_folder="/t", max_bad_lines=-1), "'data.max_bad_lines' must be >= 0"),
+])
+def test_data_keys_the_type_does_not_read_are_errors(data, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(small_sections(data=data))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_keys_the_type_reads_are_accepted():
+    config_from_dict(small_sections(data=dict(type="streaming", train_folder="/t", valid_folder="/v", max_bad_lines=3,
+                                              tokenizer_path="byte", min_length=2)))
+    config_from_dict(small_sections(data=dict(type="builtin", tokenizer_path="bpe", min_length=2)))
+    config_from_dict(small_sections(data=dict(type="tokenized", train_folder="/t", valid_folder="/v",
+                                              tokenizer_path="byte", pack_sample_into_one=True)))
+
+
+def test_cli_conflicting_data_keys_exit_2_naming_both(tmp_path):
+    result = run_script("scripts/train.py", "--config", "configs/tiny.py", f"data.train_folder={tmp_path}/nowhere",
+                        f"monitor.run_folder={tmp_path}/run")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"evo: error: 'data.train_folder' ('{tmp_path}/nowhere') is not used with 'data.type' 'builtin': remove one "
+        "of them"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_folders_derive_from_job_name_unless_set():
+    tiny = ROOT / "configs" / "tiny.py"
+    cfg = load_config(tiny, ["JOB_NAME=foo"])
+    assert cfg.monitor.run_folder == "runs/foo" and cfg.ckpt.save_ckpt_folder == "runs/foo/checkpoints"
+    assert cfg.ckpt.auto_resume  # InternEvo's default: the same command continues a stopped run
+    cfg = load_config(tiny, ["monitor.run_folder=/x/run"])
+    assert cfg.ckpt.save_ckpt_folder == "/x/run/checkpoints"
+    cfg = load_config(tiny, ["ckpt.save_ckpt_folder=local:/y/ckpt"])
+    assert cfg.monitor.run_folder == "runs/tiny" and cfg.ckpt.save_ckpt_folder == "local:/y/ckpt"
+    for name in ("", "a/b", ".."):
+        with pytest.raises(ConfigError, match="'JOB_NAME' .* must be a plain folder name"):
+            load_config(tiny, [f"JOB_NAME='{name}'"])
+
+
+def test_the_lr_schedule_follows_data_total_steps():
+    cfg = load_config(ROOT / "configs" / "tiny.py", ["data.total_steps=30"])
+    assert cfg.lr_scheduler.total_steps == 30
+
+
+def test_run_differences_compare_what_the_run_computes():
+    from evo.config import run_differences
+
+    base = config_from_dict(small_sections()).to_dict()
+    same = config_from_dict(small_sections(data=dict(total_steps=9, valid_every=3, skip_batches="2"),
+                                           monitor=dict(run_folder="elsewhere", log_every=5),
+                                           ckpt=dict(checkpoint_every=2), model=dict(checkpoint=True))).to_dict()
+    same["JOB_NAME"], same["source"] = "other", "other.py"
+    assert run_differences(base, same) == []
+    other = config_from_dict(small_sections(data=dict(seed=5), adam=dict(lr=2e-3),
+                                            model=dict(dtype="torch.bfloat16"))).to_dict()
+    assert run_differences(base, other) == ["model.dtype: 'torch.float32' there, 'torch.bfloat16' here",
+                                            "data.seed: 1024 there, 5 here", "adam.lr: 0.001 there, 0.002 here"]
+    older = dict(base, model={k: v for k, v in base["model"].items() if k != "head_dim"})
+    assert run_differences(older, base) == []  # a key an older evo did not write is not compared

@@ -9,6 +9,10 @@ from evo.model import build_model, count_parameters
 @pytest.mark.parametrize("name, published", [
     ("internlm2_7b.py", 7_737_708_544),  # InternLM2-7B as published on its model card
     ("llama2_7b.py", 6_738_415_616),  # Llama-2-7B as published by Meta
+    ("llama3_8b.py", 8_030_261_248),  # Meta-Llama-3-8B as published on its model card
+    ("mistral_7b.py", 7_241_732_096),  # Mistral-7B-v0.1 as published
+    ("qwen2_7b.py", 7_615_616_512),  # Qwen2-7B as published
+    ("qwen3_8b.py", 8_190_735_360),  # Qwen3-8B as published
 ])
 def test_real_configs_have_published_parameter_counts(name, published):
     cfg = load_config(ROOT / "configs" / name)
@@ -84,9 +88,10 @@ def test_init_uses_the_config_std():
 def test_rotary_tables_grow_past_2048_positions_eager_and_compiled():
     """Positions past the first table (2048) rotate with the exact angles, eagerly (table regrown in
     NumPy) and inside torch.compile (torch ops in the graph instead)."""
-    from evo.model.decoder import RotaryEmbedding
+    from evo.model.rotary import RotaryEmbedding
 
-    rope = RotaryEmbedding(8, 10000.0, interleaved=False)
+    plain = dict(rope_type="default", base=10000.0, max_position_embeddings=2048)
+    rope = RotaryEmbedding(8, plain, interleaved=False)
     n = 2100
     x = torch.randn(n, 1, 8, dtype=torch.float64).float()
     cu = torch.tensor([0, n], dtype=torch.int32)
@@ -95,8 +100,43 @@ def test_rotary_tables_grow_past_2048_positions_eager_and_compiled():
     x1, x2 = x.double()[..., :4], x.double()[..., 4:]
     c, s = angles.cos()[:, None], angles.sin()[:, None]
     expected = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    traced = RotaryEmbedding(8, 10000.0, interleaved=False)
+    traced = RotaryEmbedding(8, plain, interleaved=False)
     compiled = torch.compile(lambda t: traced(t, cu, n), backend="aot_eager", fullgraph=True)
     for out in (compiled(x), rope(x, cu, n)):
         torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
     assert rope._cos.shape[0] >= n and traced._cos.shape[0] == 2048  # the compiled graph builds its own
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(num_attention_heads=3), "'model.hidden_size' (64) must be divisible by 'model.num_attention_heads' (3), "
+                                  "or 'model.head_dim' set"),
+    (dict(head_dim=7), "'model.head_dim' must be even and >= 2 for rotary, got 7"),
+    (dict(rope_scaling=dict(rope_type="yarn", factor=2.0)),
+     "'model.rope_scaling.rope_type' must be one of default, linear, dynamic, llama3; got 'yarn'"),
+    (dict(rope_scaling=dict(type="linear")), "'model.rope_scaling.factor' is required with rope_type 'linear'"),
+    (dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=4.0, high_freq_factor=1.0,
+                            original_max_position_embeddings=64)),
+     "'model.rope_scaling.high_freq_factor' must be greater than 'low_freq_factor'"),
+    (dict(use_dynamic_ntk_rope=True, rope_scaling=dict(rope_type="linear", factor=2.0)),
+     "'model.use_dynamic_ntk_rope' is True but 'model.rope_scaling.rope_type' is 'linear': set one of them"),
+    (dict(sliding_window=0), "'model.sliding_window' must be >= 1 or None, got 0"),
+])
+def test_bad_model_family_keys_are_one_line_errors(override, message):
+    from evo.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(small_sections(model=override))
+    assert str(err.value) == message
+
+
+def test_model_family_keys_shape_the_model():
+    model, cfg = tiny_model(head_dim=24, intermediate_size=100, qkv_bias=True, qk_norm=True, sliding_window=9)
+    a = model.layers[0].attention
+    assert a.wq.weight.shape == (4 * 24, 64) and a.wk.weight.shape == (2 * 24, 64) and a.wo.weight.shape == (64, 96)
+    assert a.wq.bias is not None and a.wo.bias is None and model.layers[0].feed_forward.w1.bias is None
+    assert a.q_norm.weight.shape == (24,) and a.window == (8, 0)
+    assert model.layers[0].feed_forward.w2.weight.shape == (64, 100)
+    assert model(torch.randint(0, cfg.vocab_size, (3, 10))).shape == (3, 10, cfg.vocab_size)
+    dynamic = config_from_dict(small_sections(model=dict(use_dynamic_ntk_rope=True))).model
+    assert dynamic.rope["rope_type"] == "dynamic" and dynamic.rope["factor"] == 1.0  # InternEvo's switch
+    assert config_from_dict(small_sections(model=dict(no_bias=False, o_bias=False))).model.qkv_bias is True

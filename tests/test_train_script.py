@@ -5,8 +5,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import torch
 
 from helpers import ROOT, run_script
+from evo.model import build_model
 
 STEP_KEYS = {"step", "loss", "lr", "grad_norm", "loss_scale", "tgs", "tflops", "num_consumed_tokens",
              "inf_nan_skip_batches", "loss/python", "tokens/python"}
@@ -36,11 +40,29 @@ def test_tiny_job_smoke_with_profiling_then_generate(tmp_path):
     assert json.loads((run / "config.json").read_text())["model"]["num_layers"] == 2
     assert "saved checkpoint" in (run / "train.log").read_text()
     assert list((run / "profile").glob("trace_rank0_*.json"))
-    assert "--- sample (prompt 'def ') ---" in result.stdout
+    sample = result.stdout.split("--- sample (prompt 'def ') ---\n")[1].split("\n---")[0]
 
-    gen = run_script("scripts/generate.py", "--ckpt", ckpt, "--prompt", "import ", "--tokens", "12")
+    # generate.py loads the final checkpoint: with the same prompt, seed and sampling it writes the trained
+    # model's sample again (a model that failed to load writes other text)
+    gen = run_script("scripts/generate.py", "--ckpt", ckpt, "--prompt", "def ", "--tokens", "8")
     assert gen.returncode == 0, gen.stderr
-    assert gen.stdout.startswith("import ")
+    assert gen.stdout.rstrip("\n") == sample and len(sample) > len("def ")
+    assert "tokens/s" in gen.stderr
+
+    # and its loader gives the logits of the checkpoint's tensors read back independently of evo
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from evo.generate import load_model
+
+    model, cfg = load_model(str(ckpt), "cpu")
+    dcp_to_torch_save(ckpt / "6", tmp_path / "plain.pt")
+    state = torch.load(tmp_path / "plain.pt")["model"]
+    twin = build_model(cfg.model, "cpu", seed=123)
+    twin.load_state_dict(state)
+    ids = torch.randint(0, cfg.model.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids), twin(ids))
+        assert not torch.allclose(model(ids), build_model(cfg.model, "cpu", seed=123)(ids))
 
 
 def test_generate_rejects_a_folder_without_checkpoints(tmp_path):
@@ -87,10 +109,14 @@ def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path):
     resumed = run_script("scripts/train.py", "--config", cfg)
     assert resumed.returncode == 0, resumed.stderr
     assert "loaded model, optimizer, sampler, scheduler from checkpoint" in resumed.stderr
-    got = {}
-    for r in filter(lambda r: "loss" in r, read_metrics(tmp_path / "killed")):
-        got[r["step"]] = (r["loss"], r["grad_norm"])  # steps re-run after the resume overwrite the killed ones
-    assert got == expected  # exact float equality, every step
+    records = [r for r in read_metrics(tmp_path / "killed") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 61))  # cut back to the checkpoint, then continued
+    assert {r["step"]: (r["loss"], r["grad_norm"]) for r in records} == expected  # exact float equality, every step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "killed" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 61))  # the killed run's later steps purged
 
 
 def small_job(tmp_path, name, *extra):
@@ -122,3 +148,37 @@ def test_checkpoint_of_another_shape_is_refused_with_one_line(tmp_path):
     last = other.stderr.strip().splitlines()[-1]
     assert last.startswith(f"evo: error: checkpoint '{tmp_path / 'a' / 'ckpt' / '2'}' does not fit this model")
     assert "Traceback" not in other.stderr
+
+
+def test_a_newcomer_reruns_the_same_command_and_then_changes_the_config(tmp_path):
+    """From a fresh folder, as the README says: runs go to runs/<JOB_NAME>/; the same command again says the run is
+    complete and changes nothing; another config in the same run folder is refused with one line."""
+    job = [ROOT / "scripts" / "train.py", "--config", ROOT / "configs" / "tiny.py", "JOB_NAME=first",
+           "model.num_layers=1", "model.hidden_size=64", "model.num_kv_attention_heads=4", "data.total_steps=2",
+           "data.valid_max_batches=1", "monitor.sample_prompt=None"]
+    first = run_script(*job, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "runs" / "first"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
+    # no terminal: no progress bar, the step lines carry the progress, in train.log too
+    step_lines = [line for line in first.stderr.splitlines() if " step " in line]
+    assert len(step_lines) == 2 and "step 2/2 loss=" in step_lines[1] and "%|" not in first.stderr
+    assert "INFO: step 2/2 loss=" in (run / "train.log").read_text()
+    steps = [r for r in read_metrics(run) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["loss/python"] == r["loss"] for r in steps)  # one type: its loss is the step's (same sum and count)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "train.log"}
+
+    again = run_script(*job, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"run '{Path('runs/first')}' is complete: it trained 2 steps (data.total_steps=2); nothing was changed" \
+        in again.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "train.log"} == before
+
+    other = run_script(*job, "model.num_layers=2", cwd=tmp_path)
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines() == [
+        "evo: error: run folder 'runs/first' holds another run ('runs/first/checkpoints/2/config.json' differs from "
+        "this config: model.num_layers: 1 there, 2 here): use another JOB_NAME (or monitor.run_folder) for this "
+        "config, or remove 'runs/first' to start afresh"]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "train.log"} == before

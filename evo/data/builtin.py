@@ -54,10 +54,13 @@ def builtin_corpus(split: str, tokenizer, min_length: int = 0, root: str | Path 
     return Corpus.from_documents(docs, 0, min_length)
 
 
-def dummy_corpus(num_docs: int, seq_len: int, vocab_size: int, seed: int) -> Corpus:
-    """InternEvo's random dummy dataset: documents of random length (1 to 2 * seq_len) of random tokens."""
+def dummy_corpus(num_docs: int, seq_len: int, vocab_size: int, seed: int, min_length: int = 0) -> Corpus:
+    """InternEvo's random dummy dataset: documents of random length (1 to 2 * seq_len) of random tokens; those
+    shorter than ``min_length`` are left out (``data.min_length``, as for every other source)."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 2 * seq_len + 1, size=num_docs)
+    lengths = lengths[lengths >= min_length]
+    num_docs = len(lengths)
     offsets = np.zeros(num_docs + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     tokens = rng.integers(0, vocab_size, size=int(offsets[-1]), dtype=np.int32)

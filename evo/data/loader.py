@@ -131,7 +131,8 @@ def build_train_loader(cfg: DataConfig, ctx: ParallelContext, vocab_size: int) -
     """The training loader for ``cfg.type`` and the dataset type names (index = type id)."""
     tokenizer = None
     if cfg.type == "dummy":
-        corpus, types = dummy_corpus(cfg.num_dummy_samples, cfg.seq_len, vocab_size, cfg.seed), ["dummy"]
+        corpus = dummy_corpus(cfg.num_dummy_samples, cfg.seq_len, vocab_size, cfg.seed, cfg.min_length)
+        types = ["dummy"]
     elif cfg.type == "builtin":
         tokenizer = load_tokenizer(cfg.tokenizer_path)
         _check_vocab(tokenizer, vocab_size)

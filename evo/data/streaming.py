@@ -21,6 +21,7 @@ from evo.data.loader import Batch, collate
 from evo.data.packing import Corpus, PackedRows
 from evo.data.tokenized import find_types
 from evo.errors import DataError
+from evo.monitor import logger
 from evo.parallel.context import ParallelContext
 
 
@@ -41,22 +42,30 @@ class StreamingLoader:
         else:
             self.types = find_types(cfg.train_folder, ".jsonl", "data.type='streaming'")
             self.files = [(path, t) for t, (_, paths) in enumerate(self.types) for path in paths]
-        self.state = {"file": 0, "offset": 0, "doc": 0, "epoch": 0, "buffer": [], "batch_index": 0,
-                      "dp_size": self.dp_size}
+        self.is_main = ctx.is_main
+        # line: lines read in the current file (for file:line in messages); bad_lines: malformed lines skipped
+        self.state = {"file": 0, "offset": 0, "line": 0, "doc": 0, "epoch": 0, "buffer": [], "batch_index": 0,
+                      "dp_size": self.dp_size, "bad_lines": 0}
 
     @property
     def type_names(self) -> list[str]:
         return [name for name, _ in self.types]
 
     def _read(self):
-        """The next raw record and its type id, advancing the position (``_EPOCH_END`` at the end of the data)."""
+        """The next document's text and type id, advancing the position (``_EPOCH_END`` at the end of the
+        data; None for a line to skip: blank, or malformed and allowed by ``data.max_bad_lines``)."""
         s = self.state
         if self.hf is not None:
             if s["offset"] >= len(self.hf):
                 s.update(offset=0, epoch=s["epoch"] + 1)
                 return _EPOCH_END, 0
             s["offset"] += 1
-            return self.hf[s["offset"] - 1], 0
+            record = self.hf[s["offset"] - 1]
+            text = record.get(self.text_key) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                return self._bad(f"'{self.cfg.train_folder}' row {s['offset'] - 1}",
+                                 f"no string under '{self.text_key}'")
+            return text, 0
         while s["file"] < len(self.files):
             path, type_id = self.files[s["file"]]
             with open(path, "rb") as f:
@@ -64,29 +73,51 @@ class StreamingLoader:
                 line = f.readline()
             if line:
                 s["offset"] += len(line)
+                s["line"] += 1
+                if not line.strip():
+                    return None, type_id  # a blank line holds no document
                 try:
-                    return json.loads(line), type_id
-                except ValueError:
-                    return None, type_id  # as scripts/tokenize.py: a bad line is skipped (reported there)
-            s.update(file=s["file"] + 1, offset=0)
-        s.update(file=0, offset=0, epoch=s["epoch"] + 1)
+                    record = json.loads(line)
+                except ValueError as exc:
+                    return self._bad(f"{path}:{s['line']}", f"not JSON ({exc})")
+                text = record.get(self.text_key) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    return self._bad(f"{path}:{s['line']}", f"not a JSON object with a string under '{self.text_key}'")
+                return text, type_id
+            s.update(file=s["file"] + 1, offset=0, line=0)
+        s.update(file=0, offset=0, line=0, epoch=s["epoch"] + 1)
         return _EPOCH_END, 0
+
+    def _bad(self, where: str, why: str):
+        """A malformed line: an error, unless ``data.max_bad_lines`` allows skipping it. Counted in the first
+        epoch only (later epochs meet the same lines again); every rank reads every line, so all count alike."""
+        s, allowed = self.state, self.cfg.max_bad_lines
+        if s["epoch"] == 0:
+            s["bad_lines"] += 1
+            if s["bad_lines"] > allowed:
+                raise DataError(f"{where}: {why} (bad line {s['bad_lines']}, data.max_bad_lines={allowed}: raise it "
+                                "to skip such lines, or fix the data)")
+            if self.is_main:
+                logger.warning("data: skipped %s: %s (bad line %d of data.max_bad_lines=%d)", where, why,
+                               s["bad_lines"], allowed)
+        return None, 0
 
     def _next_document(self):
         """The next document of this rank's share: (tokens, type id)."""
         s = self.state
         dry_wraps = 0  # passes over all the data without a document for this rank
         while True:
-            record, type_id = self._read()
-            if record is _EPOCH_END:
+            text, type_id = self._read()
+            if text is _EPOCH_END:
                 dry_wraps += 1
                 if dry_wraps == 2:
-                    raise DataError(f"'{self.cfg.train_folder}' holds no document for data-parallel rank "
+                    err = DataError(f"'{self.cfg.train_folder}' holds no document for data-parallel rank "
                                     f"{self.dp_rank} (a record with a string under '{self.text_key}' of at least "
                                     f"data.min_length={self.cfg.min_length} tokens)")
+                    err.every_rank = True  # a rank-specific error: the CLI prints it on whichever rank meets it
+                    raise err
                 continue
-            text = record.get(self.text_key) if isinstance(record, dict) else None
-            if not isinstance(text, str):
+            if text is None:
                 continue
             mine = s["doc"] % self.dp_size == self.dp_rank
             s["doc"] += 1
@@ -131,7 +162,14 @@ class StreamingLoader:
         if state["dp_size"] != self.dp_size:
             raise DataError(f"this streaming checkpoint was written with {state['dp_size']} data-parallel ranks; "
                             f"resume it with the same number (now {self.dp_size})")
-        self.state = json.loads(json.dumps(state))
+        state = json.loads(json.dumps(state))
+        state.setdefault("bad_lines", 0)
+        if "line" not in state:  # a checkpoint from before line numbers: count them up to the offset
+            state["line"] = 0
+            if self.hf is None and state["file"] < len(self.files):
+                with open(self.files[state["file"]][0], "rb") as f:
+                    state["line"] = f.read(state["offset"]).count(b"\n")
+        self.state = state
 
 
 def _hf_dataset(folder: Path):

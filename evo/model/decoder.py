@@ -1,24 +1,35 @@
-"""The InternLM2 / Llama-style decoder: the thin module layer over ``evo.kernels``.
+"""The decoder of the Llama family (InternLM2, Llama 2 and 3, Mistral, Qwen2, Qwen3): the thin module
+layer over ``evo.kernels``.
 
 Every piece of math goes through a public function of ``evo.kernels`` (rms_norm, apply_rotary_emb,
-flash_attn_varlen_func, swiglu, fused_linear_cross_entropy), so the Triton kernels replace the
-reference implementations without this file changing.
+flash_attn_varlen_func, flash_attn_with_kvcache, swiglu, fused_linear_cross_entropy), so the Triton
+kernels replace the reference implementations without this file changing. The family features are
+config switches (``evo.config.ModelConfig``): GQA, ``head_dim`` apart from hidden / heads, q/k/v and
+output biases, per-head q/k RMSNorm (``qk_norm``), rotary scalings (``evo.model.rotary``), a sliding
+window, tied embeddings.
 
-Input is InternEvo's packed micro-batch: token ids flattened to ``(tokens,)`` with int32
-``cu_seqlens`` marking the packed documents. Attention never crosses a boundary in ``cu_seqlens``
-and rotary positions restart at each one. Parameter names follow InternLM2 (``tok_embeddings``,
-``layers.N.attention.wq``, ``layers.N.feed_forward.w1``, ``norm``, ``output``).
+Three ways in:
+- training: InternEvo's packed micro-batch, token ids flattened to ``(tokens,)`` with int32
+  ``cu_seqlens`` marking the documents; attention never crosses a boundary and rotary positions
+  restart at each one;
+- inference: ``(batch, seqlen)`` ids, one sequence per row, giving ``(batch, seqlen, vocab)`` logits;
+- generation: the same with a ``KVCache`` (``model.new_kv_cache``): each call appends its tokens'
+  keys and values to the cache and attends to everything cached (``flash_attn_with_kvcache``).
+Parameter names follow InternLM2 (``tok_embeddings``, ``layers.N.attention.wq``,
+``layers.N.feed_forward.w1``, ``norm``, ``output``).
 """
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
 from evo import kernels
 from evo.config import ModelConfig
+from evo.model.rotary import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -31,66 +42,73 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
-def rotary_tables(head_dim: int, base: float, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * base^(-2i / head_dim), (size, head_dim / 2) fp32 on the CPU.
+@dataclass
+class KVCache:
+    """Keys and values of every layer for generation: ``k[layer]``, ``v[layer]`` (batch, max_seqlen, kv_heads,
+    head_dim) in the model's dtype, filled to ``length`` positions in every row (``seqlens``, (batch,) int32)."""
 
-    Computed in fp64 with NumPy, so the same on every machine and device. Not with torch.cos on the
-    CPU: measured on this project's 2-core x86 machine (torch 2.13, two threads), about one process in
-    ten got a few entries of the table different in the last bit, and identical runs trained apart.
-    """
-    inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    angles = np.outer(np.arange(size, dtype=np.float64), inv_freq)
-    return torch.from_numpy(np.cos(angles)).float(), torch.from_numpy(np.sin(angles)).float()
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    seqlens: torch.Tensor
+    length: int = 0
 
+    @property
+    def max_seqlen(self) -> int:
+        return self.k[0].shape[1]
 
-class RotaryEmbedding(nn.Module):
-    """Holds the cos/sin tables (positions, head_dim / 2) in fp32: built with the module for 2048
-    positions (outside any torch.compile trace), moved to the input's device and grown on demand."""
+    def check_room(self, new: int) -> None:
+        if self.length + new > self.max_seqlen:
+            raise ValueError(f"the KV cache holds {self.max_seqlen} positions; {self.length} are used and "
+                             f"{new} more do not fit (make it with a larger max_seqlen)")
 
-    def __init__(self, head_dim: int, base: float, interleaved: bool):
-        super().__init__()
-        self.head_dim, self.base, self.interleaved = head_dim, base, interleaved
-        self._cos, self._sin = rotary_tables(head_dim, base, 2048)
-
-    def tables(self, length: int, device: torch.device):
-        if self._cos.shape[0] < length:
-            if torch.compiler.is_compiling():  # Dynamo cannot put NumPy calls in a graph: rotary_tables in torch
-                f64 = dict(dtype=torch.float64, device=device)
-                inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, **f64) / self.head_dim))
-                angles = torch.outer(torch.arange(length, **f64), inv_freq)
-                return angles.cos().float(), angles.sin().float()
-            self._cos, self._sin = rotary_tables(self.head_dim, self.base, max(length, 2 * self._cos.shape[0]))
-        if self._cos.device != device:
-            self._cos, self._sin = self._cos.to(device), self._sin.to(device)
-        return self._cos, self._sin
-
-    def forward(self, x, cu_seqlens, max_seqlen):
-        cos, sin = self.tables(max_seqlen, x.device)
-        return kernels.apply_rotary_emb(x, cos, sin, interleaved=self.interleaved, cu_seqlens=cu_seqlens,
-                                        max_seqlen=max_seqlen)
+    def advance(self, new: int) -> None:
+        self.seqlens += new
+        self.length += new
 
 
 class Attention(nn.Module):
-    """Grouped-query causal self-attention over packed sequences."""
+    """Grouped-query causal self-attention (optionally in a sliding window) over packed sequences or a KV cache."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
         super().__init__()
-        d, hd, bias = cfg.hidden_size, cfg.head_dim, not cfg.no_bias
+        d, hd = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, hd
-        self.wq = nn.Linear(d, self.num_heads * hd, bias=bias)
-        self.wk = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
-        self.wv = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
-        self.wo = nn.Linear(self.num_heads * hd, d, bias=bias)
-        self.rotary = RotaryEmbedding(hd, cfg.rope_base, cfg.qk_interleaved)
+        self.wq = nn.Linear(d, self.num_heads * hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(d, self.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(d, self.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(self.num_heads * hd, d, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(hd, cfg.layer_norm_epsilon) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.layer_norm_epsilon) if cfg.qk_norm else None
+        self.rotary = rotary  # shared by every layer: it holds tables, no parameters
+        self.window = cfg.attention_window
+
+    def _qkv(self, x: torch.Tensor):
+        """Projections of x (..., hidden) as heads (..., heads, head_dim), q and k normalized per head if asked."""
+        lead = x.shape[:-1]
+        q = self.wq(x).view(*lead, self.num_heads, self.head_dim)
+        k = self.wk(x).view(*lead, self.num_kv_heads, self.head_dim)
+        v = self.wv(x).view(*lead, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
 
     def forward(self, x, cu_seqlens, max_seqlen):
-        t = x.shape[0]
-        q = self.wq(x).view(t, self.num_heads, self.head_dim)
-        k = self.wk(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.wv(x).view(t, self.num_kv_heads, self.head_dim)
+        """x (tokens, hidden), packed documents delimited by ``cu_seqlens``."""
+        q, k, v = self._qkv(x)
         q, k = self.rotary(q, cu_seqlens, max_seqlen), self.rotary(k, cu_seqlens, max_seqlen)
-        out = kernels.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
-        return self.wo(out.reshape(t, -1))
+        out = kernels.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
+                                             window_size=self.window)
+        return self.wo(out.reshape(x.shape[0], -1))
+
+    def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """x (batch, new, hidden) at positions ``cache.length ...``: appends its keys and values to the cache
+        (rotated there, by flash_attn_with_kvcache) and attends to every cached position."""
+        q, k, v = self._qkv(x)
+        cos, sin = self.rotary.tables(cache.length + x.shape[1], x.device, rows=cache.max_seqlen)
+        out = kernels.flash_attn_with_kvcache(q, cache.k[layer], cache.v[layer], k, v, rotary_cos=cos, rotary_sin=sin,
+                                              cache_seqlens=cache.seqlens, causal=True, window_size=self.window,
+                                              rotary_interleaved=self.rotary.interleaved)
+        return self.wo(out.reshape(*x.shape[:2], -1))
 
 
 class FeedForward(nn.Module):
@@ -98,7 +116,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d, h, bias = cfg.hidden_size, cfg.intermediate_size, not cfg.no_bias
+        d, h, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.w1 = nn.Linear(d, h, bias=bias)
         self.w3 = nn.Linear(d, h, bias=bias)
         self.w2 = nn.Linear(h, d, bias=bias)
@@ -108,10 +126,10 @@ class FeedForward(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, checkpointed: bool):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, checkpointed: bool):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, rotary)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.feed_forward = FeedForward(cfg)
         self.checkpointed = checkpointed
@@ -125,6 +143,10 @@ class DecoderLayer(nn.Module):
             return torch.utils.checkpoint.checkpoint(self._forward, x, cu_seqlens, max_seqlen, use_reentrant=False)
         return self._forward(x, cu_seqlens, max_seqlen)
 
+    def forward_cached(self, x, cache: KVCache, layer: int):
+        h = x + self.attention.forward_cached(self.attention_norm(x), cache, layer)
+        return h + self.feed_forward(self.ffn_norm(h))
+
 
 class DecoderModel(nn.Module):
     """Token embedding, ``num_layers`` pre-norm decoder layers, final RMSNorm, output head."""
@@ -133,8 +155,9 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.rope, cfg.qk_interleaved)
         n_ckpt = cfg.num_checkpoint_layers
-        self.layers = nn.ModuleList(DecoderLayer(cfg, checkpointed=i < n_ckpt) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, checkpointed=i < n_ckpt) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -157,8 +180,9 @@ class DecoderModel(nn.Module):
                 normal(lin.weight, std)
                 if lin.bias is not None:
                     lin.bias.zero_()
-            layer.attention_norm.weight.fill_(1.0)
-            layer.ffn_norm.weight.fill_(1.0)
+            for norm in (layer.attention_norm, layer.ffn_norm, a.q_norm, a.k_norm):
+                if norm is not None:
+                    norm.weight.fill_(1.0)
         self.norm.weight.fill_(1.0)
         if not c.tie_word_embeddings:
             normal(self.output.weight, c.out_head_init_std)
@@ -176,16 +200,56 @@ class DecoderModel(nn.Module):
         return self.norm(x)
 
     def forward(self, input_ids, cu_seqlens=None, max_seqlen=None, labels=None, label_smoothing=0.0,
-                return_accuracy=False):
-        """Without labels: logits (tokens, vocab). With labels (tokens,) or (1, tokens): the per-token
-        loss (tokens,) in fp32, 0 where the label is -100, and with return_accuracy also the number of
-        labelled tokens predicted right; the full logits are never needed for that."""
+                return_accuracy=False, kv_cache: KVCache | None = None):
+        """Three layouts of ``input_ids``:
+
+        - packed, ``(tokens,)`` or ``(1, tokens)`` with ``cu_seqlens`` (1-D without: one sequence):
+          logits (tokens, vocab);
+        - batched, ``(batch, seqlen)`` without ``cu_seqlens``: one sequence per row, logits (batch, seqlen, vocab);
+        - with ``kv_cache``: ``(batch, new)`` tokens continuing the cached ones (prefill or decode); logits
+          (batch, new, vocab), and the cache grows by ``new``.
+
+        With labels (the shape of input_ids, not with a cache): the per-token loss in fp32 instead, 0 where the
+        label is -100, and with return_accuracy also the number of labelled tokens predicted right; the full
+        logits are never needed for that.
+        """
+        if kv_cache is not None:
+            return self._forward_cached(input_ids, kv_cache)
+        batched = input_ids.ndim == 2 and cu_seqlens is None
+        if batched:
+            batch, seqlen = input_ids.shape
+            cu_seqlens = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=input_ids.device)
+            max_seqlen = seqlen
         h = self.hidden_states(input_ids, cu_seqlens, max_seqlen)
         if labels is None:
-            return self.output(h)
-        return kernels.fused_linear_cross_entropy(h, self.output.weight, labels.reshape(-1),
-                                                  label_smoothing=label_smoothing, reduction="none",
-                                                  return_accuracy=return_accuracy)
+            logits = self.output(h)
+            return logits.view(*input_ids.shape, -1) if batched else logits
+        out = kernels.fused_linear_cross_entropy(h, self.output.weight, labels.reshape(-1),
+                                                 label_smoothing=label_smoothing, reduction="none",
+                                                 return_accuracy=return_accuracy)
+        if batched:
+            return (out[0].view(input_ids.shape), out[1]) if return_accuracy else out.view(input_ids.shape)
+        return out
+
+    def new_kv_cache(self, batch: int, max_seqlen: int, device: torch.device | str | None = None) -> KVCache:
+        """An empty cache for ``batch`` sequences of up to ``max_seqlen`` tokens, in the model's dtype and device."""
+        weight = self.tok_embeddings.weight
+        device = weight.device if device is None else torch.device(device)
+        shape = (batch, max_seqlen, self.cfg.kv_heads, self.cfg.head_dim)
+        n = len(self.layers)
+        return KVCache(k=[torch.zeros(shape, dtype=weight.dtype, device=device) for _ in range(n)],
+                       v=[torch.zeros(shape, dtype=weight.dtype, device=device) for _ in range(n)],
+                       seqlens=torch.zeros(batch, dtype=torch.int32, device=device))
+
+    @torch.no_grad()
+    def _forward_cached(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        ids = input_ids if input_ids.ndim == 2 else input_ids[None]
+        cache.check_room(ids.shape[1])
+        x = self.tok_embeddings(ids)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_cached(x, cache, i)
+        cache.advance(ids.shape[1])
+        return self.output(self.norm(x))
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None) -> DecoderModel:
@@ -211,3 +275,9 @@ def count_parameters(model: nn.Module, exclude_embedding: bool = False) -> int:
         seen.add(id(p))
         total += p.numel()
     return total
+
+
+def matmul_parameters(model: nn.Module) -> int:
+    """Weights that multiply activations (every nn.Linear's, the output head's even when tied to the
+    embedding): the N of the FLOPs formula. Not the input embedding (a lookup), norms or biases."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))

@@ -110,16 +110,28 @@ def test_skip_batches_skips_by_batch_index():
 
 
 def test_builtin_corpus_split_is_deterministic_and_disjoint():
-    from evo.data.builtin import builtin_corpus, is_valid_file, stdlib_files
+    import sysconfig
+
+    from evo.data.builtin import builtin_corpus, split_files, stdlib_files
     from evo.data.tokenizer import ByteTokenizer
+    from helpers import run_script
 
     files = stdlib_files()
     assert len(files) > 100 and not any("site-packages" in p.parts for p in files)
-    valid = builtin_corpus("valid", ByteTokenizer())
-    assert valid.num_tokens > 10_000
-    assert np.all(valid.tokens[valid.offsets[1:] - 1] == ByteTokenizer.eos_id)  # EOS ends each document
-    names = [p.name for p in files]
-    assert sum(is_valid_file(n) for n in names) < len(names) / 10
+    train, valid = split_files("train"), split_files("valid")
+    assert set(train).isdisjoint(valid)  # disjoint
+    assert sorted(train + valid) == sorted(files) and len(train + valid) == len(files)  # complete, no file twice
+    assert 0 < len(valid) < len(files) / 10
+    # repeatable: the same split in another process with another string-hash seed (a hash() would differ)
+    root = sysconfig.get_paths()["stdlib"]
+    code = ("import sys; sys.path.insert(0, '.'); from evo.data.builtin import split_files; "
+            f"print('\\n'.join(p.relative_to({root!r}).as_posix() for p in split_files('valid')))")
+    other = run_script("-c", code, env={"PYTHONHASHSEED": "12345"})
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.split() == [p.relative_to(root).as_posix() for p in valid]
+    corpus = builtin_corpus("valid", ByteTokenizer())
+    assert corpus.num_tokens > 10_000 and len(corpus.offsets) - 1 == len(valid)
+    assert np.all(corpus.tokens[corpus.offsets[1:] - 1] == ByteTokenizer.eos_id)  # EOS ends each document
 
 
 @pytest.mark.parametrize("text", ["def f(x):\n    return x  # ü", ""])
@@ -174,3 +186,12 @@ def test_resume_with_another_global_batch_warns_and_keeps_the_position():
     with pytest.warns(UserWarning, match="global batch changed from 2 to 4 rows"):
         b.load_state_dict(state)
     assert next(b)[0]["input_ids"][:, 0].tolist() == following  # no row repeated or skipped
+
+
+def test_dummy_data_honours_min_length():
+    from evo.data.builtin import dummy_corpus
+
+    full, long = dummy_corpus(200, 16, 300, seed=1), dummy_corpus(200, 16, 300, seed=1, min_length=10)
+    lengths = np.diff(full.offsets)
+    assert np.array_equal(np.diff(long.offsets), lengths[lengths >= 10]) and 0 < len(long.offsets) - 1 < 200
+    assert len(long.doc_types) == len(long.offsets) - 1

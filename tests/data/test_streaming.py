@@ -7,6 +7,7 @@ from evo.data.loader import build_train_loader
 from evo.data.packing import Corpus, PackedRows
 from evo.data.tokenizer import ByteTokenizer
 from evo.errors import DataError
+from evo.monitor import logger, setup_logging
 from evo.parallel.context import ParallelContext
 from helpers import small_sections
 
@@ -62,10 +63,84 @@ def test_ranks_read_disjoint_shares_and_resume_where_they_stopped(tmp_path):
 
 def test_streaming_without_documents_is_a_clear_error(tmp_path):
     (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "x.jsonl").write_text('{"content": "no text key"}\n')
-    loader, _ = loader_for(tmp_path)
-    with pytest.raises(DataError, match="holds no document for data-parallel rank 0"):
+    (tmp_path / "train" / "x.jsonl").write_text('{"content": "no text key"}\n\n')
+    loader, _ = loader_for(tmp_path, max_bad_lines=1)
+    with pytest.raises(DataError, match="holds no document for data-parallel rank 0") as err:
         next(loader)
+    assert err.value.every_rank  # only some ranks may meet it: each that does prints it (evo.cli)
+
+
+@pytest.mark.parametrize("line, why", [
+    ('{"text": "cut sh', "not JSON"),
+    ('["text", "a list"]', "not a JSON object with a string under 'text'"),
+    ('{"content": "another key"}', "not a JSON object with a string under 'text'"),
+    ('{"text": 42}', "not a JSON object with a string under 'text'"),
+])
+def test_a_malformed_line_is_an_error_naming_file_and_line(tmp_path, line, why):
+    good = [json.dumps({"text": t}) for t in texts(5, 6)]
+    path = tmp_path / "train" / "x.jsonl"
+    path.parent.mkdir()
+    path.write_text("\n".join(good[:3] + ["", line] + good[3:]) + "\n")  # a blank line is not malformed
+    loader, _ = loader_for(tmp_path)
+    with pytest.raises(DataError) as err:
+        for _ in range(10):
+            next(loader)
+    assert str(err.value).startswith(f"{path}:5: {why}")
+    assert "(bad line 1, data.max_bad_lines=0: raise it" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_max_bad_lines_skips_that_many_counts_them_once_and_logs_each(tmp_path, caplog):
+    docs = texts(12, 7)
+    lines = [json.dumps({"text": t}) for t in docs]
+    lines[2], lines[7] = "not json", '{"id": 7}'
+    setup_logging(None, True)  # as in a run: evo's logger does not propagate
+    path = tmp_path / "train" / "x.jsonl"
+    path.parent.mkdir()
+    path.write_text("\n".join(lines) + "\n")
+    kept = [t for i, t in enumerate(docs) if i not in (2, 7)]
+    clean = tmp_path / "clean"
+    write_jsonl(clean / "train" / "x.jsonl", kept)
+    logger.addHandler(caplog.handler)  # evo's logger does not propagate to the root logger caplog watches
+    try:
+        loader, _ = loader_for(tmp_path, max_bad_lines=2)
+        reference, _ = loader_for(clean)
+        for _ in range(15):  # several epochs: the same two lines met again are not counted again
+            assert next(loader)[0]["input_ids"].tolist() == next(reference)[0]["input_ids"].tolist()
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert loader.state_dict()["bad_lines"] == 2
+    warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert warnings == [f"data: skipped {path}:3: not JSON (Expecting value: line 1 column 1 (char 0)) "
+                        "(bad line 1 of data.max_bad_lines=2)",
+                        f"data: skipped {path}:8: not a JSON object with a string under 'text' "
+                        "(bad line 2 of data.max_bad_lines=2)"]
+    one_allowed, _ = loader_for(tmp_path, max_bad_lines=1)
+    with pytest.raises(DataError, match=f"^{path}:8: .* \\(bad line 2, data.max_bad_lines=1: "):
+        for _ in range(15):
+            next(one_allowed)
+
+
+def test_the_bad_line_count_continues_across_a_resume(tmp_path):
+    lines = [json.dumps({"text": t}) for t in texts(40, 8)]
+    lines[1] = lines[30] = "{"
+    path = tmp_path / "train" / "x.jsonl"
+    path.parent.mkdir()
+    path.write_text("\n".join(lines) + "\n")
+    loader, _ = loader_for(tmp_path, max_bad_lines=1)
+    next(loader)
+    state = loader.state_dict()
+    assert state["bad_lines"] == 1 and state["line"] < 31
+    resumed, _ = loader_for(tmp_path, max_bad_lines=1)
+    resumed.load_state_dict(state)
+    with pytest.raises(DataError, match=f"^{path}:31: not JSON"):
+        for _ in range(20):
+            next(resumed)
+    del state["line"]  # a checkpoint from before line numbers: counted from the offset
+    again, _ = loader_for(tmp_path, max_bad_lines=1)
+    again.load_state_dict(state)
+    with pytest.raises(DataError, match=f"^{path}:31: not JSON"):
+        for _ in range(20):
+            next(again)
 
 
 def test_streaming_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path):

@@ -139,6 +139,47 @@ def test_training_on_tokenized_data_reports_each_type(tmp_path):
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
-    assert {"loss/code", "loss/en", "tokens/code", "tokens/en"} <= set(steps[0])
+    assert all({"tokens/code", "tokens/en"} <= set(r) for r in steps)
+    # the step's loss is a token-weighted mean of the per-type losses (their values: the test below); a type without
+    # labelled tokens in a step has no loss key
+    for r in steps:
+        present = [r[f"loss/{t}"] for t in ("code", "en") if f"loss/{t}" in r and r[f"tokens/{t}"] > 0]
+        assert present and min(present) * (1 - 1e-12) <= r["loss"] <= max(present) * (1 + 1e-12)
     assert sum(steps[0][f"tokens/{t}"] for t in ("code", "en")) < 2 * 512  # unpacked rows carry padding
     assert {"val/en_loss", "val/en_acc", "val/en_plex"} <= set(records[-1])
+
+
+def test_per_type_losses_are_the_per_type_means_of_the_token_losses(tmp_path):
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from evo import (TrainerBuilder, build_train_loader_with_data_type, build_valid_loader_with_data_type,
+                     initialize_distributed_env, initialize_model_and_parallel_communicator)
+
+    write_tokenized(tmp_path / "train" / "en" / "p.bin", random_docs(60, 2, max_len=40))
+    write_tokenized(tmp_path / "train" / "code" / "p.bin", [[d % 7 + 1 for d in doc] for doc in random_docs(60, 3)])
+    sections = small_sections(data=dict(type="tokenized", train_folder=str(tmp_path / "train"), total_steps=1),
+                              monitor=dict(run_folder=str(tmp_path / "run")))
+    initialize_distributed_env(config=sections, launcher="local", seed=3)
+    model = initialize_model_and_parallel_communicator()
+    train_dl, types = build_train_loader_with_data_type()
+    trainer = TrainerBuilder(model, train_dl, build_valid_loader_with_data_type(), dataset_types=types)
+    before = copy.deepcopy(trainer.model)
+    inputs, labels = next(build_train_loader_with_data_type()[0])  # the same first batch
+    record = trainer.train()
+
+    token_losses, token_types = [], []
+    with torch.no_grad():
+        for i in range(labels.shape[0]):
+            logits = before(inputs["input_ids"][i], inputs["cu_seqlens"][i])
+            token_losses.append(F.cross_entropy(logits.double(), labels[i], ignore_index=X, reduction="none"))
+            token_types.append(torch.where(labels[i] != X, inputs["type_ids"][i], -1))
+    token_losses, token_types = torch.cat(token_losses), torch.cat(token_types)
+    assert types == ["code", "en"] and set(token_types.tolist()) == {-1, 0, 1}  # both types in the step
+    for t, name in enumerate(types):
+        expected = float(token_losses[token_types == t].mean())
+        assert record[f"loss/{name}"] == pytest.approx(expected, rel=1e-5), name
+    assert record["loss"] == pytest.approx(float(token_losses[token_types >= 0].mean()), rel=1e-5)
+    assert record["loss/code"] != pytest.approx(record["loss/en"], rel=1e-3)  # swapped or mixed values would show

@@ -1,0 +1,97 @@
+"""The monitor: strict JSON metrics, resume without repeated steps, step lines and the progress bar."""
+
+import io
+import json
+
+import pytest
+
+from evo.monitor import Monitor, setup_logging
+
+
+def strict_records(path):
+    """Every line of a metrics file parsed as strict JSON (NaN, Infinity and -Infinity rejected)."""
+
+    def reject(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return [json.loads(line, parse_constant=reject) for line in path.read_text().splitlines()]
+
+
+def record(step, loss=2.0, **extra):
+    return {"step": step, "loss": loss, "lr": 1e-3, "grad_norm": 0.5, "loss_scale": 1.0, "tgs": 100.0,
+            "tflops": 0.1, **extra}
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path):
+    monitor = Monitor(tmp_path, True, 2, tensorboard=False, progress=False)
+    monitor.log_step(record(1, grad_norm=float("inf")))
+    monitor.log_step(record(2, grad_norm=float("nan"), loss=float("inf")))
+    monitor.log_eval({"step": 2, "val/x_loss": float("nan"), "val/x_plex": float("-inf")})
+    monitor.close()
+    got = strict_records(tmp_path / "metrics.jsonl")
+    assert [r["grad_norm"] for r in got[:2]] == [None, None] and got[1]["loss"] is None
+    assert got[2] == {"step": 2, "val/x_loss": None, "val/x_plex": None}
+
+
+def tensorboard_steps(folder, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return [event.step for event in acc.Scalars(tag)]
+
+
+def test_resume_keeps_each_step_once_in_metrics_and_tensorboard(tmp_path):
+    first = Monitor(tmp_path, True, 6, progress=False)
+    for step in range(1, 6):
+        first.log_step(record(step, loss=float(step)))
+    first.log_eval({"step": 4, "val/x_loss": 1.0})
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # a line cut short by a kill
+    resumed = Monitor(tmp_path, True, 6, start_step=3, progress=False)  # resumed from the step-3 checkpoint
+    assert [r["step"] for r in strict_records(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    for step in range(4, 7):
+        resumed.log_step(record(step, loss=10.0 + step))
+    resumed.close()
+    records = strict_records(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in records] == [1.0, 2.0, 3.0, 14.0, 15.0, 16.0]
+    assert tensorboard_steps(tmp_path / "tensorboard", "loss") == [1, 2, 3, 4, 5, 6]
+    assert tensorboard_steps(tmp_path / "tensorboard", "val/x_loss") == []  # step 4's eval was purged
+
+
+def test_a_run_from_step_zero_starts_the_metrics_anew(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(record(1)) + "\n")
+    monitor = Monitor(tmp_path, True, 1, tensorboard=False, progress=False)
+    monitor.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_progress_bar_shows_the_step_it_just_finished(tmp_path):
+    out = io.StringIO()
+    monitor = Monitor(tmp_path, True, 3, tensorboard=False, progress=True, progress_file=out)
+    monitor._bar.mininterval = 0  # draw on every update
+    monitor.log_step(record(1, loss=1.2345))
+    assert "loss=1.2345" in out.getvalue()
+    monitor.log_step(record(2, loss=0.5432))
+    assert "loss=0.5432" in out.getvalue().rsplit("\r", 1)[-1]
+    monitor.close()
+
+
+@pytest.mark.parametrize("bar", [False, True])
+def test_step_lines_go_to_train_log_and_to_stderr_unless_a_bar_shows_progress(tmp_path, capsys, bar):
+    setup_logging(tmp_path, True)
+    monitor = Monitor(tmp_path, True, 2, tensorboard=False, progress=bar, progress_file=io.StringIO())
+    monitor.log_step(record(1, loss=1.5, **{"loss/code": 1.25}))
+    monitor.close()
+    setup_logging(None, True)  # closes train.log
+    line = "step 1/2 loss=1.5000 lr=1.000e-03 grad_norm=0.5 loss_scale=1 tgs=100 tflops=0.1 loss/code=1.2500"
+    assert line in (tmp_path / "train.log").read_text()
+    assert (line in capsys.readouterr().err) == (not bar)
+
+
+def test_without_a_terminal_there_is_no_bar(tmp_path):
+    monitor = Monitor(tmp_path, True, 2, tensorboard=False, progress_file=io.StringIO())
+    assert monitor._bar is None
+    monitor.close()
