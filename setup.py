@@ -16,6 +16,6 @@ setup(
         "tensorboard",
         "tqdm",
     ],
-    # transformers: the tests compare each model family with transformers' own model (nothing is downloaded)
-    extras_require={"dev": ["pytest", "pytest-benchmark", "datasets", "transformers>=4.56"]},
+    # transformers (5: rope_parameters): the tests compare each model family with transformers' own model
+    extras_require={"dev": ["pytest", "pytest-benchmark", "datasets", "transformers>=5"]},
 )

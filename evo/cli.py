@@ -2,9 +2,9 @@
 
 Under a launcher with several processes (torchrun, srun) every process meets the same bad input (the
 same config, data and checkpoints), so only rank 0 prints the line; every rank exits 2. An error only
-some ranks can meet (marked ``every_rank``) is printed by each rank that meets it. Under torchrun the
-line also goes to the worker's error file (``TORCHELASTIC_ERROR_FILE``), so torchrun's failure
-summary names it (for the ranks that printed it) instead of a link to its documentation.
+some ranks can meet (marked ``every_rank``) is printed by each rank that meets it. Under torchrun every
+rank also writes the line to its error file (``TORCHELASTIC_ERROR_FILE``), so torchrun's failure report
+names it instead of a link to its documentation, also when only a rank other than 0 met the error.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def run(main) -> None:
         line = f"evo: error: {exc}"
         if launch_rank() == 0 or getattr(exc, "every_rank", False):
             print(line, file=sys.stderr, flush=True)
-            _record_for_torchrun(line)
+        # every rank tells torchrun: an error that only another rank met still reaches the failure report
+        _record_for_torchrun(line)
         sys.exit(2)
     except KeyboardInterrupt:
         print("evo: interrupted", file=sys.stderr, flush=True)

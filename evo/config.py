@@ -90,20 +90,32 @@ class ModelConfig:
     out_head_init_std: float = 0.02
 
     def __post_init__(self):
+        self.derived: frozenset[str] = frozenset()  # the fields resolve() filled in (not a dataclass field)
         self.resolve()
 
     def resolve(self) -> None:
-        """Fill the derived fields left None (head_dim, intermediate_size, the biases); idempotent."""
+        """Fill the fields left None that follow from others: head_dim (hidden / heads), intermediate_size
+        (mlp_ratio, multiple_of), the biases (no_bias), rope_scaling (use_dynamic_ntk_rope: dynamic, factor 1).
+        ``derived`` names them, and ``Config.to_dict`` writes them as None again, so a saved config whose
+        hidden_size is edited derives a new head_dim rather than keeping the old one."""
+        filled = set()
         if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(self.num_attention_heads, int):
             if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0:
                 self.head_dim = self.hidden_size // self.num_attention_heads
+                filled.add("head_dim")
         if self.intermediate_size is None and isinstance(self.hidden_size, int):
             m = self.multiple_of
             if isinstance(m, int) and m >= 1 and isinstance(self.mlp_ratio, (int, float)):
                 self.intermediate_size = m * ((int(self.hidden_size * self.mlp_ratio) + m - 1) // m)
+                filled.add("intermediate_size")
         for key in ("qkv_bias", "o_bias", "mlp_bias"):
             if getattr(self, key) is None:
                 setattr(self, key, not self.no_bias)
+                filled.add(key)
+        if self.rope_scaling is None and self.use_dynamic_ntk_rope:
+            self.rope_scaling = {"rope_type": "dynamic", "factor": 1.0}  # InternEvo's dynamic NTK has factor 1
+            filled.add("rope_scaling")
+        self.derived = self.derived | filled
 
     @property
     def kv_heads(self) -> int:
@@ -131,8 +143,6 @@ class ModelConfig:
         """The rotary scaling in force as one dict: rope_type default | linear | dynamic | llama3 and its fields."""
         scaling = dict(self.rope_scaling or {})
         kind = scaling.pop("rope_type", scaling.pop("type", "default"))
-        if self.use_dynamic_ntk_rope and kind == "default":
-            kind = "dynamic"
         return dict(scaling, rope_type=kind, base=self.rope_base, max_position_embeddings=self.max_position_embeddings)
 
 
@@ -261,7 +271,10 @@ class Config:
     source: Optional[str] = None  # the file this config came from
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as nested dicts (what config.json holds); model fields derived from others are None."""
+        out = dataclasses.asdict(self)
+        out["model"].update(dict.fromkeys(self.model.derived))
+        return out
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name not in ("JOB_NAME", "model_type", "source")]
@@ -345,6 +358,8 @@ def config_from_dict(raw: dict) -> Config:
             kwargs[name] = _build(_section_type(name), value, name)
         elif name == "JOB_NAME":
             kwargs[name] = _check_type(value, str, name)
+        elif name == "source":  # a saved config's (to_dict) record of its file
+            kwargs[name] = _check_type(value, Optional[str], name)
         elif name == "model_type":
             kwargs[name] = _check_choice(_check_type(value, str, name), MODEL_TYPES, name)
         elif name.isupper() or name in _TOP_LEVEL_NO_EFFECT:
@@ -458,8 +473,6 @@ ROPE_TYPES = {  # rope_type -> the keys it needs besides factor (Hugging Face's 
 def _validate_rope_scaling(m: ModelConfig) -> None:
     """``model.rope_scaling`` in Hugging Face's form: dict(rope_type=..., factor=..., ...) ("type" also read)."""
     if m.rope_scaling is None:
-        if m.use_dynamic_ntk_rope:
-            m.rope_scaling = {"rope_type": "dynamic", "factor": 1.0}  # InternEvo's dynamic NTK: factor 1
         return
     rope = dict(m.rope_scaling)
     kind = rope.get("rope_type", rope.get("type", "default"))
@@ -611,39 +624,6 @@ def _resolve_folders(cfg: Config) -> None:
         cfg.monitor.run_folder = str(Path("runs") / name)
     if cfg.ckpt.save_ckpt_folder is None:
         cfg.ckpt.save_ckpt_folder = str(Path(cfg.monitor.run_folder) / "checkpoints")
-
-
-# What may change between the invocations of one run (a resume), everything else in the saved config
-# being what the run computes: names and folders, how long it trains (data.total_steps, and the
-# lr_scheduler.total_steps that follows it), evaluation, data.skip_batches (InternEvo's way past a bad
-# batch on a resume), data.max_bad_lines, the parallel layout (checkpoints reshard), activation
-# checkpointing (the same math), checkpointing and monitoring, and keys that change nothing in evo.
-SAME_RUN_MAY_CHANGE = ("JOB_NAME", "source", "model_type", "model.checkpoint", "data.total_steps",
-                       "lr_scheduler.total_steps", "lr_scheduler.last_epoch", "adam.adam_beta2_c", "data.valid_every",
-                       "data.valid_max_batches", "data.valid_micro_num", "data.valid_folder", "data.skip_batches",
-                       "data.max_bad_lines", "parallel", "ckpt", "monitor")
-
-
-def run_differences(saved: dict, current: dict) -> list[str]:
-    """The training-relevant differences between a run's saved config (config.json) and ``current``
-    (``Config.to_dict()``), as 'key: A there, B here' strings; keys only one side has are not compared (a
-    newer evo may add fields)."""
-    import json
-
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            if any(key == p or key.startswith(p + ".") for p in SAME_RUN_MAY_CHANGE):
-                continue
-            if isinstance(v, dict) and v and k != "rope_scaling":
-                out.update(flat(v, key + "."))
-            else:
-                out[key] = v
-        return out
-
-    old, new = flat(saved), flat(json.loads(json.dumps(current, default=str)))
-    return [f"{k}: {old[k]!r} there, {new[k]!r} here" for k in old if k in new and old[k] != new[k]]
 
 
 CKPT_CONTENTS = ("model", "optimizer", "scheduler", "sampler", "all")

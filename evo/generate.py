@@ -55,9 +55,9 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,
-             seed: int = 0, device=None, top_p: float = 1.0, use_cache: bool = True) -> str:
-    """Continue ``prompt`` by up to ``max_new_tokens`` tokens (stops at EOS); returns only the new text.
-    ``device`` is accepted for older callers and ignored: the model's device is used."""
+             seed: int = 0, top_p: float = 1.0, use_cache: bool = True) -> str:
+    """Continue ``prompt`` by up to ``max_new_tokens`` tokens (stops at EOS) on the model's device; returns only
+    the new text."""
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
     new = generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eos_id,
                        tokenizer.vocab_size, use_cache)
@@ -65,8 +65,9 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
 
 
 def load_model(ckpt: str, device: torch.device | str | None = None):
-    """(model, config) from an evo checkpoint folder, or the newest complete checkpoint in a folder of them;
-    the model is in eval mode on ``device`` (default: the GPU when there is one)."""
+    """(model, tokenizer path) from an evo checkpoint folder, or the newest complete checkpoint in a folder of
+    them; the model in eval mode on ``device`` (default: the GPU when there is one). Only the saved config's
+    model section is validated (and ``data.tokenizer_path`` read): the rest describes the training run."""
     import os
 
     from evo.checkpoint import latest_checkpoint, load_checkpoint, read_config
@@ -79,10 +80,12 @@ def load_model(ckpt: str, device: torch.device | str | None = None):
         path = latest_checkpoint(path)
         if path is None:
             raise CheckpointError(f"'{ckpt}' is neither a checkpoint nor a folder holding one")
-    raw = {k: v for k, v in read_config(path).items() if k != "source"}
-    cfg = config_from_dict(raw)
+    raw = read_config(path)
+    if not isinstance(raw.get("model"), dict):
+        raise CheckpointError(f"'{path}/config.json' has no model section")
+    model_cfg = config_from_dict({"model": raw["model"]}).model
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(cfg.model, device)
+    model = build_model(model_cfg, device)
     load_checkpoint(path, {"model": model.state_dict()})
-    return model.eval(), cfg
+    return model.eval(), (raw.get("data") or {}).get("tokenizer_path")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from evo.config import Config, ConfigError, load_config, run_differences, strip_folder_prefix
+from evo.config import Config, ConfigError, load_config, strip_folder_prefix, validate
 from evo.monitor import logger, setup_logging
 from evo.parallel.context import ParallelContext
 
@@ -121,6 +121,7 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
     global _LAUNCH
     if isinstance(config, Config):
         cfg = config
+        validate(cfg)  # a Config made by hand: checked, and its folders resolved, as a loaded one's are
     elif isinstance(config, dict):
         from evo.config import config_from_dict
 
@@ -150,7 +151,7 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
         torch.backends.cudnn.allow_tf32 = True
     ctx = ParallelContext(world_size=world_size, rank=rank, local_rank=local_rank, device=device, dp_size=world_size,
                           dp_rank=rank, dp_group=dist.group.WORLD if world_size > 1 else None)
-    run_folder = Path(cfg.monitor.run_folder or Path("runs") / cfg.JOB_NAME)
+    run_folder = Path(cfg.monitor.run_folder)  # resolved by validation: runs/<JOB_NAME> unless set
     check_run_folder(cfg, run_folder)  # every rank: each must fail alike, before anything is written
     setup_logging(run_folder, ctx.is_main)
     set_seed(seed)
@@ -160,6 +161,38 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
     return _LAUNCH
 
 
+# What may change between the invocations of one run (a resume), everything else in the saved config
+# being what the run computes: names and folders, how long it trains (data.total_steps, and the
+# lr_scheduler.total_steps that follows it), evaluation, data.skip_batches (InternEvo's way past a bad
+# batch on a resume), data.max_bad_lines, the parallel layout (checkpoints reshard), activation
+# checkpointing (the same math), checkpointing and monitoring, keys that change nothing in evo, and adam.lr
+# (a resume continues the schedule with the new lr, as InternEvo's load_scheduler does; Trainer.resume).
+SAME_RUN_MAY_CHANGE = ("JOB_NAME", "source", "model_type", "model.checkpoint", "data.total_steps", "adam.lr",
+                       "lr_scheduler.total_steps", "lr_scheduler.last_epoch", "adam.adam_beta2_c", "data.valid_every",
+                       "data.valid_max_batches", "data.valid_micro_num", "data.valid_folder", "data.skip_batches",
+                       "data.max_bad_lines", "parallel", "ckpt", "monitor")
+
+
+def run_differences(saved: dict, current: dict) -> list[str]:
+    """The training-relevant differences between a run's saved config (config.json) and ``current``
+    (``Config.to_dict()``), as 'key: A there, B here' strings; keys only one side has are not compared (a
+    newer evo may add fields)."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if any(key == p or key.startswith(p + ".") for p in SAME_RUN_MAY_CHANGE):
+                continue
+            if isinstance(v, dict) and v and k != "rope_scaling":
+                out.update(flat(v, key + "."))
+            else:
+                out[key] = v
+        return out
+
+    old, new = flat(saved), flat(json.loads(json.dumps(current, default=str)))
+    return [f"{k}: {old[k]!r} there, {new[k]!r} here" for k in old if k in new and old[k] != new[k]]
+
+
 def check_run_folder(cfg: Config, run_folder: Path) -> None:
     """Refuse a run folder (or checkpoint folder) that holds another run: one trained with a config whose
     training-relevant content differs (``config.run_differences``). The reference is the config of the newest
@@ -167,7 +200,7 @@ def check_run_folder(cfg: Config, run_folder: Path) -> None:
     holds nothing to lose."""
     from evo.checkpoint import latest_checkpoint
 
-    save = Path(strip_folder_prefix(cfg.ckpt.save_ckpt_folder or str(run_folder / "checkpoints")))
+    save = Path(strip_folder_prefix(cfg.ckpt.save_ckpt_folder))
     latest = latest_checkpoint(save)
     saved_file = latest / "config.json" if latest is not None else run_folder / "config.json"
     if latest is None and not _has_records(run_folder / "metrics.jsonl"):

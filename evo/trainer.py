@@ -87,9 +87,9 @@ class Trainer:
         if self.step_count >= total:
             if self.ctx.is_main:
                 logger.info("run '%s' is complete: it trained %d steps (data.total_steps=%d); nothing was changed. "
-                            "To train further, raise data.total_steps; to start afresh, use another JOB_NAME (or "
-                            "monitor.run_folder) or remove '%s'", self.run_folder, self.step_count, total,
-                            self.run_folder)
+                            "To train further, raise data.total_steps (the lr schedule stretches to the new length); "
+                            "to start afresh, use another JOB_NAME (or monitor.run_folder) or remove '%s'",
+                            self.run_folder, self.step_count, total, self.run_folder)
             return {}
         last = self.train()
         if self.val_dls and self._last_eval_step != self.step_count:
@@ -214,8 +214,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     @property
     def save_folder(self) -> Path:
-        folder = self.cfg.ckpt.save_ckpt_folder
-        return Path(strip_folder_prefix(folder)) if folder else self.run_folder / "checkpoints"
+        return Path(strip_folder_prefix(self.cfg.ckpt.save_ckpt_folder))  # resolved by validation
 
     def try_save_checkpoint(self, force: bool = False) -> Path | None:
         """Save every ``ckpt.checkpoint_every`` steps, or now with ``force`` (once per step)."""
@@ -263,17 +262,20 @@ class Trainer:
             self.num_consumed_tokens = state["num_consumed_tokens"]
             self.inf_nan_skip_batches = state["inf_nan_skip_batches"]
             self._last_save_step = self.step_count
-            self.scheduler.load_state_dict(state["scheduler"])
-            # as InternEvo's load_scheduler: the schedule continues from the checkpoint's step with this
-            # config's adam.lr (a changed lr is used, with a warning), not the lr the checkpoint was trained with
+            self.scheduler.load_state_dict(state["scheduler"])  # the schedule's position: its step
+            # as InternEvo's load_scheduler: continue from the checkpoint's step with this config's schedule
+            # (adam.lr, lr_scheduler.*, data.total_steps), which may differ from the one the checkpoint ran
+            saved_lr = self.scheduler.get_last_lr()[0]  # the checkpoint's schedule at its next step
             lr = self.cfg.adam.lr
-            if any(base != lr for base in self.scheduler.base_lrs):
-                logger.warning("adam.lr is %g; the checkpoint was trained with %g: the schedule continues with %g",
-                               lr, self.scheduler.base_lrs[0], lr)
             self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
-            self.scheduler._last_lr = [lr * f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas]
-            for group, group_lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-                group["lr"] = group_lr
+            for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+                group["lr"] = lr * factor(self.scheduler.last_epoch)
+            now = self.optimizer.param_groups[0]["lr"]
+            if self.ctx.is_main and not math.isclose(now, saved_lr, rel_tol=1e-6):
+                logger.warning("step %d runs at lr %.4g where the checkpoint's schedule had %.4g: this config's "
+                               "schedule differs (adam.lr %g, lr_scheduler.total_steps %d, warmup_ratio %g)",
+                               self.step_count + 1, now, saved_lr, lr, self.cfg.lr_scheduler.total_steps,
+                               self.cfg.lr_scheduler.warmup_ratio)
         if "sampler" in content:
             states = state["sampler"]  # one per data-parallel rank (a streaming loader's differ)
             self.train_dl.load_state_dict(states[self.ctx.dp_rank] if len(states) == self.ctx.dp_size else states[0])
@@ -331,7 +333,7 @@ class Trainer:
             return
         from evo.generate import generate
 
-        text = generate(self.model, tokenizer, prompt, self.cfg.monitor.sample_tokens, device=self.ctx.device)
+        text = generate(self.model, tokenizer, prompt, self.cfg.monitor.sample_tokens)
         print(f"\n--- sample (prompt {prompt!r}) ---\n{prompt}{text}\n---", flush=True)
 
 

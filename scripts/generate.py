@@ -29,8 +29,8 @@ def main():
     args = parser.parse_args()
     if args.tokens < 1 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--tokens must be >= 1, --top-k >= 0 and --top-p in (0, 1]")
-    model, cfg = load_model(args.ckpt)
-    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    model, tokenizer_path = load_model(args.ckpt)
+    tokenizer = load_tokenizer(tokenizer_path)
     ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
     start = time.perf_counter()
     new = generate_ids(model, ids, args.tokens, args.temperature, args.top_k, args.top_p, args.seed, tokenizer.eos_id,

@@ -177,7 +177,7 @@ def test_the_lr_schedule_follows_data_total_steps():
 
 
 def test_run_differences_compare_what_the_run_computes():
-    from evo.config import run_differences
+    from evo.initialize import run_differences
 
     base = config_from_dict(small_sections()).to_dict()
     same = config_from_dict(small_sections(data=dict(total_steps=9, valid_every=3, skip_batches="2"),
@@ -185,9 +185,11 @@ def test_run_differences_compare_what_the_run_computes():
                                            ckpt=dict(checkpoint_every=2), model=dict(checkpoint=True))).to_dict()
     same["JOB_NAME"], same["source"] = "other", "other.py"
     assert run_differences(base, same) == []
-    other = config_from_dict(small_sections(data=dict(seed=5), adam=dict(lr=2e-3),
+    same_but_lr = config_from_dict(small_sections(adam=dict(lr=2e-3))).to_dict()
+    assert run_differences(base, same_but_lr) == []  # a resume may change the lr (the schedule continues with it)
+    other = config_from_dict(small_sections(data=dict(seed=5), adam=dict(weight_decay=0.5),
                                             model=dict(dtype="torch.bfloat16"))).to_dict()
     assert run_differences(base, other) == ["model.dtype: 'torch.float32' there, 'torch.bfloat16' here",
-                                            "data.seed: 1024 there, 5 here", "adam.lr: 0.001 there, 0.002 here"]
+                                            "data.seed: 1024 there, 5 here", "adam.weight_decay: 0.01 there, 0.5 here"]
     older = dict(base, model={k: v for k, v in base["model"].items() if k != "head_dim"})
     assert run_differences(older, base) == []  # a key an older evo did not write is not compared

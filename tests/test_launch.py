@@ -93,12 +93,10 @@ def test_an_input_error_is_printed_once_and_exits_2_on_every_rank(monkeypatch, c
         run(main)
     assert exit_.value.code == 2
     assert capsys.readouterr().err == ("evo: error: bad data\n" if printed else "")
-    # torchrun's summary reads the error file: it names the line for the ranks that printed it
-    if printed:
-        record = json.loads((tmp_path / "error.json").read_text())
-        assert record["message"]["extraInfo"]["py_callstack"] == "evo: error: bad data"
-    else:
-        assert not (tmp_path / "error.json").exists()
+    # torchrun's report reads the error file: every rank names the line there, printed or not, so an error met
+    # only by a rank other than 0 still reaches the user
+    record = json.loads((tmp_path / "error.json").read_text())
+    assert record["message"]["extraInfo"]["py_callstack"] == "evo: error: bad data"
 
 
 def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
@@ -108,7 +106,9 @@ def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
     line = f"evo: error: 'data.train_folder' ('{tmp_path}') is not used with 'data.type' 'builtin': remove one of them"
     lines = result.stderr.splitlines()
     assert result.returncode != 0 and lines[0] == line
-    assert sum(line in x for x in lines) == 2  # once from rank 0, once in torchrun's summary as the root cause
+    # once from rank 0, then in torchrun's report: the root cause, and rank 1's failure when it exited before
+    # torchrun stopped it
+    assert sum(line in x for x in lines) in (2, 3)
     assert f"traceback : {line}" in lines[lines.index("Root Cause (first observed failure):") + 1:][6]
     assert not (tmp_path / "run").exists()
 

@@ -140,3 +140,21 @@ def test_model_family_keys_shape_the_model():
     dynamic = config_from_dict(small_sections(model=dict(use_dynamic_ntk_rope=True))).model
     assert dynamic.rope["rope_type"] == "dynamic" and dynamic.rope["factor"] == 1.0  # InternEvo's switch
     assert config_from_dict(small_sections(model=dict(no_bias=False, o_bias=False))).model.qkv_bias is True
+
+
+def test_derived_model_fields_follow_their_sources():
+    """head_dim, intermediate_size, the biases and InternEvo's dynamic switch are derived where not given: a
+    ModelConfig made directly works, and a saved config (to_dict) whose hidden_size is edited derives anew."""
+    from evo.config import ModelConfig
+
+    direct = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=50, dtype="torch.float32",
+                         use_dynamic_ntk_rope=True, max_position_embeddings=8)
+    assert direct.rope == dict(rope_type="dynamic", factor=1.0, base=10000.0, max_position_embeddings=8)
+    assert build_model(direct, "cpu", seed=0)(torch.randint(0, 50, (1, 12))).shape == (1, 12, 50)  # past 8
+    saved = config_from_dict(small_sections()).to_dict()
+    assert saved["model"]["head_dim"] is None and saved["model"]["qkv_bias"] is None
+    saved["model"]["hidden_size"] = 128
+    again = config_from_dict(saved).model
+    assert (again.head_dim, again.intermediate_size) == (32, 352)  # 128 / 4 heads; 128 * 8/3 up to 32s
+    given = config_from_dict(small_sections(model=dict(head_dim=24))).to_dict()
+    assert given["model"]["head_dim"] == 24  # what the config gave is kept

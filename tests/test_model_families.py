@@ -155,3 +155,16 @@ def test_sampling_keeps_what_top_k_and_top_p_allow():
     assert support(top_p=0.8) == {1, 3}  # 0.5 + 0.3 reach 0.8: the rest is cut
     assert support(top_p=0.81) == {1, 2, 3}
     assert support(top_p=0.01) == {1}  # the most likely token always stays
+
+
+def test_hf_configs_evo_cannot_compute_are_refused():
+    """What evo's decoder cannot compute is an error, not a silently different model."""
+    qwen = transformers.Qwen2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, use_sliding_window=True,
+                                    sliding_window=5, max_window_layers=1)  # a window on the second layer only
+    for config in (qwen, {k: v for k, v in qwen.to_dict().items() if k != "layer_types"}):
+        with pytest.raises(ValueError, match="a window on some layers only"):
+            model_config_from_hf(config)
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.5"):
+        model_config_from_hf(transformers.LlamaConfig(num_hidden_layers=1, partial_rotary_factor=0.5))
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        model_config_from_hf(transformers.GPT2Config())

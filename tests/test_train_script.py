@@ -54,15 +54,16 @@ def test_tiny_job_smoke_with_profiling_then_generate(tmp_path):
 
     from evo.generate import load_model
 
-    model, cfg = load_model(str(ckpt), "cpu")
+    model, tokenizer_path = load_model(str(ckpt), "cpu")
+    assert tokenizer_path == "byte"
     dcp_to_torch_save(ckpt / "6", tmp_path / "plain.pt")
     state = torch.load(tmp_path / "plain.pt")["model"]
-    twin = build_model(cfg.model, "cpu", seed=123)
+    twin = build_model(model.cfg, "cpu", seed=123)
     twin.load_state_dict(state)
-    ids = torch.randint(0, cfg.model.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(ids), twin(ids))
-        assert not torch.allclose(model(ids), build_model(cfg.model, "cpu", seed=123)(ids))
+        assert not torch.allclose(model(ids), build_model(model.cfg, "cpu", seed=123)(ids))
 
 
 def test_generate_rejects_a_folder_without_checkpoints(tmp_path):

@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -309,8 +310,33 @@ def test_a_complete_run_is_left_alone_and_a_longer_one_continues(tmp_path, caplo
     assert state() == files  # nothing written (train.log gets the message)
     longer = make_trainer(tmp_path, data=dict(total_steps=6))
     assert longer.step_count == 4
+    # the schedule now spans 6 steps: its lr at step 5 is not the 4-step schedule's, and the log says so
+    stretched = [line for line in (folder / "train.log").read_text().splitlines() if "step 5 runs at lr" in line]
+    assert len(stretched) == 1 and "lr_scheduler.total_steps 6" in stretched[0]
     longer.fit()
     assert [r["step"] for r in metrics(folder) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_continues_the_lr_schedule_exactly(tmp_path):
+    """Resumed with the same config, the next step's lr is the one the checkpoint's schedule had (no warning);
+    with another adam.lr the schedule continues from the same step with the new lr, and the log says so."""
+    trained(tmp_path, "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")  # resume mid-schedule, from step 2 of 4
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "2" / "train_state.pt", weights_only=False)
+    log = tmp_path / "run" / "train.log"
+
+    def warned():
+        return [line for line in log.read_text().splitlines() if "step 3 runs at lr" in line]
+
+    same = make_trainer(tmp_path)
+    assert same.step_count == 2
+    assert same.optimizer.param_groups[0]["lr"] == pytest.approx(saved["scheduler"]["_last_lr"][0], rel=1e-12)
+    assert not warned()
+    lower = make_trainer(tmp_path, adam=dict(lr=5e-4))
+    expected = 5e-4 * lr_factor(lower.cfg.lr_scheduler, 5e-4)(2)
+    assert lower.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+    assert expected != pytest.approx(saved["scheduler"]["_last_lr"][0])
+    assert len(warned()) == 1 and "adam.lr 0.0005" in warned()[0]
 
 
 def test_a_fresh_start_over_existing_checkpoints_is_refused(tmp_path):
@@ -328,11 +354,11 @@ def test_a_fresh_start_over_existing_checkpoints_is_refused(tmp_path):
 def test_a_run_folder_holding_another_run_is_refused(tmp_path):
     trained(tmp_path, "run")
     with pytest.raises(ConfigError) as err:
-        make_trainer(tmp_path, adam=dict(lr=5e-4), data=dict(total_steps=8))
+        make_trainer(tmp_path, adam=dict(weight_decay=0.5), data=dict(total_steps=8))
     folder = tmp_path / "run"
     assert str(err.value) == (
         f"run folder '{folder}' holds another run ('{folder / 'checkpoints' / '4' / 'config.json'}' differs from this "
-        f"config: adam.lr: 0.001 there, 0.0005 here): use another JOB_NAME (or monitor.run_folder) for this config, "
+        f"config: adam.weight_decay: 0.01 there, 0.5 here): use another JOB_NAME (or monitor.run_folder) for this config, "
         f"or remove '{folder}' to start afresh")
     # what may change between the invocations of one run is accepted
     make_trainer(tmp_path, data=dict(total_steps=8, valid_every=2, skip_batches="5"), monitor=dict(log_every=2),

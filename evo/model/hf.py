@@ -51,17 +51,25 @@ def model_config_from_hf(config) -> dict:
         raise ValueError(f"model_type {family!r} is not one of evo's families: {', '.join(FAMILIES)}")
     if _get(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {_get(config, 'hidden_act')!r}: evo's MLP is SwiGLU (silu)")
-    heads, hidden = _get(config, "num_attention_heads"), _get(config, "hidden_size")
+    heads, hidden, layers = _get(config, "num_attention_heads"), _get(config, "hidden_size"), _get(config, "num_hidden_layers")
     theta, scaling = _rope(config)
+    partial = (_get(config, "rope_parameters") or {}).get("partial_rotary_factor",
+                                                          _get(config, "partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"partial_rotary_factor {partial}: evo rotates the whole head")
     attention_bias = bool(_get(config, "attention_bias", False))
     sliding = _get(config, "sliding_window") if family == "mistral" else None
-    if family in ("qwen2", "qwen3") and _get(config, "use_sliding_window", False):
-        types = set(_get(config, "layer_types") or ["sliding_attention"])
-        if types != {"sliding_attention"}:
-            raise ValueError("a window on some layers only (layer_types) is not supported: evo windows every layer")
+    if family in ("qwen2", "qwen3") and _get(config, "use_sliding_window", False) and _get(config, "sliding_window"):
+        # transformers windows the layers from max_window_layers on (or as layer_types says)
+        first = _get(config, "max_window_layers", 0)
+        types = _get(config, "layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                                for i in range(layers)]
+        if set(types) != {"sliding_attention"}:
+            raise ValueError("a window on some layers only (layer_types, max_window_layers) is not supported: evo "
+                             "windows every layer or none")
         sliding = _get(config, "sliding_window")
     return dict(
-        num_layers=_get(config, "num_hidden_layers"), hidden_size=hidden, num_attention_heads=heads,
+        num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
         num_kv_attention_heads=_get(config, "num_key_value_heads") or heads,
         head_dim=_get(config, "head_dim") or hidden // heads, vocab_size=_get(config, "vocab_size"),
         intermediate_size=_get(config, "intermediate_size"), layer_norm_epsilon=float(_get(config, "rms_norm_eps")),

@@ -70,7 +70,8 @@ def rotary_tables(freqs: list[float], size: int) -> tuple[torch.Tensor, torch.Te
 
 
 def _traced_tables(freqs: list[float], size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rotary_tables`` with torch ops, for a table built inside a torch.compile trace."""
+    """``rotary_tables`` with fp64 torch ops on ``device``: for a table built inside a torch.compile trace, and
+    for dynamic scaling's per-length tables on a GPU."""
     f64 = dict(dtype=torch.float64, device=device)
     angles = torch.outer(torch.arange(size, **f64), torch.tensor(freqs, **f64))
     return angles.cos().float(), angles.sin().float()
@@ -108,8 +109,12 @@ class RotaryEmbedding(nn.Module):
             return _traced_tables(freqs, size, device)
         key = (length, size, str(device))
         if key not in self._by_length:
-            cos, sin = rotary_tables(freqs, size)
-            self._by_length[key] = (cos.to(device), sin.to(device))
+            # generation asks for a new length every step: on a GPU the table is built there (fp64), not in
+            # NumPy and copied over (the CPU keeps NumPy, for its bit-for-bit reproducibility)
+            if device.type == "cpu":
+                self._by_length[key] = rotary_tables(freqs, size)
+            else:
+                self._by_length[key] = _traced_tables(freqs, size, device)
             while len(self._by_length) > DYNAMIC_TABLES_KEPT:
                 self._by_length.popitem(last=False)
         self._by_length.move_to_end(key)
