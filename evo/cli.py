@@ -44,12 +44,24 @@ def _record_for_torchrun(line: str) -> None:
         pass
 
 
+def _close_process_group() -> None:
+    """Tear the process group down before the interpreter exits: left to Python's shutdown, gloo's worker threads
+    were seen to abort one rank at exit ("terminate called without an active exception", exit -6) after a
+    complete run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank leaves while another still needs the group
+        dist.destroy_process_group()
+
+
 def run(main) -> None:
     """Call ``main()``; a user-input error (EvoError) prints ``evo: error: ...`` and exits 2.
     Anything else propagates: Python prints the traceback and exits 1."""
     warnings.formatwarning = _one_line_warning
     try:
         main()
+        _close_process_group()
     except EvoError as exc:
         line = f"evo: error: {exc}"
         if launch_rank() == 0 or getattr(exc, "every_rank", False):
