@@ -60,12 +60,7 @@ class StreamingLoader:
                 s.update(offset=0, epoch=s["epoch"] + 1)
                 return _EPOCH_END, 0
             s["offset"] += 1
-            record = self.hf[s["offset"] - 1]
-            text = record.get(self.text_key) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                return self._bad(f"'{self.cfg.train_folder}' row {s['offset'] - 1}",
-                                 f"no string under '{self.text_key}'")
-            return text, 0
+            return self._text(self.hf[s["offset"] - 1], f"'{self.cfg.train_folder}' row {s['offset'] - 1}", "record", 0)
         while s["file"] < len(self.files):
             path, type_id = self.files[s["file"]]
             with open(path, "rb") as f:
@@ -80,13 +75,18 @@ class StreamingLoader:
                     record = json.loads(line)
                 except ValueError as exc:
                     return self._bad(f"{path}:{s['line']}", f"not JSON ({exc})")
-                text = record.get(self.text_key) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    return self._bad(f"{path}:{s['line']}", f"not a JSON object with a string under '{self.text_key}'")
-                return text, type_id
+                return self._text(record, f"{path}:{s['line']}", "JSON object", type_id)
             s.update(file=s["file"] + 1, offset=0, line=0)
         s.update(file=0, offset=0, line=0, epoch=s["epoch"] + 1)
         return _EPOCH_END, 0
+
+    def _text(self, record, where: str, kind: str, type_id: int):
+        """(the document's text, type_id) from a record (a ``kind``: JSON object, dataset record), which must hold
+        a string under text_key; else a bad line."""
+        text = record.get(self.text_key) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            return self._bad(where, f"not a {kind} with a string under '{self.text_key}'")
+        return text, type_id
 
     def _bad(self, where: str, why: str):
         """A malformed line: an error, unless ``data.max_bad_lines`` allows skipping it. Counted in the first

@@ -152,21 +152,16 @@ class _Running:
 
 def _given_lse(logits, labels, offset, lse, group):
     """(lse, x[label]) from a precomputed lse: x[label] gathered, not streamed; under ``group``, lse (this shard's)
-    combined across the group, and x[label] taken from the shard that holds it."""
+    combined across the group as a computed one is (a running state of max lse, sum 1), and x[label] taken from
+    the shard that holds it."""
     local = labels.long() - offset
     in_shard = (local >= 0) & (local < logits.shape[1])
     target = logits.gather(1, torch.where(in_shard, local, 0)[:, None]).squeeze(1).float()
-    target = torch.where(in_shard, target, torch.zeros_like(target))
-    lse = lse.detach().float().contiguous()
-    if group is not None:
-        m = lse.clone()
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-        d = torch.exp(lse - safe)
-        both = torch.stack([d, target])
-        dist.all_reduce(both, group=group)
-        lse, target = safe + torch.log(both[0]), both[1]
-    return lse, target
+    run = _Running(labels.shape[0], logits.device)
+    run.m, run.d = lse.detach().float().contiguous(), torch.ones_like(run.d)
+    run.target = torch.where(in_shard, target, torch.zeros_like(target))
+    run.reduce(group)
+    return run.lse(), run.target
 
 
 def _finish(lse, target, total, labels, ignore_index, vocab_total, smoothing, z_loss):

@@ -28,11 +28,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return _rms(_acc(x), weight, eps).to(x.dtype)
 
 
+def check_residual(x: torch.Tensor, residual: torch.Tensor) -> None:
+    """fused_add_rms_norm's residual has x's shape (its dtype may differ); both backends check it here."""
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+
+
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
     """(rms_norm(x + residual) in x.dtype, x + residual in residual.dtype), as flash-attn's prenorm rms_norm_fn:
     the sum is taken in fp32 and normalized unrounded; only the returned sum is rounded, to residual.dtype."""
-    if residual.shape != x.shape:
-        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    check_residual(x, residual)
     summed = _acc(x) + _acc(residual)
     return _rms(summed, weight, eps).to(x.dtype), summed.to(residual.dtype)
 
@@ -429,7 +434,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     outs, lses = [], []
     for b, (row, start, length) in enumerate(zip(cache_row.tolist(), leftpad.tolist(), seqlen_k.tolist())):
         keys, values = k_cache[row, start:start + length], v_cache[row, start:start + length]
-        o, lse = _attend(q[b], keys, values, scale, left, right, softcap)
+        o, lse = _sequence(q[b], keys, values, scale, left, right, softcap, return_softmax_lse)
         outs.append(o)
         lses.append(lse)
     out = torch.stack(outs)

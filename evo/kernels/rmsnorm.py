@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from evo.kernels.reference import check_residual  # the reference's rule, checked alike
 from evo.kernels.triton_utils import OpaqueOp, num_programs_for_rows, warps_for_block
 
 MAX_HIDDEN = 65536
@@ -166,8 +167,7 @@ class FusedAddRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps):
         _check(x, weight)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        check_residual(x, residual)
         y, s, rstd = _forward_op(_rows(x), _rows(residual), weight, eps)
         ctx.save_for_backward(s, weight, rstd)
         ctx.x_dtype = x.dtype
