@@ -81,6 +81,7 @@ class ModelConfig:
     norm_head: bool = False
     apply_post_layer_norm: bool = False
     checkpoint: Union[bool, float] = False  # fraction of layers with activation checkpointing
+    compile: bool = False  # evo: torch.compile each decoder layer (evo.parallel.parallelize)
     init_type: str = "normal"
     embedding_init_std: float = 0.02
     attn_wqkv_init_std: float = 0.02
@@ -183,11 +184,12 @@ class ParallelDim:
 
 @dataclass
 class ParallelConfig:
-    zero1: ParallelDim = field(default_factory=lambda: ParallelDim(size=-1))
+    zero1: ParallelDim = field(default_factory=lambda: ParallelDim(size=-1))  # <= 0: the whole data group; 1: off
     tensor: ParallelDim = field(default_factory=lambda: ParallelDim(mode="mtp"))
     pipeline: ParallelDim = field(default_factory=ParallelDim)
     weight: ParallelDim = field(default_factory=ParallelDim)
-    sequence_parallel: bool = False
+    sequence_parallel: Optional[bool] = None  # InternEvo's switch: True needs tensor.mode msp or fsp
+    timeout_s: float = 1800.0  # evo: collective timeout in seconds
 
 
 @dataclass
@@ -546,13 +548,7 @@ def validate(cfg: Config) -> None:
     _check_data_conflicts(d)
     parse_skip_batches(d.skip_batches)
 
-    p = cfg.parallel
-    for name in ("tensor", "pipeline", "weight"):
-        size = getattr(p, name).size
-        _require(size >= 1, f"'parallel.{name}.size' must be >= 1, got {size}")
-    p.tensor.mode = p.tensor.mode or "mtp"
-    _check_choice(p.tensor.mode, ("mtp", "msp", "fsp", "isp"), "parallel.tensor.mode")
-    _require(p.zero1.size == -1 or p.zero1.size >= 1, f"'parallel.zero1.size' must be -1 or >= 1, got {p.zero1.size}")
+    _validate_parallel(cfg)
 
     a = cfg.adam
     _require(a.lr >= 0, f"'adam.lr' must be >= 0, got {a.lr}")
@@ -591,6 +587,39 @@ def validate(cfg: Config) -> None:
         _check_choice(info.get("ckpt_type", "evo"), ("evo", "internevo"), "ckpt.load_ckpt_info.ckpt_type")
     _require(cfg.monitor.log_every >= 1, f"'monitor.log_every' must be >= 1, got {cfg.monitor.log_every}")
     _resolve_folders(cfg)
+
+
+def _validate_parallel(cfg: Config) -> None:
+    """The layout keys on their own (the world size is checked at launch, ``evo.parallel.context.layout_error``)."""
+    p, m = cfg.parallel, cfg.model
+    for name in ("tensor", "pipeline", "weight"):
+        size = getattr(p, name).size
+        _require(size >= 1, f"'parallel.{name}.size' must be >= 1, got {size}")
+    p.tensor.mode = p.tensor.mode or ("msp" if p.sequence_parallel else "mtp")  # InternEvo's older configs: the switch
+    _check_choice(p.tensor.mode, ("mtp", "msp", "fsp", "isp"), "parallel.tensor.mode")
+    _require(p.tensor.mode != "isp", "'parallel.tensor.mode' 'isp' (intern sequence parallelism) is not supported "
+             "yet; use mtp, msp or fsp")
+    _require(p.pipeline.size == 1, f"'parallel.pipeline.size' = {p.pipeline.size} is not supported yet (pipeline "
+             "parallelism is the next step); set it to 1")
+    _require(p.weight.size == 1, f"'parallel.weight.size' = {p.weight.size} is not supported yet (it belongs to "
+             "tensor.mode 'isp'); set it to 1")
+    if p.sequence_parallel is not None:
+        sp = p.tensor.mode in ("msp", "fsp")
+        _require(bool(p.sequence_parallel) == sp or p.tensor.size == 1,
+                 f"'parallel.sequence_parallel' = {p.sequence_parallel} contradicts 'parallel.tensor.mode' "
+                 f"'{p.tensor.mode}' (msp and fsp are sequence parallel, mtp is not): leave it out, or make them agree")
+    _require(p.timeout_s > 0, f"'parallel.timeout_s' must be > 0 seconds, got {p.timeout_s}")
+    tp = p.tensor.size
+    if tp > 1:
+        from evo.parallel.tensor import check_tensor_parallel
+
+        problem = check_tensor_parallel(m, tp)
+        _require(problem is None, str(problem))
+        if p.tensor.mode in ("msp", "fsp"):
+            _require(cfg.data.packed_length % tp == 0,
+                     f"'data.seq_len' x 'data.micro_bsz' ({cfg.data.packed_length} tokens a row) must be divisible by "
+                     f"'parallel.tensor.size' ({tp}) for tensor.mode '{p.tensor.mode}' (rows are split into sequence "
+                     "shards)")
 
 
 # A data key set to something other than its default that the chosen data.type never reads: an error

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from evo.parallel.parallelize import reshard
+
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -50,6 +52,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
             break
         new.append(nxt)
         step_input = [nxt]
+    reshard(model)  # a sharded model's gathered weights are freed (no backward follows)
     model.train(was_training)
     return new
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from evo.config import Config, ConfigError, load_config, strip_folder_prefix, validate
 from evo.monitor import logger, setup_logging
-from evo.parallel.context import ParallelContext
+from evo.parallel.context import ParallelContext, build_context, layout_error, zero_size
 
 LAUNCHERS = ("local", "torch", "slurm")
 
@@ -133,11 +133,11 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
     if launcher not in LAUNCHERS:
         raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}; got {launcher!r}")
     rank, world_size, local_rank = _ranks(launcher, master_port)
-    for name in ("tensor", "pipeline", "weight"):
-        size = getattr(cfg.parallel, name).size
-        if size != 1:
-            raise ConfigError(f"'parallel.{name}.size' = {size} is not supported yet: evo runs data parallelism "
-                              "only (every process holds the whole model); set it to 1")
+    p = cfg.parallel
+    problem = layout_error(world_size, p.pipeline.size, None, p.tensor.size, zero_size(p.zero1.size, max(
+        1, world_size // (p.pipeline.size * p.tensor.size))))
+    if problem:  # before any collective: every rank fails alike, with the same line
+        raise ConfigError(problem)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -145,18 +145,20 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
         device = torch.device("cpu")  # scripts/train.py flushes denormals to zero before any thread starts
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
-                                timeout=timedelta(minutes=30), device_id=device if device.type == "cuda" else None)
+                                timeout=timedelta(seconds=p.timeout_s),
+                                device_id=device if device.type == "cuda" else None)
     if cfg.model.dtype == "torch.tf32" and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ctx = ParallelContext(world_size=world_size, rank=rank, local_rank=local_rank, device=device, dp_size=world_size,
-                          dp_rank=rank, dp_group=dist.group.WORLD if world_size > 1 else None)
+    ctx = build_context(world_size, rank, local_rank, device, p.pipeline.size, p.tensor.size, p.zero1.size,
+                        p.tensor.mode)
     run_folder = Path(cfg.monitor.run_folder)  # resolved by validation: runs/<JOB_NAME> unless set
     check_run_folder(cfg, run_folder)  # every rank: each must fail alike, before anything is written
     setup_logging(run_folder, ctx.is_main)
     set_seed(seed)
     logger.info("launcher=%s world_size=%d device=%s config=%s run_folder=%s", launcher, world_size, device,
                 cfg.source, run_folder)
+    logger.info("layout: %s", ctx.describe())
     _LAUNCH = LaunchState(cfg, ctx, run_folder, seed)
     return _LAUNCH
 
@@ -167,7 +169,8 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
 # batch on a resume), data.max_bad_lines, the parallel layout (checkpoints reshard), activation
 # checkpointing (the same math), checkpointing and monitoring, keys that change nothing in evo, and adam.lr
 # (a resume continues the schedule with the new lr, as InternEvo's load_scheduler does; Trainer.resume).
-SAME_RUN_MAY_CHANGE = ("JOB_NAME", "source", "model_type", "model.checkpoint", "data.total_steps", "adam.lr",
+SAME_RUN_MAY_CHANGE = ("JOB_NAME", "source", "model_type", "model.checkpoint", "model.compile",
+                       "data.total_steps", "adam.lr",
                        "lr_scheduler.total_steps", "lr_scheduler.last_epoch", "adam.adam_beta2_c", "data.valid_every",
                        "data.valid_max_batches", "data.valid_micro_num", "data.valid_folder", "data.skip_batches",
                        "data.max_bad_lines", "parallel", "ckpt", "monitor")
@@ -233,11 +236,16 @@ def launch_state() -> LaunchState:
 
 def initialize_model_and_parallel_communicator() -> torch.nn.Module:
     """Build the model from the launch config, on the launch device, initialized from the launch seed."""
-    from evo.model import build_model, count_parameters
+    from evo.model import count_parameters
+    from evo.parallel import build_parallel_model, format_bytes, memory_estimate
 
     state = launch_state()
-    model = build_model(state.config.model, state.ctx.device, seed=state.seed)
-    logger.info("model: %.2fM parameters, dtype %s", count_parameters(model) / 1e6, state.config.model.dtype)
+    cfg = state.config.model
+    model = build_parallel_model(cfg, state.ctx, seed=state.seed)
+    logger.info("model: %.2fM parameters, dtype %s", count_parameters(model) / 1e6, cfg.dtype)
+    mem = memory_estimate(model, state.ctx, cfg)
+    logger.info("memory per rank (estimate): %s", ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}"
+                                                            for k, v in mem.items()))
     return model
 
 

@@ -1,11 +1,16 @@
 """The optimizer side of a step: fp32 master weights, dynamic loss scaling, clipping, the lr schedule.
 
-``MixedPrecisionOptimizer`` runs AdamW on fp32 master copies of bf16/fp16 model parameters (on the
-parameters themselves for an fp32 model). Micro-batch gradients are accumulated into the masters'
-fp32 ``.grad`` after each backward, so accumulation never rounds to 16 bits. ``step()`` all-reduces
-the gradients over data-parallel ranks, unscales them, computes the global gradient norm, skips the
-update when it is inf or NaN (and tells the loss scaler), clips, and steps AdamW. Its state is keyed
-by parameter FQN, independent of layout, for ``torch.distributed.checkpoint``.
+``MixedPrecisionOptimizer`` runs AdamW on fp32 master weights, in one of two settings:
+- one process: the masters are fp32 copies of the bf16/fp16 model parameters (the parameters
+  themselves for an fp32 model); micro-batch gradients are accumulated into the masters' fp32
+  ``.grad`` after each backward, so accumulation never rounds to 16 bits;
+- more processes: FSDP2 (``evo.parallel.parallelize``) holds the fp32 masters as the parameters'
+  shards and reduce-scatters fp32 gradients into them; this class then sees DTensors and leaves the
+  communication to FSDP2.
+``step()`` unscales the gradients, computes the global gradient norm (over every shard and group:
+all ranks get the same number, so all agree on skipping a step), skips the update when it is inf or
+NaN (and tells the loss scaler), clips, and steps AdamW. Its state is keyed by parameter FQN,
+independent of layout, for ``torch.distributed.checkpoint``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from evo.config import AdamConfig, GradScalerConfig, LrSchedulerConfig
 from evo.parallel.context import ParallelContext
@@ -79,6 +86,30 @@ def lr_factor(cfg: LrSchedulerConfig, base_lr: float):
     return factor
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all gradients together (fp64), the same on every rank: each rank's sum of squares of its
+    local tensors in fp64, a DTensor's replicated copies counted once, all-reduced over the world when the
+    gradients are DTensors. fp64 sums make the norm, and so the clipping, independent of how the gradients are
+    split (an fp32 sum of a million squares is off in the sixth digit, differently for every split)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=_local(grads[0]).device)
+    for g in grads:
+        copies = 1
+        if isinstance(g, DTensor):
+            for dim, placement in enumerate(g.placements):
+                if placement.is_replicate():
+                    copies *= g.device_mesh.size(dim)
+        total += _local(g).double().square().sum() / copies
+    if any(isinstance(g, DTensor) for g in grads) and dist.is_initialized():
+        dist.all_reduce(total)
+    return total.sqrt()
+
+
 class MixedPrecisionOptimizer:
     def __init__(self, model: nn.Module, adam: AdamConfig, clip_grad_norm: float, scaler: DynamicLossScaler,
                  ctx: ParallelContext):
@@ -124,21 +155,21 @@ class MixedPrecisionOptimizer:
         """Sync, unscale, check, clip and update. Returns (updated, gradient norm before clipping)."""
         self.accumulate_grads()
         with_grad = [m for m in self.masters.values() if m.grad is not None]
-        grads = [m.grad for m in with_grad]
-        if self.ctx.dp_size > 1:
-            for g in grads:
-                self.ctx.all_reduce_dp(g)
+        grads = [m.grad for m in with_grad]  # already reduced over data-parallel ranks by FSDP2 (one process: none)
+        local = [_local(g) for g in grads]
         if self.scaler.scale != 1.0:
-            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else torch.zeros(())
+            torch._foreach_mul_(local, 1.0 / self.scaler.scale)
+        norm = global_grad_norm(grads)
         norm_value = float(norm)  # the one host sync of a step: the skip decision needs it
         overflow = not math.isfinite(norm_value)
         self.scaler.update(overflow)
         if overflow:
             self.zero_grad()
             return False, norm_value
-        if self.clip_grad_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(with_grad, self.clip_grad_norm, norm)
+        if self.clip_grad_norm > 0:  # torch's clip_grads_with_norm_ formula, on the local shards
+            coef = min(1.0, self.clip_grad_norm / (norm_value + 1e-6))
+            if coef < 1.0:
+                torch._foreach_mul_(local, coef)
         self.optimizer.step()
         if self.separate_masters:
             for name, p in self.params.items():

@@ -2,7 +2,7 @@
 
 ``Trainer.fit()`` = ``train()`` and then a final evaluation, checkpoint and sample. Each step:
 ``load_new_batch`` -> ``execute_schedule`` (``data.micro_num`` micro-batches, each through
-``forward_backward_step``) -> ``step`` -> ``evaluate_on_val_dls`` (every ``data.valid_every``) ->
+``forward_backward_step``, in the order of the layout's schedule object, ``evo.parallel.schedule``) -> ``step`` -> ``evaluate_on_val_dls`` (every ``data.valid_every``) ->
 ``try_save_checkpoint``.
 
 The loss of a step is the mean over every labelled token of the step, across its micro-batches and
@@ -34,6 +34,8 @@ from evo.model.decoder import matmul_parameters
 from evo.monitor import Monitor, logger
 from evo.optim import DynamicLossScaler, MixedPrecisionOptimizer, lr_factor
 from evo.parallel.context import ParallelContext
+from evo.parallel.parallelize import reshard
+from evo.parallel.schedule import build_schedule
 
 
 def step_flops(model_cfg, num_matmul_params: int, tokens: float, attention_pairs: float) -> float:
@@ -76,7 +78,8 @@ class Trainer:
         self.last_lr = float("nan")  # the lr the last step used
         self._last_eval_step = self._last_save_step = None
         self._train_iter = iter(train_dl)
-        self._matmul_params = matmul_parameters(model)
+        self._matmul_params = matmul_parameters(model)  # full (unsharded) counts: DTensors report global shapes
+        self.schedule = build_schedule(ctx)
 
     # ------------------------------------------------------------------ the documented loop
     def fit(self) -> dict:
@@ -151,9 +154,10 @@ class Trainer:
         counts = self.ctx.all_reduce_dp(counts.to(self.ctx.device)).cpu()
         denom = max(float(counts[0]), 1.0)
         loss_sums = torch.zeros(n_types, dtype=torch.float64, device=self.ctx.device)
-        for i in range(micro_num):
-            micro = {k: (v[i] if isinstance(v, list) else v[i:i + 1]) for k, v in inputs.items()}
-            token_loss = self.forward_backward_step(micro, labels[i:i + 1], denom)
+        micros = [({k: (v[i] if isinstance(v, list) else v[i:i + 1]) for k, v in inputs.items()}, labels[i:i + 1])
+                  for i in range(micro_num)]
+        losses = self.schedule.run(micros, lambda micro, lab: self.forward_backward_step(micro, lab, denom))
+        for (micro, _), token_loss in zip(micros, losses):
             ids = micro["type_ids"].reshape(-1).to(self.ctx.device).clamp(min=0)
             loss_sums.index_add_(0, ids, token_loss.double())
         loss_sums = self.ctx.all_reduce_dp(loss_sums).cpu()
@@ -205,6 +209,7 @@ class Trainer:
             loss = loss_sum / max(count, 1.0)
             record.update({f"val/{name}_loss": loss, f"val/{name}_acc": correct / max(count, 1.0),
                            f"val/{name}_plex": math.exp(min(loss, 700.0))})
+        reshard(self.model)
         self.model.train()
         self._last_eval_step = self.step_count
         if self.monitor is not None:
@@ -294,10 +299,12 @@ class Trainer:
 
     def _step_record(self, out: dict, grad_norm: float, seconds: float) -> dict:
         self.num_consumed_tokens += int(out["tokens"])
-        flops = step_flops(self.model.cfg, self._matmul_params, out["local_tokens"], out["local_seqlens_sq"])
+        # per device: a data-parallel rank's tokens are shared by its tp x pp devices, and so is their work
+        share = self.ctx.tp_size * self.ctx.pp_size
+        flops = step_flops(self.model.cfg, self._matmul_params, out["local_tokens"], out["local_seqlens_sq"]) / share
         record = {"step": self.step_count, "loss": float(out["loss_sums"].sum()) / max(out["label_count"], 1.0),
                   "lr": self.last_lr, "grad_norm": grad_norm,
-                  "loss_scale": self.scaler.scale, "tgs": out["local_tokens"] / seconds,
+                  "loss_scale": self.scaler.scale, "tgs": out["local_tokens"] / share / seconds,
                   "tflops": flops / seconds / 1e12, "num_consumed_tokens": self.num_consumed_tokens,
                   "inf_nan_skip_batches": self.inf_nan_skip_batches}
         for t, name in enumerate(self.dataset_types):
@@ -329,12 +336,15 @@ class Trainer:
     def _print_sample(self) -> None:
         prompt = self.cfg.monitor.sample_prompt
         tokenizer = getattr(self.train_dl, "tokenizer", None)
-        if not prompt or tokenizer is None or not self.ctx.is_main:
+        if not prompt or tokenizer is None:
             return
         from evo.generate import generate
 
+        # every rank generates (a sharded model's forward has collectives); the same seed and logits on every
+        # rank give the same tokens, and rank 0 prints them
         text = generate(self.model, tokenizer, prompt, self.cfg.monitor.sample_tokens)
-        print(f"\n--- sample (prompt {prompt!r}) ---\n{prompt}{text}\n---", flush=True)
+        if self.ctx.is_main:
+            print(f"\n--- sample (prompt {prompt!r}) ---\n{prompt}{text}\n---", flush=True)
 
 
 class TrainerBuilder(Trainer):

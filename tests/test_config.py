@@ -115,11 +115,19 @@ def test_cli_bad_config_value_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "run").exists()  # rejected before any work started
 
 
-def test_cli_unsupported_parallel_size_exits_2(tmp_path):
-    result = run_script("scripts/train.py", "--config", "configs/tiny.py", "parallel.tensor.size=2",
-                        f"monitor.run_folder={tmp_path}/run")
+@pytest.mark.parametrize("override, line", [
+    ("parallel.tensor.size=2",
+     "'parallel.tensor.size' (2) x 'parallel.pipeline.size' (1) must divide the world size (1 process)"),
+    ("parallel.tensor.size=3", "'parallel.tensor.size' (3) must divide 'model.num_attention_heads' (4)"),
+    ("parallel.tensor.mode='xsp'", "'parallel.tensor.mode' must be one of mtp, msp, fsp, isp; got 'xsp'"),
+    ("parallel.pipeline.size=2", "'parallel.pipeline.size' = 2 is not supported yet"),
+])
+def test_cli_bad_parallel_layout_exits_2_with_one_line(tmp_path, override, line):
+    result = run_script("scripts/train.py", "--config", "configs/tiny.py", override, f"monitor.run_folder={tmp_path}/run")
     assert result.returncode == 2
-    assert "'parallel.tensor.size' = 2 is not supported yet" in result.stderr
+    (printed,) = result.stderr.strip().splitlines()
+    assert printed.startswith(f"evo: error: {line}")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("data, message", [

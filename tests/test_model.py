@@ -4,6 +4,7 @@ import torch
 from helpers import ROOT, small_sections
 from evo.config import config_from_dict, load_config
 from evo.model import build_model, count_parameters
+from evo.parallel import ParallelContext, build_parallel_model
 
 
 @pytest.mark.parametrize("name, published", [
@@ -59,7 +60,8 @@ def test_loss_path_matches_logits_and_ignores_minus_100():
 
 def test_activation_checkpointing_gives_the_same_gradients():
     plain, cfg = tiny_model()
-    ckpt, _ = tiny_model(checkpoint=1.0)
+    ckpt_cfg = config_from_dict(small_sections(model=dict(checkpoint=1.0))).model
+    ckpt = build_parallel_model(ckpt_cfg, ParallelContext(), seed=0)  # parallelize sets the checkpointed layers
     assert all(layer.checkpointed for layer in ckpt.layers)
     x = torch.randint(0, cfg.vocab_size, (12,))
     labels = torch.roll(x, -1)
@@ -158,3 +160,20 @@ def test_derived_model_fields_follow_their_sources():
     assert (again.head_dim, again.intermediate_size) == (32, 352)  # 128 / 4 heads; 128 * 8/3 up to 32s
     given = config_from_dict(small_sections(model=dict(head_dim=24))).to_dict()
     assert given["model"]["head_dim"] == 24  # what the config gave is kept
+
+
+def test_model_compile_compiles_each_layer_and_matches_eager():
+    """``model.compile=True``: parallelize compiles every decoder layer (inductor); loss and gradients match eager."""
+    results = []
+    for compile_ in (False, True):
+        torch._dynamo.reset()
+        cfg = config_from_dict(small_sections(model=dict(compile=compile_, num_layers=1))).model
+        model = build_parallel_model(cfg, ParallelContext(), seed=0)
+        assert all((layer._compiled_call_impl is not None) == compile_ for layer in model.layers)
+        ids = torch.randint(0, cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(1))
+        loss = model(ids, torch.tensor([0, 9, 24], dtype=torch.int32), 15, labels=torch.roll(ids, -1))
+        loss.sum().backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -139,9 +140,17 @@ def cross_entropy(logits, labels, ignore_index=-100, label_smoothing=0.0, z_loss
     precomputed_lse (tokens,) is used as lse only where flash-attn uses it (label_smoothing 0, logit_scale 1;
     otherwise ignored); it gets no gradient, and the logits' gradient is flash-attn's, exp(x - lse) - onehot.
     """
-    if process_group is not None:
-        raise NotImplementedError("cross_entropy with process_group (vocab-parallel) needs the Triton backend")
     _check_reduction(reduction)
+    if process_group is not None:
+        if precomputed_lse is not None:
+            raise NotImplementedError("cross_entropy with both process_group and precomputed_lse needs the Triton "
+                                      "backend")
+        loss, _, z_part = _vocab_parallel_loss(_acc(logits) * logit_scale, labels, ignore_index, label_smoothing,
+                                               z_loss, process_group)
+        valid = labels != ignore_index
+        if not return_z_loss:
+            return _reduce(loss, valid, reduction)
+        return _reduce(loss, valid, reduction), _reduce(z_part, valid, reduction)
     if not torch.compiler.is_compiling():
         check_labels(labels, ignore_index, logits.shape[-1])
     x = _acc(logits) * logit_scale if logit_scale != 1.0 else _acc(logits)
@@ -171,6 +180,12 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
     hidden (tokens, d), weight (vocab, d), bias (vocab,) or None. With return_accuracy, also returns
     the number of non-ignored tokens whose argmax logit is the label (an int64 tensor).
     """
+    if process_group is not None:  # weight and bias: this rank's vocab shard
+        logits = F.linear(_ReduceGrad.apply(hidden, process_group), weight, bias)
+        loss, correct, _ = _vocab_parallel_loss(_acc(logits) * logit_scale, labels, ignore_index, label_smoothing,
+                                                z_loss, process_group)
+        loss = _reduce(loss, labels != ignore_index, reduction)
+        return (loss, correct) if return_accuracy else loss
     logits = F.linear(hidden, weight, bias)
     loss = cross_entropy(logits, labels, ignore_index, label_smoothing, z_loss, reduction, process_group,
                          logit_scale=logit_scale)
@@ -179,6 +194,65 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
     with torch.no_grad():
         correct = ((logits.argmax(-1) == labels) & (labels != ignore_index)).sum()
     return loss, correct
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """All-reduce (sum) forward; backward passes the gradient through: every rank computes the same loss from the
+    sum, so each rank's gradient of it is already the whole gradient of its own term."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ReduceGrad(torch.autograd.Function):
+    """Identity forward; backward all-reduces: each vocab shard contributes to the gradient of the shared input."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _vocab_parallel_loss(x, labels, ignore_index, label_smoothing, z_loss, group):
+    """(per-token loss (fp32), correct count, per-token z-loss part, detached) from x (tokens, vocab / ranks), this
+    rank's vocab shard of the scaled logits: the max, sum of exponentials, label logit and logit sum are combined
+    across ``group``, so every rank gets the full vocabulary's values."""
+    vocab_local = x.shape[-1]
+    offset, vocab = dist.get_rank(group) * vocab_local, vocab_local * dist.get_world_size(group)
+    if not torch.compiler.is_compiling():
+        check_labels(labels, ignore_index, vocab)
+    valid = labels != ignore_index
+    with torch.no_grad():
+        m = x.max(-1).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    lse = m + _SumOverGroup.apply(torch.exp(x - m[:, None]).sum(-1), group).log()
+    local = labels.long() - offset
+    mine = valid & (local >= 0) & (local < vocab_local)
+    picked = x.gather(-1, torch.where(mine, local, torch.zeros_like(local))[:, None]).squeeze(-1)
+    target = _SumOverGroup.apply(torch.where(mine, picked, torch.zeros_like(picked)), group)
+    nll = lse - target
+    loss = nll
+    if label_smoothing:
+        mean = _SumOverGroup.apply(x.sum(-1), group) / vocab
+        loss = (1 - label_smoothing) * nll + label_smoothing * (lse - mean)
+    z_part = z_loss * lse.square() if z_loss else torch.zeros_like(lse)
+    loss = torch.where(valid, loss + z_part, torch.zeros_like(loss))
+    z_part = torch.where(valid, z_part, torch.zeros_like(z_part)).detach()
+    correct = (valid & (target.detach() >= m)).sum()  # the label's logit is the largest of every shard
+    return loss, correct, z_part
 
 
 def check_labels(labels: torch.Tensor, ignore_index: int, vocab: int) -> None:

@@ -21,11 +21,13 @@ Parameter names follow InternLM2 (``tok_embeddings``, ``layers.N.attention.wq``,
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from evo import kernels
 from evo.config import ModelConfig
@@ -84,23 +86,26 @@ class Attention(nn.Module):
 
     def _qkv(self, x: torch.Tensor):
         """Projections of x (..., hidden) as heads (..., heads, head_dim), q and k normalized per head if asked."""
-        lead = x.shape[:-1]
-        q = self.wq(x).view(*lead, self.num_heads, self.head_dim)
+        lead = (*x.shape[:-2], -1)  # the token count: under sequence parallelism the gathered one, not x's
+        q = self.wq(x).view(*lead, self.num_heads, self.head_dim)  # this rank's heads under tensor parallelism
         k = self.wk(x).view(*lead, self.num_kv_heads, self.head_dim)
         v = self.wv(x).view(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def forward(self, x, cu_seqlens, max_seqlen):
-        """x (tokens, hidden), packed documents delimited by ``cu_seqlens``."""
+    def forward(self, x, cu_seqlens=None, max_seqlen=None, cache: KVCache | None = None, layer: int = 0):
+        """x (tokens, hidden), packed documents delimited by ``cu_seqlens``; or, with ``cache``, (batch, new, hidden)
+        continuing the cached positions."""
+        if cache is not None:
+            return self._forward_cached(x, cache, layer)
         q, k, v = self._qkv(x)
         q, k = self.rotary(q, cu_seqlens, max_seqlen), self.rotary(k, cu_seqlens, max_seqlen)
         out = kernels.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
                                              window_size=self.window)
-        return self.wo(out.reshape(x.shape[0], -1))
+        return self.wo(out.reshape(out.shape[0], -1))
 
-    def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+    def _forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
         """x (batch, new, hidden) at positions ``cache.length ...``: appends its keys and values to the cache
         (rotated there, by flash_attn_with_kvcache) and attends to every cached position."""
         q, k, v = self._qkv(x)
@@ -126,26 +131,40 @@ class FeedForward(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, checkpointed: bool):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.attention = Attention(cfg, rotary)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.feed_forward = FeedForward(cfg)
-        self.checkpointed = checkpointed
+        self.checkpointed = False  # activation checkpointing: set by evo.parallel.parallelize
 
-    def _forward(self, x, cu_seqlens, max_seqlen):
-        h = x + self.attention(self.attention_norm(x), cu_seqlens, max_seqlen)
+    def _forward(self, x, cu_seqlens, max_seqlen, cache, layer):
+        h = x + self.attention(self.attention_norm(x), cu_seqlens, max_seqlen, cache, layer)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def forward(self, x, cu_seqlens, max_seqlen):
+    def forward(self, x, cu_seqlens=None, max_seqlen=None, cache: KVCache | None = None, layer: int = 0):
         if self.checkpointed and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, cu_seqlens, max_seqlen, use_reentrant=False)
-        return self._forward(x, cu_seqlens, max_seqlen)
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cu_seqlens, max_seqlen, cache, layer,
+                                                     use_reentrant=False)
+        return self._forward(x, cu_seqlens, max_seqlen, cache, layer)
 
-    def forward_cached(self, x, cache: KVCache, layer: int):
-        h = x + self.attention.forward_cached(self.attention_norm(x), cache, layer)
-        return h + self.feed_forward(self.ffn_norm(h))
+
+class OutputHead(nn.Linear):
+    """The output projection: logits, or with labels the per-token loss straight from the hidden states
+    (``fused_linear_cross_entropy``: the full logits are never formed)."""
+
+    def forward(self, h, labels=None, label_smoothing=0.0, return_accuracy=False):
+        if labels is None:
+            return super().forward(h)
+        return kernels.fused_linear_cross_entropy(h, self.weight, labels, label_smoothing=label_smoothing,
+                                                  reduction="none", return_accuracy=return_accuracy)
+
+
+def init_seed(seed: int, name: str) -> int:
+    """The generator seed of parameter ``name`` in a run seeded ``seed``: every layout draws the same values."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 class DecoderModel(nn.Module):
@@ -155,37 +174,52 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.rope, cfg.qk_interleaved)
-        n_ckpt = cfg.num_checkpoint_layers
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, checkpointed=i < n_ckpt) for i in range(cfg.num_layers))
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope, cfg.qk_interleaved)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
-        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        self.output = OutputHead(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """With ``tie_word_embeddings``, the output head's weight is the embedding's (again, after ``to_empty``,
+        which gives each module its own new tensor)."""
+        if self.cfg.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Normal init with InternEvo's per-kind std fields; norms 1, biases 0."""
+    def init_std(self, name: str) -> float | None:
+        """The normal-init std of parameter ``name`` (InternEvo's per-kind fields), or None: norms 1, biases 0."""
         c = self.cfg
+        if name.endswith(".bias") or "norm" in name.rsplit(".", 2)[-2]:
+            return None
+        for part, std in (("tok_embeddings", c.embedding_init_std), ("output", c.out_head_init_std),
+                          ("wq", c.attn_wqkv_init_std), ("wk", c.attn_wqkv_init_std), ("wv", c.attn_wqkv_init_std),
+                          ("wo", c.attn_other_init_std), ("w1", c.ffn_uplayer_init_std),
+                          ("w3", c.ffn_uplayer_init_std), ("w2", c.ffn_other_init_std)):
+            if name.rsplit(".", 2)[-2] == part:
+                return std
+        raise ValueError(f"no init rule for parameter '{name}'")
 
-        def normal(weight, std):
-            weight.normal_(0.0, std, generator=generator)
-
-        normal(self.tok_embeddings.weight, c.embedding_init_std)
-        for layer in self.layers:
-            a, f = layer.attention, layer.feed_forward
-            for lin, std in ((a.wq, c.attn_wqkv_init_std), (a.wk, c.attn_wqkv_init_std), (a.wv, c.attn_wqkv_init_std),
-                             (a.wo, c.attn_other_init_std), (f.w1, c.ffn_uplayer_init_std),
-                             (f.w3, c.ffn_uplayer_init_std), (f.w2, c.ffn_other_init_std)):
-                normal(lin.weight, std)
-                if lin.bias is not None:
-                    lin.bias.zero_()
-            for norm in (layer.attention_norm, layer.ffn_norm, a.q_norm, a.k_norm):
-                if norm is not None:
-                    norm.weight.fill_(1.0)
-        self.norm.weight.fill_(1.0)
-        if not c.tie_word_embeddings:
-            normal(self.output.weight, c.out_head_init_std)
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialize every parameter in place, parameter by parameter: each full tensor is drawn in fp32 on its
+        device from a generator seeded by (seed, name), then this rank keeps its shard of it (a DTensor's local
+        part), so any parallel layout holds the values one process would, and at most one full tensor exists at
+        a time. The rotary tables are rebuilt (a model built on the meta device has none)."""
+        for name, p in self.named_parameters():
+            device = p.device
+            std = self.init_std(name)
+            if std is None:
+                full = torch.zeros(p.shape, device=device) if name.endswith(".bias") else torch.ones(p.shape, device=device)
+            else:
+                gen = torch.Generator(device=device).manual_seed(init_seed(seed, name))
+                full = torch.empty(p.shape, device=device).normal_(0.0, std, generator=gen)
+            if isinstance(p, DTensor):
+                local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                p.to_local().copy_(local)
+            else:
+                p.copy_(full)
+            del full
+        self.rotary.reset()
 
     def hidden_states(self, input_ids, cu_seqlens=None, max_seqlen=None):
         """input_ids (tokens,) or (1, tokens) -> final-norm hidden states (tokens, hidden)."""
@@ -224,9 +258,8 @@ class DecoderModel(nn.Module):
         if labels is None:
             logits = self.output(h)
             return logits.view(*input_ids.shape, -1) if batched else logits
-        out = kernels.fused_linear_cross_entropy(h, self.output.weight, labels.reshape(-1),
-                                                 label_smoothing=label_smoothing, reduction="none",
-                                                 return_accuracy=return_accuracy)
+        out = self.output(h, labels=labels.reshape(-1), label_smoothing=label_smoothing,
+                          return_accuracy=return_accuracy)
         if batched:
             return (out[0].view(input_ids.shape), out[1]) if return_accuracy else out.view(input_ids.shape)
         return out
@@ -235,7 +268,7 @@ class DecoderModel(nn.Module):
         """An empty cache for ``batch`` sequences of up to ``max_seqlen`` tokens, in the model's dtype and device."""
         weight = self.tok_embeddings.weight
         device = weight.device if device is None else torch.device(device)
-        shape = (batch, max_seqlen, self.cfg.kv_heads, self.cfg.head_dim)
+        shape = (batch, max_seqlen, self.layers[0].attention.num_kv_heads, self.cfg.head_dim)  # local heads
         n = len(self.layers)
         return KVCache(k=[torch.zeros(shape, dtype=weight.dtype, device=device) for _ in range(n)],
                        v=[torch.zeros(shape, dtype=weight.dtype, device=device) for _ in range(n)],
@@ -247,22 +280,22 @@ class DecoderModel(nn.Module):
         cache.check_room(ids.shape[1])
         x = self.tok_embeddings(ids)
         for i, layer in enumerate(self.layers):
-            x = layer.forward_cached(x, cache, i)
+            x = layer(x, cache=cache, layer=i)
         cache.advance(ids.shape[1])
         return self.output(self.norm(x))
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None) -> DecoderModel:
-    """Build the decoder on ``device`` in ``cfg.dtype``; initialized in fp32 first (with ``seed`` when given),
-    so one seed gives the same weights whatever the dtype. On the meta device nothing is initialized."""
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> DecoderModel:
+    """The decoder for one process on ``device`` in ``cfg.dtype``: built on the meta device, then materialized
+    and initialized in fp32 (``init_weights(seed)``), so one seed gives the same weights whatever the dtype. On
+    the meta device nothing is initialized. (A parallel layout: ``evo.parallel.build_parallel_model``.)"""
     device = torch.device(device)
-    with torch.device(device):
+    with torch.device("meta"):
         model = DecoderModel(cfg)
     if device.type != "meta":
-        gen = torch.Generator(device=device)
-        if seed is not None:
-            gen.manual_seed(seed)
-        model.init_weights(gen)
+        model.to_empty(device=device)
+        model.tie_weights()
+        model.init_weights(seed)
     return model.to(cfg.torch_dtype)
 
 

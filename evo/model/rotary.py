@@ -85,8 +85,18 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim, self.rope, self.interleaved = head_dim, dict(rope), interleaved
         self._freqs = inv_freq(head_dim, self.rope)
-        self._cos, self._sin = rotary_tables(self._freqs, INITIAL_POSITIONS)
+        # non-persistent buffers: they move with the model, are not saved, and are rebuilt by reset() after a
+        # model built on the meta device is materialized
+        cos, sin = rotary_tables(self._freqs, INITIAL_POSITIONS)
+        self.register_buffer("_cos", cos, persistent=False)
+        self.register_buffer("_sin", sin, persistent=False)
         self._by_length: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def reset(self) -> None:
+        """Recompute the tables where they are (after ``to_empty``, their contents are undefined)."""
+        cos, sin = rotary_tables(self._freqs, INITIAL_POSITIONS)
+        self._cos, self._sin = cos.to(self._cos.device), sin.to(self._sin.device)
+        self._by_length.clear()
 
     def tables(self, length: int, device: torch.device, rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each (>= max(length, rows), head_dim / 2) fp32 on ``device``, for sequences of up to

@@ -1,14 +1,25 @@
-"""ParallelContext: who this process is and which groups it belongs to.
+"""ParallelContext: who this process is, and its groups, as a view over one DeviceMesh.
 
-Created once at launch (``evo.initialize``) and passed explicitly to the model, the loaders and the
-trainer. Today evo runs data parallelism only (every process holds the whole model); tensor,
-sequence and pipeline groups get their place here when those layouts land, without the trainer
-changing shape.
+The mesh is built once at launch (``evo.initialize``) in InternEvo's rank order: tensor groups are
+contiguous, data groups strided by tp, pipeline groups strided by tp * dp,
+
+    rank = tp_rank + tp * dp_rank + tp * dp * pp_rank        mesh dims ("pp", "dp", "tp"),
+
+with the data dimension split in two, ("dp_replicate", "zero"): zero groups are contiguous runs
+of ``zero1.size`` ranks inside each data group (InternEvo's Initializer_Zero1: [0, 2], [4, 6] for
+tp=2, zero=2, dp=4), replicated across the runs (HSDP); "dp" is the two flattened. The next issue's intern sequence
+parallelism reuses this mesh: its weight groups (contiguous runs of w ranks within a pipeline stage,
+crossing sequence and data groups) and weight-data groups (strided by w, zero inside them) are the
+("dp", "tp") dimensions flattened to one and unflattened into ("wdp", "wp"): ``DeviceMesh._flatten``
+and ``_unflatten``, the same process set, nothing rebuilt.
+
+Groups are reached through the context (``ctx.tp_group``, ``ctx.mesh["zero"]``), never module globals.
+A world of one process has no mesh and no groups: every collective here is then a no-op.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -20,11 +31,30 @@ class ParallelContext:
     rank: int = 0
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    dp_size: int = 1
-    dp_rank: int = 0
-    tp_size: int = 1
     pp_size: int = 1
-    dp_group: object = None  # a torch.distributed group, or None in a world of one process
+    dp_size: int = 1
+    tp_size: int = 1
+    zero_size: int = 1  # ranks sharing one copy of the fp32 weights and optimizer state (inside a data group)
+    tp_mode: str = "mtp"  # mtp, msp or fsp (evo.parallel.tensor)
+    mesh: object = field(default=None, repr=False)  # DeviceMesh ("pp", "dp_replicate", "zero", "tp"), or None
+    dp_mesh: object = field(default=None, repr=False)  # ("dp_replicate", "zero") flattened to "dp"
+
+    # ------------------------------------------------------------------ coordinates
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return (self.rank // self.tp_size) % self.dp_size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp_size * self.dp_size)
+
+    @property
+    def zero_rank(self) -> int:
+        return self.dp_rank % self.zero_size
 
     @property
     def is_main(self) -> bool:
@@ -35,12 +65,88 @@ class ParallelContext:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def sequence_parallel(self) -> bool:
+        """msp and fsp keep norms and residuals on sequence shards of the tensor group."""
+        return self.tp_size > 1 and self.tp_mode in ("msp", "fsp")
+
+    # ------------------------------------------------------------------ groups
+    @property
+    def tp_group(self):
+        """The tensor-parallel group (None when tp = 1)."""
+        return self.mesh["tp"].get_group() if self.tp_size > 1 else None
+
+    @property
+    def dp_group(self):
+        """The data-parallel group (None when dp = 1)."""
+        return self.dp_mesh.get_group() if self.dp_size > 1 else None
+
+    @property
+    def tp_mesh(self):
+        return self.mesh["tp"] if self.mesh is not None else None
+
+    @property
+    def fsdp_mesh(self):
+        """FSDP2's mesh: ("dp_replicate", "zero"), HSDP replicating across zero groups and sharding within one; just
+        "zero" when there is one zero group."""
+        if self.mesh is None:
+            return None
+        return self.mesh["zero"] if self.dp_size == self.zero_size else self.mesh["dp_replicate", "zero"]
+
     def all_reduce_dp(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """In-place all-reduce over the data-parallel group (a no-op in a world of one)."""
         if self.dp_size > 1:
             dist.all_reduce(tensor, op=op, group=self.dp_group)
         return tensor
 
+    def all_reduce_world(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor, op=op)
+        return tensor
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def describe(self) -> str:
+        """The layout in one line, for the start-up log."""
+        return (f"world {self.world_size} = pp {self.pp_size} x dp {self.dp_size} x tp {self.tp_size} "
+                f"(tensor mode {self.tp_mode}, zero groups of {self.zero_size}); this rank {self.rank}: "
+                f"pp {self.pp_rank} dp {self.dp_rank} tp {self.tp_rank} zero {self.zero_rank}")
+
+
+def layout_error(world_size: int, pp: int, dp: int | None, tp: int, zero: int) -> str | None:
+    """Why (pp, tp, zero) cannot be laid over ``world_size`` ranks, or None (dp: None = what is left)."""
+    procs = f"{world_size} process{'es' if world_size != 1 else ''}"
+    if world_size % (pp * tp):
+        return (f"'parallel.tensor.size' ({tp}) x 'parallel.pipeline.size' ({pp}) must divide the world size "
+                f"({procs})")
+    dp = world_size // (pp * tp) if dp is None else dp
+    if dp * tp * pp != world_size:
+        return (f"data ({dp}) x 'parallel.tensor.size' ({tp}) x 'parallel.pipeline.size' ({pp}) must equal the "
+                f"world size ({procs})")
+    if dp % zero:
+        return (f"'parallel.zero1.size' ({zero}) must divide the data-parallel size ({dp} = {procs} "
+                f"/ tensor {tp} / pipeline {pp}); -1 or 0 shards over the whole data group, 1 turns ZeRO off")
+    return None
+
+
+def zero_size(zero1: int, dp: int) -> int:
+    """InternEvo's zero1.size: <= 0 the whole data group, 1 off, else a divisor of dp."""
+    return dp if zero1 <= 0 else zero1
+
+
+def build_context(world_size: int, rank: int, local_rank: int, device: torch.device, pp: int, tp: int, zero1: int,
+                  tp_mode: str) -> ParallelContext:
+    """The context of this rank; with more than one process, the mesh too (a collective: every rank calls it)."""
+    dp = world_size // (pp * tp)
+    zero = zero_size(zero1, dp)
+    ctx = ParallelContext(world_size=world_size, rank=rank, local_rank=local_rank, device=device, pp_size=pp,
+                          dp_size=dp, tp_size=tp, zero_size=zero, tp_mode=tp_mode)
+    if world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        ctx.mesh = init_device_mesh(device.type, (pp, dp // zero, zero, tp),
+                                    mesh_dim_names=("pp", "dp_replicate", "zero", "tp"))
+        ctx.dp_mesh = ctx.mesh["dp_replicate", "zero"]._flatten("dp")
+    return ctx

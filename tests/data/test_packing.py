@@ -94,7 +94,7 @@ def test_sampler_is_seeded_covers_each_epoch_and_resumes_exactly():
 def test_data_parallel_ranks_split_the_same_global_batch():
     rows = rows_of([[i] * 4 for i in range(12)], seq_len=4, micro_bsz=1)
     single = TrainLoader(rows, micro_num=4, ctx=ParallelContext(), seed=0)
-    ranks = [TrainLoader(rows, micro_num=2, ctx=ParallelContext(world_size=2, rank=k, dp_size=2, dp_rank=k), seed=0)
+    ranks = [TrainLoader(rows, micro_num=2, ctx=ParallelContext(world_size=2, rank=k, dp_size=2), seed=0)
              for k in range(2)]
     for _ in range(4):
         whole = next(single)[0]["input_ids"][:, 0].tolist()
@@ -167,7 +167,7 @@ def test_resume_with_another_data_parallel_size_continues_exactly():
         next(single)
     state = single.state_dict()
     expected = [next(single)[0]["input_ids"][:, 0].tolist() for _ in range(4)]
-    ranks = [TrainLoader(rows, micro_num=2, ctx=ParallelContext(world_size=2, rank=k, dp_size=2, dp_rank=k), seed=5)
+    ranks = [TrainLoader(rows, micro_num=2, ctx=ParallelContext(world_size=2, rank=k, dp_size=2), seed=5)
              for k in range(2)]
     for r in ranks:
         r.load_state_dict(state)  # same global batch (4 rows), split over two ranks

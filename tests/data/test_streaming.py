@@ -49,12 +49,12 @@ def test_streaming_packs_like_the_indexed_corpus(tmp_path):
 
 def test_ranks_read_disjoint_shares_and_resume_where_they_stopped(tmp_path):
     write_jsonl(tmp_path / "train" / "x.jsonl", texts(60, 3))
-    ranks = [loader_for(tmp_path, ParallelContext(world_size=2, rank=k, dp_size=2, dp_rank=k))[0] for k in range(2)]
+    ranks = [loader_for(tmp_path, ParallelContext(world_size=2, rank=k, dp_size=2))[0] for k in range(2)]
     first = [next(r)[0]["input_ids"] for r in ranks]
     assert not (first[0] == first[1]).all()
     state = ranks[0].state_dict()
     expected = [next(ranks[0])[0]["input_ids"].tolist() for _ in range(20)]  # crosses into the next epoch
-    resumed = loader_for(tmp_path, ParallelContext(world_size=2, rank=0, dp_size=2, dp_rank=0))[0]
+    resumed = loader_for(tmp_path, ParallelContext(world_size=2, rank=0, dp_size=2))[0]
     resumed.load_state_dict(state)
     assert [next(resumed)[0]["input_ids"].tolist() for _ in range(20)] == expected
     with pytest.raises(DataError, match="resume it with the same number"):

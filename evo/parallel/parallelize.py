@@ -1,0 +1,136 @@
+"""The one place that turns a built model into a parallel one.
+
+``parallelize(model, ctx, model_cfg)`` applies, in this order:
+1. tensor parallelism (``evo.parallel.tensor``, when tp > 1);
+2. activation checkpointing (``model.checkpoint``: the first layers recompute their forward in backward);
+3. ``torch.compile`` of each decoder layer (opt-in, ``model.compile=True``);
+4. FSDP2 (``fully_shard``, in any world of more than one process): the fp32 weights are the masters,
+   sharded over the zero group and replicated across zero groups (HSDP); compute runs in
+   ``model.dtype`` (``MixedPrecisionPolicy``), gradients are reduced in fp32. Each layer's compute
+   copy stays gathered from its forward to its backward (``reshard_after_forward=False``): the
+   masters, gradients and optimizer state are sharded, the compute copy is whole at the end of a
+   forward (docs/config.md compares this with InternEvo's ZeRO). Gradients are reduce-scattered after every micro-batch's backward (FSDP2's default), so no
+   rank ever holds a full fp32 gradient; the cost is one reduce-scatter per micro-batch instead of one
+   per step. evo's loss is already divided by the step's global label count, so the reduction sums
+   (``set_gradient_divide_factor(1)``) instead of averaging again.
+
+``build_parallel_model(model_cfg, ctx, seed)`` builds on the meta device, parallelizes, then
+materializes each rank's shards on its device and initializes them parameter by parameter
+(``DecoderModel.init_weights``): no rank ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from evo.config import ModelConfig
+from evo.parallel.context import ParallelContext
+
+
+def parallelize(model: nn.Module, ctx: ParallelContext, cfg: ModelConfig) -> nn.Module:
+    """Apply TP, activation checkpointing, compile and FSDP2 to ``model`` (an ``evo.model.DecoderModel``), in
+    that order, in place; returns it. The trainer and model code never branch on the layout."""
+    if ctx.tp_size > 1:
+        from evo.parallel.tensor import apply_tensor_parallel
+
+        apply_tensor_parallel(model, ctx)
+    n_ckpt = cfg.num_checkpoint_layers
+    for i, layer in enumerate(model.layers):
+        layer.checkpointed = i < n_ckpt
+    if cfg.compile:
+        for layer in model.layers:
+            layer.compile()
+    if ctx.distributed:
+        apply_fsdp(model, ctx.fsdp_mesh, cfg)
+    return model
+
+
+def apply_fsdp(model: nn.Module, mesh, cfg: ModelConfig) -> None:
+    """FSDP2 over ``mesh`` (1-D: shard; 2-D: replicate x shard), each decoder layer and the root: fp32 shards as
+    the masters, compute in ``cfg.dtype``, gradients reduced in fp32 and summed, not averaged."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dtype = cfg.torch_dtype
+    policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    for module in (*model.layers, model):  # each FSDP module's setting covers its own parameters only
+        module.set_gradient_divide_factor(1.0)
+        if hasattr(module, "set_force_sum_reduction_for_comms"):  # plain SUM collectives: gloo has no PREMUL_SUM
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int) -> nn.Module:
+    """The model of this rank: built on meta, parallelized, then materialized and initialized shard by shard on
+    ``ctx.device``. One process gets the model in ``cfg.dtype`` (its optimizer keeps fp32 masters); under FSDP2
+    the parameters are the fp32 master shards and compute runs in ``cfg.dtype``."""
+    from evo.model import DecoderModel
+
+    with torch.device("meta"):
+        model = DecoderModel(cfg)
+    parallelize(model, ctx, cfg)
+    model.to_empty(device=ctx.device)
+    model.tie_weights()
+    model.init_weights(seed)
+    if not ctx.distributed:
+        model.to(cfg.torch_dtype)
+    return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Free FSDP2's gathered parameters after forwards without backward (evaluation, generation): compute
+    parameters stay gathered from forward to backward (``reshard_after_forward=False``), so a forward that has
+    no backward would leave them gathered, and the sharded parameters out of ``model.parameters()``. A no-op
+    without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def local_numel(p: torch.Tensor) -> int:
+    return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+
+
+def memory_estimate(model: nn.Module, ctx: ParallelContext, cfg: ModelConfig) -> dict[str, int]:
+    """Bytes this rank holds for the model's state: fp32 master weights, fp32 gradients, AdamW's two fp32 moments
+    (all sharded as the parameters are), and the compute copy of the weights. Under FSDP2 that copy is gathered
+    layer by layer in forward and kept until the layer's backward (``reshard_after_forward=False``), so at the end
+    of a forward this rank holds every parameter (its tensor-parallel part) in ``model.dtype``, fp32 included. In
+    one process it is the model itself in a 16-bit run, and nothing in an fp32 one (the parameters are the
+    masters). Transient buffers (one process's 16-bit gradients before they reach the masters, collectives'
+    staging) are not counted."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    local = sum(local_numel(p) for p in params)
+    out = {"master_weights": 4 * local, "gradients": 4 * local, "optimizer_state": 8 * local}
+    size = torch.tensor([], dtype=cfg.torch_dtype).element_size()
+    if ctx.distributed:
+        out["compute_weights"] = size * sum(tp_local_numel(p) for p in params)
+    elif size < 4:
+        out["compute_weights"] = size * local
+    out["total"] = sum(out.values())
+    return out
+
+
+def tp_local_numel(p: torch.Tensor) -> int:
+    """Elements of this rank's tensor-parallel part of ``p`` (all of it when it is not split over "tp")."""
+    if not isinstance(p, DTensor):
+        return p.numel()
+    names = p.device_mesh.mesh_dim_names or ()
+    n = p.numel()
+    for name, placement in zip(names, p.placements):
+        if name == "tp" and placement.is_shard():
+            n //= p.device_mesh.size(names.index("tp"))
+    return n
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -1,0 +1,151 @@
+"""Train ``configs/tiny.py`` (fp32, a few steps) under a parallel layout, in a process of a gloo group
+(tests/dist.py), and report what the equivalence tests compare: per-step loss and gradient norm, the
+final weights gathered whole, and each rank's local parameter and optimizer-state sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from helpers import ROOT
+
+STEPS = 8
+
+
+def tiny_sections(folder: Path, micro_num: int = 2, **parallel) -> dict:
+    from evo.config import read_config_file
+
+    raw = read_config_file(ROOT / "configs" / "tiny.py")
+    raw["JOB_NAME"] = folder.name
+    # rows per rank: a dp=2 layout reads the global batch (and validation batch) of one process with twice these
+    raw["data"].update(total_steps=STEPS, micro_num=micro_num, valid_micro_num=2 * micro_num, valid_every=0,
+                       valid_max_batches=2)
+    raw["lr_scheduler"] = dict(warmup_ratio=0.25, eta_min=3e-4)
+    raw["ckpt"] = dict(enable_save_ckpt=False)
+    raw["monitor"] = dict(run_folder=str(folder), sample_prompt=None)
+    raw["parallel"] = dict(zero1=dict(size=parallel.get("zero1", -1)),
+                           tensor=dict(size=parallel.get("tp", 1), mode=parallel.get("mode", "mtp")),
+                           timeout_s=120)
+    return raw
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def train(rank: int, world_size: int, sections: dict, seed: int = 1024) -> dict:
+    """The documented flow on this rank; returns what rank 0 logged, the final weights gathered whole, this
+    rank's structure (local sizes, the calls the loss received) and a greedy generation on this rank."""
+    from evo import kernels
+    from evo.generate import generate_ids
+    from evo.initialize import (build_train_loader_with_data_type, build_valid_loader_with_data_type,
+                                initialize_distributed_env, initialize_model_and_parallel_communicator)
+    from evo.trainer import TrainerBuilder
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    state = initialize_distributed_env(config=sections, launcher="torch" if world_size > 1 else "local", seed=seed)
+    model = initialize_model_and_parallel_communicator()
+    train_dl, types = build_train_loader_with_data_type()
+    trainer = TrainerBuilder(model, train_dl, build_valid_loader_with_data_type(), dataset_types=types)
+    loss_calls = []
+    loss_fn = kernels.fused_linear_cross_entropy
+
+    def recording(hidden, weight, labels, *args, **kwargs):  # what the loss receives: (tokens, vocab rows, group)
+        loss_calls.append((hidden.shape[0], weight.shape[0], kwargs.get("process_group") is not None))
+        return loss_fn(hidden, weight, labels, *args, **kwargs)
+
+    kernels.fused_linear_cross_entropy = recording
+    try:
+        trainer.fit()
+    finally:
+        kernels.fused_linear_cross_entropy = loss_fn
+    prompt = list(range(40, 52))
+    generated = [generate_ids(model, prompt, 10, temperature=0.0, use_cache=cache) for cache in (True, False)]
+    out = {"weights": {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                       for n, p in model.named_parameters()},
+           "local_numel": {n: _local(p).numel() for n, p in model.named_parameters()},
+           "optimizer_numel": {n: _local(s).numel() for n, s in trainer.optimizer.state_dict()["exp_avg"].items()},
+           "loss_calls": loss_calls, "generated": generated}
+    if rank == 0:
+        records = [json.loads(line) for line in (state.run_folder / "metrics.jsonl").read_text().splitlines()]
+        out["loss"] = [r["loss"] for r in records if "loss" in r]
+        out["grad_norm"] = [r["grad_norm"] for r in records if "grad_norm" in r]
+        out["val_loss"] = [r["val/python_loss"] for r in records if "val/python_loss" in r]
+        assert out["val_loss"] or not trainer.val_dls, "no validation record"
+    return out
+
+
+def saved_activation_bytes(rank: int, world_size: int) -> list[int]:
+    """Bytes autograd saves for backward in one forward of the tiny model under tp=2 msp, then fsp."""
+    from evo.config import config_from_dict
+    from evo.parallel import build_context, build_parallel_model
+
+    raw = tiny_sections(Path("unused"))
+    out = []
+    for mode in ("msp", "fsp"):
+        cfg = config_from_dict({"model": raw["model"]}).model
+        ctx = build_context(world_size, rank, 0, torch.device("cpu"), 1, 2, -1, mode)
+        model = build_parallel_model(cfg, ctx, seed=0)
+        ids = torch.randint(0, cfg.vocab_size, (512,), generator=torch.Generator().manual_seed(0))
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, labels=torch.roll(ids, -1)).sum()
+        loss.backward()  # fsp's recomputation must work too
+        out.append(sum(saved))
+    return out
+
+
+def train_layouts(rank: int, world_size: int, folder: str, layouts: list[dict]) -> list[dict]:
+    return [train(rank, world_size, tiny_sections(Path(folder) / f"layout{i}", **layout))
+            for i, layout in enumerate(layouts)]
+
+
+FAMILY_MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_attention_heads=2, head_dim=24,
+                    vocab_size=300, multiple_of=32, dtype="torch.float32", qk_norm=True, qkv_bias=True, o_bias=True,
+                    mlp_bias=True, tie_word_embeddings=False)
+
+
+def family_gradients(rank: int, world_size: int, modes: list[str]) -> list[tuple]:
+    """Per tensor mode (tp = world size): the per-token loss of one packed row and every parameter's gradient,
+    gathered whole, for a model with the previous issue's features (head_dim apart, biases, q/k norms)."""
+    from evo.config import config_from_dict
+    from evo.parallel import ParallelContext, build_context, build_parallel_model
+
+    cfg = config_from_dict({"model": FAMILY_MODEL}).model
+    ids = torch.randint(0, cfg.vocab_size, (64,), generator=torch.Generator().manual_seed(3))
+    cu = torch.tensor([0, 20, 64], dtype=torch.int32)
+    out = []
+    for mode in modes:
+        ctx = ParallelContext() if mode == "one" else build_context(world_size, rank, 0, torch.device("cpu"), 1,
+                                                                    world_size, 1, mode)
+        model = build_parallel_model(cfg, ctx, seed=11)
+        loss = model(ids, cu, 44, labels=torch.roll(ids, -1))
+        loss.sum().backward()
+        grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for n, p in model.named_parameters()}
+        out.append((loss.detach(), grads))
+    return out
+
+
+def fp16_runs(rank: int, world_size: int, folder: str) -> list:
+    """fp16 on a small model, 3 steps: with the default loss scale, and with one so large the first step
+    overflows (hysteresis 1: the scale halves at once). Returns rank 0's records."""
+    from helpers import small_sections
+
+    out = []
+    for name, scale in (("plain", 2**16), ("overflow", 2**40)):
+        sections = small_sections(model=dict(dtype="torch.float16"), data=dict(total_steps=3, micro_num=4 // world_size),
+                                  grad_scaler=dict(fp16=dict(initial_scale=scale), hysteresis=1, max_scale=2**40),
+                                  ckpt=dict(enable_save_ckpt=False), monitor=dict(run_folder=f"{folder}/{name}"))
+        train(rank, world_size, sections)
+        if rank == 0:
+            out.append([json.loads(line) for line in Path(f"{folder}/{name}/metrics.jsonl").read_text().splitlines()])
+    return out

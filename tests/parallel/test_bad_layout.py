@@ -1,0 +1,59 @@
+"""A layout that does not fit the world or the model is refused before any collective: one line naming the
+keys and the numbers, printed once, exit 2 on every rank."""
+
+import pytest
+
+from helpers import run_script, small_sections
+from test_launch import free_port
+from evo.config import config_from_dict
+from evo.errors import ConfigError
+from evo.parallel.context import layout_error
+
+
+@pytest.mark.parametrize("world, pp, tp, zero, line", [
+    (2, 1, 4, 1, "'parallel.tensor.size' (4) x 'parallel.pipeline.size' (1) must divide the world size (2 processes)"),
+    (6, 1, 4, 1, "'parallel.tensor.size' (4) x 'parallel.pipeline.size' (1) must divide the world size (6 processes)"),
+    (8, 1, 2, 3, "'parallel.zero1.size' (3) must divide the data-parallel size (4 = 8 processes / tensor 2 / "
+                 "pipeline 1)"),
+])
+def test_layout_errors_name_the_keys_and_numbers(world, pp, tp, zero, line):
+    assert layout_error(world, pp, None, tp, zero).startswith(line)
+
+
+@pytest.mark.parametrize("parallel, line", [
+    (dict(tensor=dict(size=3)), "'parallel.tensor.size' (3) must divide 'model.num_attention_heads' (4)"),
+    (dict(tensor=dict(size=4)), "'parallel.tensor.size' (4) must divide 'model.num_kv_attention_heads' (2)"),
+    (dict(tensor=dict(size=2, mode="isp")), "'parallel.tensor.mode' 'isp' (intern sequence parallelism) is not "
+                                            "supported yet"),
+    (dict(tensor=dict(size=2, mode="msp"), sequence_parallel=False), "'parallel.sequence_parallel' = False "
+                                                                      "contradicts 'parallel.tensor.mode' 'msp'"),
+    (dict(weight=dict(size=2)), "'parallel.weight.size' = 2 is not supported yet"),
+    (dict(timeout_s=0), "'parallel.timeout_s' must be > 0 seconds, got 0"),
+])
+def test_bad_parallel_keys_are_config_errors(parallel, line):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(small_sections(parallel=parallel))
+    assert str(err.value).startswith(line)
+
+
+def test_vocab_that_tp_does_not_divide_is_refused():
+    with pytest.raises(ConfigError, match=r"'parallel.tensor.size' \(2\) must divide 'model.vocab_size' \(301\)"):
+        config_from_dict(small_sections(model=dict(vocab_size=301), parallel=dict(tensor=dict(size=2))))
+
+
+def test_sequence_parallel_switch_of_older_configs_means_msp():
+    cfg = config_from_dict(small_sections(parallel=dict(tensor=dict(size=2), sequence_parallel=True)))
+    assert cfg.parallel.tensor.mode == "msp"
+
+
+def test_a_layout_error_under_torchrun_is_printed_once_and_every_rank_exits_2(tmp_path):
+    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                        "scripts/train.py", "--config", "configs/tiny.py", "parallel.zero1.size=3",
+                        f"monitor.run_folder={tmp_path / 'run'}", env={"OMP_NUM_THREADS": "1"})
+    line = ("evo: error: 'parallel.zero1.size' (3) must divide the data-parallel size (2 = 2 processes / tensor 1 / "
+            "pipeline 1); -1 or 0 shards over the whole data group, 1 turns ZeRO off")
+    lines = result.stderr.splitlines()
+    assert result.returncode != 0 and lines[0] == line
+    assert sum(line in x for x in lines) in (2, 3)  # rank 0's line, then torchrun's report of the root cause
+    assert "exitcode  : 2" in result.stderr and "exitcode  : 1" not in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,121 @@
+"""The acceptance test of data, ZeRO and tensor parallelism: ``configs/tiny.py`` in fp32, 8 steps, trained
+under each layout, against one process trained on the same data (a layout with dp=2 against one process taking
+``data.micro_num`` doubled). Per-step loss and gradient norm agree within 1e-5 relative, final weights per tensor
+within 1e-5 in ||diff|| / ||w||, the final validation loss too, and the structure is checked so that a layout that
+silently did nothing could not pass: local parameter and optimizer-state sizes, the vocab shard the loss receives,
+and the activation bytes fsp saves against msp."""
+
+import math
+
+import pytest
+import torch
+
+from dist import run_distributed
+from layouts import STEPS, train_layouts
+
+REL = 1e-5
+TWO_PROCESS_LAYOUTS = [dict(tp=2, mode="mtp"), dict(tp=2, mode="msp"), dict(tp=2, mode="fsp"),
+                       dict(zero1=1), dict(zero1=2)]  # the last two: dp=2 without and with ZeRO
+SPLIT = ("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weight", "w2.weight", "w3.weight",
+         "tok_embeddings.weight", "output.weight")  # split across tensor-parallel ranks (rows or columns)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process: micro_num 2 (to compare with tp layouts), 4 (dp=2) and 8 (dp=4)."""
+    folder = tmp_path_factory.mktemp("single")
+    counts = (2, 4, 8)
+    return dict(zip(counts, train_layouts(0, 1, str(folder), [dict(micro_num=n) for n in counts])))
+
+
+def assert_same_training(run: dict, ref: dict, what: str) -> None:
+    assert len(run["loss"]) == len(ref["loss"]) == STEPS
+    for key in ("loss", "grad_norm", "val_loss"):
+        for step, (a, b) in enumerate(zip(run[key], ref[key]), 1):
+            assert math.isclose(a, b, rel_tol=REL), f"{what}: {key} at step {step}: {a} against {b}"
+    for name, w in ref["weights"].items():
+        diff = float((run["weights"][name] - w).norm() / w.norm())
+        assert diff <= REL, f"{what}: final {name} differs by {diff:.2e} relative"
+
+
+def test_two_process_layouts_train_as_one_process(single, tmp_path):
+    ranks = run_distributed(train_layouts, 2, str(tmp_path), TWO_PROCESS_LAYOUTS)
+    for i, layout in enumerate(TWO_PROCESS_LAYOUTS):
+        tp = layout.get("tp", 1)
+        ref = single[2 if tp > 1 else 4]
+        assert_same_training(ranks[0][i], ref, str(layout))
+        full = {n: w.numel() for n, w in ref["weights"].items()}
+        for rank in (0, 1):
+            run = ranks[rank][i]
+            for name, n in full.items():
+                local, state = run["local_numel"][name], run["optimizer_numel"][name]
+                assert state == local, f"{layout}: optimizer state of {name} is not sharded as the parameter"
+                if tp > 1:
+                    expected = n // tp if name.endswith(SPLIT) else n
+                    assert local == expected, f"{layout} rank {rank}: {name} holds {local} of {n}"
+                elif layout["zero1"] == 1:
+                    assert local == n, f"{layout}: ZeRO off, yet {name} is sharded"
+        if tp == 1 and layout["zero1"] == 2:  # each rank holds its half of the rows (the last may hold fewer)
+            for name, n in full.items():
+                rows = ref["weights"][name].shape[0]
+                parts = [ranks[r][i]["local_numel"][name] for r in (0, 1)]
+                assert sum(parts) == n and parts[0] == math.ceil(rows / 2) * (n // rows), f"{layout}: {name} {parts}"
+        if tp > 1:  # the loss gets (tokens, vocab / tp) logits: the local vocab shard of the head, and the group
+            vocab = ref["weights"]["output.weight"].shape[0]
+            for rank in (0, 1):
+                assert ranks[rank][i]["loss_calls"] and all(
+                    w_rows == vocab // tp and grouped for _, w_rows, grouped in ranks[rank][i]["loss_calls"])
+        for rank in (0, 1):  # generation on every rank: the same tokens as one process, with and without cache
+            assert ranks[rank][i]["generated"] == ref["generated"], f"{layout} rank {rank}"
+
+
+def test_fsp_saves_fewer_activation_bytes_than_msp():
+    from layouts import saved_activation_bytes
+
+    (msp, fsp), _ = run_distributed(saved_activation_bytes, 2)
+    # fsp keeps the sequence shard (tokens / 2) instead of the gathered input of every column-parallel layer
+    assert fsp < msp * 0.9, (msp, fsp)
+
+
+def test_four_process_layouts_train_as_one_process(single, tmp_path):
+    """dp=2 x tp=2 msp; and dp=4 with zero groups of 2 (HSDP: sharded in [0, 1] and [2, 3], replicated across)."""
+    ranks = run_distributed(train_layouts, 4, str(tmp_path), [dict(tp=2, mode="msp"), dict(zero1=2)])
+    assert_same_training(ranks[0][0], single[4], "dp=2 x tp=2 msp")
+    assert_same_training(ranks[0][1], single[8], "dp=4 zero1=2")
+    for i, ref in ((0, single[4]), (1, single[8])):
+        assert [r[i]["generated"] for r in ranks] == [ref["generated"]] * 4
+    full = {n: w.numel() for n, w in single[8]["weights"].items()}
+    for rank in range(4):  # HSDP: each parameter split in two, rank r holding the same half as rank r +- 2
+        local = ranks[rank][1]["local_numel"]
+        assert all(local[n] < n_full for n, n_full in full.items() if n_full > 1)
+        assert local == ranks[(rank + 2) % 4][1]["local_numel"]
+        assert all(local[n] + ranks[rank ^ 1][1]["local_numel"][n] == n_full for n, n_full in full.items())
+
+
+def test_family_features_under_tensor_parallelism_give_one_process_gradients():
+    """head_dim apart from hidden / heads, q/k/v, output and MLP biases, per-head q/k norms (whose weight gradient
+    sums over the heads of every rank): loss and every gradient under tp=2 equal one process's."""
+    from layouts import family_gradients
+
+    (one,) = family_gradients(0, 1, ["one"])
+    modes = ["mtp", "msp", "fsp"]
+    for mode, (loss, grads) in zip(modes, run_distributed(family_gradients, 2, modes)[1]):
+        torch.testing.assert_close(loss, one[0], rtol=1e-5, atol=1e-6, msg=mode)
+        assert grads.keys() == one[1].keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(g, one[1][name], rtol=1e-4, atol=1e-6, msg=f"{mode}: {name}")
+
+
+def test_fp16_loss_scaling_under_zero_matches_one_process(tmp_path):
+    from layouts import fp16_runs
+
+    one = fp16_runs(0, 1, str(tmp_path / "one"))
+    two = run_distributed(fp16_runs, 2, str(tmp_path / "two"))[0]
+    for a_run, b_run in zip(one, two):
+        for a, b in zip(a_run, b_run):
+            assert a["loss_scale"] == b["loss_scale"] and a["inf_nan_skip_batches"] == b["inf_nan_skip_batches"]
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+    plain, overflow = two
+    assert [r["inf_nan_skip_batches"] for r in plain] == [0, 0, 0]
+    # 2**40 overflows fp16 gradients: every rank skips the first step alike (one global norm), the scale halves
+    assert overflow[0]["inf_nan_skip_batches"] == 1 and overflow[0]["loss_scale"] == 2**39

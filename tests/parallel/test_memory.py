@@ -1,0 +1,83 @@
+"""bench/parallel.py's ``computed_memory`` (no process started: shapes on the meta device, the split of
+``tensor_parallel_plan()``) against what the tiny model's layouts measure when built in gloo processes:
+``memory_estimate`` and the counted bytes of parameters, gradients, optimizer state and the compute copy held
+from forward to backward; the 7B claims of docs/parallel.md; and the one-GPU FSDP2 comparison run end to end on
+the CPU (a GPU run is rare and short: it must not crash there)."""
+
+import sys
+
+import pytest
+import torch
+
+from helpers import ROOT
+
+if str(ROOT / "bench") not in sys.path:
+    sys.path.append(str(ROOT / "bench"))  # appended: bench's module names never shadow the tests'
+
+import parallel as bench  # noqa: E402  bench/parallel.py
+
+# (world, layout, dtype): fp32 as configs/tiny.py trains, bf16 for the 16-bit compute copy
+LAYOUTS = [(1, dict(tp=1, zero1=1), None), (1, dict(tp=1, zero1=1), "torch.bfloat16"),
+           (2, dict(zero1=1), None), (2, dict(zero1=2), None), (2, dict(tp=2, mode="mtp"), None),
+           (2, dict(zero1=2), "torch.bfloat16"), (2, dict(tp=2, mode="msp"), "torch.bfloat16")]
+
+
+@pytest.fixture(scope="module")
+def measured():
+    jobs = {1: [], 2: []}
+    for world, layout, dtype in LAYOUTS:
+        jobs[world].append(dict(layout=layout, dtype=dtype))
+    one = [bench.measure_layout(0, 1, **job) for job in jobs.pop(1)]  # one process: no process group needed
+    two = bench.measured(jobs)[2]
+    return one + two
+
+
+def test_computed_memory_equals_measured_tiny_layouts(measured):
+    for (world, layout, dtype), got in zip(LAYOUTS, measured):
+        cfg = bench._tiny_config(dtype).model
+        want = bench.computed_memory(cfg, world, layout.get("tp", 1), layout.get("zero1", 1))
+        what = f"world {world} {layout} {dtype or 'fp32'}"
+        mem = got["memory_estimate"]
+        assert set(mem) == {k for k in bench.MEMORY_KEYS if k in want}, what
+        for key, value in mem.items():
+            assert want[key] == value, f"{what}: {key} computed {want[key]}, memory_estimate {value}"
+        assert ("compute_weights" in mem) == (world > 1 or dtype is not None), what
+        # counted: parameters are the fp32 masters under FSDP2, the model in its dtype in one process
+        master = mem["master_weights"]
+        assert got["param_bytes"] == (master if world > 1 or dtype is None else master // 2), what
+        assert got["gradient_bytes"] == mem["gradients"] == master, what
+        assert got["optimizer_state_bytes"] == mem["optimizer_state"] == 2 * master, what
+        # the compute copy held after a forward: every parameter's tensor-parallel part in model.dtype (FSDP2),
+        # the 16-bit model (one process), nothing (one fp32 process)
+        assert got["held_compute_bytes"] == mem.get("compute_weights", 0), what
+
+
+def test_zero_and_tensor_parallel_shares_of_a_7b():
+    cfg = bench.model_config("internlm2_7b")
+    one = bench.computed_memory(cfg)
+    zero8 = bench.computed_memory(cfg, world=8, zero1=-1)
+    tp2 = bench.computed_memory(cfg, world=2, tp=2)
+    assert one["master_weights"] == 4 * one["params"]
+    assert zero8["optimizer_state"] * 8 == one["optimizer_state"]  # every dim 0 of this model divides by 8
+    norms = cfg.num_layers * 2 * cfg.hidden_size * 4  # fp32 norm weights: replicated over tensor ranks
+    assert tp2["layer_weights"] == (one["layer_weights"] - norms) // 2 + norms
+    assert zero8["compute_weights"] == one["compute_weights"] == 2 * one["params"]  # gathered: not sharded by ZeRO
+    whole = (norms // 4 + cfg.hidden_size) * 2  # bf16 norm weights, the final norm's too: whole on each tensor rank
+    assert tp2["compute_weights"] == (one["compute_weights"] - whole) // 2 + whole  # tp splits the compute copy
+    assert zero8["total"] == one["total"] // 8 + one["compute_weights"] * 7 // 8
+
+
+@pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
+def test_fsdp_wrapping_runs_on_cpu(dtype):
+    shape = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_attention_heads=2, vocab_size=300,
+                 multiple_of=32)
+    rows = bench.fsdp_wrapping("cpu", shape, dtype, tokens=64, micro_num=2, steps=1, warmup=1, repeats=1)
+    assert [r["case"] for r in rows] == ["one cpu, no FSDP2", "one cpu, FSDP2, 1-rank mesh"]
+    assert all(r["tokens_per_s"] > 0 and r["tokens_per_step"] == 128 for r in rows)
+    assert rows[0]["cost_pct"] == 0.0
+    assert not torch.distributed.is_initialized()  # the group it made is gone
+
+
+def test_registered_in_the_harness():
+    text = (ROOT / "bench" / "run.py").read_text()
+    assert '"parallel"' in text.split("BENCHMARKS = ", 1)[1].splitlines()[0]
