@@ -69,7 +69,7 @@ def train(rank: int, world_size: int, sections: dict, seed: int = 1024) -> dict:
                        for n, p in model.named_parameters()},
            "local_numel": {n: _local(p).numel() for n, p in model.named_parameters()},
            "optimizer_numel": {n: _local(s).numel() for n, s in trainer.optimizer.state_dict()["exp_avg"].items()},
-           "loss_calls": loss_calls, "generated": generated}
+           "loss_calls": loss_calls, "generated": generated, "packed_length": state.config.data.packed_length}
     if rank == 0:
         records = [json.loads(line) for line in (state.run_folder / "metrics.jsonl").read_text().splitlines()]
         out["loss"] = [r["loss"] for r in records if "loss" in r]
@@ -148,4 +148,15 @@ def fp16_runs(rank: int, world_size: int, folder: str) -> list:
         train(rank, world_size, sections)
         if rank == 0:
             out.append([json.loads(line) for line in Path(f"{folder}/{name}/metrics.jsonl").read_text().splitlines()])
+    return out
+
+
+def compiled_losses(rank: int, world_size: int, folder: str) -> list:
+    """tp=2 msp, 3 steps, eager then with ``model.compile=True``: rank 0's losses of each."""
+    out = []
+    for compile_ in (False, True):
+        sections = tiny_sections(Path(folder) / f"compile{compile_}", tp=2, mode="msp")
+        sections["data"]["total_steps"] = 3
+        sections["model"]["compile"] = compile_
+        out.append(train(rank, world_size, sections).get("loss"))
     return out

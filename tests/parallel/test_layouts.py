@@ -62,9 +62,11 @@ def test_two_process_layouts_train_as_one_process(single, tmp_path):
                 assert sum(parts) == n and parts[0] == math.ceil(rows / 2) * (n // rows), f"{layout}: {name} {parts}"
         if tp > 1:  # the loss gets (tokens, vocab / tp) logits: the local vocab shard of the head, and the group
             vocab = ref["weights"]["output.weight"].shape[0]
+            tokens = ref["packed_length"]
             for rank in (0, 1):
-                assert ranks[rank][i]["loss_calls"] and all(
-                    w_rows == vocab // tp and grouped for _, w_rows, grouped in ranks[rank][i]["loss_calls"])
+                calls = ranks[rank][i]["loss_calls"]
+                assert calls and all(w_rows == vocab // tp and grouped for _, w_rows, grouped in calls)
+                assert all(rows == tokens for rows, _, _ in calls[:STEPS * 2])  # training: every token of the row
         for rank in (0, 1):  # generation on every rank: the same tokens as one process, with and without cache
             assert ranks[rank][i]["generated"] == ref["generated"], f"{layout} rank {rank}"
 
@@ -119,3 +121,11 @@ def test_fp16_loss_scaling_under_zero_matches_one_process(tmp_path):
     assert [r["inf_nan_skip_batches"] for r in plain] == [0, 0, 0]
     # 2**40 overflows fp16 gradients: every rank skips the first step alike (one global norm), the scale halves
     assert overflow[0]["inf_nan_skip_batches"] == 1 and overflow[0]["loss_scale"] == 2**39
+
+
+@pytest.mark.slow  # inductor compiles every layer: about a minute
+def test_compiled_layers_under_tensor_parallelism_train_as_eager(tmp_path):
+    from layouts import compiled_losses
+
+    eager, compiled = run_distributed(compiled_losses, 2, str(tmp_path))[0]
+    assert len(eager) == 3 and compiled == pytest.approx(eager, rel=1e-5)
