@@ -4,6 +4,7 @@ top-k and top-p (nucleus) sampling."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from evo.parallel.parallelize import reshard
 
@@ -47,7 +48,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
         else:
             logits = model(torch.tensor(prompt_ids + new, dtype=torch.long, device=device))[-1]
         logits = logits.float().cpu()[None, :vocab_limit]
-        nxt = int(sample_next(logits, temperature, top_k, top_p, gen)[0])
+        nxt = _agree(int(sample_next(logits, temperature, top_k, top_p, gen)[0]), device)
         if nxt == eos_id:
             break
         new.append(nxt)
@@ -55,6 +56,16 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
     reshard(model)  # a sharded model's gathered weights are freed (no backward follows)
     model.train(was_training)
     return new
+
+
+def _agree(token: int, device) -> int:
+    """Under several processes every rank runs the same forwards (with collectives inside): all take rank 0's token,
+    so that logits differing in the last bit between ranks can never make one stop while the others wait."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([token], dtype=torch.long, device=device)
+        dist.broadcast(t, src=0)
+        return int(t)
+    return token
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,

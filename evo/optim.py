@@ -90,14 +90,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+def global_grad_norm(grads: list[torch.Tensor], distributed: bool = False) -> torch.Tensor:
     """The 2-norm of all gradients together (fp64), the same on every rank: each rank's sum of squares of its
-    local tensors in fp64, a DTensor's replicated copies counted once, all-reduced over the world when the
-    gradients are DTensors. fp64 sums make the norm, and so the clipping, independent of how the gradients are
+    local tensors in fp64, a DTensor's replicated copies counted once, all-reduced over the world when
+    ``distributed`` (the gradients are then FSDP2's DTensor shards). fp64 sums make the norm, and so the clipping, independent of how the gradients are
     split (an fp32 sum of a million squares is off in the sixth digit, differently for every split)."""
-    if not grads:
-        return torch.zeros((), dtype=torch.float64)
-    total = torch.zeros((), dtype=torch.float64, device=_local(grads[0]).device)
+    total = torch.zeros((), dtype=torch.float64, device=_local(grads[0]).device if grads else None)
     for g in grads:
         copies = 1
         if isinstance(g, DTensor):
@@ -105,7 +103,7 @@ def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
                 if placement.is_replicate():
                     copies *= g.device_mesh.size(dim)
         total += _local(g).double().square().sum() / copies
-    if any(isinstance(g, DTensor) for g in grads) and dist.is_initialized():
+    if distributed:  # every rank joins, with or without gradients of its own
         dist.all_reduce(total)
     return total.sqrt()
 
@@ -159,7 +157,7 @@ class MixedPrecisionOptimizer:
         local = [_local(g) for g in grads]
         if self.scaler.scale != 1.0:
             torch._foreach_mul_(local, 1.0 / self.scaler.scale)
-        norm = global_grad_norm(grads)
+        norm = global_grad_norm(grads, self.ctx.distributed)
         norm_value = float(norm)  # the one host sync of a step: the skip decision needs it
         overflow = not math.isfinite(norm_value)
         self.scaler.update(overflow)

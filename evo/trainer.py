@@ -63,6 +63,21 @@ def attention_pair_sum(cu_seqlens: torch.Tensor, sliding_window: int | None = No
     return float(total.sum())
 
 
+# Dense peak TFLOP/s per GPU as published (NVIDIA's data sheets, SXM parts, without sparsity): 16-bit tensor cores,
+# and TF32 for torch.tf32. MFU = the step's model TFLOP/s per device / this; no entry, no MFU (CPUs, other GPUs).
+PEAK_TFLOPS = {"H200": {"16-bit": 989.4, "tf32": 494.7}, "H100": {"16-bit": 989.4, "tf32": 494.7},
+               "A100": {"16-bit": 312.0, "tf32": 156.0}}
+
+
+def peak_tflops(device: torch.device, dtype: str) -> float | None:
+    """The peak of ``device`` for compute in ``dtype`` (a ``model.dtype`` string) from ``PEAK_TFLOPS``, or None."""
+    kind = {"torch.bfloat16": "16-bit", "torch.float16": "16-bit", "torch.half": "16-bit", "torch.tf32": "tf32"}.get(dtype)
+    if device.type != "cuda" or kind is None:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peaks[kind] for gpu, peaks in PEAK_TFLOPS.items() if gpu in name), None)
+
+
 class Trainer:
     def __init__(self, model: nn.Module, train_dl, val_dls: dict, cfg: Config, ctx: ParallelContext,
                  dataset_types: list[str], optimizer: MixedPrecisionOptimizer, scheduler, run_folder: Path,
@@ -312,6 +327,9 @@ class Trainer:
             if n:  # a type with no labelled tokens in this step has no loss (the key is left out)
                 record[f"loss/{name}"] = float(out["loss_sums"][t]) / n
             record[f"tokens/{name}"] = int(out["type_tokens"][t])
+        peak = peak_tflops(self.ctx.device, self.cfg.model.dtype)
+        if peak:
+            record["mfu"] = record["tflops"] / peak
         if self.ctx.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
         return record

@@ -76,6 +76,7 @@ def test_same_seed_same_weights_across_dtypes_and_tied_embeddings():
     m16, _ = tiny_model(dtype="torch.bfloat16")
     torch.testing.assert_close(m16.layers[0].attention.wq.weight.float(), m32.layers[0].attention.wq.weight,
                                rtol=1e-2, atol=1e-3)
+    assert m16.rotary._cos.dtype == torch.float32  # a dtype cast of the model leaves the rotary tables fp32
     tied, cfg = tiny_model(tie_word_embeddings=True)
     assert tied.output.weight is tied.tok_embeddings.weight
     assert count_parameters(tied) == count_parameters(m32) - cfg.vocab_size * cfg.hidden_size

@@ -381,3 +381,17 @@ def test_metrics_stay_strict_json_when_a_type_has_no_tokens_and_a_step_is_skippe
     (record,) = [json.loads(line, parse_constant=reject) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert record["inf_nan_skip_batches"] == 1 and record["grad_norm"] is None  # overflowed at scale 2**40
     assert "loss/absent" not in record and record["tokens/absent"] == 0 and record["loss/dummy"] > 0
+
+
+def test_mfu_uses_the_gpu_peak_for_the_compute_dtype(monkeypatch):
+    from evo.trainer import peak_tflops
+
+    assert peak_tflops(torch.device("cpu"), "torch.bfloat16") is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda", 0)
+    assert peak_tflops(cuda, "torch.bfloat16") == 989.4 and peak_tflops(cuda, "torch.tf32") == 494.7
+    assert peak_tflops(cuda, "torch.float32") is None  # plain fp32 has no tensor-core peak to compare with
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
+    assert peak_tflops(cuda, "torch.float16") == 312.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert peak_tflops(cuda, "torch.bfloat16") is None

@@ -265,13 +265,15 @@ class DecoderModel(nn.Module):
         return out
 
     def new_kv_cache(self, batch: int, max_seqlen: int, device: torch.device | str | None = None) -> KVCache:
-        """An empty cache for ``batch`` sequences of up to ``max_seqlen`` tokens, in the model's dtype and device."""
+        """An empty cache for ``batch`` sequences of up to ``max_seqlen`` tokens, in the compute dtype (``model.dtype``,
+        also when FSDP2 keeps fp32 masters) on the model's device."""
         weight = self.tok_embeddings.weight
         device = weight.device if device is None else torch.device(device)
+        dtype = self.cfg.torch_dtype
         shape = (batch, max_seqlen, self.layers[0].attention.num_kv_heads, self.cfg.head_dim)  # local heads
         n = len(self.layers)
-        return KVCache(k=[torch.zeros(shape, dtype=weight.dtype, device=device) for _ in range(n)],
-                       v=[torch.zeros(shape, dtype=weight.dtype, device=device) for _ in range(n)],
+        return KVCache(k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+                       v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
                        seqlens=torch.zeros(batch, dtype=torch.int32, device=device))
 
     @torch.no_grad()

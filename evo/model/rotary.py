@@ -92,6 +92,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("_sin", sin, persistent=False)
         self._by_length: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
+    def _apply(self, fn, recurse=True):
+        """Moves follow the model; dtype casts do not: the tables stay the fp32 ones (a bf16 model's rotary is
+        computed from fp32 tables, as the kernels expect)."""
+        cos, sin = self._cos, self._sin
+        super()._apply(fn, recurse)
+        if self._cos.dtype != torch.float32:
+            self._cos, self._sin = cos.to(self._cos.device), sin.to(self._sin.device)
+        return self
+
     def reset(self) -> None:
         """Recompute the tables where they are (after ``to_empty``, their contents are undefined)."""
         cos, sin = rotary_tables(self._freqs, INITIAL_POSITIONS)

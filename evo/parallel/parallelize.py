@@ -53,7 +53,10 @@ def apply_fsdp(model: nn.Module, mesh, cfg: ModelConfig) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     dtype = cfg.torch_dtype
-    policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+    # no casting of forward inputs: the activations are already in the compute dtype (the embedding runs in it),
+    # and a cast would copy a KV cache passed in (its in-place updates then lost)
+    policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
     for layer in model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)

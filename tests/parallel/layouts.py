@@ -22,11 +22,13 @@ def tiny_sections(folder: Path, micro_num: int = 2, **parallel) -> dict:
     raw = read_config_file(ROOT / "configs" / "tiny.py")
     raw["JOB_NAME"] = folder.name
     # rows per rank: a dp=2 layout reads the global batch (and validation batch) of one process with twice these
-    raw["data"].update(total_steps=STEPS, micro_num=micro_num, valid_micro_num=2 * micro_num, valid_every=0,
+    # evaluation mid-run too: training continues after forwards without backward (FSDP2 must reshard)
+    raw["data"].update(total_steps=STEPS, micro_num=micro_num, valid_micro_num=2 * micro_num, valid_every=STEPS // 2,
                        valid_max_batches=2)
     raw["lr_scheduler"] = dict(warmup_ratio=0.25, eta_min=3e-4)
     raw["ckpt"] = dict(enable_save_ckpt=False)
     raw["monitor"] = dict(run_folder=str(folder), sample_prompt=None)
+    raw["model"]["checkpoint"] = parallel.get("checkpoint", False)
     raw["parallel"] = dict(zero1=dict(size=parallel.get("zero1", -1)),
                            tensor=dict(size=parallel.get("tp", 1), mode=parallel.get("mode", "mtp")),
                            timeout_s=120)
@@ -160,3 +162,18 @@ def compiled_losses(rank: int, world_size: int, folder: str) -> list:
         sections["model"]["compile"] = compile_
         out.append(train(rank, world_size, sections).get("loss"))
     return out
+
+
+def generations(rank: int, world_size: int, dtype: str) -> list:
+    """Greedy tokens with and without the KV cache from the tiny model's first weights (seed 0) in ``dtype``,
+    under ZeRO over every rank (one process: the plain model)."""
+    from evo.config import config_from_dict
+    from evo.generate import generate_ids
+    from evo.parallel import ParallelContext, build_context, build_parallel_model
+
+    raw = tiny_sections(Path("unused"))
+    raw["model"]["dtype"] = dtype
+    cfg = config_from_dict({"model": raw["model"]}).model
+    ctx = build_context(world_size, rank, 0, torch.device("cpu"), 1, 1, -1, "mtp") if world_size > 1 else ParallelContext()
+    model = build_parallel_model(cfg, ctx, seed=0)
+    return [generate_ids(model, list(range(60, 75)), 12, temperature=0.0, use_cache=cache) for cache in (True, False)]

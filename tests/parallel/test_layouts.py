@@ -15,7 +15,8 @@ from layouts import STEPS, train_layouts
 
 REL = 1e-5
 TWO_PROCESS_LAYOUTS = [dict(tp=2, mode="mtp"), dict(tp=2, mode="msp"), dict(tp=2, mode="fsp"),
-                       dict(zero1=1), dict(zero1=2)]  # the last two: dp=2 without and with ZeRO
+                       dict(zero1=1), dict(zero1=2),  # dp=2 without and with ZeRO
+                       dict(tp=2, mode="fsp", checkpoint=1.0), dict(zero1=2, checkpoint=0.5)]  # activation checkpointing
 SPLIT = ("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weight", "w2.weight", "w3.weight",
          "tok_embeddings.weight", "output.weight")  # split across tensor-parallel ranks (rows or columns)
 
@@ -129,3 +130,13 @@ def test_compiled_layers_under_tensor_parallelism_train_as_eager(tmp_path):
 
     eager, compiled = run_distributed(compiled_losses, 2, str(tmp_path))[0]
     assert len(eager) == 3 and compiled == pytest.approx(eager, rel=1e-5)
+
+
+def test_bf16_generation_under_zero_gives_the_tokens_of_one_process():
+    """FSDP2 keeps fp32 masters and computes in bf16: the KV cache must be in bf16 and updated in place (a cast
+    copy of it would lose every update), so the cached tokens match one process's, as the uncached ones do."""
+    from layouts import generations
+
+    one = generations(0, 1, "torch.bfloat16")
+    for rank in run_distributed(generations, 2, "torch.bfloat16"):
+        assert rank == one

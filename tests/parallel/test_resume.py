@@ -88,7 +88,8 @@ def test_bf16_zero_run_killed_and_resumed_matches_an_uninterrupted_run(tmp_path)
 
 
 def stop_and_resume(rank, world_size, folder):
-    """tp=2 msp: 6 steps straight, and 3 steps then (a new invocation) on to 6 from the step-3 checkpoint."""
+    """dp=2 x tp=2 msp (FSDP2 shards of tensor-parallel shards): 6 steps straight, and 3 steps then (a new
+    invocation) on to 6 from the step-3 checkpoint."""
     from pathlib import Path
 
     from layouts import tiny_sections, train
@@ -103,9 +104,9 @@ def stop_and_resume(rank, world_size, folder):
     return losses
 
 
-def test_tensor_parallel_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
+def test_data_and_tensor_parallel_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
     from dist import run_distributed
 
-    straight, first, resumed = run_distributed(stop_and_resume, 2, str(tmp_path))[0]
+    straight, first, resumed = run_distributed(stop_and_resume, 4, str(tmp_path))[0]
     assert len(straight) == 6 and first == straight[:3]
     assert resumed == straight  # metrics.jsonl of the resumed run: steps 1-3 kept, 4-6 appended
