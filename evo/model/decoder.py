@@ -265,11 +265,11 @@ class DecoderModel(nn.Module):
         return out
 
     def new_kv_cache(self, batch: int, max_seqlen: int, device: torch.device | str | None = None) -> KVCache:
-        """An empty cache for ``batch`` sequences of up to ``max_seqlen`` tokens, in the compute dtype (``model.dtype``,
-        also when FSDP2 keeps fp32 masters) on the model's device."""
+        """An empty cache for ``batch`` sequences of up to ``max_seqlen`` tokens, in the dtype the layers compute in
+        (the parameters', or ``model.dtype`` where FSDP2 holds them as fp32 master shards) on the model's device."""
         weight = self.tok_embeddings.weight
         device = weight.device if device is None else torch.device(device)
-        dtype = self.cfg.torch_dtype
+        dtype = self.cfg.torch_dtype if isinstance(weight, DTensor) else weight.dtype
         shape = (batch, max_seqlen, self.layers[0].attention.num_kv_heads, self.cfg.head_dim)  # local heads
         n = len(self.layers)
         return KVCache(k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
