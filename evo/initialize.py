@@ -139,6 +139,11 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
     if problem:  # before any collective: every rank fails alike, with the same line
         raise ConfigError(problem)
     if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:  # one process per GPU: more processes on a node than GPUs is a launch mistake
+            raise ConfigError(f"this process is local rank {local_rank} of its node, which has {gpus} GPU"
+                              f"{'s' if gpus != 1 else ''}: start at most {gpus} process{'es' if gpus != 1 else ''} "
+                              f"per node (torchrun --nproc_per_node {gpus}; srun --ntasks-per-node {gpus})")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:

@@ -57,3 +57,18 @@ def test_a_layout_error_under_torchrun_is_printed_once_and_every_rank_exits_2(tm
     assert sum(line in x for x in lines) in (2, 3)  # rank 0's line, then torchrun's report of the root cause
     assert "exitcode  : 2" in result.stderr and "exitcode  : 1" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_more_processes_on_a_node_than_gpus_is_one_line(monkeypatch, tmp_path):
+    import torch
+
+    from evo.initialize import initialize_distributed_env
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for key, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1").items():
+        monkeypatch.setenv(key, value)
+    sections = small_sections(monitor=dict(run_folder=str(tmp_path / "run")))
+    with pytest.raises(ConfigError, match=r"^this process is local rank 1 of its node, which has 1 GPU: start at most "
+                                          r"1 process per node \(torchrun --nproc_per_node 1; srun"):
+        initialize_distributed_env(config=sections, launcher="torch")
