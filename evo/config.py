@@ -597,14 +597,16 @@ def _validate_parallel(cfg: Config) -> None:
         _require(size >= 1, f"'parallel.{name}.size' must be >= 1, got {size}")
     p.tensor.mode = p.tensor.mode or ("msp" if p.sequence_parallel else "mtp")  # InternEvo's older configs: the switch
     _check_choice(p.tensor.mode, ("mtp", "msp", "fsp", "isp"), "parallel.tensor.mode")
-    _require(p.tensor.mode != "isp", "'parallel.tensor.mode' 'isp' (intern sequence parallelism) is not supported "
-             "yet; use mtp, msp or fsp")
     _require(p.pipeline.size == 1, f"'parallel.pipeline.size' = {p.pipeline.size} is not supported yet (pipeline "
              "parallelism is the next step); set it to 1")
-    _require(p.weight.size == 1, f"'parallel.weight.size' = {p.weight.size} is not supported yet (it belongs to "
-             "tensor.mode 'isp'); set it to 1")
+    isp = p.tensor.mode == "isp"
+    _require(p.weight.size == 1 or isp, f"'parallel.weight.size' = {p.weight.size} needs 'parallel.tensor.mode' "
+             f"'isp' (weight parallelism is isp's); got '{p.tensor.mode}'")
+    _require(not isp or p.zero1.size in (-1, 0, 1),
+             f"'parallel.zero1.size' = {p.zero1.size} with tensor.mode 'isp': evo shards the weights, gradients and "
+             "optimizer state over the weight group ('parallel.weight.size'); leave zero1 at -1")
     if p.sequence_parallel is not None:
-        sp = p.tensor.mode in ("msp", "fsp")
+        sp = p.tensor.mode in ("msp", "fsp", "isp")
         _require(bool(p.sequence_parallel) == sp or p.tensor.size == 1,
                  f"'parallel.sequence_parallel' = {p.sequence_parallel} contradicts 'parallel.tensor.mode' "
                  f"'{p.tensor.mode}' (msp and fsp are sequence parallel, mtp is not): leave it out, or make them agree")
@@ -613,9 +615,9 @@ def _validate_parallel(cfg: Config) -> None:
     if tp > 1:
         from evo.parallel.tensor import check_tensor_parallel
 
-        problem = check_tensor_parallel(m, tp)
+        problem = check_tensor_parallel(m, tp, p.tensor.mode)
         _require(problem is None, str(problem))
-        if p.tensor.mode in ("msp", "fsp"):
+        if p.tensor.mode in ("msp", "fsp", "isp"):
             _require(cfg.data.packed_length % tp == 0,
                      f"'data.seq_len' x 'data.micro_bsz' ({cfg.data.packed_length} tokens a row) must be divisible by "
                      f"'parallel.tensor.size' ({tp}) for tensor.mode '{p.tensor.mode}' (rows are split into sequence "

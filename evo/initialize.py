@@ -134,8 +134,9 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
         raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}; got {launcher!r}")
     rank, world_size, local_rank = _ranks(launcher, master_port)
     p = cfg.parallel
-    problem = layout_error(world_size, p.pipeline.size, None, p.tensor.size, zero_size(p.zero1.size, max(
-        1, world_size // (p.pipeline.size * p.tensor.size))))
+    isp = p.tensor.mode == "isp"
+    problem = layout_error(world_size, p.pipeline.size, None, p.tensor.size, 1 if isp else zero_size(
+        p.zero1.size, max(1, world_size // (p.pipeline.size * p.tensor.size))), p.weight.size)
     if problem:  # before any collective: every rank fails alike, with the same line
         raise ConfigError(problem)
     if torch.cuda.is_available():
@@ -156,7 +157,7 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     ctx = build_context(world_size, rank, local_rank, device, p.pipeline.size, p.tensor.size, p.zero1.size,
-                        p.tensor.mode)
+                        p.tensor.mode, p.weight.size)
     run_folder = Path(cfg.monitor.run_folder)  # resolved by validation: runs/<JOB_NAME> unless set
     check_run_folder(cfg, run_folder)  # every rank: each must fail alike, before anything is written
     setup_logging(run_folder, ctx.is_main)

@@ -86,10 +86,9 @@ class Attention(nn.Module):
 
     def _qkv(self, x: torch.Tensor):
         """Projections of x (..., hidden) as heads (..., heads, head_dim), q and k normalized per head if asked."""
-        lead = (*x.shape[:-2], -1)  # the token count: under sequence parallelism the gathered one, not x's
-        q = self.wq(x).view(*lead, self.num_heads, self.head_dim)  # this rank's heads under tensor parallelism
-        k = self.wk(x).view(*lead, self.num_kv_heads, self.head_dim)
-        v = self.wv(x).view(*lead, self.num_kv_heads, self.head_dim)
+        # heads from the projections' own shapes: under tensor or intern sequence parallelism they hold this rank's
+        # heads, and their token count may differ from x's (gathered, or exchanged for whole rows)
+        q, k, v = (t.view(*t.shape[:-1], -1, self.head_dim) for t in (self.wq(x), self.wk(x), self.wv(x)))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v

@@ -35,9 +35,12 @@ class ParallelContext:
     dp_size: int = 1
     tp_size: int = 1
     zero_size: int = 1  # ranks sharing one copy of the fp32 weights and optimizer state (inside a data group)
-    tp_mode: str = "mtp"  # mtp, msp or fsp (evo.parallel.tensor)
+    tp_mode: str = "mtp"  # mtp, msp or fsp (evo.parallel.tensor), or isp (evo.parallel.sequence: tp is the
+    # sequence group)
+    weight_size: int = 1  # isp: weight-parallel group size (contiguous runs of ranks within a pipeline stage)
     mesh: object = field(default=None, repr=False)  # DeviceMesh ("pp", "dp_replicate", "zero", "tp"), or None
     dp_mesh: object = field(default=None, repr=False)  # ("dp_replicate", "zero") flattened to "dp"
+    weight_mesh: object = field(default=None, repr=False)  # isp: ("wdp", "wp"), the (dp, tp) ranks regrouped
 
     # ------------------------------------------------------------------ coordinates
     @property
@@ -67,8 +70,8 @@ class ParallelContext:
 
     @property
     def sequence_parallel(self) -> bool:
-        """msp and fsp keep norms and residuals on sequence shards of the tensor group."""
-        return self.tp_size > 1 and self.tp_mode in ("msp", "fsp")
+        """msp, fsp and isp keep norms and residuals on sequence shards of the tensor group."""
+        return self.tp_size > 1 and self.tp_mode in ("msp", "fsp", "isp")
 
     # ------------------------------------------------------------------ groups
     @property
@@ -91,6 +94,8 @@ class ParallelContext:
         "zero" when there is one zero group."""
         if self.mesh is None:
             return None
+        if self.tp_mode == "isp":  # every rank of a stage sees its own tokens: shard over wp, replicate over wdp
+            return self.weight_mesh
         return self.mesh["zero"] if self.dp_size == self.zero_size else self.mesh["dp_replicate", "zero"]
 
     def all_reduce_dp(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -111,12 +116,14 @@ class ParallelContext:
     def describe(self) -> str:
         """The layout in one line, for the start-up log."""
         return (f"world {self.world_size} = pp {self.pp_size} x dp {self.dp_size} x tp {self.tp_size} "
-                f"(tensor mode {self.tp_mode}, zero groups of {self.zero_size}); this rank {self.rank}: "
+                f"(tensor mode {self.tp_mode}, zero groups of {self.zero_size}, weight groups of "
+                f"{self.weight_size}); this rank {self.rank}: "
                 f"pp {self.pp_rank} dp {self.dp_rank} tp {self.tp_rank} zero {self.zero_rank}")
 
 
-def layout_error(world_size: int, pp: int, dp: int | None, tp: int, zero: int) -> str | None:
-    """Why (pp, tp, zero) cannot be laid over ``world_size`` ranks, or None (dp: None = what is left)."""
+def layout_error(world_size: int, pp: int, dp: int | None, tp: int, zero: int, weight: int = 1) -> str | None:
+    """Why (pp, tp, zero, isp's weight) cannot be laid over ``world_size`` ranks, or None (dp: None = what is
+    left)."""
     procs = f"{world_size} process{'es' if world_size != 1 else ''}"
     if world_size % (pp * tp):
         return (f"'parallel.tensor.size' ({tp}) x 'parallel.pipeline.size' ({pp}) must divide the world size "
@@ -128,6 +135,9 @@ def layout_error(world_size: int, pp: int, dp: int | None, tp: int, zero: int) -
     if dp % zero:
         return (f"'parallel.zero1.size' ({zero}) must divide the data-parallel size ({dp} = {procs} "
                 f"/ tensor {tp} / pipeline {pp}); -1 or 0 shards over the whole data group, 1 turns ZeRO off")
+    if (dp * tp) % weight:
+        return (f"'parallel.weight.size' ({weight}) must divide a pipeline stage's ranks ({dp * tp} = data {dp} x "
+                f"'parallel.tensor.size' {tp})")
     return None
 
 
@@ -137,16 +147,21 @@ def zero_size(zero1: int, dp: int) -> int:
 
 
 def build_context(world_size: int, rank: int, local_rank: int, device: torch.device, pp: int, tp: int, zero1: int,
-                  tp_mode: str) -> ParallelContext:
-    """The context of this rank; with more than one process, the mesh too (a collective: every rank calls it)."""
+                  tp_mode: str, weight: int = 1) -> ParallelContext:
+    """The context of this rank; with more than one process, the mesh too (a collective: every rank calls it).
+    Under isp (``tp_mode`` "isp", tp the sequence group) ZeRO is the weight group's (zero1 is not used) and the
+    weight mesh regroups each stage's (dp, tp) ranks into contiguous weight groups of ``weight`` ranks."""
     dp = world_size // (pp * tp)
-    zero = zero_size(zero1, dp)
+    zero = 1 if tp_mode == "isp" else zero_size(zero1, dp)
     ctx = ParallelContext(world_size=world_size, rank=rank, local_rank=local_rank, device=device, pp_size=pp,
-                          dp_size=dp, tp_size=tp, zero_size=zero, tp_mode=tp_mode)
+                          dp_size=dp, tp_size=tp, zero_size=zero, tp_mode=tp_mode, weight_size=weight)
     if world_size > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
         ctx.mesh = init_device_mesh(device.type, (pp, dp // zero, zero, tp),
                                     mesh_dim_names=("pp", "dp_replicate", "zero", "tp"))
         ctx.dp_mesh = ctx.mesh["dp_replicate", "zero"]._flatten("dp")
+        if tp_mode == "isp":  # InternEvo's weight groups [0, 1] [2, 3], weight-data groups [0, 2] [1, 3] (w = 2)
+            stage = ctx.mesh["dp_replicate", "zero", "tp"]._flatten("dp_tp")
+            ctx.weight_mesh = stage._unflatten(0, (dp * tp // weight, weight), ("wdp", "wp"))
     return ctx

@@ -1,7 +1,8 @@
 """The one place that turns a built model into a parallel one.
 
 ``parallelize(model, ctx, model_cfg)`` applies, in this order:
-1. tensor parallelism (``evo.parallel.tensor``, when tp > 1);
+1. tensor parallelism (``evo.parallel.tensor``, when tp > 1), or intern sequence parallelism
+   (``evo.parallel.sequence``, tensor.mode isp);
 2. activation checkpointing (``model.checkpoint``: the first layers recompute their forward in backward);
 3. ``torch.compile`` of each decoder layer (opt-in, ``model.compile=True``);
 4. FSDP2 (``fully_shard``, in any world of more than one process): the fp32 weights are the masters,
@@ -32,7 +33,11 @@ from evo.parallel.context import ParallelContext
 def parallelize(model: nn.Module, ctx: ParallelContext, cfg: ModelConfig) -> nn.Module:
     """Apply TP, activation checkpointing, compile and FSDP2 to ``model`` (an ``evo.model.DecoderModel``), in
     that order, in place; returns it. The trainer and model code never branch on the layout."""
-    if ctx.tp_size > 1:
+    if ctx.tp_size > 1 and ctx.tp_mode == "isp":
+        from evo.parallel.sequence import apply_intern_sequence_parallel
+
+        apply_intern_sequence_parallel(model, ctx)
+    elif ctx.tp_size > 1:
         from evo.parallel.tensor import apply_tensor_parallel
 
         apply_tensor_parallel(model, ctx)

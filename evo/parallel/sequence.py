@@ -9,15 +9,23 @@ layer. Attention needs every token of a document, so around it the group swaps w
 Each is one ``all_to_all_single``: rank r sends its slice of head group j to rank j and receives rank
 j's tokens of head group r; the received blocks, in rank order, are the whole row's tokens. Attention
 then runs on the full row with ``cu_seqlens`` and rotary positions of the full row, on heads / s heads
-(query and key/value heads must both divide by s). Each exchange is the other's backward. The model
-wiring (isp in ``parallel.tensor.mode``, weight parallelism) is not done yet: these are its tested
-building blocks.
+(query and key/value heads must both divide by s). Each exchange is the other's backward.
+
+``apply_intern_sequence_parallel`` wires it into a model: the embedding's output keeps this rank's
+tokens / s of a packed row (when they divide; any other forward, e.g. generation, runs whole on every
+rank), q/k/v projections hand their output through seq_to_head, the attention output projection
+takes its input through head_to_seq, and the output head computes the loss of this rank's tokens and
+gathers the per-token losses of the row. The weights are whole on every rank of a sequence group
+(each sees other tokens: FSDP2 sums their gradients over every rank of the stage, and shards them over
+the weight group, ``parallel.weight.size``).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from evo.parallel.tensor import gather_rows
 
 _all_to_all_single = dist.all_to_all_single
 
@@ -77,3 +85,66 @@ def seq_to_head(x: torch.Tensor, group) -> torch.Tensor:
 def head_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     """(tokens, heads / s, d) -> (tokens / s, heads, d): this rank's sequence shard, every head. Differentiable."""
     return _HeadToSeq.apply(x, group)
+
+
+class _IspState:
+    """Whether the forward in progress runs on sequence shards (decided by the embedding, read by the rest)."""
+
+    def __init__(self, size: int, rank: int, group):
+        self.size, self.rank, self.group = size, rank, group
+        self.sharded = False
+
+    def mine(self, n: int) -> slice:
+        return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
+
+
+def apply_intern_sequence_parallel(model, ctx) -> None:
+    """isp over ``ctx``'s tensor group (the sequence group) for an ``evo.model.DecoderModel``."""
+    from evo import kernels
+
+    state = _IspState(ctx.tp_size, ctx.tp_rank, ctx.tp_group)
+
+    def embedded(module, inputs, out):
+        state.sharded = out.ndim == 2 and out.shape[0] % state.size == 0  # a packed row that splits evenly
+        return out[state.mine(out.shape[0])] if state.sharded else out
+
+    def heads_out(module, inputs, out):  # (tokens / s, heads * d) -> (tokens, heads / s * d)
+        if not state.sharded:
+            return out
+        d = module.head_dim
+        return seq_to_head(out.view(out.shape[0], -1, d), state.group).flatten(1)
+
+    def heads_in(module, inputs):  # (tokens, heads / s * d) -> (tokens / s, heads * d)
+        if not state.sharded:
+            return inputs
+        (x,) = inputs
+        return (head_to_seq(x.view(x.shape[0], -1, module.head_dim), state.group).flatten(1),)
+
+    head = model.output
+
+    def head_forward(h, labels=None, label_smoothing=0.0, return_accuracy=False):
+        if not state.sharded:
+            return type(head).forward(head, h, labels, label_smoothing, return_accuracy)
+        if labels is None:  # logits of the whole row (a forward without labels: evaluation by logits, generation)
+            return gather_rows(type(head).forward(head, h), state.group)
+        out = kernels.fused_linear_cross_entropy(h, head.weight, labels[state.mine(labels.shape[0])],
+                                                 label_smoothing=label_smoothing, reduction="none",
+                                                 return_accuracy=return_accuracy)
+        loss, correct = out if return_accuracy else (out, None)
+        loss = gather_rows(loss, state.group)  # the row's per-token losses, each rank's own differentiable
+        if not return_accuracy:
+            return loss
+        correct = correct.clone()
+        dist.all_reduce(correct, group=state.group)
+        return loss, correct
+
+    model.tok_embeddings.register_forward_hook(embedded)
+    for layer in model.layers:
+        attention = layer.attention
+        for proj in (attention.wq, attention.wk, attention.wv):
+            proj.head_dim = attention.head_dim
+            proj.register_forward_hook(heads_out)
+        attention.wo.head_dim = attention.head_dim
+        attention.wo.register_forward_pre_hook(heads_in)
+    head.forward = head_forward
+    model.sequence_state = state

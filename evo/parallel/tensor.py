@@ -62,9 +62,8 @@ def _param(module: nn.Module, name: str, mesh, placement) -> None:
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-class _GatherSequence(torch.autograd.Function):
-    """All-gather sequence shards (tokens / tp, d) -> (tokens, d); backward keeps this rank's rows of a gradient
-    that is already complete on every rank (the vocab-parallel loss all-reduces its input gradient)."""
+class _GatherRows(torch.autograd.Function):
+    """All-gather row shards (rows / n, ...) -> (rows, ...); backward keeps this rank's rows of the gradient."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -78,6 +77,14 @@ class _GatherSequence(torch.autograd.Function):
         n = grad.shape[0] // dist.get_world_size(ctx.group)
         r = dist.get_rank(ctx.group)
         return grad[r * n:(r + 1) * n], None
+
+
+def gather_rows(x: torch.Tensor, group) -> torch.Tensor:
+    """The group's row shards (rows / n, ...) stacked in rank order (rows, ...). Backward keeps this rank's rows of
+    the gradient and reduces nothing: for a gradient that is already whole on every rank (the vocab-parallel
+    loss all-reduces its input gradient), or whose other rows belong to other ranks' terms (isp's per-token
+    losses, each rank's own)."""
+    return _GatherRows.apply(x, group)
 
 
 class _Style(ParallelStyle):
@@ -185,7 +192,7 @@ class VocabParallelHead(_Style):
                 logits = F.linear(self._input(h, mesh), module.weight)
                 return logits.redistribute(mesh, [Replicate()]).to_local()
             if state.sharded:
-                h = _GatherSequence.apply(h, group)
+                h = gather_rows(h, group)
             return kernels.fused_linear_cross_entropy(h, module.weight.to_local(), labels, label_smoothing=label_smoothing,
                                                       reduction="none", return_accuracy=return_accuracy,
                                                       process_group=group)
@@ -194,10 +201,12 @@ class VocabParallelHead(_Style):
         return module
 
 
-def check_tensor_parallel(cfg, tp: int) -> str | None:
-    """Why a model config cannot be split over ``tp`` ranks, or None."""
-    for key, value in (("num_attention_heads", cfg.num_attention_heads), ("num_kv_attention_heads", cfg.kv_heads),
-                       ("vocab_size", cfg.vocab_size), ("intermediate_size", cfg.intermediate_size)):
+def check_tensor_parallel(cfg, tp: int, mode: str = "mtp") -> str | None:
+    """Why a model config cannot be split over ``tp`` ranks in ``mode``, or None (isp splits only the heads)."""
+    split = (("num_attention_heads", cfg.num_attention_heads), ("num_kv_attention_heads", cfg.kv_heads))
+    if mode != "isp":
+        split += (("vocab_size", cfg.vocab_size), ("intermediate_size", cfg.intermediate_size))
+    for key, value in split:
         if value % tp:
             return f"'parallel.tensor.size' ({tp}) must divide 'model.{key}' ({value})"
     return None

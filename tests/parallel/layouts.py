@@ -31,6 +31,7 @@ def tiny_sections(folder: Path, micro_num: int = 2, **parallel) -> dict:
     raw["model"]["checkpoint"] = parallel.get("checkpoint", False)
     raw["parallel"] = dict(zero1=dict(size=parallel.get("zero1", -1)),
                            tensor=dict(size=parallel.get("tp", 1), mode=parallel.get("mode", "mtp")),
+                           weight=dict(size=parallel.get("weight", 1)),
                            timeout_s=120)
     return raw
 
@@ -60,18 +61,23 @@ def train(rank: int, world_size: int, sections: dict, seed: int = 1024) -> dict:
         loss_calls.append((hidden.shape[0], weight.shape[0], kwargs.get("process_group") is not None))
         return loss_fn(hidden, weight, labels, *args, **kwargs)
 
+    layer_tokens = []  # the tokens a decoder layer's input holds on this rank, per training forward
+    hook = model.layers[0].register_forward_pre_hook(
+        lambda module, args: layer_tokens.append(args[0].shape[0]) if torch.is_grad_enabled() else None)
     kernels.fused_linear_cross_entropy = recording
     try:
         trainer.fit()
     finally:
         kernels.fused_linear_cross_entropy = loss_fn
+        hook.remove()
     prompt = list(range(40, 52))
     generated = [generate_ids(model, prompt, 10, temperature=0.0, use_cache=cache) for cache in (True, False)]
     out = {"weights": {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
                        for n, p in model.named_parameters()},
            "local_numel": {n: _local(p).numel() for n, p in model.named_parameters()},
            "optimizer_numel": {n: _local(s).numel() for n, s in trainer.optimizer.state_dict()["exp_avg"].items()},
-           "loss_calls": loss_calls, "generated": generated, "packed_length": state.config.data.packed_length}
+           "loss_calls": loss_calls, "generated": generated, "packed_length": state.config.data.packed_length,
+           "layer_tokens": layer_tokens}
     if rank == 0:
         records = [json.loads(line) for line in (state.run_folder / "metrics.jsonl").read_text().splitlines()]
         out["loss"] = [r["loss"] for r in records if "loss" in r]

@@ -20,14 +20,20 @@ def test_layout_errors_name_the_keys_and_numbers(world, pp, tp, zero, line):
     assert layout_error(world, pp, None, tp, zero).startswith(line)
 
 
+def test_a_weight_group_must_divide_a_stage():
+    assert layout_error(4, 1, None, 2, 1, weight=3) == ("'parallel.weight.size' (3) must divide a pipeline stage's "
+                                                        "ranks (4 = data 2 x 'parallel.tensor.size' 2)")
+    assert layout_error(4, 1, None, 2, 1, weight=4) is None
+
+
 @pytest.mark.parametrize("parallel, line", [
     (dict(tensor=dict(size=3)), "'parallel.tensor.size' (3) must divide 'model.num_attention_heads' (4)"),
     (dict(tensor=dict(size=4)), "'parallel.tensor.size' (4) must divide 'model.num_kv_attention_heads' (2)"),
-    (dict(tensor=dict(size=2, mode="isp")), "'parallel.tensor.mode' 'isp' (intern sequence parallelism) is not "
-                                            "supported yet"),
+    (dict(tensor=dict(size=3, mode="isp")), "'parallel.tensor.size' (3) must divide 'model.num_attention_heads' (4)"),
+    (dict(tensor=dict(size=2, mode="isp"), zero1=2), "'parallel.zero1.size' = 2 with tensor.mode 'isp'"),
     (dict(tensor=dict(size=2, mode="msp"), sequence_parallel=False), "'parallel.sequence_parallel' = False "
                                                                       "contradicts 'parallel.tensor.mode' 'msp'"),
-    (dict(weight=dict(size=2)), "'parallel.weight.size' = 2 is not supported yet"),
+    (dict(weight=dict(size=2)), "'parallel.weight.size' = 2 needs 'parallel.tensor.mode' 'isp'"),
     (dict(timeout_s=0), "'parallel.timeout_s' must be > 0 seconds, got 0"),
 ])
 def test_bad_parallel_keys_are_config_errors(parallel, line):

@@ -16,7 +16,8 @@ from layouts import STEPS, train_layouts
 REL = 1e-5
 TWO_PROCESS_LAYOUTS = [dict(tp=2, mode="mtp"), dict(tp=2, mode="msp"), dict(tp=2, mode="fsp"),
                        dict(zero1=1), dict(zero1=2),  # dp=2 without and with ZeRO
-                       dict(tp=2, mode="fsp", checkpoint=1.0), dict(zero1=2, checkpoint=0.5)]  # activation checkpointing
+                       dict(tp=2, mode="fsp", checkpoint=1.0), dict(zero1=2, checkpoint=0.5),  # activation checkpointing
+                       dict(tp=2, mode="isp"), dict(tp=2, mode="isp", weight=2, checkpoint=1.0)]  # intern sequence
 SPLIT = ("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weight", "w2.weight", "w3.weight",
          "tok_embeddings.weight", "output.weight")  # split across tensor-parallel ranks (rows or columns)
 
@@ -46,6 +47,16 @@ def test_two_process_layouts_train_as_one_process(single, tmp_path):
         ref = single[2 if tp > 1 else 4]
         assert_same_training(ranks[0][i], ref, str(layout))
         full = {n: w.numel() for n, w in ref["weights"].items()}
+        if layout.get("mode") == "isp":  # each rank's layers see half the row; weights whole, or halved (w = 2)
+            for rank in (0, 1):
+                run = ranks[rank][i]
+                assert set(run["layer_tokens"]) == {ref["packed_length"] // 2}
+                for name, n in full.items():
+                    rows = ref["weights"][name].shape[0]
+                    w = layout.get("weight", 1)
+                    expected = n if w == 1 else max(0, min(-(-rows // 2), rows - rank * -(-rows // 2))) * (n // rows)
+                    assert run["local_numel"][name] == run["optimizer_numel"][name] == expected, (layout, name)
+            continue
         for rank in (0, 1):
             run = ranks[rank][i]
             for name, n in full.items():
@@ -80,11 +91,17 @@ def test_fsp_saves_fewer_activation_bytes_than_msp():
     assert fsp < msp * 0.9, (msp, fsp)
 
 
+@pytest.mark.slow  # about 40 s: three layouts on four processes
 def test_four_process_layouts_train_as_one_process(single, tmp_path):
-    """dp=2 x tp=2 msp; and dp=4 with zero groups of 2 (HSDP: sharded in [0, 1] and [2, 3], replicated across)."""
-    ranks = run_distributed(train_layouts, 4, str(tmp_path), [dict(tp=2, mode="msp"), dict(zero1=2)])
+    """dp=2 x tp=2 msp; dp=4 with zero groups of 2 (HSDP: sharded in [0, 1] and [2, 3], replicated across); dp=2 x
+    isp s=2 with one weight group of 4."""
+    ranks = run_distributed(train_layouts, 4, str(tmp_path),
+                            [dict(tp=2, mode="msp"), dict(zero1=2), dict(tp=2, mode="isp", weight=4)])
     assert_same_training(ranks[0][0], single[4], "dp=2 x tp=2 msp")
     assert_same_training(ranks[0][1], single[8], "dp=4 zero1=2")
+    # isp: weight groups of 4 cross both sequence groups and both data ranks (InternEvo's layout)
+    assert_same_training(ranks[0][2], single[4], "dp=2 x isp s=2 w=4")
+    assert all(r[2]["local_numel"]["layers.0.attention.wq.weight"] * 4 == 256 * 256 for r in ranks)
     for i, ref in ((0, single[4]), (1, single[8])):
         assert [r[i]["generated"] for r in ranks] == [ref["generated"]] * 4
     full = {n: w.numel() for n, w in single[8]["weights"].items()}
