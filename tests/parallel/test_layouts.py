@@ -47,6 +47,8 @@ def test_two_process_layouts_train_as_one_process(single, tmp_path):
         ref = single[2 if tp > 1 else 4]
         assert_same_training(ranks[0][i], ref, str(layout))
         full = {n: w.numel() for n, w in ref["weights"].items()}
+        for rank in (0, 1):  # generation on every rank: the same tokens as one process, with and without cache
+            assert ranks[rank][i]["generated"] == ref["generated"], f"{layout} rank {rank}"
         if layout.get("mode") == "isp":  # each rank's layers see half the row; weights whole, or halved (w = 2)
             for rank in (0, 1):
                 run = ranks[rank][i]
@@ -79,8 +81,6 @@ def test_two_process_layouts_train_as_one_process(single, tmp_path):
                 calls = ranks[rank][i]["loss_calls"]
                 assert calls and all(w_rows == vocab // tp and grouped for _, w_rows, grouped in calls)
                 assert all(rows == tokens for rows, _, _ in calls[:STEPS * 2])  # training: every token of the row
-        for rank in (0, 1):  # generation on every rank: the same tokens as one process, with and without cache
-            assert ranks[rank][i]["generated"] == ref["generated"], f"{layout} rank {rank}"
 
 
 def test_fsp_saves_fewer_activation_bytes_than_msp():
