@@ -134,9 +134,9 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
         raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}; got {launcher!r}")
     rank, world_size, local_rank = _ranks(launcher, master_port)
     p = cfg.parallel
-    isp = p.tensor.mode == "isp"
-    problem = layout_error(world_size, p.pipeline.size, None, p.tensor.size, 1 if isp else zero_size(
-        p.zero1.size, max(1, world_size // (p.pipeline.size * p.tensor.size))), p.weight.size)
+    dp = max(1, world_size // (p.pipeline.size * p.tensor.size))
+    problem = layout_error(world_size, p.pipeline.size, None, p.tensor.size,
+                           zero_size(p.zero1.size, dp, p.tensor.mode), p.weight.size)
     if problem:  # before any collective: every rank fails alike, with the same line
         raise ConfigError(problem)
     if torch.cuda.is_available():

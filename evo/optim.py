@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from evo.config import AdamConfig, GradScalerConfig, LrSchedulerConfig
 from evo.parallel.context import ParallelContext
+from evo.parallel.parallelize import local
 
 
 class DynamicLossScaler:
@@ -86,23 +87,20 @@ def lr_factor(cfg: LrSchedulerConfig, base_lr: float):
     return factor
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def global_grad_norm(grads: list[torch.Tensor], distributed: bool = False) -> torch.Tensor:
     """The 2-norm of all gradients together (fp64), the same on every rank: each rank's sum of squares of its
     local tensors in fp64, a DTensor's replicated copies counted once, all-reduced over the world when
-    ``distributed`` (the gradients are then FSDP2's DTensor shards). fp64 sums make the norm, and so the clipping, independent of how the gradients are
-    split (an fp32 sum of a million squares is off in the sixth digit, differently for every split)."""
-    total = torch.zeros((), dtype=torch.float64, device=_local(grads[0]).device if grads else None)
+    ``distributed`` (the gradients are then FSDP2's DTensor shards). fp64 sums make the norm, and so the
+    clipping, independent of how the gradients are split (an fp32 sum of a million squares is off in the sixth
+    digit, differently for every split)."""
+    total = torch.zeros((), dtype=torch.float64, device=local(grads[0]).device if grads else None)
     for g in grads:
         copies = 1
         if isinstance(g, DTensor):
             for dim, placement in enumerate(g.placements):
                 if placement.is_replicate():
                     copies *= g.device_mesh.size(dim)
-        total += _local(g).double().square().sum() / copies
+        total += local(g).double().square().sum() / copies
     if distributed:  # every rank joins, with or without gradients of its own
         dist.all_reduce(total)
     return total.sqrt()
@@ -154,9 +152,9 @@ class MixedPrecisionOptimizer:
         self.accumulate_grads()
         with_grad = [m for m in self.masters.values() if m.grad is not None]
         grads = [m.grad for m in with_grad]  # already reduced over data-parallel ranks by FSDP2 (one process: none)
-        local = [_local(g) for g in grads]
+        shards = [local(g) for g in grads]
         if self.scaler.scale != 1.0:
-            torch._foreach_mul_(local, 1.0 / self.scaler.scale)
+            torch._foreach_mul_(shards, 1.0 / self.scaler.scale)
         norm = global_grad_norm(grads, self.ctx.distributed)
         norm_value = float(norm)  # the one host sync of a step: the skip decision needs it
         overflow = not math.isfinite(norm_value)
@@ -167,7 +165,7 @@ class MixedPrecisionOptimizer:
         if self.clip_grad_norm > 0:  # torch's clip_grads_with_norm_ formula, on the local shards
             coef = min(1.0, self.clip_grad_norm / (norm_value + 1e-6))
             if coef < 1.0:
-                torch._foreach_mul_(local, coef)
+                torch._foreach_mul_(shards, coef)
         self.optimizer.step()
         if self.separate_masters:
             for name, p in self.params.items():

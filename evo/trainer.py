@@ -2,7 +2,8 @@
 
 ``Trainer.fit()`` = ``train()`` and then a final evaluation, checkpoint and sample. Each step:
 ``load_new_batch`` -> ``execute_schedule`` (``data.micro_num`` micro-batches, each through
-``forward_backward_step``, in the order of the layout's schedule object, ``evo.parallel.schedule``) -> ``step`` -> ``evaluate_on_val_dls`` (every ``data.valid_every``) ->
+``forward_backward_step``, in the order of the layout's schedule object, ``evo.parallel.schedule``) ->
+``step`` -> ``evaluate_on_val_dls`` (every ``data.valid_every``) ->
 ``try_save_checkpoint``.
 
 The loss of a step is the mean over every labelled token of the step, across its micro-batches and
@@ -94,6 +95,7 @@ class Trainer:
         self._last_eval_step = self._last_save_step = None
         self._train_iter = iter(train_dl)
         self._matmul_params = matmul_parameters(model)  # full (unsharded) counts: DTensors report global shapes
+        self._peak_tflops = peak_tflops(ctx.device, cfg.model.dtype)  # for MFU; None where unknown
         self.schedule = build_schedule(ctx)
 
     # ------------------------------------------------------------------ the documented loop
@@ -327,9 +329,8 @@ class Trainer:
             if n:  # a type with no labelled tokens in this step has no loss (the key is left out)
                 record[f"loss/{name}"] = float(out["loss_sums"][t]) / n
             record[f"tokens/{name}"] = int(out["type_tokens"][t])
-        peak = peak_tflops(self.ctx.device, self.cfg.model.dtype)
-        if peak:
-            record["mfu"] = record["tflops"] / peak
+        if self._peak_tflops:
+            record["mfu"] = record["tflops"] / self._peak_tflops
         if self.ctx.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
         return record
@@ -358,8 +359,8 @@ class Trainer:
             return
         from evo.generate import generate
 
-        # every rank generates (a sharded model's forward has collectives); the same seed and logits on every
-        # rank give the same tokens, and rank 0 prints them
+        # every rank generates (a sharded model's forward has collectives), all taking rank 0's tokens
+        # (evo.generate); rank 0 prints them
         text = generate(self.model, tokenizer, prompt, self.cfg.monitor.sample_tokens)
         if self.ctx.is_main:
             print(f"\n--- sample (prompt {prompt!r}) ---\n{prompt}{text}\n---", flush=True)

@@ -205,13 +205,12 @@ class DecoderModel(nn.Module):
         part), so any parallel layout holds the values one process would, and at most one full tensor exists at
         a time. The rotary tables are rebuilt (a model built on the meta device has none)."""
         for name, p in self.named_parameters():
-            device = p.device
             std = self.init_std(name)
-            if std is None:
-                full = torch.zeros(p.shape, device=device) if name.endswith(".bias") else torch.ones(p.shape, device=device)
+            if std is None:  # biases 0, norms 1
+                full = torch.full(p.shape, 0.0 if name.endswith(".bias") else 1.0, device=p.device)
             else:
-                gen = torch.Generator(device=device).manual_seed(init_seed(seed, name))
-                full = torch.empty(p.shape, device=device).normal_(0.0, std, generator=gen)
+                gen = torch.Generator(device=p.device).manual_seed(init_seed(seed, name))
+                full = torch.empty(p.shape, device=p.device).normal_(0.0, std, generator=gen)
             if isinstance(p, DTensor):
                 local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
                 p.to_local().copy_(local)

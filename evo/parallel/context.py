@@ -141,8 +141,11 @@ def layout_error(world_size: int, pp: int, dp: int | None, tp: int, zero: int, w
     return None
 
 
-def zero_size(zero1: int, dp: int) -> int:
-    """InternEvo's zero1.size: <= 0 the whole data group, 1 off, else a divisor of dp."""
+def zero_size(zero1: int, dp: int, tp_mode: str = "mtp") -> int:
+    """InternEvo's zero1.size: <= 0 the whole data group, 1 off, else a divisor of dp. Under isp there are no
+    zero groups (1): the weight group is what shards."""
+    if tp_mode == "isp":
+        return 1
     return dp if zero1 <= 0 else zero1
 
 
@@ -152,7 +155,7 @@ def build_context(world_size: int, rank: int, local_rank: int, device: torch.dev
     Under isp (``tp_mode`` "isp", tp the sequence group) ZeRO is the weight group's (zero1 is not used) and the
     weight mesh regroups each stage's (dp, tp) ranks into contiguous weight groups of ``weight`` ranks."""
     dp = world_size // (pp * tp)
-    zero = 1 if tp_mode == "isp" else zero_size(zero1, dp)
+    zero = zero_size(zero1, dp, tp_mode)
     ctx = ParallelContext(world_size=world_size, rank=rank, local_rank=local_rank, device=device, pp_size=pp,
                           dp_size=dp, tp_size=tp, zero_size=zero, tp_mode=tp_mode, weight_size=weight)
     if world_size > 1:

@@ -100,8 +100,13 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: a DTensor's local shard, a plain tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def local_numel(p: torch.Tensor) -> int:
-    return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+    return local(p).numel()
 
 
 def memory_estimate(model: nn.Module, ctx: ParallelContext, cfg: ModelConfig) -> dict[str, int]:

@@ -54,37 +54,28 @@ def _head_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     return _exchange(blocks, group).transpose(0, 1).reshape(tokens // s, s * h, d)  # head groups in rank order
 
 
-class _SeqToHead(torch.autograd.Function):
+class _Swap(torch.autograd.Function):
+    """One exchange forward (``to_heads``: seq_to_head, else head_to_seq), the other one backward."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_head(x, group)
+    def forward(ctx, x, group, to_heads):
+        ctx.group, ctx.to_heads = group, to_heads
+        return (_seq_to_head if to_heads else _head_to_seq)(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _head_to_seq(grad, ctx.group), None
-
-
-class _HeadToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _head_to_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_head(grad, ctx.group), None
+        return (_head_to_seq if ctx.to_heads else _seq_to_head)(grad, ctx.group), None, None
 
 
 def seq_to_head(x: torch.Tensor, group) -> torch.Tensor:
     """(tokens / s, heads, d) sequence shard -> (tokens, heads / s, d): every token, this rank's head group.
     Differentiable (backward: head_to_seq). Tokens must split evenly over the group."""
-    return _SeqToHead.apply(x, group)
+    return _Swap.apply(x, group, True)
 
 
 def head_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     """(tokens, heads / s, d) -> (tokens / s, heads, d): this rank's sequence shard, every head. Differentiable."""
-    return _HeadToSeq.apply(x, group)
+    return _Swap.apply(x, group, False)
 
 
 class _IspState:
