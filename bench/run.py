@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-BENCHMARKS = ["train_step", "loader", "generate", "kernels", "attention", "flce_memory", "parallel"]
+BENCHMARKS = ["train_step", "loader", "generate", "kernels", "attention", "flce_memory", "parallel", "pipeline"]
 SMOKE = ["kernels", "attention"]  # the GPU benchmarks, runnable at tiny shapes anywhere with --smoke
 
 

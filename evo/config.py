@@ -32,7 +32,7 @@ REQUIRED = object()  # marker default: the key must be given
 # InternEvo keys that evo accepts without a warning but that change nothing here (they tune
 # InternEvo's own machinery: alerting, upload queues, communication overlap, ...).
 _ACCEPTED_NO_EFFECT = {
-    "model": {"num_chunks", "embed_split_hidden", "embed_grad_scale", "parallel_output", "use_flash_attn",
+    "model": {"embed_split_hidden", "embed_grad_scale", "parallel_output", "use_flash_attn",
               "adapt_hf", "mlp_layer_fusion", "use_scaled_init", "use_swiglu",
               "deepnorm", "residual_in_fp32", "fused_dropout_add_ln", "moe_use_residual", "num_experts"},
     "data": {"rampup_batch_size", "empty_cache_and_diag_interval", "diag_outlier_ratio", "num_worker",
@@ -82,6 +82,7 @@ class ModelConfig:
     apply_post_layer_norm: bool = False
     checkpoint: Union[bool, float] = False  # fraction of layers with activation checkpointing
     compile: bool = False  # evo: torch.compile each decoder layer (evo.parallel.parallelize)
+    num_chunks: int = 1  # pipeline stages per pipeline rank (interleaved 1F1B; ZBV: 2)
     init_type: str = "normal"
     embedding_init_std: float = 0.02
     attn_wqkv_init_std: float = 0.02
@@ -597,8 +598,11 @@ def _validate_parallel(cfg: Config) -> None:
         _require(size >= 1, f"'parallel.{name}.size' must be >= 1, got {size}")
     p.tensor.mode = p.tensor.mode or ("msp" if p.sequence_parallel else "mtp")  # InternEvo's older configs: the switch
     _check_choice(p.tensor.mode, ("mtp", "msp", "fsp", "isp"), "parallel.tensor.mode")
-    _require(p.pipeline.size == 1, f"'parallel.pipeline.size' = {p.pipeline.size} is not supported yet (pipeline "
-             "parallelism is the next step); set it to 1")
+    p.pipeline.mode = p.pipeline.mode or "1F1B"
+    from evo.parallel.pipeline import check_pipeline
+
+    problem = check_pipeline(m, p.pipeline.size, p.pipeline.mode, cfg.data.micro_num)
+    _require(problem is None, str(problem))
     isp = p.tensor.mode == "isp"
     _require(p.weight.size == 1 or isp, f"'parallel.weight.size' = {p.weight.size} needs 'parallel.tensor.mode' "
              f"'isp' (weight parallelism is isp's); got '{p.tensor.mode}'")

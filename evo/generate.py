@@ -37,7 +37,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
     ``use_cache=False`` re-runs the whole sequence for every token (slow; kept to check the cache against)."""
     was_training = model.training
     model.eval()
-    device = model.tok_embeddings.weight.device
+    device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     new: list[int] = []
     cache = model.new_kv_cache(1, len(prompt_ids) + max_new_tokens) if use_cache else None

@@ -157,7 +157,7 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     ctx = build_context(world_size, rank, local_rank, device, p.pipeline.size, p.tensor.size, p.zero1.size,
-                        p.tensor.mode, p.weight.size)
+                        p.tensor.mode, p.weight.size, p.pipeline.mode)
     run_folder = Path(cfg.monitor.run_folder)  # resolved by validation: runs/<JOB_NAME> unless set
     check_run_folder(cfg, run_folder)  # every rank: each must fail alike, before anything is written
     setup_logging(run_folder, ctx.is_main)
@@ -242,13 +242,15 @@ def launch_state() -> LaunchState:
 
 def initialize_model_and_parallel_communicator() -> torch.nn.Module:
     """Build the model from the launch config, on the launch device, initialized from the launch seed."""
-    from evo.model import count_parameters
+    from evo.model import DecoderModel, count_parameters
     from evo.parallel import build_parallel_model, format_bytes, memory_estimate
 
     state = launch_state()
     cfg = state.config.model
     model = build_parallel_model(cfg, state.ctx, seed=state.seed)
-    logger.info("model: %.2fM parameters, dtype %s", count_parameters(model) / 1e6, cfg.dtype)
+    with torch.device("meta"):  # the whole model's count, whatever part of it this rank holds (pipeline stages)
+        total = count_parameters(DecoderModel(cfg))
+    logger.info("model: %.2fM parameters, dtype %s", total / 1e6, cfg.dtype)
     mem = memory_estimate(model, state.ctx, cfg)
     logger.info("memory per rank (estimate): %s", ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}"
                                                             for k, v in mem.items()))

@@ -115,6 +115,8 @@ class MixedPrecisionOptimizer:
         for name, p in self.params.items():
             self.masters[name] = p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True)
         self.separate_masters = any(m is not self.params[n] for n, m in self.masters.items())
+        # a pipeline's tied head: a copy whose gradient the embedding's copy also holds, counted once in the norm
+        self.duplicates = set(model.duplicate_parameters()) if hasattr(model, "duplicate_parameters") else set()
         decay = [m for n, m in self.masters.items() if m.ndim >= 2]
         no_decay = [m for n, m in self.masters.items() if m.ndim < 2]  # norms and biases
         self.optimizer = torch.optim.AdamW(
@@ -150,12 +152,13 @@ class MixedPrecisionOptimizer:
     def step(self) -> tuple[bool, float]:
         """Sync, unscale, check, clip and update. Returns (updated, gradient norm before clipping)."""
         self.accumulate_grads()
-        with_grad = [m for m in self.masters.values() if m.grad is not None]
-        grads = [m.grad for m in with_grad]  # already reduced over data-parallel ranks by FSDP2 (one process: none)
+        with_grad = {n: m for n, m in self.masters.items() if m.grad is not None}
+        grads = [m.grad for m in with_grad.values()]  # reduced over data-parallel ranks by FSDP2 (one process: none)
         shards = [local(g) for g in grads]
         if self.scaler.scale != 1.0:
             torch._foreach_mul_(shards, 1.0 / self.scaler.scale)
-        norm = global_grad_norm(grads, self.ctx.distributed)
+        norm = global_grad_norm([m.grad for n, m in with_grad.items() if n not in self.duplicates],
+                                self.ctx.distributed)
         norm_value = float(norm)  # the one host sync of a step: the skip decision needs it
         overflow = not math.isfinite(norm_value)
         self.scaler.update(overflow)

@@ -1,8 +1,9 @@
 """The training loop InternEvo documents, made explicit.
 
 ``Trainer.fit()`` = ``train()`` and then a final evaluation, checkpoint and sample. Each step:
-``load_new_batch`` -> ``execute_schedule`` (``data.micro_num`` micro-batches, each through
-``forward_backward_step``, in the order of the layout's schedule object, ``evo.parallel.schedule``) ->
+``load_new_batch`` -> ``execute_schedule`` (token counts, then ``forward_backward_step``: the step's
+``data.micro_num`` micro-batches through the layout's schedule object, ``evo.parallel.schedule``, plain
+accumulation or a pipeline schedule) ->
 ``step`` -> ``evaluate_on_val_dls`` (every ``data.valid_every``) ->
 ``try_save_checkpoint``.
 
@@ -31,7 +32,7 @@ from evo.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_c
 from evo.config import Config, strip_folder_prefix
 from evo.data.packing import IGNORE_INDEX
 from evo.errors import CheckpointError
-from evo.model.decoder import matmul_parameters
+from evo.model.decoder import DecoderModel, matmul_parameters
 from evo.monitor import Monitor, logger
 from evo.optim import DynamicLossScaler, MixedPrecisionOptimizer, lr_factor
 from evo.parallel.context import ParallelContext
@@ -94,9 +95,10 @@ class Trainer:
         self.last_lr = float("nan")  # the lr the last step used
         self._last_eval_step = self._last_save_step = None
         self._train_iter = iter(train_dl)
-        self._matmul_params = matmul_parameters(model)  # full (unsharded) counts: DTensors report global shapes
+        with torch.device("meta"):  # the whole model's count, whatever part of it this rank holds
+            self._matmul_params = matmul_parameters(DecoderModel(model.cfg))
         self._peak_tflops = peak_tflops(ctx.device, cfg.model.dtype)  # for MFU; None where unknown
-        self.schedule = build_schedule(ctx)
+        self.schedule = build_schedule(model, ctx, cfg.data.micro_num)
 
     # ------------------------------------------------------------------ the documented loop
     def fit(self) -> dict:
@@ -173,25 +175,24 @@ class Trainer:
         loss_sums = torch.zeros(n_types, dtype=torch.float64, device=self.ctx.device)
         micros = [({k: (v[i] if isinstance(v, list) else v[i:i + 1]) for k, v in inputs.items()}, labels[i:i + 1])
                   for i in range(micro_num)]
-        losses = self.schedule.run(micros, lambda micro, lab: self.forward_backward_step(micro, lab, denom))
+        losses = self.forward_backward_step(micros, denom)
         for (micro, _), token_loss in zip(micros, losses):
             ids = micro["type_ids"].reshape(-1).to(self.ctx.device).clamp(min=0)
             loss_sums.index_add_(0, ids, token_loss.double())
-        loss_sums = self.ctx.all_reduce_dp(loss_sums).cpu()
+        # the losses are the last pipeline stage's (zeros elsewhere): summed over pipeline ranks, then data ranks
+        loss_sums = self.ctx.all_reduce_dp(self.ctx.all_reduce_pp(loss_sums)).cpu()
         return {"loss_sums": loss_sums, "label_count": counts[0].item(), "type_labels": counts[3:3 + n_types],
                 "type_tokens": counts[3 + n_types:], "tokens": counts[1].item(), "local_tokens": local_tokens,
                 "local_seqlens_sq": local_sq}
 
-    def forward_backward_step(self, micro_batch: dict, labels: torch.Tensor, denom: float) -> torch.Tensor:
-        """Forward and backward one micro-batch (one packed row); returns its detached per-token losses."""
-        dev = self.ctx.device
-        cu = micro_batch["cu_seqlens"]
-        max_seqlen = int((cu[1:] - cu[:-1]).max())
-        token_loss = self.model(micro_batch["input_ids"].to(dev), cu.to(dev), max_seqlen, labels=labels.to(dev),
-                                label_smoothing=self.cfg.loss.label_smoothing)
-        (token_loss.sum() * (self.scaler.scale / denom)).backward()
-        self.optimizer.accumulate_grads()
-        return token_loss.detach()
+    def forward_backward_step(self, micro_batches: list[tuple[dict, torch.Tensor]],
+                              denom: float) -> list[torch.Tensor]:
+        """Forward and backward the step's micro-batches (packed rows) in the order of the layout's schedule
+        (``evo.parallel.schedule``): each one's summed token loss is scaled by the loss scale over ``denom``, the
+        step's global label count. Returns each micro-batch's detached per-token losses (zeros on pipeline ranks
+        without the last stage)."""
+        return self.schedule.forward_backward_step(self.model, micro_batches, self.scaler.scale / denom,
+                                                   self.cfg.loss.label_smoothing, self.optimizer.accumulate_grads)
 
     def step(self) -> float:
         """Optimizer step (skipped when the gradient norm is inf/NaN); returns the gradient norm."""

@@ -120,7 +120,10 @@ def test_cli_bad_config_value_exits_2_with_one_line(tmp_path):
      "'parallel.tensor.size' (2) x 'parallel.pipeline.size' (1) must divide the world size (1 process)"),
     ("parallel.tensor.size=3", "'parallel.tensor.size' (3) must divide 'model.num_attention_heads' (4)"),
     ("parallel.tensor.mode='xsp'", "'parallel.tensor.mode' must be one of mtp, msp, fsp, isp; got 'xsp'"),
-    ("parallel.pipeline.size=2", "'parallel.pipeline.size' = 2 is not supported yet"),
+    ("parallel.pipeline.size=8", "'parallel.pipeline.size' (8) is larger than the layers a chunk group has to split "
+                                 "('model.num_layers' 4 / 'model.num_chunks' 1 = 4)"),
+    ("parallel.pipeline.size=2", "'parallel.tensor.size' (1) x 'parallel.pipeline.size' (2) must divide the world "
+                                 "size (1 process)"),
 ])
 def test_cli_bad_parallel_layout_exits_2_with_one_line(tmp_path, override, line):
     result = run_script("scripts/train.py", "--config", "configs/tiny.py", override, f"monitor.run_folder={tmp_path}/run")

@@ -2,6 +2,7 @@
 
 import io
 import json
+import time
 
 import pytest
 
@@ -49,6 +50,9 @@ def test_resume_keeps_each_step_once_in_metrics_and_tensorboard(tmp_path):
     first.close()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "lo')  # a line cut short by a kill
+    # TensorBoard reads event files in name order: "<seconds>.<host>.<pid>.<writer count>". A resume is a new
+    # process started later; in this one process, within the same second, the count (9 then 10) can sort wrong
+    time.sleep(1.1)
     resumed = Monitor(tmp_path, True, 6, start_step=3, progress=False)  # resumed from the step-3 checkpoint
     assert [r["step"] for r in strict_records(tmp_path / "metrics.jsonl")] == [1, 2, 3]
     for step in range(4, 7):

@@ -56,7 +56,7 @@ class KVCache:
 
     @property
     def max_seqlen(self) -> int:
-        return self.k[0].shape[1]
+        return next(k for k in self.k if k is not None).shape[1]  # a pipeline rank's cache holds its layers only
 
     def check_room(self, new: int) -> None:
         if self.length + new > self.max_seqlen:
@@ -205,6 +205,8 @@ class DecoderModel(nn.Module):
         part), so any parallel layout holds the values one process would, and at most one full tensor exists at
         a time. The rotary tables are rebuilt (a model built on the meta device has none)."""
         for name, p in self.named_parameters():
+            if name == "output.weight" and self.cfg.tie_word_embeddings:  # a pipeline's separate copy of the table
+                name = "tok_embeddings.weight"
             std = self.init_std(name)
             if std is None:  # biases 0, norms 1
                 full = torch.full(p.shape, 0.0 if name.endswith(".bias") else 1.0, device=p.device)

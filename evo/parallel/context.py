@@ -37,6 +37,7 @@ class ParallelContext:
     zero_size: int = 1  # ranks sharing one copy of the fp32 weights and optimizer state (inside a data group)
     tp_mode: str = "mtp"  # mtp, msp or fsp (evo.parallel.tensor), or isp (evo.parallel.sequence: tp is the
     # sequence group)
+    pp_mode: str = "1F1B"  # the pipeline schedule (evo.parallel.pipeline): 1F1B, ZBH1 or ZBV
     weight_size: int = 1  # isp: weight-parallel group size (contiguous runs of ranks within a pipeline stage)
     mesh: object = field(default=None, repr=False)  # DeviceMesh ("pp", "dp_replicate", "zero", "tp"), or None
     dp_mesh: object = field(default=None, repr=False)  # ("dp_replicate", "zero") flattened to "dp"
@@ -85,6 +86,11 @@ class ParallelContext:
         return self.dp_mesh.get_group() if self.dp_size > 1 else None
 
     @property
+    def pp_group(self):
+        """The pipeline group (None when pp = 1)."""
+        return self.mesh["pp"].get_group() if self.pp_size > 1 else None
+
+    @property
     def tp_mesh(self):
         return self.mesh["tp"] if self.mesh is not None else None
 
@@ -104,6 +110,12 @@ class ParallelContext:
             dist.all_reduce(tensor, op=op, group=self.dp_group)
         return tensor
 
+    def all_reduce_pp(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """In-place all-reduce over the pipeline group (a no-op without pipeline parallelism)."""
+        if self.pp_size > 1:
+            dist.all_reduce(tensor, op=op, group=self.pp_group)
+        return tensor
+
     def all_reduce_world(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.distributed:
             dist.all_reduce(tensor, op=op)
@@ -116,8 +128,8 @@ class ParallelContext:
     def describe(self) -> str:
         """The layout in one line, for the start-up log."""
         return (f"world {self.world_size} = pp {self.pp_size} x dp {self.dp_size} x tp {self.tp_size} "
-                f"(tensor mode {self.tp_mode}, zero groups of {self.zero_size}, weight groups of "
-                f"{self.weight_size}); this rank {self.rank}: "
+                f"(pipeline {self.pp_mode}, tensor mode {self.tp_mode}, zero groups of {self.zero_size}, "
+                f"weight groups of {self.weight_size}); this rank {self.rank}: "
                 f"pp {self.pp_rank} dp {self.dp_rank} tp {self.tp_rank} zero {self.zero_rank}")
 
 
@@ -150,14 +162,15 @@ def zero_size(zero1: int, dp: int, tp_mode: str = "mtp") -> int:
 
 
 def build_context(world_size: int, rank: int, local_rank: int, device: torch.device, pp: int, tp: int, zero1: int,
-                  tp_mode: str, weight: int = 1) -> ParallelContext:
+                  tp_mode: str, weight: int = 1, pp_mode: str = "1F1B") -> ParallelContext:
     """The context of this rank; with more than one process, the mesh too (a collective: every rank calls it).
     Under isp (``tp_mode`` "isp", tp the sequence group) ZeRO is the weight group's (zero1 is not used) and the
     weight mesh regroups each stage's (dp, tp) ranks into contiguous weight groups of ``weight`` ranks."""
     dp = world_size // (pp * tp)
     zero = zero_size(zero1, dp, tp_mode)
     ctx = ParallelContext(world_size=world_size, rank=rank, local_rank=local_rank, device=device, pp_size=pp,
-                          dp_size=dp, tp_size=tp, zero_size=zero, tp_mode=tp_mode, weight_size=weight)
+                          dp_size=dp, tp_size=tp, zero_size=zero, tp_mode=tp_mode, weight_size=weight,
+                          pp_mode=pp_mode)
     if world_size > 1:
         from torch.distributed.device_mesh import init_device_mesh
 

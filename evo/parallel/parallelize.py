@@ -30,9 +30,21 @@ from evo.config import ModelConfig
 from evo.parallel.context import ParallelContext
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a ``DecoderModel`` (a list) or of a pipeline rank's part (a dict by layer index)."""
+    layers = model.layers
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+
+
+def fsdp_parts(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP2 wraps as roots: the model, or each stage of a pipeline rank's part."""
+    return list(getattr(model, "stages", None) or [model])
+
+
 def parallelize(model: nn.Module, ctx: ParallelContext, cfg: ModelConfig) -> nn.Module:
-    """Apply TP, activation checkpointing, compile and FSDP2 to ``model`` (an ``evo.model.DecoderModel``), in
-    that order, in place; returns it. The trainer and model code never branch on the layout."""
+    """Apply TP, activation checkpointing, compile and FSDP2 to ``model`` (an ``evo.model.DecoderModel``, or a
+    pipeline rank's ``PipelineModel``, whose stages are each wrapped), in that order, in place; returns it. The
+    trainer and model code never branch on the layout."""
     if ctx.tp_size > 1 and ctx.tp_mode == "isp":
         from evo.parallel.sequence import apply_intern_sequence_parallel
 
@@ -41,14 +53,17 @@ def parallelize(model: nn.Module, ctx: ParallelContext, cfg: ModelConfig) -> nn.
         from evo.parallel.tensor import apply_tensor_parallel
 
         apply_tensor_parallel(model, ctx)
-    n_ckpt = cfg.num_checkpoint_layers
-    for i, layer in enumerate(model.layers):
-        layer.checkpointed = i < n_ckpt
-    if cfg.compile:
-        for layer in model.layers:
-            layer.compile()
-    if ctx.distributed:
-        apply_fsdp(model, ctx.fsdp_mesh, cfg)
+    if hasattr(model, "make_stages"):
+        model.make_stages()
+    for part in fsdp_parts(model):
+        layers = decoder_layers(part)
+        n_ckpt = round(float(cfg.checkpoint) * len(layers))  # the first layers of each pipeline stage
+        for i, layer in enumerate(layers):
+            layer.checkpointed = i < n_ckpt
+            if cfg.compile:
+                layer.compile()
+        if ctx.distributed:
+            apply_fsdp(part, ctx.fsdp_mesh, cfg)
     return model
 
 
@@ -62,10 +77,11 @@ def apply_fsdp(model: nn.Module, mesh, cfg: ModelConfig) -> None:
     # and a cast would copy a KV cache passed in (its in-place updates then lost)
     policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32,
                                   cast_forward_inputs=False)
-    for layer in model.layers:
+    layers = decoder_layers(model)
+    for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    for module in (*model.layers, model):  # each FSDP module's setting covers its own parameters only
+    for module in (*layers, model):  # each FSDP module's setting covers its own parameters only
         module.set_gradient_divide_factor(1.0)
         if hasattr(module, "set_force_sum_reduction_for_comms"):  # plain SUM collectives: gloo has no PREMUL_SUM
             module.set_force_sum_reduction_for_comms(True)
@@ -74,15 +90,23 @@ def apply_fsdp(model: nn.Module, mesh, cfg: ModelConfig) -> None:
 def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int) -> nn.Module:
     """The model of this rank: built on meta, parallelized, then materialized and initialized shard by shard on
     ``ctx.device``. One process gets the model in ``cfg.dtype`` (its optimizer keeps fp32 masters); under FSDP2
-    the parameters are the fp32 master shards and compute runs in ``cfg.dtype``."""
+    the parameters are the fp32 master shards and compute runs in ``cfg.dtype``. With pipeline parallelism it is
+    this rank's ``PipelineModel`` (``evo.parallel.pipeline``)."""
     from evo.model import DecoderModel
 
     with torch.device("meta"):
         model = DecoderModel(cfg)
+    if ctx.pp_size > 1:
+        from evo.parallel.pipeline import PipelineModel
+
+        model = PipelineModel(model, ctx, ctx.pp_mode)
     parallelize(model, ctx, cfg)
-    model.to_empty(device=ctx.device)
+    for part in fsdp_parts(model):  # each FSDP2 root materializes its own parameters (and the rotary tables)
+        part.to_empty(device=ctx.device)
     model.tie_weights()
     model.init_weights(seed)
+    if hasattr(model, "make_tied_group"):
+        model.make_tied_group()
     if not ctx.distributed:
         model.to(cfg.torch_dtype)
     return model
@@ -95,7 +119,7 @@ def reshard(model: nn.Module) -> None:
     without FSDP2."""
     from torch.distributed.fsdp import FSDPModule
 
-    for module in model.modules():
+    for module in (*model.modules(), *fsdp_parts(model)):
         if isinstance(module, FSDPModule):
             module.reshard()
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from evo.parallel.parallelize import decoder_layers
 from evo.parallel.tensor import gather_rows
 
 _all_to_all_single = dist.all_to_all_single
@@ -85,6 +86,10 @@ class _IspState:
         self.size, self.rank, self.group = size, rank, group
         self.sharded = False
 
+    def decide(self, tokens: int, packed: bool) -> None:
+        """A packed row that splits evenly runs on sequence shards (as ``tensor.SequenceState.decide``)."""
+        self.sharded = packed and tokens % self.size == 0
+
     def mine(self, n: int) -> slice:
         return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
 
@@ -96,7 +101,7 @@ def apply_intern_sequence_parallel(model, ctx) -> None:
     state = _IspState(ctx.tp_size, ctx.tp_rank, ctx.tp_group)
 
     def embedded(module, inputs, out):
-        state.sharded = out.ndim == 2 and out.shape[0] % state.size == 0  # a packed row that splits evenly
+        state.decide(out.shape[0], packed=out.ndim == 2)
         return out[state.mine(out.shape[0])] if state.sharded else out
 
     def heads_out(module, inputs, out):  # (tokens / s, heads * d) -> (tokens, heads / s * d)
@@ -129,13 +134,15 @@ def apply_intern_sequence_parallel(model, ctx) -> None:
         dist.all_reduce(correct, group=state.group)
         return loss, correct
 
-    model.tok_embeddings.register_forward_hook(embedded)
-    for layer in model.layers:
+    if model.tok_embeddings is not None:  # a pipeline stage without it decides in its forward
+        model.tok_embeddings.register_forward_hook(embedded)
+    for layer in decoder_layers(model):
         attention = layer.attention
         for proj in (attention.wq, attention.wk, attention.wv):
             proj.head_dim = attention.head_dim
             proj.register_forward_hook(heads_out)
         attention.wo.head_dim = attention.head_dim
         attention.wo.register_forward_pre_hook(heads_in)
-    head.forward = head_forward
+    if head is not None:
+        head.forward = head_forward
     model.sequence_state = state

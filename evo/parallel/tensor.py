@@ -38,6 +38,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from evo import kernels
+from evo.parallel.parallelize import decoder_layers
 
 MODES = ("mtp", "msp", "fsp")
 
@@ -50,6 +51,12 @@ class SequenceState:
         self.recompute_gather = mode == "fsp"
         self.tp = tp
         self.sharded = False
+
+    def decide(self, tokens: int, packed: bool) -> None:
+        """A forward over a packed row of ``tokens`` tokens (or batched rows: ``packed`` False) runs sharded when
+        sequence parallelism is on and the row splits evenly. The embedding decides; a pipeline stage without
+        it decides from the row it receives."""
+        self.sharded = self.enabled and packed and tokens % self.tp == 0
 
 
 def _param(module: nn.Module, name: str, mesh, placement) -> None:
@@ -112,7 +119,7 @@ class VocabParallelEmbedding(_Style):
 
         def forward(ids):
             out = F.embedding(DTensor.from_local(ids, mesh, [Replicate()], run_check=False), module.weight)
-            state.sharded = state.enabled and out.ndim == 2 and out.shape[0] % state.tp == 0
+            state.decide(out.shape[0], packed=out.ndim == 2)
             return self._output(out, mesh)
 
         module.forward = forward
@@ -224,9 +231,10 @@ def apply_tensor_parallel(model: nn.Module, ctx) -> None:
                   "attention.wv": ColwiseLinear(state), "attention.wo": RowwiseLinear(state),
                   "feed_forward.w1": ColwiseLinear(state), "feed_forward.w3": ColwiseLinear(state),
                   "feed_forward.w2": RowwiseLinear(state)}
-    tied = model.output.weight is model.tok_embeddings.weight
-    parallelize_module(model, mesh, plan)
-    for layer in model.layers:
+    tied = model.tok_embeddings is not None and model.output is not None and \
+        model.output.weight is model.tok_embeddings.weight
+    parallelize_module(model, mesh, {name: style for name, style in plan.items() if getattr(model, name) is not None})
+    for layer in decoder_layers(model):
         plan = dict(layer_plan)
         if layer.attention.q_norm is not None:
             plan.update({"attention.q_norm": ReplicatedNorm(state, per_head=True),

@@ -5,6 +5,7 @@ final weights gathered whole, and each rank's local parameter and optimizer-stat
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from torch.distributed.tensor import DTensor
 from helpers import ROOT
 
 STEPS = 8
+REL = 1e-5  # the acceptance tolerance: per-step loss and gradient norm, final weights (||diff|| / ||w||)
 
 
 def tiny_sections(folder: Path, micro_num: int = 2, **parallel) -> dict:
@@ -29,8 +31,11 @@ def tiny_sections(folder: Path, micro_num: int = 2, **parallel) -> dict:
     raw["ckpt"] = dict(enable_save_ckpt=False)
     raw["monitor"] = dict(run_folder=str(folder), sample_prompt=None)
     raw["model"]["checkpoint"] = parallel.get("checkpoint", False)
+    raw["model"]["num_chunks"] = parallel.get("chunks", 1)
+    raw["model"]["tie_word_embeddings"] = parallel.get("tied", False)
     raw["parallel"] = dict(zero1=dict(size=parallel.get("zero1", -1)),
                            tensor=dict(size=parallel.get("tp", 1), mode=parallel.get("mode", "mtp")),
+                           pipeline=dict(size=parallel.get("pp", 1), mode=parallel.get("schedule", "1F1B")),
                            weight=dict(size=parallel.get("weight", 1)),
                            timeout_s=120)
     return raw
@@ -62,7 +67,9 @@ def train(rank: int, world_size: int, sections: dict, seed: int = 1024) -> dict:
         return loss_fn(hidden, weight, labels, *args, **kwargs)
 
     layer_tokens = []  # the tokens a decoder layer's input holds on this rank, per training forward
-    hook = model.layers[0].register_forward_pre_hook(
+    from evo.parallel.parallelize import decoder_layers
+
+    hook = decoder_layers(model)[0].register_forward_pre_hook(
         lambda module, args: layer_tokens.append(args[0].shape[0]) if torch.is_grad_enabled() else None)
     kernels.fused_linear_cross_entropy = recording
     try:
@@ -143,15 +150,18 @@ def family_gradients(rank: int, world_size: int, modes: list[str]) -> list[tuple
     return out
 
 
-def fp16_runs(rank: int, world_size: int, folder: str) -> list:
-    """fp16 on a small model, 3 steps: with the default loss scale, and with one so large the first step
-    overflows (hysteresis 1: the scale halves at once). Returns rank 0's records."""
+def fp16_runs(rank: int, world_size: int, folder: str, pipeline: int = 1) -> list:
+    """fp16 on a small model, 3 steps, the global batch of 4 rows split over the data-parallel ranks (world /
+    ``pipeline``): with the default loss scale, and with one so large the first step overflows (hysteresis 1: the
+    scale halves at once). Returns rank 0's records."""
     from helpers import small_sections
 
     out = []
+    dp = world_size // pipeline
     for name, scale in (("plain", 2**16), ("overflow", 2**40)):
-        sections = small_sections(model=dict(dtype="torch.float16"), data=dict(total_steps=3, micro_num=4 // world_size),
+        sections = small_sections(model=dict(dtype="torch.float16"), data=dict(total_steps=3, micro_num=4 // dp),
                                   grad_scaler=dict(fp16=dict(initial_scale=scale), hysteresis=1, max_scale=2**40),
+                                  parallel=dict(pipeline=dict(size=pipeline)),
                                   ckpt=dict(enable_save_ckpt=False), monitor=dict(run_folder=f"{folder}/{name}"))
         train(rank, world_size, sections)
         if rank == 0:
@@ -159,11 +169,11 @@ def fp16_runs(rank: int, world_size: int, folder: str) -> list:
     return out
 
 
-def compiled_losses(rank: int, world_size: int, folder: str) -> list:
-    """tp=2 msp, 3 steps, eager then with ``model.compile=True``: rank 0's losses of each."""
+def compiled_losses(rank: int, world_size: int, folder: str, layout: dict) -> list:
+    """``layout``, 3 steps, eager then with ``model.compile=True``: rank 0's losses of each."""
     out = []
     for compile_ in (False, True):
-        sections = tiny_sections(Path(folder) / f"compile{compile_}", tp=2, mode="msp")
+        sections = tiny_sections(Path(folder) / f"compile{compile_}", **layout)
         sections["data"]["total_steps"] = 3
         sections["model"]["compile"] = compile_
         out.append(train(rank, world_size, sections).get("loss"))
@@ -183,3 +193,13 @@ def generations(rank: int, world_size: int, dtype: str) -> list:
     ctx = build_context(world_size, rank, 0, torch.device("cpu"), 1, 1, -1, "mtp") if world_size > 1 else ParallelContext()
     model = build_parallel_model(cfg, ctx, seed=0)
     return [generate_ids(model, list(range(60, 75)), 12, temperature=0.0, use_cache=cache) for cache in (True, False)]
+
+
+def assert_same_training(run: dict, ref: dict, what: str) -> None:
+    assert len(run["loss"]) == len(ref["loss"]) == STEPS
+    for key in ("loss", "grad_norm", "val_loss"):
+        for step, (a, b) in enumerate(zip(run[key], ref[key]), 1):
+            assert math.isclose(a, b, rel_tol=REL), f"{what}: {key} at step {step}: {a} against {b}"
+    for name, w in ref["weights"].items():
+        diff = float((run["weights"][name] - w).norm() / w.norm())
+        assert diff <= REL, f"{what}: final {name} differs by {diff:.2e} relative"

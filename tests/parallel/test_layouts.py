@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from dist import run_distributed
-from layouts import STEPS, train_layouts
+from layouts import STEPS, assert_same_training, train_layouts
 
-REL = 1e-5
 TWO_PROCESS_LAYOUTS = [dict(tp=2, mode="mtp"), dict(tp=2, mode="msp"), dict(tp=2, mode="fsp"),
                        dict(zero1=1), dict(zero1=2),  # dp=2 without and with ZeRO
                        dict(tp=2, mode="fsp", checkpoint=1.0), dict(zero1=2, checkpoint=0.5),  # activation checkpointing
@@ -28,16 +27,6 @@ def single(tmp_path_factory):
     folder = tmp_path_factory.mktemp("single")
     counts = (2, 4, 8)
     return dict(zip(counts, train_layouts(0, 1, str(folder), [dict(micro_num=n) for n in counts])))
-
-
-def assert_same_training(run: dict, ref: dict, what: str) -> None:
-    assert len(run["loss"]) == len(ref["loss"]) == STEPS
-    for key in ("loss", "grad_norm", "val_loss"):
-        for step, (a, b) in enumerate(zip(run[key], ref[key]), 1):
-            assert math.isclose(a, b, rel_tol=REL), f"{what}: {key} at step {step}: {a} against {b}"
-    for name, w in ref["weights"].items():
-        diff = float((run["weights"][name] - w).norm() / w.norm())
-        assert diff <= REL, f"{what}: final {name} differs by {diff:.2e} relative"
 
 
 def test_two_process_layouts_train_as_one_process(single, tmp_path):
@@ -126,11 +115,12 @@ def test_family_features_under_tensor_parallelism_give_one_process_gradients():
             torch.testing.assert_close(g, one[1][name], rtol=1e-4, atol=1e-6, msg=f"{mode}: {name}")
 
 
-def test_fp16_loss_scaling_under_zero_matches_one_process(tmp_path):
+@pytest.mark.parametrize("pipeline", [1, 2])  # dp=2 (ZeRO), or two pipeline stages (the last one computes the loss)
+def test_fp16_loss_scaling_under_zero_and_pipeline_matches_one_process(tmp_path, pipeline):
     from layouts import fp16_runs
 
     one = fp16_runs(0, 1, str(tmp_path / "one"))
-    two = run_distributed(fp16_runs, 2, str(tmp_path / "two"))[0]
+    two = run_distributed(fp16_runs, 2, str(tmp_path / "two"), pipeline)[0]
     for a_run, b_run in zip(one, two):
         for a, b in zip(a_run, b_run):
             assert a["loss_scale"] == b["loss_scale"] and a["inf_nan_skip_batches"] == b["inf_nan_skip_batches"]
@@ -141,11 +131,12 @@ def test_fp16_loss_scaling_under_zero_matches_one_process(tmp_path):
     assert overflow[0]["inf_nan_skip_batches"] == 1 and overflow[0]["loss_scale"] == 2**39
 
 
-@pytest.mark.slow  # inductor compiles every layer: about a minute
-def test_compiled_layers_under_tensor_parallelism_train_as_eager(tmp_path):
+@pytest.mark.slow  # inductor compiles every layer: about a minute each
+@pytest.mark.parametrize("layout", [dict(tp=2, mode="msp"), dict(pp=2)])  # pp: the compiled layers in 1F1B's stages
+def test_compiled_layers_under_parallel_layouts_train_as_eager(tmp_path, layout):
     from layouts import compiled_losses
 
-    eager, compiled = run_distributed(compiled_losses, 2, str(tmp_path))[0]
+    eager, compiled = run_distributed(compiled_losses, 2, str(tmp_path), layout)[0]
     assert len(eager) == 3 and compiled == pytest.approx(eager, rel=1e-5)
 
 

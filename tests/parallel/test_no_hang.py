@@ -35,13 +35,16 @@ runpy.run_path("scripts/train.py", run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("fault", ["raises", pytest.param("stalls", marks=pytest.mark.slow)])
-def test_a_failing_rank_makes_every_other_rank_exit_within_the_timeout(tmp_path, fault):
+@pytest.mark.parametrize("fault, parallel", [
+    ("raises", 'tensor=dict(size=2, mode="msp")'),
+    ("raises", 'pipeline=dict(size=2, mode="1F1B")'),  # rank 0 then waits in a point-to-point receive
+    pytest.param("stalls", 'tensor=dict(size=2, mode="msp")', marks=pytest.mark.slow)])
+def test_a_failing_rank_makes_every_other_rank_exit_within_the_timeout(tmp_path, fault, parallel):
     (tmp_path / "driver.py").write_text(DRIVER)
     (tmp_path / "cfg.py").write_text(f"""
 model = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=300, multiple_of=32, dtype="torch.float32")
 data = dict(type="dummy", seq_len=32, micro_bsz=2, micro_num=2, total_steps=6, num_dummy_samples=100)
-parallel = dict(tensor=dict(size=2, mode="msp"), timeout_s={TIMEOUT_S})
+parallel = dict({parallel}, timeout_s={TIMEOUT_S})
 ckpt = dict(enable_save_ckpt=False)
 monitor = dict(run_folder="{tmp_path / 'run'}")
 """)

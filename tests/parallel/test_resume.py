@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 
 from helpers import ROOT
 from test_launch import free_port
@@ -87,16 +88,16 @@ def test_bf16_zero_run_killed_and_resumed_matches_an_uninterrupted_run(tmp_path)
     assert records(tmp_path / "killed") == records(tmp_path / "straight")  # exact
 
 
-def stop_and_resume(rank, world_size, folder):
-    """dp=2 x tp=2 msp (FSDP2 shards of tensor-parallel shards): 6 steps straight, and 3 steps then (a new
-    invocation) on to 6 from the step-3 checkpoint."""
+def stop_and_resume(rank, world_size, folder, layout):
+    """``layout`` (tests/parallel/layouts.py's keys): 6 steps straight, and 3 steps then (a new invocation) on to
+    6 from the step-3 checkpoint."""
     from pathlib import Path
 
     from layouts import tiny_sections, train
 
     losses = []
     for name, steps in (("straight", 6), ("stopped", 3), ("stopped", 6)):
-        sections = tiny_sections(Path(folder) / name, tp=2, mode="msp")
+        sections = tiny_sections(Path(folder) / name, **layout)
         sections["data"]["total_steps"] = steps
         sections["lr_scheduler"]["total_steps"] = 6
         sections["ckpt"] = dict(checkpoint_every=3)
@@ -104,9 +105,13 @@ def stop_and_resume(rank, world_size, folder):
     return losses
 
 
-def test_data_and_tensor_parallel_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("world, layout", [
+    (4, dict(tp=2, mode="msp")),  # dp=2 x tp=2: FSDP2 shards of tensor-parallel shards
+    (2, dict(pp=2, chunks=2, tied=True)),  # interleaved pipeline stages; the tied head's copy saved and loaded
+])
+def test_parallel_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path, world, layout):
     from dist import run_distributed
 
-    straight, first, resumed = run_distributed(stop_and_resume, 4, str(tmp_path))[0]
+    straight, first, resumed = run_distributed(stop_and_resume, world, str(tmp_path), layout)[0]
     assert len(straight) == 6 and first == straight[:3]
     assert resumed == straight  # metrics.jsonl of the resumed run: steps 1-3 kept, 4-6 appended
