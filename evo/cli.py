@@ -16,6 +16,7 @@ import time
 import warnings
 
 from evo.errors import EvoError
+from evo.stopping import EXIT_STOPPED, TrainingStopped
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -56,8 +57,9 @@ def _close_process_group() -> None:
 
 
 def run(main) -> None:
-    """Call ``main()``; a user-input error (EvoError) prints ``evo: error: ...`` and exits 2.
-    Anything else propagates: Python prints the traceback and exits 1."""
+    """Call ``main()``; a user-input error (EvoError) prints ``evo: error: ...`` and exits 2; training stopped by a
+    signal (after saving) prints why and exits 3 (``evo.stopping``). Anything else propagates: Python prints the
+    traceback and exits 1."""
     warnings.formatwarning = _one_line_warning
     try:
         main()
@@ -69,6 +71,11 @@ def run(main) -> None:
         # every rank tells torchrun: an error that only another rank met still reaches the failure report
         _record_for_torchrun(line)
         sys.exit(2)
+    except TrainingStopped as exc:  # a signal: the step finished and a checkpoint was saved (evo.stopping)
+        if launch_rank() == 0:
+            print(f"evo: {exc}", file=sys.stderr, flush=True)
+        _close_process_group()
+        sys.exit(EXIT_STOPPED)
     except KeyboardInterrupt:
         print("evo: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)

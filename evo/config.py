@@ -39,7 +39,7 @@ _ACCEPTED_NO_EFFECT = {
              "fixed_random_dataset_seqlen", "gradient_accumulation"},
     "hybrid_zero_optimizer": {"overlap_sync_grad", "overlap_sync_param", "reduce_bucket_size",
                               "zero_overlap_communication", "cpu_offload"},
-    "ckpt": {"async_upload", "async_upload_tmp_folder", "oss_snapshot_freq", "stop_file_path",
+    "ckpt": {"async_upload", "async_upload_tmp_folder", "oss_snapshot_freq",
              "snapshot_ckpt_folder", "load_optimizer"},
     "monitor": {"alert"},
 }
@@ -246,6 +246,8 @@ class CkptConfig:
     auto_resume: bool = True
     load_ckpt_folder: Optional[str] = None
     load_ckpt_info: Optional[dict] = None  # dict(path=..., content=("model", ...), ckpt_type="evo")
+    keep_latest: int = 0  # evo: keep only this many complete checkpoints (0: all), removing older ones after a save
+    stop_file_path: Optional[str] = None  # InternEvo's: write -N (save after step N) or N (save and stop) into it
 
 
 @dataclass
@@ -577,6 +579,8 @@ def validate(cfg: Config) -> None:
              "'hybrid_zero_optimizer.clip_grad_norm' must be a finite number (<= 0 turns clipping off)")
     _require(0 <= cfg.loss.label_smoothing < 1, f"'loss.label_smoothing' must be in [0, 1), got {cfg.loss.label_smoothing}")
     _require(cfg.ckpt.checkpoint_every >= 0, f"'ckpt.checkpoint_every' must be >= 0, got {cfg.ckpt.checkpoint_every}")
+    _require(cfg.ckpt.keep_latest >= 0, f"'ckpt.keep_latest' must be >= 0 (0 keeps every checkpoint), got "
+             f"{cfg.ckpt.keep_latest}")
     info = cfg.ckpt.load_ckpt_info
     if info is not None:
         _require("path" in info, "'ckpt.load_ckpt_info' needs a 'path'")

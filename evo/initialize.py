@@ -175,7 +175,7 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
 # batch on a resume), data.max_bad_lines, the parallel layout (checkpoints reshard), activation
 # checkpointing (the same math), checkpointing and monitoring, keys that change nothing in evo, and adam.lr
 # (a resume continues the schedule with the new lr, as InternEvo's load_scheduler does; Trainer.resume).
-SAME_RUN_MAY_CHANGE = ("JOB_NAME", "source", "model_type", "model.checkpoint", "model.compile",
+SAME_RUN_MAY_CHANGE = ("JOB_NAME", "source", "model_type", "model.checkpoint", "model.compile", "model.num_chunks",
                        "data.total_steps", "adam.lr",
                        "lr_scheduler.total_steps", "lr_scheduler.last_epoch", "adam.adam_beta2_c", "data.valid_every",
                        "data.valid_max_batches", "data.valid_micro_num", "data.valid_folder", "data.skip_batches",

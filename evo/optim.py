@@ -117,6 +117,8 @@ class MixedPrecisionOptimizer:
         self.separate_masters = any(m is not self.params[n] for n, m in self.masters.items())
         # a pipeline's tied head: a copy whose gradient the embedding's copy also holds, counted once in the norm
         self.duplicates = set(model.duplicate_parameters()) if hasattr(model, "duplicate_parameters") else set()
+        # ... saved under the name of the weight it copies (the name one process uses for the one tied tensor)
+        self.aliases = {name: "tok_embeddings.weight" for name in self.duplicates}
         decay = [m for n, m in self.masters.items() if m.ndim >= 2]
         no_decay = [m for n, m in self.masters.items() if m.ndim < 2]  # norms and biases
         self.optimizer = torch.optim.AdamW(
@@ -192,11 +194,24 @@ class MixedPrecisionOptimizer:
         self._ensure_state()
         out = {"master": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": {}}
         for name, m in self.masters.items():
+            key = self.aliases.get(name, name)
+            if key != name and key in self.masters:  # both tied copies here (ZBV's rank 0): one entry, see
+                continue  # copy_tied_state
             state = self.optimizer.state[m]
-            out["master"][name] = m.data
-            for key in ("exp_avg", "exp_avg_sq", "step"):
-                out[key][name] = state[key]
+            out["master"][key] = m.data
+            for part in ("exp_avg", "exp_avg_sq", "step"):
+                out[part][key] = state[part]
         return out
+
+    @torch.no_grad()
+    def copy_tied_state(self) -> None:
+        """After a load: a tied copy that ``state_dict`` left out (its twin is on this rank) takes the twin's state."""
+        for name, key in self.aliases.items():
+            if key in self.masters:
+                self.masters[name].copy_(self.masters[key])
+                twin, state = self.optimizer.state[self.masters[key]], self.optimizer.state[self.masters[name]]
+                for part in ("exp_avg", "exp_avg_sq", "step"):
+                    state[part].copy_(twin[part])
 
     @torch.no_grad()
     def sync_model_from_masters(self) -> None:

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from evo.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from evo.checkpoint import (CorruptCheckpointError, complete_checkpoints, load_checkpoint, rng_state, save_checkpoint,
+                            set_rng_state)
 from evo.config import Config, strip_folder_prefix
 from evo.data.packing import IGNORE_INDEX
 from evo.errors import CheckpointError
@@ -38,6 +39,7 @@ from evo.optim import DynamicLossScaler, MixedPrecisionOptimizer, lr_factor
 from evo.parallel.context import ParallelContext
 from evo.parallel.parallelize import reshard
 from evo.parallel.schedule import build_schedule
+from evo.stopping import StopRequests, TrainingStopped
 
 
 def step_flops(model_cfg, num_matmul_params: int, tokens: float, attention_pairs: float) -> float:
@@ -93,7 +95,8 @@ class Trainer:
         self.num_consumed_tokens = 0
         self.inf_nan_skip_batches = 0
         self.last_lr = float("nan")  # the lr the last step used
-        self._last_eval_step = self._last_save_step = None
+        self._last_eval_step = self._last_save_step = self._last_save_path = None
+        self.stopped: str | None = None  # why training stopped early (evo.stopping), else None
         self._train_iter = iter(train_dl)
         with torch.device("meta"):  # the whole model's count, whatever part of it this rank holds
             self._matmul_params = matmul_parameters(DecoderModel(model.cfg))
@@ -114,6 +117,13 @@ class Trainer:
                             self.run_folder, self.step_count, total, self.run_folder)
             return {}
         last = self.train()
+        if self.stopped is not None:  # saved at the step boundary already
+            if self.monitor is not None:
+                self.monitor.close()
+            if self.stopped == "stop file":
+                logger.info("stopped after step %d as '%s' asked", self.step_count, self.cfg.ckpt.stop_file_path)
+                return last
+            raise TrainingStopped(self.stopped, self.step_count, self._last_save_path)
         if self.val_dls and self._last_eval_step != self.step_count:
             last.update(self.evaluate_on_val_dls())
         self.try_save_checkpoint(force=True)
@@ -131,8 +141,9 @@ class Trainer:
             self.monitor = Monitor(self.run_folder, self.ctx.is_main, total, self.step_count)
         profiler = self._profiler()
         record: dict = {}
-        with profiler or contextlib.nullcontext():
-            while self.step_count < total:
+        stops = StopRequests(self.ctx, self.cfg.ckpt.stop_file_path)
+        with profiler or contextlib.nullcontext(), stops:
+            while self.step_count < total and self.stopped is None:
                 start = time.perf_counter()
                 batch = self.load_new_batch()
                 out = self.execute_schedule(batch)
@@ -145,7 +156,8 @@ class Trainer:
                 every = self.cfg.data.valid_every
                 if self.val_dls and every and self.step_count % every == 0:
                     record.update(self.evaluate_on_val_dls())
-                self.try_save_checkpoint()
+                save, self.stopped = stops.poll(self.step_count)  # signals and the stop file (evo.stopping)
+                self.try_save_checkpoint(force=save)
                 if profiler is not None:
                     profiler.step()
         return record
@@ -250,8 +262,8 @@ class Trainer:
                        "scaler": self.scaler.state_dict(), "sampler": self._sampler_states(), "rng": rng_state()}
         tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         path = save_checkpoint(self.save_folder, self.step_count, tensors, train_state, self.cfg.to_dict(),
-                               self.ctx.is_main, self.ctx.barrier)
-        self._last_save_step = self.step_count
+                               self.ctx.is_main, self.ctx.barrier, self.ctx.all_true, c.keep_latest)
+        self._last_save_step, self._last_save_path = self.step_count, path
         logger.info("saved checkpoint %s", path)
         return path
 
@@ -276,6 +288,7 @@ class Trainer:
             tensors["optimizer"] = self.optimizer.state_dict()
         state = load_checkpoint(path, tensors)
         if "optimizer" in content:
+            self.optimizer.copy_tied_state()
             self.optimizer.sync_model_from_masters()  # the fp32 masters are the more precise copy
             self.scaler.load_state_dict(state["scaler"])
         elif "model" in content:
@@ -393,10 +406,19 @@ class TrainerBuilder(Trainer):
         ``ckpt.load_ckpt_info``. A run never starts behind checkpoints already in its save folder: they would be
         overwritten one by one, and a later auto-resume would pick the old run's newest."""
         c = self.cfg.ckpt
-        latest = latest_checkpoint(self.save_folder)
+        found = complete_checkpoints(self.save_folder)
+        latest = found[0] if found else None
         if latest is not None and c.auto_resume:
-            self.resume(latest)
-        elif c.load_ckpt_info is not None:
+            for i, path in enumerate(found):  # the newest that can be read: a damaged one is named and passed over
+                try:
+                    self.resume(path)
+                    break
+                except CorruptCheckpointError as exc:
+                    if i + 1 == len(found):
+                        raise
+                    logger.warning("%s; resuming from the previous complete checkpoint, '%s'", exc, found[i + 1])
+            return
+        if c.load_ckpt_info is not None:
             path = strip_folder_prefix(str(c.load_ckpt_info["path"]))
             if not Path(path).is_dir():
                 raise CheckpointError(f"'ckpt.load_ckpt_info.path' '{path}' is not a folder")

@@ -121,6 +121,14 @@ class ParallelContext:
             dist.all_reduce(tensor, op=op)
         return tensor
 
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` is True on every rank (a collective; in one process, ``flag``)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -3,6 +3,7 @@ killed mid-run (SIGKILL to torchrun and its workers) and resumed by the same com
 gradient norm equal those of the run that was never interrupted, bit for bit."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -115,3 +116,72 @@ def test_parallel_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path, world, l
     straight, first, resumed = run_distributed(stop_and_resume, world, str(tmp_path), layout)[0]
     assert len(straight) == 6 and first == straight[:3]
     assert resumed == straight  # metrics.jsonl of the resumed run: steps 1-3 kept, 4-6 appended
+
+
+def train_part(rank, world_size, folder, layout, steps, total, load=None):
+    """``layout`` (tests/parallel/layouts.py's keys) trained to step ``steps`` of a ``total``-step schedule: from
+    the start, saving a checkpoint at ``steps``; or from checkpoint ``load`` (all content). Returns what rank 0
+    logged (the records of this part's run folder)."""
+    from pathlib import Path
+
+    from layouts import tiny_sections, train
+
+    sections = tiny_sections(Path(folder), **layout)
+    sections["data"].update(total_steps=steps, valid_every=total // 2)
+    sections["lr_scheduler"]["total_steps"] = total
+    sections["ckpt"] = dict(checkpoint_every=steps) if load is None else dict(
+        enable_save_ckpt=False, load_ckpt_info=dict(path=str(load), content=("all",)))
+    return train(rank, world_size, sections)
+
+
+def part(world: int, *args):
+    from dist import run_distributed
+
+    return run_distributed(train_part, world, *args)[0] if world > 1 else train_part(0, 1, *args)
+
+
+def assert_continues(first: dict, second: dict, straight: dict, what: str) -> None:
+    half = len(first["loss"])
+    assert len(second["loss"]) == len(straight["loss"]) - half  # the second run's folder records its own steps
+    assert first["loss"] == pytest.approx(straight["loss"][:half], rel=1e-5), what
+    for key in ("loss", "grad_norm"):
+        for i, (a, b) in enumerate(zip(second[key], straight[key][half:])):
+            assert math.isclose(a, b, rel_tol=1e-5), f"{what}: {key} at step {half + i + 1}: {a} against {b}"
+
+
+def validation_of(rank, world_size, checkpoint, folder):
+    """One process: the validation loss of the checkpoint's weights (``ckpt.load_ckpt_info``, model only)."""
+    from pathlib import Path
+
+    from layouts import tiny_sections, train
+
+    sections = tiny_sections(Path(folder), micro_num=4)
+    sections["data"].update(total_steps=1, valid_every=1)  # one step at lr 0 (changes nothing), then evaluation
+    sections["adam"] = dict(lr=0.0)
+    sections["ckpt"] = dict(enable_save_ckpt=False, load_ckpt_info=dict(path=str(checkpoint), content=("model",)))
+    return train(rank, world_size, sections)
+
+
+def test_a_checkpoint_of_one_layout_continues_in_another_and_loads_into_one_process(tmp_path):
+    """10 steps under dp=2 x tp=2, then from its checkpoint dp=2 x pp=2 to step 20: steps 11-20 are those of an
+    uninterrupted dp=2 run (1e-5 relative), and the checkpoint's weights give one process the validation loss
+    the tp run measured at step 10."""
+    first = part(4, tmp_path / "tp", dict(tp=2, mode="msp"), 10, 20)
+    second = part(4, tmp_path / "pp", dict(pp=2), 20, 20, tmp_path / "tp" / "checkpoints" / "10")
+    straight = part(2, tmp_path / "straight", dict(zero1=1), 20, 20)
+    assert_continues(first, second, straight, "dp2 x tp2 -> dp2 x pp2")
+    one = validation_of(0, 1, tmp_path / "tp" / "checkpoints" / "10", tmp_path / "one")
+    assert math.isclose(one["val_loss"][0], first["val_loss"][-1], rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("before, after", [
+    ((2, dict(pp=2, schedule="ZBV", chunks=2, tied=True)), (1, dict(tied=True))),  # both copies on one rank
+    ((1, dict(tied=True)), (2, dict(pp=2, tied=True))),  # one tensor, then copies on two ranks
+    ((1, dict(tied=True)), (2, dict(pp=2, schedule="ZBV", chunks=2, tied=True))),  # one entry loaded into both copies
+])
+def test_tied_embeddings_cross_between_one_tensor_and_pipeline_copies(tmp_path, before, after):
+    (world_before, layout_before), (world_after, layout_after) = before, after
+    first = part(world_before, tmp_path / "first", layout_before, 4, 8)
+    second = part(world_after, tmp_path / "second", layout_after, 8, 8, tmp_path / "first" / "checkpoints" / "4")
+    straight = part(1, tmp_path / "straight", dict(tied=True), 8, 8)
+    assert_continues(first, second, straight, f"{before} -> {after}")

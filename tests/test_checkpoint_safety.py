@@ -1,0 +1,116 @@
+"""Crash safety of checkpoints: a damaged newest checkpoint is named on one line and the previous complete one is
+resumed; load errors say what happened (a tensor that does not fit, with both shapes; a file that cannot be
+read); a failed save leaves the complete checkpoints intact and stops the run with one line;
+``ckpt.keep_latest`` removes older checkpoints only after a newer one is complete."""
+
+import errno
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from helpers import run_script, small_sections
+from test_trainer import make_trainer, metrics, trained
+from evo import checkpoint
+from evo.checkpoint import CorruptCheckpointError, complete_checkpoints, load_checkpoint
+from evo.errors import CheckpointError
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def shard(ckpt):
+    return max((p for p in ckpt.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda c: truncate(c / "train_state.pt"), "train_state.pt' cannot be read (truncated or corrupt?)"),
+    (lambda c: truncate(shard(c)), "could not be read (a shard file missing, truncated or corrupt?)"),
+    (lambda c: shard(c).unlink(), "could not be read (a shard file missing, truncated or corrupt?)"),
+    (lambda c: (c / ".metadata").unlink(), "is incomplete: it has no .metadata"),
+])
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_resumed(tmp_path, damage, named):
+    trained(tmp_path, "run")  # checkpoints at steps 2 and 4
+    ref = {r["step"]: r["loss"] for r in metrics(tmp_path / "run") if "loss" in r}
+    damage(tmp_path / "run" / "checkpoints" / "4")
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    result = run_script("scripts/train.py", "--config", str(write_config(tmp_path)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = [line for line in result.stderr.splitlines() if "resuming from the previous complete checkpoint" in line]
+    assert len(warning) == 1 and named in warning[0] and str(tmp_path / "run" / "checkpoints" / "4") in warning[0]
+    assert "loaded model, optimizer, sampler, scheduler from checkpoint" in result.stderr
+    again = {r["step"]: r["loss"] for r in metrics(tmp_path / "run") if "loss" in r}
+    assert again == {3: ref[3], 4: ref[4]}  # steps 3 and 4 trained again from the step-2 checkpoint, exactly
+    load_checkpoint(tmp_path / "run" / "checkpoints" / "4", {})  # the damaged one was replaced by a good save
+
+
+def write_config(tmp_path):
+    """The config of ``trained(tmp_path, "run")`` as a file, for scripts/train.py."""
+    sections = small_sections(ckpt=dict(checkpoint_every=2), monitor=dict(run_folder=str(tmp_path / "run")))
+    path = tmp_path / "cfg.py"
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in sections.items()))
+    return path
+
+
+def test_the_only_checkpoint_damaged_is_one_line_and_exit_2(tmp_path):
+    trained(tmp_path, "run", ckpt=dict(checkpoint_every=0))  # one checkpoint, at the end (step 4)
+    truncate(tmp_path / "run" / "checkpoints" / "4" / "train_state.pt")
+    sections = small_sections(data=dict(total_steps=6), monitor=dict(run_folder=str(tmp_path / "run")))
+    (tmp_path / "cfg.py").write_text("".join(f"{k} = {v!r}\n" for k, v in sections.items()))
+    result = run_script("scripts/train.py", "--config", str(tmp_path / "cfg.py"))
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith("evo: error: '") and "train_state.pt' cannot be read (truncated or corrupt?)" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_of_another_shape_names_the_first_tensor_and_both_shapes(tmp_path):
+    trained(tmp_path, "run")
+    with pytest.raises(CheckpointError) as err:
+        make_trainer(tmp_path, folder="wider", model=dict(hidden_size=128),
+                     ckpt=dict(load_ckpt_info=dict(path=str(tmp_path / "run" / "checkpoints" / "4"))))
+    assert not isinstance(err.value, CorruptCheckpointError)
+    assert str(err.value) == (f"checkpoint '{tmp_path / 'run' / 'checkpoints' / '4'}' does not fit this "
+                              "model/optimizer: 'model.tok_embeddings.weight' is (300, 64) there and (300, 128) here")
+
+
+def test_a_missing_checkpoint_path_is_one_line(tmp_path):
+    with pytest.raises(CheckpointError, match=r"^'ckpt.load_ckpt_info.path' '.*nowhere' is not a folder$"):
+        make_trainer(tmp_path, ckpt=dict(load_ckpt_info=dict(path=str(tmp_path / "nowhere"))))
+    with pytest.raises(CheckpointError, match=r"^checkpoint '.*nowhere' does not exist$"):
+        load_checkpoint(tmp_path / "nowhere", {})
+
+
+@pytest.mark.parametrize("failing", ["train_state", "shards"])
+def test_a_save_that_fails_leaves_the_complete_checkpoints_and_stops_with_one_line(tmp_path, monkeypatch, failing):
+    trainer = trained(tmp_path, "run", data=dict(total_steps=2))  # a complete checkpoint at step 2
+    before = {p.name: sorted(q.name for q in p.iterdir()) for p in complete_checkpoints(trainer.save_folder)}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch if failing == "train_state" else checkpoint.dcp, "save", disk_full)
+    trainer.step_count = 3
+    with pytest.raises(CheckpointError) as err:
+        trainer.try_save_checkpoint(force=True)
+    assert re.fullmatch(re.escape(f"could not write checkpoint '{trainer.save_folder / '3'}': ") + "(OSError: )?"
+                        + re.escape(f"[Errno 28] No space left on device; the complete checkpoints in "
+                                    f"'{trainer.save_folder}' are untouched"), str(err.value))
+    assert {p.name: sorted(q.name for q in p.iterdir()) for p in complete_checkpoints(trainer.save_folder)} == before
+    assert sorted(p.name for p in trainer.save_folder.iterdir()) == ["2"]  # no partial folder left behind
+
+
+def test_keep_latest_removes_older_checkpoints_only_after_a_newer_one_is_complete(tmp_path, monkeypatch):
+    trainer = trained(tmp_path, "run", data=dict(total_steps=6), ckpt=dict(checkpoint_every=1, keep_latest=2))
+    assert [p.name for p in complete_checkpoints(trainer.save_folder)] == ["6", "5"]
+    monkeypatch.setattr(checkpoint.torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
+    trainer.step_count = 7
+    with pytest.raises(CheckpointError):
+        trainer.try_save_checkpoint(force=True)
+    assert [p.name for p in complete_checkpoints(trainer.save_folder)] == ["6", "5"]  # a failed save removes nothing
+    json.loads((trainer.save_folder / "6" / "config.json").read_text())
+    shutil.rmtree(trainer.save_folder)

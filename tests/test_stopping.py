@@ -1,0 +1,105 @@
+"""Stopping early at a step boundary with a checkpoint (evo/stopping.py): SIGTERM, SIGINT and SIGUSR1 save and
+exit 3, and the same command continues as if never stopped; under two processes a signal to one rank stops both
+after the same step; InternEvo's stop file asks for a save (-N) or a save and a clean stop (N)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import ROOT, small_sections
+from test_launch import free_port
+
+
+def config(tmp_path, name, steps=40, **ckpt):
+    sections = small_sections(data=dict(total_steps=steps), ckpt=dict(checkpoint_every=0, **ckpt),
+                              monitor=dict(run_folder=str(tmp_path / name)))
+    path = tmp_path / f"{name}.py"
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in sections.items()))
+    return path
+
+
+def start(cfg, world=1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if world == 1:
+        cmd = [sys.executable, "scripts/train.py", "--config", str(cfg)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+               str(free_port()), "scripts/train.py", "--config", str(cfg)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def records(folder):
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+
+def wait_for_step(folder, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if any(r.get("step", 0) >= step and "loss" in r for r in records(folder)):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} never came")
+
+
+def losses(folder):
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in records(folder) if "loss" in r}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_a_signal_saves_at_the_step_boundary_exits_3_and_the_same_command_continues(tmp_path, sig):
+    straight = start(config(tmp_path, "straight", steps=12))
+    assert straight.wait(timeout=300) == 0
+    cfg = config(tmp_path, "stopped", steps=12)
+    run = start(cfg)
+    wait_for_step(tmp_path / "stopped", 2, run)
+    run.send_signal(sig)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 3, err[-2000:]
+    (line,) = [x for x in err.splitlines() if x.startswith("evo: stopped")]
+    step = max(losses(tmp_path / "stopped"))
+    checkpoint = tmp_path / "stopped" / "checkpoints" / str(step)
+    assert line == (f"evo: stopped by {sig.name} after step {step}: checkpoint '{checkpoint}' saved; run the same "
+                    "command to continue")
+    assert 2 <= step < 12 and (checkpoint / "train_state.pt").is_file()
+    again = start(cfg)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-2000:]
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")  # exact
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    cfg = config(tmp_path, "two", steps=200)
+    run = start(cfg, world=2)
+    wait_for_step(tmp_path / "two", 2, run)
+    workers = [int(p) for p in subprocess.run(["pgrep", "-f", "-P", str(run.pid), "scripts/train.py"],
+                                              capture_output=True, text=True).stdout.split()]
+    assert len(workers) == 2
+    os.kill(max(workers), signal.SIGUSR1)  # rank 1 (started second) only
+    _, err = run.communicate(timeout=120)
+    assert run.returncode != 0 and "exitcode  : 3" in err and "exitcode  : 1" not in err, err[-3000:]
+    step = max(losses(tmp_path / "two"))
+    assert (tmp_path / "two" / "checkpoints" / str(step) / "train_state.pt").is_file() and step < 200
+    assert f"evo: stopped by SIGUSR1 after step {step}" in err
+
+
+def test_the_stop_file_asks_for_a_save_then_a_clean_stop(tmp_path):
+    stop_file = tmp_path / "stop" / "ctl"
+    run = start(config(tmp_path, "file", steps=400, stop_file_path=str(stop_file)))
+    wait_for_step(tmp_path / "file", 1, run)
+    assert stop_file.read_text() == "0"  # written at start, as InternEvo does
+    now = max(losses(tmp_path / "file"))
+    stop_file.write_text(f"-{now + 3}")  # save after that step
+    wait_for_step(tmp_path / "file", now + 5, run)
+    stop_file.write_text(str(now + 8))  # save and stop after that step
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err[-2000:]
+    saved = sorted(int(p.name) for p in (tmp_path / "file" / "checkpoints").iterdir())
+    assert saved == [now + 3, now + 8] and max(losses(tmp_path / "file")) == now + 8
