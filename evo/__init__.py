@@ -13,8 +13,10 @@ The documented flow (InternEvo's):
 
 from evo.initialize import (build_train_loader_with_data_type, build_valid_loader_with_data_type,
                             initialize_distributed_env, initialize_model_and_parallel_communicator, parse_args)
+from evo.generate import load_model
 from evo.trainer import Trainer, TrainerBuilder
 
 __version__ = "0.1.0"
 __all__ = ["parse_args", "initialize_distributed_env", "initialize_model_and_parallel_communicator",
-           "build_train_loader_with_data_type", "build_valid_loader_with_data_type", "Trainer", "TrainerBuilder"]
+           "build_train_loader_with_data_type", "build_valid_loader_with_data_type", "Trainer", "TrainerBuilder",
+           "load_model"]

@@ -13,6 +13,7 @@ leaves a half checkpoint that looks complete: a folder named by an integer is co
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -75,43 +76,87 @@ def save_checkpoint(folder: str | Path, step: int, tensors: dict, train_state: d
     removed and the complete checkpoints are left as they were. ``keep_latest`` > 0: afterwards, only that
     many complete checkpoints are kept (the older ones removed once the new one is in place).
     """
-    folder = Path(folder)
-    final = folder / str(step)
-    tmp = folder / f".tmp-{step}"
-    error = None
+    pending = PendingSave(Path(folder), step, train_state, config, is_main, keep_latest)
     try:
-        if is_main:
-            folder.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # the remains of a crash during an earlier save
-        barrier()
+        pending.prepare(barrier)
         with warnings.catch_warnings():  # DCP notes that it runs without a process group: expected in one process
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(tensors, checkpoint_id=str(tmp))
-        if is_main:
-            torch.save(train_state, tmp / TRAIN_STATE)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-            _fsync_tree(tmp)
+            dcp.save(tensors, checkpoint_id=str(pending.tmp))
     except (OSError, CheckpointException) as exc:
-        error = _cause(exc)
-    if not all_ok(error is None):
-        if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint '{final}': {error or 'another rank failed to write'}; "
-                              f"the complete checkpoints in '{folder}' are untouched")
-    if is_main:
-        if final.exists():  # the same step saved again (a resumed run): replace it whole
-            old = folder / f".old-{step}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(folder)
-        for older in complete_checkpoints(folder)[keep_latest:] if keep_latest > 0 else ():
-            shutil.rmtree(older, ignore_errors=True)
-    barrier()
-    return final
+        pending.error = _cause(exc)
+    return pending.finish(barrier, all_ok)
+
+
+class PendingSave:
+    """A checkpoint being written under ``<folder>/.tmp-<step>``: ``finish`` completes it (train state, config,
+    the rename into place) once every rank has written its tensors, or removes it when one failed."""
+
+    def __init__(self, folder: Path, step: int, train_state: dict, config: dict, is_main: bool, keep_latest: int = 0):
+        self.folder, self.step, self.is_main, self.keep_latest = folder, step, is_main, keep_latest
+        self.train_state, self.config = copy.deepcopy(train_state), config  # as they are now, not when finished
+        self.tmp, self.final = folder / f".tmp-{step}", folder / str(step)
+        self.future = None  # an asynchronous save's (dcp.async_save)
+        self.error: str | None = None
+
+    def prepare(self, barrier) -> None:
+        if self.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)  # the remains of a crash during an earlier save
+        barrier()
+
+    def finish(self, barrier, all_ok) -> Path:
+        if self.future is not None:
+            try:
+                self.future.result()
+            except (Exception, CheckpointException) as exc:  # noqa: BLE001 - reported below, on every rank
+                self.error = self.error or _cause(exc)
+        try:
+            if self.is_main and self.error is None:
+                torch.save(self.train_state, self.tmp / TRAIN_STATE)
+                (self.tmp / "config.json").write_text(json.dumps(self.config, indent=2, default=str))
+                _fsync_tree(self.tmp)
+        except OSError as exc:
+            self.error = _cause(exc)
+        if not all_ok(self.error is None):
+            if self.is_main:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            raise CheckpointError(f"could not write checkpoint '{self.final}': "
+                                  f"{self.error or 'another rank failed to write'}; the complete checkpoints in "
+                                  f"'{self.folder}' are untouched")
+        if self.is_main:
+            if self.final.exists():  # the same step saved again (a resumed run): replace it whole
+                old = self.folder / f".old-{self.step}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(self.final, old)
+                os.replace(self.tmp, self.final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.tmp, self.final)
+            _fsync_dir(self.folder)
+            for older in complete_checkpoints(self.folder)[self.keep_latest:] if self.keep_latest > 0 else ():
+                shutil.rmtree(older, ignore_errors=True)
+        barrier()
+        return self.final
+
+
+def start_async_save(folder: str | Path, step: int, tensors: dict, train_state: dict, config: dict, is_main: bool,
+                     group=None, barrier=lambda: None, keep_latest: int = 0) -> PendingSave:
+    """Begin writing a checkpoint in the background (``dcp.async_save`` over ``group``, a process group of its own:
+    its collectives then never interleave with training's). The tensors are copied to CPU memory before this
+    returns, so training may go on changing them; ``PendingSave.finish`` waits for the writes and puts the folder
+    in place. A crash before that leaves only the temporary folder: the complete checkpoints stay."""
+    import torch.distributed as dist
+
+    pending = PendingSave(Path(folder), step, train_state, config, is_main, keep_latest)
+    try:
+        pending.prepare(barrier)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            pending.future = dcp.async_save(tensors, checkpoint_id=str(pending.tmp), process_group=group,
+                                            no_dist=not (dist.is_available() and dist.is_initialized()))
+    except (OSError, CheckpointException) as exc:
+        pending.error = _cause(exc)
+    return pending
 
 
 def load_checkpoint(path: str | Path, tensors: dict) -> dict:

@@ -39,7 +39,7 @@ _ACCEPTED_NO_EFFECT = {
              "fixed_random_dataset_seqlen", "gradient_accumulation"},
     "hybrid_zero_optimizer": {"overlap_sync_grad", "overlap_sync_param", "reduce_bucket_size",
                               "zero_overlap_communication", "cpu_offload"},
-    "ckpt": {"async_upload", "async_upload_tmp_folder", "oss_snapshot_freq",
+    "ckpt": {"async_upload_tmp_folder", "oss_snapshot_freq",
              "snapshot_ckpt_folder", "load_optimizer"},
     "monitor": {"alert"},
 }
@@ -248,6 +248,7 @@ class CkptConfig:
     load_ckpt_info: Optional[dict] = None  # dict(path=..., content=("model", ...), ckpt_type="evo")
     keep_latest: int = 0  # evo: keep only this many complete checkpoints (0: all), removing older ones after a save
     stop_file_path: Optional[str] = None  # InternEvo's: write -N (save after step N) or N (save and stop) into it
+    async_upload: bool = False  # write checkpoints in the background (dcp.async_save); InternEvo: remote uploads
 
 
 @dataclass
@@ -589,7 +590,12 @@ def validate(cfg: Config) -> None:
         for c in content:
             _check_choice(c, CKPT_CONTENTS, "ckpt.load_ckpt_info.content")
         info["content"] = content
-        _check_choice(info.get("ckpt_type", "evo"), ("evo", "internevo"), "ckpt.load_ckpt_info.ckpt_type")
+        kind = info.setdefault("ckpt_type", "evo")
+        _check_choice(kind, ("evo", "hf", "internevo"), "ckpt.load_ckpt_info.ckpt_type")
+        _require(kind != "internevo", "'ckpt.load_ckpt_info.ckpt_type' 'internevo' (InternEvo's own checkpoint "
+                 "folders) cannot be read yet; convert the weights to a Hugging Face folder and use 'hf'")
+        _require(kind != "hf" or content == ("model",), "'ckpt.load_ckpt_info.ckpt_type' 'hf': a Hugging Face "
+                 f"folder holds the model only; set content=('model',), got {content}")
     _require(cfg.monitor.log_every >= 1, f"'monitor.log_every' must be >= 1, got {cfg.monitor.log_every}")
     _resolve_folders(cfg)
 

@@ -3,6 +3,8 @@ top-k and top-p (nucleus) sampling."""
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.distributed as dist
 
@@ -78,28 +80,49 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
     return tokenizer.decode(new)
 
 
-def load_model(ckpt: str, device: torch.device | str | None = None):
-    """(model, tokenizer path) from an evo checkpoint folder, or the newest complete checkpoint in a folder of
-    them; the model in eval mode on ``device`` (default: the GPU when there is one). Only the saved config's
-    model section is validated (and ``data.tokenizer_path`` read): the rest describes the training run."""
-    import os
+def load_model(path, device: torch.device | str = "cpu", dtype=None):
+    """The model of an evo checkpoint (any layout; a folder of checkpoints: the newest) or of a Hugging Face folder
+    (``evo.model.hf.FAMILIES``), in one process on ``device``, in eval mode; ``dtype`` (a torch dtype or a
+    ``model.dtype`` string) overrides the saved one. ``model(input_ids)`` with ``(batch, seqlen)`` ids, one
+    sequence per row, returns ``(batch, seqlen, vocab)`` logits."""
+    return load_model_and_tokenizer(path, device, dtype)[0]
 
-    from evo.checkpoint import latest_checkpoint, load_checkpoint, read_config
+
+def load_model_and_tokenizer(path, device: torch.device | str | None = None, dtype=None):
+    """(``load_model``'s model, the tokenizer path it was trained with or ships: None when unknown). ``device``
+    None: the GPU when there is one."""
+    from pathlib import Path
+
+    from evo.checkpoint import load_checkpoint
     from evo.config import config_from_dict
-    from evo.errors import CheckpointError
+    from evo.convert import checkpoint_model_config, load_hf_weights, read_hf_config, resolve_checkpoint
     from evo.model import build_model
 
-    path = ckpt
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        path = latest_checkpoint(path)
-        if path is None:
-            raise CheckpointError(f"'{ckpt}' is neither a checkpoint nor a folder holding one")
-    raw = read_config(path)
-    if not isinstance(raw.get("model"), dict):
-        raise CheckpointError(f"'{path}/config.json' has no model section")
-    model_cfg = config_from_dict({"model": raw["model"]}).model
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(model_cfg, device)
-    load_checkpoint(path, {"model": model.state_dict()})
-    return model.eval(), (raw.get("data") or {}).get("tokenizer_path")
+    folder = Path(path)
+    hf = (folder / "config.json").is_file() and not (folder / ".metadata").is_file() and \
+        "model_type" in json.loads((folder / "config.json").read_text())
+    if hf:
+        _, section = read_hf_config(folder)
+        cfg = config_from_dict({"model": section}).model
+        tokenizer_path = str(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
+    else:
+        folder = resolve_checkpoint(folder)
+        cfg, tokenizer_path = checkpoint_model_config(folder)
+    if dtype is not None:
+        cfg = config_from_dict({"model": {**_model_fields(cfg), "dtype": str(dtype) if not isinstance(dtype, str)
+                                          else dtype}}).model
+    model = build_model(cfg, device)
+    if hf:
+        load_hf_weights(model, folder)
+    else:
+        load_checkpoint(folder, {"model": model.state_dict()})
+    return model.eval(), tokenizer_path
+
+
+def _model_fields(cfg) -> dict:
+    """A ModelConfig's fields as a ``model`` section again (the derived ones left to be derived)."""
+    from dataclasses import fields
+
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in cfg.derived}

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from evo.checkpoint import (CorruptCheckpointError, complete_checkpoints, load_checkpoint, rng_state, save_checkpoint,
-                            set_rng_state)
+                            set_rng_state, start_async_save)
 from evo.config import Config, strip_folder_prefix
 from evo.data.packing import IGNORE_INDEX
 from evo.errors import CheckpointError
@@ -96,6 +96,10 @@ class Trainer:
         self.inf_nan_skip_batches = 0
         self.last_lr = float("nan")  # the lr the last step used
         self._last_eval_step = self._last_save_step = self._last_save_path = None
+        self._pending_save = None  # a checkpoint being written in the background (ckpt.async_upload)
+        # the background writes' own process group: their collectives never interleave with training's
+        self._save_group = torch.distributed.new_group(backend="gloo") if cfg.ckpt.async_upload and \
+            ctx.distributed else None
         self.stopped: str | None = None  # why training stopped early (evo.stopping), else None
         self._train_iter = iter(train_dl)
         with torch.device("meta"):  # the whole model's count, whatever part of it this rank holds
@@ -117,6 +121,7 @@ class Trainer:
                             self.run_folder, self.step_count, total, self.run_folder)
             return {}
         last = self.train()
+        self.finish_pending_save(wait=True)
         if self.stopped is not None:  # saved at the step boundary already
             if self.monitor is not None:
                 self.monitor.close()
@@ -126,7 +131,7 @@ class Trainer:
             raise TrainingStopped(self.stopped, self.step_count, self._last_save_path)
         if self.val_dls and self._last_eval_step != self.step_count:
             last.update(self.evaluate_on_val_dls())
-        self.try_save_checkpoint(force=True)
+        self.try_save_checkpoint(force=True, background=False)
         if self.monitor is not None:
             self.monitor.close()
         self._print_sample()
@@ -157,7 +162,8 @@ class Trainer:
                 if self.val_dls and every and self.step_count % every == 0:
                     record.update(self.evaluate_on_val_dls())
                 save, self.stopped = stops.poll(self.step_count)  # signals and the stop file (evo.stopping)
-                self.try_save_checkpoint(force=save)
+                self.finish_pending_save()
+                self.try_save_checkpoint(force=save, background=self.stopped is None)
                 if profiler is not None:
                     profiler.step()
         return record
@@ -251,21 +257,40 @@ class Trainer:
     def save_folder(self) -> Path:
         return Path(strip_folder_prefix(self.cfg.ckpt.save_ckpt_folder))  # resolved by validation
 
-    def try_save_checkpoint(self, force: bool = False) -> Path | None:
-        """Save every ``ckpt.checkpoint_every`` steps, or now with ``force`` (once per step)."""
+    def try_save_checkpoint(self, force: bool = False, background: bool = True) -> Path | None:
+        """Save every ``ckpt.checkpoint_every`` steps, or now with ``force`` (once per step). With
+        ``ckpt.async_upload`` (and ``background``) the tensors are written in the background and the checkpoint
+        appears when ``finish_pending_save`` completes it; returns its path, or None when nothing was due."""
         c = self.cfg.ckpt
         due = force or (c.checkpoint_every > 0 and self.step_count % c.checkpoint_every == 0)
         if not c.enable_save_ckpt or not due or self._last_save_step == self.step_count:
             return None
+        self.finish_pending_save(wait=True)  # one save at a time
         train_state = {"step": self.step_count, "num_consumed_tokens": self.num_consumed_tokens,
                        "inf_nan_skip_batches": self.inf_nan_skip_batches, "scheduler": self.scheduler.state_dict(),
                        "scaler": self.scaler.state_dict(), "sampler": self._sampler_states(), "rng": rng_state()}
         tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        self._last_save_step = self.step_count
+        if c.async_upload and background:
+            self._pending_save = start_async_save(self.save_folder, self.step_count, tensors, train_state,
+                                                  self.cfg.to_dict(), self.ctx.is_main, self._save_group,
+                                                  self.ctx.barrier, c.keep_latest)
+            return self._pending_save.final
         path = save_checkpoint(self.save_folder, self.step_count, tensors, train_state, self.cfg.to_dict(),
                                self.ctx.is_main, self.ctx.barrier, self.ctx.all_true, c.keep_latest)
-        self._last_save_step, self._last_save_path = self.step_count, path
+        self._last_save_path = path
         logger.info("saved checkpoint %s", path)
         return path
+
+    def finish_pending_save(self, wait: bool = False) -> None:
+        """Complete the background save in progress: when every rank's writes are done (a collective), or with
+        ``wait``, after waiting for them."""
+        pending = self._pending_save
+        if pending is None or not self.ctx.all_true(wait or pending.future is None or pending.future.done()):
+            return
+        self._pending_save = None
+        self._last_save_path = pending.finish(self.ctx.barrier, self.ctx.all_true)
+        logger.info("saved checkpoint %s (written in the background)", self._last_save_path)
 
     def resume(self, path: str | Path, content=("all",)) -> None:
         """Load from checkpoint ``path`` what ``content`` names (InternEvo's ``load_ckpt_info`` contents):
@@ -422,7 +447,14 @@ class TrainerBuilder(Trainer):
             path = strip_folder_prefix(str(c.load_ckpt_info["path"]))
             if not Path(path).is_dir():
                 raise CheckpointError(f"'ckpt.load_ckpt_info.path' '{path}' is not a folder")
-            self.resume(path, c.load_ckpt_info["content"])
+            if c.load_ckpt_info.get("ckpt_type") == "hf":
+                from evo.convert import load_hf_weights
+
+                load_hf_weights(self.model, path)  # each rank reads its part of each tensor
+                self.optimizer.sync_masters_from_model()
+                logger.info("loaded the model from Hugging Face folder %s", path)
+            else:
+                self.resume(path, c.load_ckpt_info["content"])
         if latest is not None and int(latest.name) > self.step_count:
             raise CheckpointError(
                 f"'{self.save_folder}' holds checkpoints up to step {latest.name} and ckpt.auto_resume is False: this "

@@ -13,12 +13,13 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from evo.cli import run  # noqa: E402
 from evo.data.tokenizer import load_tokenizer  # noqa: E402
 from evo.errors import ConfigError  # noqa: E402
-from evo.generate import generate_ids, load_model  # noqa: E402
+from evo.generate import generate_ids, load_model_and_tokenizer  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Generate text from an evo checkpoint.")
-    parser.add_argument("--ckpt", required=True, help="a checkpoint folder, or a folder of them (newest is used)")
+    parser = argparse.ArgumentParser(description="Generate text from an evo checkpoint or a Hugging Face folder.")
+    parser.add_argument("--ckpt", required=True, help="a checkpoint folder, a folder of them (newest is used), or a "
+                                                      "Hugging Face model folder")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--tokens", type=int, default=128, help="new tokens at most")
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
@@ -29,7 +30,7 @@ def main():
     args = parser.parse_args()
     if args.tokens < 1 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--tokens must be >= 1, --top-k >= 0 and --top-p in (0, 1]")
-    model, tokenizer_path = load_model(args.ckpt)
+    model, tokenizer_path = load_model_and_tokenizer(args.ckpt)
     tokenizer = load_tokenizer(tokenizer_path)
     ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
     start = time.perf_counter()

@@ -114,3 +114,33 @@ def test_keep_latest_removes_older_checkpoints_only_after_a_newer_one_is_complet
     assert [p.name for p in complete_checkpoints(trainer.save_folder)] == ["6", "5"]  # a failed save removes nothing
     json.loads((trainer.save_folder / "6" / "config.json").read_text())
     shutil.rmtree(trainer.save_folder)
+
+
+def checkpoint_contents(path):
+    """Every tensor of a checkpoint (read back with DCP) and its train state."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    tensors = {key: torch.empty(tuple(m.size), dtype=m.properties.dtype) for key, m in meta.items()}
+    dcp.load(tensors, checkpoint_id=str(path))
+    state = torch.load(path / "train_state.pt", weights_only=False)
+    return tensors, {k: v for k, v in state.items() if k != "rng"}
+
+
+def test_background_saves_write_the_checkpoints_a_blocking_save_writes(tmp_path, monkeypatch):
+    import evo.trainer
+
+    started = []
+    start = evo.trainer.start_async_save
+    monkeypatch.setattr(evo.trainer, "start_async_save", lambda *a, **k: started.append(a[1]) or start(*a, **k))
+    blocking = trained(tmp_path, "blocking", data=dict(total_steps=6))
+    background = trained(tmp_path, "background", data=dict(total_steps=6), ckpt=dict(checkpoint_every=2,
+                                                                                          async_upload=True))
+    assert [p.name for p in complete_checkpoints(background.save_folder)] == ["6", "4", "2"]
+    assert started == [2, 4, 6]  # step 6 too: fit() waits for it before it returns
+    assert not [p for p in background.save_folder.iterdir() if p.name.startswith(".tmp")]
+    for step in ("2", "4", "6"):
+        a_tensors, a_state = checkpoint_contents(blocking.save_folder / step)
+        b_tensors, b_state = checkpoint_contents(background.save_folder / step)
+        assert a_tensors.keys() == b_tensors.keys() and all(torch.equal(a_tensors[k], b_tensors[k]) for k in a_tensors)
+        assert a_state == b_state

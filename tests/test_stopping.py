@@ -53,7 +53,8 @@ def losses(folder):
     return {r["step"]: (r["loss"], r["grad_norm"]) for r in records(folder) if "loss" in r}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+                                 pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_a_signal_saves_at_the_step_boundary_exits_3_and_the_same_command_continues(tmp_path, sig):
     straight = start(config(tmp_path, "straight", steps=12))
     assert straight.wait(timeout=300) == 0
@@ -75,6 +76,7 @@ def test_a_signal_saves_at_the_step_boundary_exits_3_and_the_same_command_contin
     assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")  # exact
 
 
+@pytest.mark.slow  # torchrun with two processes: about 10 s
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     cfg = config(tmp_path, "two", steps=200)
     run = start(cfg, world=2)

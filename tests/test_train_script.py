@@ -52,9 +52,9 @@ def test_tiny_job_smoke_with_profiling_then_generate(tmp_path):
     # and its loader gives the logits of the checkpoint's tensors read back independently of evo
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from evo.generate import load_model
+    from evo.generate import load_model_and_tokenizer
 
-    model, tokenizer_path = load_model(str(ckpt), "cpu")
+    model, tokenizer_path = load_model_and_tokenizer(str(ckpt), "cpu")
     assert tokenizer_path == "byte"
     dcp_to_torch_save(ckpt / "6", tmp_path / "plain.pt")
     state = torch.load(tmp_path / "plain.pt")["model"]
@@ -69,7 +69,8 @@ def test_tiny_job_smoke_with_profiling_then_generate(tmp_path):
 def test_generate_rejects_a_folder_without_checkpoints(tmp_path):
     gen = run_script("scripts/generate.py", "--ckpt", tmp_path, "--prompt", "x")
     assert gen.returncode == 2
-    assert gen.stderr.strip() == f"evo: error: '{tmp_path}' is neither a checkpoint nor a folder holding one"
+    assert gen.stderr.strip() == (f"evo: error: '{tmp_path}' is neither an evo checkpoint nor a folder holding "
+                                  "one")
 
 
 def resume_config(tmp_path, name):

@@ -43,7 +43,7 @@ class HFTokenizer:
             self._tok = Tokenizer.from_file(path)
         except Exception as exc:
             raise DataError(f"tokenizer file '{path}' could not be read: {exc}") from exc
-        self.name = path
+        self.name = self.path = path
         self.vocab_size = self._tok.get_vocab_size()
         self.eos_id = next((self._tok.token_to_id(t) for t in ("</s>", "<|endoftext|>", "<eos>", "[SEP]")
                             if self._tok.token_to_id(t) is not None), None)
@@ -52,6 +52,10 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def token(self, token_id: int | None) -> str | None:
+        """The string of a token id (None for None)."""
+        return None if token_id is None else self._tok.id_to_token(token_id)
 
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids))

@@ -110,3 +110,75 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], tie_word_embeddings: bool =
     """A transformers state dict (Hugging Face's names) from evo's; a tied head is left out, as transformers saves it."""
     return {_rename(k, _LAYER_NAMES, _TOP_NAMES, ("layers.", "model.layers.")): v for k, v in state.items()
             if not (tie_word_embeddings and k == "output.weight")}
+
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+
+
+def hf_family(cfg) -> str:
+    """The transformers family that computes what evo's model config ``cfg`` does, or ValueError saying why none
+    does: q/k norms are Qwen3's, q/k/v biases without an output bias Qwen2's, a sliding window Mistral's (or
+    Qwen2's), the rest Llama's (biases all or none)."""
+    attention_bias = cfg.qkv_bias and cfg.o_bias
+    if cfg.qk_norm:
+        family = "qwen3"
+        ok = cfg.qkv_bias == cfg.o_bias and not cfg.mlp_bias
+    elif cfg.qkv_bias and not cfg.o_bias:
+        family = "qwen2"
+        ok = not cfg.mlp_bias
+    elif cfg.sliding_window:
+        family = "mistral"
+        ok = not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias)
+    else:
+        family = "llama"
+        ok = cfg.qkv_bias == cfg.o_bias
+    if not ok:
+        raise ValueError(f"no transformers family has this model's biases (qkv_bias={cfg.qkv_bias}, "
+                         f"o_bias={cfg.o_bias}, mlp_bias={cfg.mlp_bias}, qk_norm={cfg.qk_norm}); attention_bias="
+                         f"{attention_bias} in {family} would compute another function")
+    if cfg.sliding_window and family == "qwen3":
+        raise ValueError("q/k norms with a sliding window: no transformers family computes that")
+    return family
+
+
+def hf_config_from_model(cfg, bos_id: int | None = None, eos_id: int | None = None) -> dict:
+    """transformers' ``config.json`` for evo's model config ``cfg``, every field written out (transformers'
+    defaults are not evo's: rms_norm_eps 1e-6 against evo's 1e-5, rope_theta, tie_word_embeddings, ...)."""
+    family = hf_family(cfg)
+    rope = {"rope_type": "default", "rope_theta": float(cfg.rope_base)}
+    if cfg.rope_scaling:
+        rope.update(cfg.rope_scaling)
+        rope["rope_type"] = cfg.rope_scaling.get("rope_type", "default")
+    legacy_scaling = None if rope["rope_type"] == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
+    dtype = str(cfg.torch_dtype).replace("torch.", "")
+    out = {
+        "architectures": [ARCHITECTURES[family]], "model_type": family,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": float(cfg.layer_norm_epsilon),
+        "rope_theta": float(cfg.rope_base), "rope_scaling": legacy_scaling, "rope_parameters": rope,
+        "tie_word_embeddings": bool(cfg.tie_word_embeddings), "initializer_range": 0.02, "attention_dropout": 0.0,
+        "use_cache": True, "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": None,
+        "torch_dtype": dtype, "dtype": dtype,
+    }
+    if family == "llama":
+        out.update(attention_bias=bool(cfg.qkv_bias), mlp_bias=bool(cfg.mlp_bias), pretraining_tp=1)
+    elif family == "mistral":
+        out.update(sliding_window=cfg.sliding_window)
+    elif family == "qwen2":
+        out.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window,
+                   max_window_layers=0 if cfg.sliding_window else cfg.num_layers)
+    else:
+        out.update(attention_bias=bool(cfg.qkv_bias), use_sliding_window=False, sliding_window=None,
+                   max_window_layers=cfg.num_layers)
+    return out
+
+
+def interleaved_to_halves(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows (or a bias) of a q or k projection for GPT-J pairs (rotary on dims 2i, 2i+1: evo's
+    ``qk_interleaved=True``) reordered for GPT-NeoX halves (i, i + d/2: transformers' layout), head by head."""
+    order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    rows = weight.reshape(-1, head_dim, *weight.shape[1:])
+    return rows[:, order].reshape(weight.shape)

@@ -120,8 +120,8 @@ def test_parallel_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path, world, l
 
 def train_part(rank, world_size, folder, layout, steps, total, load=None):
     """``layout`` (tests/parallel/layouts.py's keys) trained to step ``steps`` of a ``total``-step schedule: from
-    the start, saving a checkpoint at ``steps``; or from checkpoint ``load`` (all content). Returns what rank 0
-    logged (the records of this part's run folder)."""
+    the start, saving a checkpoint at ``steps`` (in the background); or from checkpoint ``load`` (all content).
+    Returns what rank 0 logged (the records of this part's run folder)."""
     from pathlib import Path
 
     from layouts import tiny_sections, train
@@ -129,7 +129,8 @@ def train_part(rank, world_size, folder, layout, steps, total, load=None):
     sections = tiny_sections(Path(folder), **layout)
     sections["data"].update(total_steps=steps, valid_every=total // 2)
     sections["lr_scheduler"]["total_steps"] = total
-    sections["ckpt"] = dict(checkpoint_every=steps) if load is None else dict(
+    # the saving part writes in the background (dcp.async_save on its own gloo group)
+    sections["ckpt"] = dict(checkpoint_every=steps, async_upload=True) if load is None else dict(
         enable_save_ckpt=False, load_ckpt_info=dict(path=str(load), content=("all",)))
     return train(rank, world_size, sections)
 
@@ -162,6 +163,7 @@ def validation_of(rank, world_size, checkpoint, folder):
     return train(rank, world_size, sections)
 
 
+@pytest.mark.slow  # about 35 s: four processes, twice
 def test_a_checkpoint_of_one_layout_continues_in_another_and_loads_into_one_process(tmp_path):
     """10 steps under dp=2 x tp=2, then from its checkpoint dp=2 x pp=2 to step 20: steps 11-20 are those of an
     uninterrupted dp=2 run (1e-5 relative), and the checkpoint's weights give one process the validation loss
@@ -174,6 +176,7 @@ def test_a_checkpoint_of_one_layout_continues_in_another_and_loads_into_one_proc
     assert math.isclose(one["val_loss"][0], first["val_loss"][-1], rel_tol=1e-5)
 
 
+@pytest.mark.slow  # about 12 s each
 @pytest.mark.parametrize("before, after", [
     ((2, dict(pp=2, schedule="ZBV", chunks=2, tied=True)), (1, dict(tied=True))),  # both copies on one rank
     ((1, dict(tied=True)), (2, dict(pp=2, tied=True))),  # one tensor, then copies on two ranks

@@ -1,0 +1,282 @@
+"""Hugging Face folders in and out (``scripts/convert.py``), and loading one into a model of any layout.
+
+- ``to_hf(ckpt, out)``: an evo checkpoint (any layout) as a transformers folder: ``config.json`` with every
+  field written out (``evo.model.hf.hf_config_from_model``), the weights as safetensors (split into
+  ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` past ``max_shard_bytes``),
+  ``generation_config.json``, and the tokenizer when the run used a ``tokenizer.json``. Tensors are read from
+  the checkpoint one at a time, and a shard is written as soon as it is full.
+- ``from_hf(hf_dir, out)``: a transformers folder as an evo checkpoint holding the model (``load_ckpt_info``
+  content ``("model",)``). It holds the whole model in its stored dtype in memory while it writes.
+- ``load_hf_weights(model, hf_dir)``: ``ckpt.load_ckpt_info=dict(path=HF_DIR, content=("model",),
+  ckpt_type="hf")``: each rank reads from the safetensors files only the part of each tensor it holds
+  (``safe_open(...).get_slice``), so no process ever holds the whole model.
+
+The families are ``evo.model.hf.FAMILIES``; a model written with evo's GPT-J rotary layout
+(``qk_interleaved=True``) has its q and k rows reordered for transformers' halves layout on the way out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from evo.errors import CheckpointError, ConfigError
+from evo.model.hf import (FAMILIES, _LAYER_NAMES, _TOP_NAMES, _rename, hf_config_from_model, interleaved_to_halves,
+                          model_config_from_hf)
+
+MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
+_DTYPES = {"float32": "torch.float32", "bfloat16": "torch.bfloat16", "float16": "torch.float16"}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or the newest complete checkpoint in a folder of them."""
+    from evo.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    if (path / "config.json").is_file() and (path / ".metadata").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"'{path}' is neither an evo checkpoint nor a folder holding one")
+    return latest
+
+
+def checkpoint_model_config(path: Path):
+    """(evo ModelConfig, the run's tokenizer_path) from a checkpoint's config.json."""
+    from evo.checkpoint import read_config
+    from evo.config import config_from_dict
+
+    raw = read_config(path)
+    if not isinstance(raw.get("model"), dict):
+        raise CheckpointError(f"'{path}/config.json' has no model section")
+    return config_from_dict({"model": raw["model"]}).model, (raw.get("data") or {}).get("tokenizer_path")
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ConfigError(f"output folder '{out}' exists and is not empty: choose another, or pass --force to "
+                          "replace it")
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``, replacing what was there only now that the new one is complete."""
+    if out.exists():
+        old = out.with_name(out.name + ".old-evo")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+# ---------------------------------------------------------------------------------------------- to Hugging Face
+def to_hf(ckpt: str | Path, out: str | Path, force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write evo checkpoint ``ckpt`` as a transformers folder ``out``; returns ``out``."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    from evo.data.tokenizer import load_tokenizer
+
+    path, out = resolve_checkpoint(ckpt), Path(out)
+    _check_out(out, force)
+    cfg, tokenizer_path = checkpoint_model_config(path)
+    try:
+        tokenizer = load_tokenizer(tokenizer_path)
+    except Exception:  # noqa: BLE001 - the tokenizer only adds ids and files; the weights are what is converted
+        tokenizer = None
+    try:
+        hf_config = hf_config_from_model(cfg, getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None))
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint '{path}' cannot be written for transformers: {exc}") from None
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    names = [key[len("model."):] for key in stored if key.startswith("model.")]
+    if cfg.tie_word_embeddings:
+        names = [n for n in names if n != "output.weight"]  # transformers ties lm_head to the embedding
+    names.sort(key=_hf_order)
+    tmp = out.with_name(out.name + ".tmp-evo")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    count, current, size = 0, {}, 0  # shards written; the one being filled, its bytes
+    for name in names:
+        meta = stored[f"model.{name}"]
+        tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": {name: tensor}}, checkpoint_id=str(path))
+        tensor = tensor.to(cfg.torch_dtype)
+        if cfg.qk_interleaved and name.split(".")[-2] in ("wq", "wk", "q_norm", "k_norm"):
+            tensor = interleaved_to_halves(tensor, cfg.head_dim)
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            save_file(current, str(tmp / f"shard-{count}.safetensors"), metadata={"format": "pt"})
+            count, current, size = count + 1, {}, 0
+        current[_rename(name, _LAYER_NAMES, _TOP_NAMES, ("layers.", "model.layers."))] = tensor.contiguous()
+        size += nbytes
+    save_file(current, str(tmp / f"shard-{count}.safetensors"), metadata={"format": "pt"})
+    _name_shards(tmp, count + 1)
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    if tokenizer is not None and getattr(tokenizer, "path", None):  # a tokenizer.json (evo's BPE included)
+        shutil.copyfile(tokenizer.path, tmp / "tokenizer.json")
+        special = {"bos_token": tokenizer.token(tokenizer.bos_id), "eos_token": tokenizer.token(tokenizer.eos_id)}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", **{k: v for k, v in special.items() if v}}, indent=2))
+    _replace_folder(tmp, out)
+    return out
+
+
+def _hf_order(name: str):
+    """Embedding, layers in order, final norm, head: the order transformers lists them."""
+    if name.startswith("layers."):
+        return (1, int(name.split(".")[1]), name)
+    return (0 if name.startswith("tok_embeddings") else 2, 0, name)
+
+
+def _name_shards(folder: Path, count: int) -> None:
+    """Name the ``count`` shards written as transformers does: one ``model.safetensors``, or
+    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``."""
+    from safetensors import safe_open
+
+    if count == 1:
+        os.replace(folder / "shard-0.safetensors", folder / "model.safetensors")
+        return
+    weight_map, total = {}, 0
+    for i in range(count):
+        name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        os.replace(folder / f"shard-{i}.safetensors", folder / name)
+        with safe_open(str(folder / name), "pt") as f:
+            for key in f.keys():
+                weight_map[key] = name
+                t = f.get_slice(key)
+                total += _numel(t.get_shape()) * _ITEM_SIZE[t.get_dtype()]
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+_ITEM_SIZE = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# ---------------------------------------------------------------------------------------------- from Hugging Face
+def read_hf_config(hf_dir: str | Path) -> tuple[dict, dict]:
+    """(transformers config.json, evo's model section for it), or one line saying why the folder cannot be used."""
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise CheckpointError(f"'{hf_dir}' is not a Hugging Face model folder: it has no config.json")
+    config = json.loads((hf_dir / "config.json").read_text())
+    family = config.get("model_type")
+    if family not in FAMILIES:
+        arch = ", ".join(config.get("architectures") or []) or "no architectures"
+        raise CheckpointError(f"'{hf_dir}' holds a '{family}' model ({arch}); evo reads {', '.join(FAMILIES)} "
+                              "(Llama 2 and 3, Mistral, Qwen2, Qwen3)")
+    try:
+        section = model_config_from_hf(config)
+    except ValueError as exc:
+        raise CheckpointError(f"'{hf_dir}': {exc}") from None
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    section["dtype"] = _DTYPES.get(str(dtype).replace("torch.", ""), "torch.float32")
+    return config, section
+
+
+def _hf_files(hf_dir: Path) -> dict[str, Path]:
+    """Hugging Face tensor name -> the safetensors file holding it."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: hf_dir / file for name, file in weight_map.items()}
+    single = hf_dir / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"'{hf_dir}' has no model.safetensors (nor model.safetensors.index.json)")
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def _hf_name(evo_name: str, tied: bool) -> str:
+    if tied and evo_name == "output.weight":
+        evo_name = "tok_embeddings.weight"
+    return _rename(evo_name, _LAYER_NAMES, _TOP_NAMES, ("layers.", "model.layers."))
+
+
+@torch.no_grad()
+def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
+    """Fill ``model``'s parameters (a plain model, or any layout's: DTensor shards, pipeline stages) from the
+    transformers folder ``hf_dir``, each rank reading only its part of each tensor. The folder must describe the
+    model's own shapes: the first tensor that is missing or shaped otherwise is named on one line."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    hf_dir = Path(hf_dir)
+    read_hf_config(hf_dir)
+    files = _hf_files(hf_dir)
+    tied = bool(model.cfg.tie_word_embeddings)
+    handles: dict[Path, object] = {}
+    try:
+        for name, p in model.named_parameters():
+            key = _hf_name(name, tied)
+            if key not in files:
+                raise CheckpointError(f"Hugging Face folder '{hf_dir}' does not fit this model: it has no '{key}' "
+                                      f"(for '{name}')")
+            if files[key] not in handles:
+                handles[files[key]] = safe_open(str(files[key]), "pt")
+            source = handles[files[key]].get_slice(key)
+            if tuple(source.get_shape()) != tuple(p.shape):
+                raise CheckpointError(f"Hugging Face folder '{hf_dir}' does not fit this model: '{key}' is "
+                                      f"{tuple(source.get_shape())} there and {tuple(p.shape)} here")
+            if isinstance(p, DTensor):
+                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+                shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                local = p.to_local()
+                if local.numel():
+                    part = source[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+                    local.copy_(part.reshape(local.shape))
+            else:
+                p.copy_(source[tuple(slice(0, n) for n in p.shape)] if p.dim() else source[()])
+    finally:
+        handles.clear()
+
+
+def from_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Write the transformers folder ``hf_dir`` as an evo checkpoint ``out`` holding the model (load it with
+    ``ckpt.load_ckpt_info=dict(path=out, content=("model",))``); returns ``out``."""
+    import torch.distributed.checkpoint as dcp
+
+    from evo.config import config_from_dict
+    from evo.model import build_model
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    _check_out(out, force)
+    _, section = read_hf_config(hf_dir)
+    cfg = config_from_dict({"model": section}).model
+    model = build_model(cfg, "cpu")
+    load_hf_weights(model, hf_dir)
+    tmp = out.with_name(out.name + ".tmp-evo")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp))
+    data = {}
+    if (hf_dir / "tokenizer.json").is_file():
+        shutil.copyfile(hf_dir / "tokenizer.json", tmp / "tokenizer.json")
+        data["tokenizer_path"] = str(out.resolve() / "tokenizer.json")
+    torch.save({"step": 0, "from_hf": str(hf_dir)}, tmp / "train_state.pt")
+    (tmp / "config.json").write_text(json.dumps({"model": section, "data": data}, indent=2))
+    _replace_folder(tmp, out)
+    return out

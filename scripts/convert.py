@@ -1,0 +1,46 @@
+"""Hugging Face folders in and out:
+
+    python scripts/convert.py to-hf --ckpt CKPT --out HF_DIR [--force] [--max-shard-size BYTES]
+    python scripts/convert.py from-hf --hf HF_DIR --out CKPT [--force]
+
+``to-hf`` writes an evo checkpoint (any layout; a folder of them: the newest) as a transformers folder that
+``AutoModelForCausalLM.from_pretrained`` loads; ``from-hf`` writes a transformers folder (Llama 2 and 3, Mistral,
+Qwen2, Qwen3) as an evo checkpoint of the model. Training can also start from a Hugging Face folder directly:
+``ckpt.load_ckpt_info=dict(path=HF_DIR, content=("model",), ckpt_type="hf")``.
+"""
+
+import argparse
+import os
+import sys
+
+# the repo root replaces the scripts folder on the path: evo imports from a source tree, and
+# scripts/tokenize.py does not shadow the standard library's tokenize module
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from evo.cli import run  # noqa: E402
+from evo.convert import MAX_SHARD_BYTES, from_hf, to_hf  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Convert between evo checkpoints and Hugging Face folders.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    out_hf = commands.add_parser("to-hf", help="an evo checkpoint as a transformers folder")
+    out_hf.add_argument("--ckpt", required=True, help="a checkpoint folder, or a folder of them (the newest)")
+    out_hf.add_argument("--out", required=True, help="the transformers folder to write")
+    out_hf.add_argument("--max-shard-size", type=int, default=MAX_SHARD_BYTES,
+                        help=f"bytes per safetensors file (default {MAX_SHARD_BYTES})")
+    in_hf = commands.add_parser("from-hf", help="a transformers folder as an evo checkpoint")
+    in_hf.add_argument("--hf", required=True, help="a transformers model folder (config.json, *.safetensors)")
+    in_hf.add_argument("--out", required=True, help="the evo checkpoint folder to write")
+    for sub in (out_hf, in_hf):
+        sub.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    args = parser.parse_args()
+    if args.command == "to-hf":
+        out = to_hf(args.ckpt, args.out, force=args.force, max_shard_bytes=args.max_shard_size)
+    else:
+        out = from_hf(args.hf, args.out, force=args.force)
+    print(f"evo: wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run(main)

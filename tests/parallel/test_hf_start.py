@@ -1,0 +1,49 @@
+"""Training starts from a Hugging Face folder in any layout (``ckpt.load_ckpt_info`` with ``ckpt_type="hf"``):
+each rank reads only its part of each tensor from the safetensors files, so every layout must train exactly as
+one process started from the same folder does (which tests/test_convert.py checks against transformers)."""
+
+import math
+
+import torch
+import transformers
+
+from dist import run_distributed
+from layouts import tiny_sections, train
+
+
+def tiny_hf_folder(folder):
+    """A Llama folder with configs/tiny.py's shapes and random weights (split over two safetensors files)."""
+    config = transformers.LlamaConfig(vocab_size=258, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                      max_position_embeddings=2048, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    model.save_pretrained(folder, max_shard_size="4MB")
+    return folder
+
+
+def start_from_hf(rank, world_size, folder, hf_dir, layouts):
+    from pathlib import Path
+
+    out = []
+    for i, layout in enumerate(layouts):
+        sections = tiny_sections(Path(folder) / f"layout{i}", **layout)
+        sections["data"].update(total_steps=3, valid_every=0)
+        sections["ckpt"] = dict(enable_save_ckpt=False, load_ckpt_info=dict(path=str(hf_dir), content=("model",),
+                                                                            ckpt_type="hf"))
+        out.append(train(rank, world_size, sections).get("loss"))
+    return out
+
+
+def test_training_starts_from_a_hugging_face_folder_in_any_layout(tmp_path):
+    hf_dir = tiny_hf_folder(tmp_path / "hf")
+    assert (hf_dir / "model.safetensors.index.json").is_file()
+    (one,) = start_from_hf(0, 1, str(tmp_path / "one"), str(hf_dir), [dict()])
+    layouts = [dict(pp=2), dict(tp=2, mode="msp"), dict(tp=2, mode="isp", weight=2)]
+    runs = run_distributed(start_from_hf, 2, str(tmp_path / "two"), str(hf_dir), layouts)[0]
+    assert len(one) == 3 and one[0] < 10  # random weights of std 0.05 over 258 tokens: about ln(258) = 5.6
+    for layout, losses in zip(layouts, runs):
+        assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(losses, one)), (layout, losses, one)

@@ -1,0 +1,103 @@
+"""The kill test: training is SIGKILLed at 20 seeded random moments (at least 5 of them inside a checkpoint write,
+a temporary checkpoint folder present, and at least 2 inside a background save, ``ckpt.async_upload``), the same
+command resumes it each time, and the finished run's per-step losses, gradient norms and final weights equal
+those of a run never interrupted, bit for bit (fp32, CPU)."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import ROOT, small_sections
+
+KILLS, STEPS = 20, 400
+
+
+def config(tmp_path, name, async_upload=False):
+    sections = small_sections(model=dict(num_layers=4, hidden_size=128),
+                              data=dict(seq_len=128, micro_num=2, total_steps=STEPS),
+                              ckpt=dict(checkpoint_every=3, async_upload=async_upload, keep_latest=3),
+                              monitor=dict(run_folder=str(tmp_path / name)))
+    path = tmp_path / f"{name}-{int(async_upload)}.py"
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in sections.items()))
+    return path
+
+
+def start(cfg):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "scripts/train.py", "--config", str(cfg)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def steps_done(folder):
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip().endswith("}")]
+    return max(steps, default=0)
+
+
+def saving(folder):
+    ckpts = folder / "checkpoints"
+    return ckpts.is_dir() and any(p.name.startswith(".tmp-") for p in ckpts.iterdir())
+
+
+def final_state(folder):
+    """Per-step (loss, grad_norm) from metrics.jsonl, and the final checkpoint's tensors."""
+    import torch.distributed.checkpoint as dcp
+
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: (r["loss"], r["grad_norm"]) for r in records if "loss" in r}
+    path = folder / "checkpoints" / str(STEPS)
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    tensors = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()}
+    dcp.load(tensors, checkpoint_id=str(path))
+    return steps, tensors
+
+
+@pytest.mark.slow  # about 3 minutes
+def test_twenty_kills_at_random_moments_change_nothing(tmp_path):
+    straight = start(config(tmp_path, "straight"))
+    _, err = straight.communicate(timeout=900)
+    assert straight.returncode == 0, err[-3000:]
+    rng = random.Random(20261201)
+    # the kinds of moment, shuffled: 6 in a blocking checkpoint write, 3 in a background one, 11 anywhere
+    kinds = ["save"] * 6 + ["async"] * 3 + ["anywhere"] * 11
+    rng.shuffle(kinds)
+    folder = tmp_path / "killed"
+    survived = {"save": 0, "async": 0, "anywhere": 0}
+    for kind in kinds:
+        run = start(config(tmp_path, "killed", async_upload=kind == "async"))
+        begun = steps_done(folder)
+        deadline = time.time() + 300
+        while steps_done(folder) <= begun and run.poll() is None and time.time() < deadline:
+            time.sleep(0.005)  # training has started (resumed) and made a step
+        if kind == "anywhere":
+            time.sleep(rng.uniform(0.0, 1.0))
+            caught = True
+        else:  # wait for a checkpoint folder being written, then kill at once or a moment later
+            while not saving(folder) and run.poll() is None and time.time() < deadline:
+                time.sleep(0.001)
+            time.sleep(rng.choice([0.0, 0.0, rng.uniform(0.0, 0.02)]))
+            caught = saving(folder)
+        assert run.poll() is None, f"the run ended before its kill ({kind}): {run.stderr.read()[-2000:]}"
+        run.kill()
+        run.communicate()
+        assert steps_done(folder) < STEPS, "the run finished before the kills did"
+        survived[kind] += caught or kind == "anywhere"
+    assert survived["save"] >= 5 and survived["async"] >= 2, survived
+    last = start(config(tmp_path, "killed"))
+    _, err = last.communicate(timeout=900)
+    assert last.returncode == 0, err[-3000:]
+    a_steps, a_tensors = final_state(tmp_path / "straight")
+    b_steps, b_tensors = final_state(folder)
+    assert b_steps == a_steps  # every step, bit for bit
+    assert a_tensors.keys() == b_tensors.keys()
+    assert all(torch.equal(a_tensors[k], b_tensors[k]) for k in a_tensors), "final weights differ"
+    print(f"survived {len(kinds)} kills: {survived['save']} inside a checkpoint write, {survived['async']} inside a "
+          f"background save, {survived['anywhere']} anywhere")
