@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from evo.errors import CheckpointError, ConfigError
-from evo.model.hf import (FAMILIES, _LAYER_NAMES, _TOP_NAMES, _rename, hf_config_from_model, interleaved_to_halves,
-                          model_config_from_hf)
+from evo.model.hf import (FAMILIES, INTERNLM2, _LAYER_NAMES, _TOP_NAMES, _rename, hf_config_from_model, hf_family,
+                          internlm2_config_from_model, internlm2_name, interleaved_to_halves, model_config_from_hf,
+                          model_config_from_internlm2, pack_wqkv, unpack_wqkv)
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
 _DTYPES = {"float32": "torch.float32", "bfloat16": "torch.bfloat16", "float16": "torch.float16"}
@@ -78,8 +79,11 @@ def _replace_folder(tmp: Path, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- to Hugging Face
-def to_hf(ckpt: str | Path, out: str | Path, force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Write evo checkpoint ``ckpt`` as a transformers folder ``out``; returns ``out``."""
+def to_hf(ckpt: str | Path, out: str | Path, force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+          family: str | None = None) -> Path:
+    """Write evo checkpoint ``ckpt`` as a transformers folder ``out``; returns ``out``. ``family``: the transformers
+    family to write (default: the one that computes this model, ``evo.model.hf.hf_family``), or ``"internlm2"``
+    for InternLM2's own layout (packed ``wqkv``; its modeling code comes from InternLM's repositories)."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
@@ -92,8 +96,12 @@ def to_hf(ckpt: str | Path, out: str | Path, force: bool = False, max_shard_byte
         tokenizer = load_tokenizer(tokenizer_path)
     except Exception:  # noqa: BLE001 - the tokenizer only adds ids and files; the weights are what is converted
         tokenizer = None
+    ids = getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None)
+    internlm2 = family == INTERNLM2
     try:
-        hf_config = hf_config_from_model(cfg, getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None))
+        if family not in (None, INTERNLM2) and family != hf_family(cfg):
+            raise ValueError(f"it computes as {hf_family(cfg)}, not {family}")
+        hf_config = internlm2_config_from_model(cfg, *ids) if internlm2 else hf_config_from_model(cfg, *ids)
     except ValueError as exc:
         raise CheckpointError(f"checkpoint '{path}' cannot be written for transformers: {exc}") from None
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -105,6 +113,7 @@ def to_hf(ckpt: str | Path, out: str | Path, force: bool = False, max_shard_byte
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     count, current, size = 0, {}, 0  # shards written; the one being filled, its bytes
+    qkv: dict[str, dict[str, torch.Tensor]] = {}  # InternLM2: a layer's q, k, v parts until all three are read
     for name in names:
         meta = stored[f"model.{name}"]
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
@@ -112,13 +121,27 @@ def to_hf(ckpt: str | Path, out: str | Path, force: bool = False, max_shard_byte
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load({"model": {name: tensor}}, checkpoint_id=str(path))
         tensor = tensor.to(cfg.torch_dtype)
-        if cfg.qk_interleaved and name.split(".")[-2] in ("wq", "wk", "q_norm", "k_norm"):
+        module, kind = name.rsplit(".", 2)[-2:]
+        if cfg.qk_interleaved and module in ("wq", "wk", "q_norm", "k_norm"):
             tensor = interleaved_to_halves(tensor, cfg.head_dim)
+        if internlm2 and module in ("wq", "wk", "wv"):
+            prefix = name.rsplit(".", 2)[0]  # layers.N.attention
+            parts = qkv.setdefault(f"{prefix}.{kind}", {})
+            parts[module] = tensor
+            if len(parts) < 3:
+                continue
+            hf_name = f"model.{prefix}.wqkv.{kind}"
+            tensor = pack_wqkv(parts["wq"], parts["wk"], parts["wv"], cfg.kv_heads)
+            del qkv[f"{prefix}.{kind}"]
+        elif internlm2:
+            hf_name = internlm2_name(name)
+        else:
+            hf_name = _rename(name, _LAYER_NAMES, _TOP_NAMES, ("layers.", "model.layers."))
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > max_shard_bytes:
             save_file(current, str(tmp / f"shard-{count}.safetensors"), metadata={"format": "pt"})
             count, current, size = count + 1, {}, 0
-        current[_rename(name, _LAYER_NAMES, _TOP_NAMES, ("layers.", "model.layers."))] = tensor.contiguous()
+        current[hf_name] = tensor.contiguous()
         size += nbytes
     save_file(current, str(tmp / f"shard-{count}.safetensors"), metadata={"format": "pt"})
     _name_shards(tmp, count + 1)
@@ -180,12 +203,12 @@ def read_hf_config(hf_dir: str | Path) -> tuple[dict, dict]:
         raise CheckpointError(f"'{hf_dir}' is not a Hugging Face model folder: it has no config.json")
     config = json.loads((hf_dir / "config.json").read_text())
     family = config.get("model_type")
-    if family not in FAMILIES:
+    if family not in (*FAMILIES, INTERNLM2):
         arch = ", ".join(config.get("architectures") or []) or "no architectures"
-        raise CheckpointError(f"'{hf_dir}' holds a '{family}' model ({arch}); evo reads {', '.join(FAMILIES)} "
-                              "(Llama 2 and 3, Mistral, Qwen2, Qwen3)")
+        raise CheckpointError(f"'{hf_dir}' holds a '{family}' model ({arch}); evo reads {', '.join(FAMILIES)} and "
+                              f"{INTERNLM2} (Llama 2 and 3, Mistral, Qwen2, Qwen3, InternLM2)")
     try:
-        section = model_config_from_hf(config)
+        section = model_config_from_internlm2(config) if family == INTERNLM2 else model_config_from_hf(config)
     except ValueError as exc:
         raise CheckpointError(f"'{hf_dir}': {exc}") from None
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
@@ -208,6 +231,19 @@ def _hf_files(hf_dir: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
+class _Whole:
+    """A tensor already read, behind safetensors' slice interface (``get_shape``, indexing)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def get_shape(self) -> list[int]:
+        return list(self.tensor.shape)
+
+    def __getitem__(self, index):
+        return self.tensor[index]
+
+
 def _hf_name(evo_name: str, tied: bool) -> str:
     if tied and evo_name == "output.weight":
         evo_name = "tok_embeddings.weight"
@@ -223,19 +259,34 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
     from torch.distributed.tensor import DTensor
 
     hf_dir = Path(hf_dir)
-    read_hf_config(hf_dir)
+    config, _ = read_hf_config(hf_dir)
+    internlm2 = config["model_type"] == INTERNLM2
     files = _hf_files(hf_dir)
-    tied = bool(model.cfg.tie_word_embeddings)
+    cfg = model.cfg
+    tied = bool(cfg.tie_word_embeddings)
     handles: dict[Path, object] = {}
+
+    def open_slice(key: str, name: str):
+        if key not in files:
+            raise CheckpointError(f"Hugging Face folder '{hf_dir}' does not fit this model: it has no '{key}' "
+                                  f"(for '{name}')")
+        if files[key] not in handles:
+            handles[files[key]] = safe_open(str(files[key]), "pt")
+        return handles[files[key]].get_slice(key)
+
     try:
         for name, p in model.named_parameters():
-            key = _hf_name(name, tied)
-            if key not in files:
-                raise CheckpointError(f"Hugging Face folder '{hf_dir}' does not fit this model: it has no '{key}' "
-                                      f"(for '{name}')")
-            if files[key] not in handles:
-                handles[files[key]] = safe_open(str(files[key]), "pt")
-            source = handles[files[key]].get_slice(key)
+            module, kind = name.rsplit(".", 2)[-2:]
+            if internlm2 and module in ("wq", "wk", "wv"):  # one part of the layer's packed wqkv, whole
+                key = f"model.{name.rsplit('.', 2)[0]}.wqkv.{kind}"
+                parts = unpack_wqkv(open_slice(key, name)[:], cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim)
+                source = _Whole(parts[("wq", "wk", "wv").index(module)])
+            else:
+                if internlm2:
+                    key = internlm2_name("tok_embeddings.weight" if tied and name == "output.weight" else name)
+                else:
+                    key = _hf_name(name, tied)
+                source = open_slice(key, name)
             if tuple(source.get_shape()) != tuple(p.shape):
                 raise CheckpointError(f"Hugging Face folder '{hf_dir}' does not fit this model: '{key}' is "
                                       f"{tuple(source.get_shape())} there and {tuple(p.shape)} here")

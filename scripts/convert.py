@@ -1,11 +1,11 @@
 """Hugging Face folders in and out:
 
-    python scripts/convert.py to-hf --ckpt CKPT --out HF_DIR [--force] [--max-shard-size BYTES]
+    python scripts/convert.py to-hf --ckpt CKPT --out HF_DIR [--force] [--max-shard-size BYTES] [--family F]
     python scripts/convert.py from-hf --hf HF_DIR --out CKPT [--force]
 
 ``to-hf`` writes an evo checkpoint (any layout; a folder of them: the newest) as a transformers folder that
-``AutoModelForCausalLM.from_pretrained`` loads; ``from-hf`` writes a transformers folder (Llama 2 and 3, Mistral,
-Qwen2, Qwen3) as an evo checkpoint of the model. Training can also start from a Hugging Face folder directly:
+``AutoModelForCausalLM.from_pretrained`` loads (``--family internlm2``: InternLM2's own layout); ``from-hf`` writes a
+transformers folder (Llama 2 and 3, Mistral, Qwen2, Qwen3, InternLM2) as an evo checkpoint of the model. Training can also start from a Hugging Face folder directly:
 ``ckpt.load_ckpt_info=dict(path=HF_DIR, content=("model",), ckpt_type="hf")``.
 """
 
@@ -29,6 +29,9 @@ def main():
     out_hf.add_argument("--out", required=True, help="the transformers folder to write")
     out_hf.add_argument("--max-shard-size", type=int, default=MAX_SHARD_BYTES,
                         help=f"bytes per safetensors file (default {MAX_SHARD_BYTES})")
+    out_hf.add_argument("--family", choices=("llama", "mistral", "qwen2", "qwen3", "internlm2"),
+                        help="the transformers family to write (default: the one that computes this model); "
+                             "internlm2: InternLM2's own layout, packed wqkv")
     in_hf = commands.add_parser("from-hf", help="a transformers folder as an evo checkpoint")
     in_hf.add_argument("--hf", required=True, help="a transformers model folder (config.json, *.safetensors)")
     in_hf.add_argument("--out", required=True, help="the evo checkpoint folder to write")
@@ -36,7 +39,7 @@ def main():
         sub.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     args = parser.parse_args()
     if args.command == "to-hf":
-        out = to_hf(args.ckpt, args.out, force=args.force, max_shard_bytes=args.max_shard_size)
+        out = to_hf(args.ckpt, args.out, force=args.force, max_shard_bytes=args.max_shard_size, family=args.family)
     else:
         out = from_hf(args.hf, args.out, force=args.force)
     print(f"evo: wrote {out}", file=sys.stderr)

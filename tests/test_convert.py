@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from helpers import run_script
-from test_model_families import CASES, HF_CONFIGS
+from test_model_families import CASES, hf_model
 import evo
 from evo.convert import from_hf, to_hf
 from evo.errors import CheckpointError, ConfigError
@@ -21,14 +21,7 @@ TOL = 1e-4
 
 
 def hf_folder(tmp_path, family, fields, name="hf", tokenizer=False):
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
-    config = HF_CONFIGS[family](**dict(base, **fields))
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
+    model = hf_model(family, dtype=torch.float32, **fields)
     folder = tmp_path / name
     model.save_pretrained(folder)
     if tokenizer:
@@ -130,3 +123,101 @@ def test_bad_input_is_one_line_and_overwrites_nothing(tmp_path):
     with pytest.raises(ConfigError):
         to_hf(ckpt, tmp_path / "taken")
     assert not (tmp_path / "other").exists()
+
+
+# InternLM2's layout, as InternLM documents it (modeling_internlm2.py): wqkv's rows are "(h gs d)", for each of
+# the h kv heads gs = heads / kv heads + 2 blocks of d rows: its query heads, then its key, then its value.
+def internlm2_unpack(wqkv, heads, kv_heads, d):
+    blocks = wqkv.reshape(kv_heads, heads // kv_heads + 2, d, *wqkv.shape[1:])
+    return [blocks[:, :-2].reshape(heads * d, *wqkv.shape[1:]), blocks[:, -2].reshape(kv_heads * d, *wqkv.shape[1:]),
+            blocks[:, -1].reshape(kv_heads * d, *wqkv.shape[1:])]
+
+
+def internlm2_pack(q, k, v, kv_heads):
+    return torch.cat([t.reshape(kv_heads, -1, *t.shape[1:]) for t in (q, k, v)], dim=1).reshape(-1, *q.shape[1:])
+
+
+def llama_from_internlm2_folder(folder):
+    """transformers' Llama with the weights of an InternLM2 folder, unpacked here from the documented layout."""
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    heads, kv, hidden = config["num_attention_heads"], config["num_key_value_heads"], config["hidden_size"]
+    llama = transformers.LlamaConfig(
+        vocab_size=config["vocab_size"], hidden_size=hidden, intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv,
+        rms_norm_eps=config["rms_norm_eps"], rope_theta=config["rope_theta"], attention_bias=config["bias"],
+        max_position_embeddings=config["max_position_embeddings"], tie_word_embeddings=False)
+    state = {}
+    for file in folder.glob("*.safetensors"):
+        state.update(load_file(str(file)))
+    out = {"model.embed_tokens.weight": state["model.tok_embeddings.weight"], "model.norm.weight":
+           state["model.norm.weight"], "lm_head.weight": state["output.weight"]}
+    names = {"attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+             "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+    for i in range(config["num_hidden_layers"]):
+        for kind in ("weight", "bias"):
+            key = f"model.layers.{i}.attention.wqkv.{kind}"
+            if key in state:
+                q, k, v = internlm2_unpack(state[key], heads, kv, hidden // heads)
+                out.update({f"model.layers.{i}.self_attn.{p}_proj.{kind}": t for p, t in zip("qkv", (q, k, v))})
+            for ours, theirs in names.items():
+                if f"model.layers.{i}.{ours}.{kind}" in state:
+                    out[f"model.layers.{i}.{theirs}.{kind}"] = state[f"model.layers.{i}.{ours}.{kind}"]
+    model = transformers.LlamaForCausalLM(llama).eval()
+    model.load_state_dict(out, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("fields", [dict(qkv_bias=True, o_bias=True), dict(qk_interleaved=True)])
+def test_internlm2_layout_written_as_documented(tmp_path, fields):
+    from evo.checkpoint import save_checkpoint
+    from evo.config import config_from_dict
+    from evo.model import build_model
+
+    section = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_attention_heads=2, vocab_size=VOCAB,
+                   multiple_of=32, dtype="torch.float32", **fields)
+    model = build_model(config_from_dict({"model": section}).model, "cpu", seed=5).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):  # biases start at 0: give them values, so that they are checked
+                p.normal_(0.0, 0.3)
+    ckpt = save_checkpoint(tmp_path / "ckpts", 1, {"model": model.state_dict()}, {"step": 1}, {"model": section}, True)
+    result = run_script("scripts/convert.py", "to-hf", "--ckpt", ckpt, "--out", tmp_path / "hf", "--family",
+                        "internlm2")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "internlm2" and config["architectures"] == ["InternLM2ForCausalLM"]
+    reference = llama_from_internlm2_folder(tmp_path / "hf")
+    assert (logits(reference, IDS) - logits(model, IDS)).abs().max() <= TOL
+    again = evo.load_model(tmp_path / "hf")  # and read back by evo
+    assert (logits(again, IDS) - logits(model, IDS)).abs().max() <= TOL
+
+
+def test_an_internlm2_folder_written_from_the_documented_shape_is_read(tmp_path):
+    from safetensors.torch import save_file
+
+    folder, hf = hf_folder(tmp_path, "llama", {})
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    out = {"model.tok_embeddings.weight": state["model.embed_tokens.weight"], "model.norm.weight":
+           state["model.norm.weight"], "output.weight": state["lm_head.weight"]}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        out[p + "attention.wqkv.weight"] = internlm2_pack(*(state[p + f"self_attn.{x}_proj.weight"] for x in "qkv"), 2)
+        out[p + "attention.wo.weight"] = state[p + "self_attn.o_proj.weight"]
+        for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            out[p + f"feed_forward.{ours}.weight"] = state[p + f"mlp.{theirs}.weight"]
+        out[p + "attention_norm.weight"] = state[p + "input_layernorm.weight"]
+        out[p + "ffn_norm.weight"] = state[p + "post_attention_layernorm.weight"]
+    internlm2 = tmp_path / "internlm2"
+    internlm2.mkdir()
+    save_file(out, str(internlm2 / "model.safetensors"))
+    (internlm2 / "config.json").write_text(json.dumps(dict(
+        architectures=["InternLM2ForCausalLM"], model_type="internlm2", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_act="silu",
+        max_position_embeddings=64, rms_norm_eps=1e-6, bias=False, rope_theta=10000.0, rope_scaling=None,
+        tie_word_embeddings=False)))
+    expected = logits(hf, IDS)
+    assert (logits(evo.load_model(internlm2), IDS) - expected).abs().max() <= TOL
+    assert (logits(evo.load_model(from_hf(internlm2, tmp_path / "ckpt")), IDS) - expected).abs().max() <= TOL

@@ -34,12 +34,12 @@ CASES = {
 }
 
 
-def hf_model(family, **fields):
+def hf_model(family, dtype=torch.float64, **fields):
     base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
     config = HF_CONFIGS[family](**dict(base, **fields))
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     with torch.no_grad():
         for p in model.parameters():  # norms and biases too, so each one matters
             p.normal_(0.0, 0.3)

@@ -4,7 +4,8 @@
 its dict) into evo's ``model`` section; ``state_dict_from_hf`` / ``state_dict_to_hf`` rename the
 tensors. The tensors themselves need no change: evo's decoder uses the same layouts (rotary in the
 GPT-NeoX halves layout, ``nn.Linear`` weights as (out, in)). The tests check every family against
-transformers' own model on the same weights.
+transformers' own model on the same weights. ``hf_config_from_model`` is the way back (a ``config.json`` for
+an evo model), and the InternLM2 functions at the end read and write InternLM2's own layout (packed ``wqkv``).
 """
 
 from __future__ import annotations
@@ -182,3 +183,70 @@ def interleaved_to_halves(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
     rows = weight.reshape(-1, head_dim, *weight.shape[1:])
     return rows[:, order].reshape(weight.shape)
+
+
+# InternLM2's own layout (InternLM's Hugging Face repos, remote code): the names are evo's under "model." (the
+# head is "output"), and each layer's q, k and v projections are one "attention.wqkv": for every kv head, the
+# rows of its query heads, then its key head, then its value head ("(h gs d)", gs = heads / kv heads + 2).
+INTERNLM2 = "internlm2"
+
+
+def internlm2_config_from_model(cfg, bos_id: int | None = None, eos_id: int | None = None) -> dict:
+    """InternLM2's ``config.json`` (InternLM2Config's fields) for evo's model config ``cfg``, or ValueError."""
+    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        raise ValueError(f"InternLM2 has head_dim = hidden_size / heads; this model's head_dim is {cfg.head_dim}")
+    if cfg.qkv_bias != cfg.o_bias or cfg.mlp_bias or cfg.qk_norm or cfg.sliding_window:
+        raise ValueError("InternLM2 has one bias switch for wqkv and wo, and no MLP bias, q/k norms or window")
+    scaling = cfg.rope_scaling
+    if scaling and scaling.get("rope_type") not in ("linear", "dynamic"):
+        raise ValueError(f"InternLM2 scales rotary as linear or dynamic only, not {scaling.get('rope_type')!r}")
+    dtype = str(cfg.torch_dtype).replace("torch.", "")
+    return {
+        "architectures": ["InternLM2ForCausalLM"], "model_type": INTERNLM2,
+        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                     "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.kv_heads, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": float(cfg.layer_norm_epsilon),
+        "bias": bool(cfg.qkv_bias), "rope_theta": float(cfg.rope_base),
+        "rope_scaling": {"type": scaling["rope_type"], "factor": scaling["factor"]} if scaling else None,
+        "tie_word_embeddings": bool(cfg.tie_word_embeddings), "initializer_range": 0.02, "use_cache": True,
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": None, "attn_implementation": "eager",
+        "torch_dtype": dtype,
+    }
+
+
+def model_config_from_internlm2(config) -> dict:
+    """evo's ``model`` section for an InternLM2 ``config.json``."""
+    heads, hidden = _get(config, "num_attention_heads"), _get(config, "hidden_size")
+    scaling = _get(config, "rope_scaling")
+    bias = bool(_get(config, "bias", True))
+    return dict(
+        num_layers=_get(config, "num_hidden_layers"), hidden_size=hidden, num_attention_heads=heads,
+        num_kv_attention_heads=_get(config, "num_key_value_heads") or heads, head_dim=hidden // heads,
+        vocab_size=_get(config, "vocab_size"), intermediate_size=_get(config, "intermediate_size"),
+        layer_norm_epsilon=float(_get(config, "rms_norm_eps", 1e-6)), rope_base=float(_get(config, "rope_theta", 1e4)),
+        rope_scaling={"rope_type": scaling["type"], "factor": scaling["factor"]} if scaling else None,
+        qk_interleaved=False, max_position_embeddings=_get(config, "max_position_embeddings", 2048),
+        qkv_bias=bias, o_bias=bias, mlp_bias=False, qk_norm=False, sliding_window=None,
+        tie_word_embeddings=bool(_get(config, "tie_word_embeddings", False)),
+    )
+
+
+def internlm2_name(evo_name: str) -> str:
+    """InternLM2's name of an evo tensor other than wq, wk, wv (those are packed: ``pack_wqkv``)."""
+    return evo_name if evo_name.startswith("output.") else f"model.{evo_name}"
+
+
+def pack_wqkv(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """One layer's wqkv rows (or bias) from its q, k, v projections: per kv head, its query heads, key, value."""
+    q, k, v = (w.reshape(kv_heads, -1, *w.shape[1:]) for w in (wq, wk, wv))
+    return torch.cat([q, k, v], dim=1).reshape(-1, *wq.shape[1:])
+
+
+def unpack_wqkv(wqkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """(wq, wk, wv) from one layer's wqkv rows (or bias), the inverse of ``pack_wqkv``."""
+    groups = wqkv.reshape(kv_heads, heads // kv_heads + 2, head_dim, *wqkv.shape[1:])
+    rest = wqkv.shape[1:]
+    return (groups[:, :-2].reshape(-1, *rest), groups[:, -2].reshape(-1, *rest), groups[:, -1].reshape(-1, *rest))

@@ -188,3 +188,17 @@ def test_tied_embeddings_cross_between_one_tensor_and_pipeline_copies(tmp_path, 
     second = part(world_after, tmp_path / "second", layout_after, 8, 8, tmp_path / "first" / "checkpoints" / "4")
     straight = part(1, tmp_path / "straight", dict(tied=True), 8, 8)
     assert_continues(first, second, straight, f"{before} -> {after}")
+
+
+@pytest.mark.slow  # about 12 s each
+@pytest.mark.parametrize("before, after, reference", [
+    ((2, dict(tp=2, mode="isp", weight=2)), (2, dict(pp=2, chunks=2)), dict()),  # isp's weight shards -> stages
+    ((2, dict(zero1=2)), (1, dict(micro_num=4)), dict(micro_num=4)),  # ZeRO shards over dp=2 -> one process
+    ((1, dict()), (2, dict(tp=2, mode="fsp")), dict()),  # one process -> tensor-parallel shards
+])
+def test_checkpoints_cross_between_more_layouts(tmp_path, before, after, reference):
+    (world_before, layout_before), (world_after, layout_after) = before, after
+    first = part(world_before, tmp_path / "first", layout_before, 4, 8)
+    second = part(world_after, tmp_path / "second", layout_after, 8, 8, tmp_path / "first" / "checkpoints" / "4")
+    straight = part(1, tmp_path / "straight", reference, 8, 8)
+    assert_continues(first, second, straight, f"{before} -> {after}")
