@@ -84,9 +84,6 @@ def to_hf(ckpt: str | Path, out: str | Path, force: bool = False, max_shard_byte
     """Write evo checkpoint ``ckpt`` as a transformers folder ``out``; returns ``out``. ``family``: the transformers
     family to write (default: the one that computes this model, ``evo.model.hf.hf_family``), or ``"internlm2"``
     for InternLM2's own layout (packed ``wqkv``; its modeling code comes from InternLM's repositories)."""
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
-
     from evo.data.tokenizer import load_tokenizer
 
     path, out = resolve_checkpoint(ckpt), Path(out)
@@ -104,17 +101,33 @@ def to_hf(ckpt: str | Path, out: str | Path, force: bool = False, max_shard_byte
         hf_config = internlm2_config_from_model(cfg, *ids) if internlm2 else hf_config_from_model(cfg, *ids)
     except ValueError as exc:
         raise CheckpointError(f"checkpoint '{path}' cannot be written for transformers: {exc}") from None
-    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    names = [key[len("model."):] for key in stored if key.startswith("model.")]
-    if cfg.tie_word_embeddings:
-        names = [n for n in names if n != "output.weight"]  # transformers ties lm_head to the embedding
-    names.sort(key=_hf_order)
     tmp = out.with_name(out.name + ".tmp-evo")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    count, current, size = 0, {}, 0  # shards written; the one being filled, its bytes
+    _write_safetensors(tmp, _hf_tensors(path, cfg, internlm2), max_shard_bytes)
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    if tokenizer is not None and getattr(tokenizer, "path", None):  # a tokenizer.json (evo's BPE included)
+        shutil.copyfile(tokenizer.path, tmp / "tokenizer.json")
+        special = {"bos_token": tokenizer.token(tokenizer.bos_id), "eos_token": tokenizer.token(tokenizer.eos_id)}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", **{k: v for k, v in special.items() if v}}, indent=2))
+    _replace_folder(tmp, out)
+    return out
+
+
+def _hf_tensors(path: Path, cfg, internlm2: bool):
+    """(Hugging Face name, tensor) for each model tensor of checkpoint ``path``, read one at a time, in
+    transformers' order and ``cfg.dtype``: q/k rows in the halves rotary layout; InternLM2's q, k, v packed."""
+    import torch.distributed.checkpoint as dcp
+
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    names = [key[len("model."):] for key in stored if key.startswith("model.")]
+    if cfg.tie_word_embeddings:
+        names = [n for n in names if n != "output.weight"]  # transformers ties the head to the embedding
     qkv: dict[str, dict[str, torch.Tensor]] = {}  # InternLM2: a layer's q, k, v parts until all three are read
-    for name in names:
+    for name in sorted(names, key=_hf_order):
         meta = stored[f"model.{name}"]
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         with warnings.catch_warnings():
@@ -128,33 +141,30 @@ def to_hf(ckpt: str | Path, out: str | Path, force: bool = False, max_shard_byte
             prefix = name.rsplit(".", 2)[0]  # layers.N.attention
             parts = qkv.setdefault(f"{prefix}.{kind}", {})
             parts[module] = tensor
-            if len(parts) < 3:
-                continue
-            hf_name = f"model.{prefix}.wqkv.{kind}"
-            tensor = pack_wqkv(parts["wq"], parts["wk"], parts["wv"], cfg.kv_heads)
-            del qkv[f"{prefix}.{kind}"]
+            if len(parts) == 3:
+                yield f"model.{prefix}.wqkv.{kind}", pack_wqkv(parts["wq"], parts["wk"], parts["wv"], cfg.kv_heads)
+                del qkv[f"{prefix}.{kind}"]
         elif internlm2:
-            hf_name = internlm2_name(name)
+            yield internlm2_name(name), tensor
         else:
-            hf_name = _rename(name, _LAYER_NAMES, _TOP_NAMES, ("layers.", "model.layers."))
+            yield _rename(name, _LAYER_NAMES, _TOP_NAMES, ("layers.", "model.layers.")), tensor
+
+
+def _write_safetensors(folder: Path, tensors, max_shard_bytes: int) -> None:
+    """Write (name, tensor) pairs into safetensors files of at most ``max_shard_bytes`` (a larger tensor alone),
+    each as soon as it is full, then name them as transformers does (``_name_shards``)."""
+    from safetensors.torch import save_file
+
+    count, current, size = 0, {}, 0  # files written; the one being filled, its bytes
+    for name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > max_shard_bytes:
-            save_file(current, str(tmp / f"shard-{count}.safetensors"), metadata={"format": "pt"})
+            save_file(current, str(folder / f"shard-{count}.safetensors"), metadata={"format": "pt"})
             count, current, size = count + 1, {}, 0
-        current[hf_name] = tensor.contiguous()
+        current[name] = tensor.contiguous()
         size += nbytes
-    save_file(current, str(tmp / f"shard-{count}.safetensors"), metadata={"format": "pt"})
-    _name_shards(tmp, count + 1)
-    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-    generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    if tokenizer is not None and getattr(tokenizer, "path", None):  # a tokenizer.json (evo's BPE included)
-        shutil.copyfile(tokenizer.path, tmp / "tokenizer.json")
-        special = {"bos_token": tokenizer.token(tokenizer.bos_id), "eos_token": tokenizer.token(tokenizer.eos_id)}
-        (tmp / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", **{k: v for k, v in special.items() if v}}, indent=2))
-    _replace_folder(tmp, out)
-    return out
+    save_file(current, str(folder / f"shard-{count}.safetensors"), metadata={"format": "pt"})
+    _name_shards(folder, count + 1)
 
 
 def _hf_order(name: str):

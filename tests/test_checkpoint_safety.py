@@ -144,3 +144,19 @@ def test_background_saves_write_the_checkpoints_a_blocking_save_writes(tmp_path,
         b_tensors, b_state = checkpoint_contents(background.save_folder / step)
         assert a_tensors.keys() == b_tensors.keys() and all(torch.equal(a_tensors[k], b_tensors[k]) for k in a_tensors)
         assert a_state == b_state
+
+
+@pytest.mark.parametrize("info, line", [
+    (dict(path="x", ckpt_type="internevo"), "'ckpt.load_ckpt_info.ckpt_type' 'internevo' (InternEvo's own checkpoint "
+                                            "folders) cannot be read yet"),
+    (dict(path="x", ckpt_type="hf", content=("all",)), "'ckpt.load_ckpt_info.ckpt_type' 'hf': a Hugging Face folder "
+                                                       "holds the model only; set content=('model',)"),
+    (dict(path="x", ckpt_type="megatron"), "'ckpt.load_ckpt_info.ckpt_type' must be one of"),
+])
+def test_checkpoint_kinds_evo_cannot_read_are_one_line(info, line):
+    from evo.config import config_from_dict
+    from evo.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(small_sections(ckpt=dict(load_ckpt_info=info)))
+    assert str(err.value).startswith(line)

@@ -221,3 +221,16 @@ def test_an_internlm2_folder_written_from_the_documented_shape_is_read(tmp_path)
     expected = logits(hf, IDS)
     assert (logits(evo.load_model(internlm2), IDS) - expected).abs().max() <= TOL
     assert (logits(evo.load_model(from_hf(internlm2, tmp_path / "ckpt")), IDS) - expected).abs().max() <= TOL
+
+
+def test_generate_script_samples_from_a_hugging_face_folder(tmp_path):
+    folder, hf = hf_folder(tmp_path, "qwen2", dict(tie_word_embeddings=True), tokenizer=True)
+    result = run_script("scripts/generate.py", "--ckpt", folder, "--prompt", "def evo", "--tokens", "4",
+                        "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    tok = make_tokenizer()
+    prompt = tok.encode("def evo").ids
+    ids = torch.tensor([prompt])
+    for _ in range(4):  # transformers' greedy continuation, over the tokenizer's ids (the model's vocab is larger)
+        ids = torch.cat([ids, logits(hf, ids)[:, -1, :tok.get_vocab_size()].argmax(-1, keepdim=True)], dim=1)
+    assert result.stdout.strip() == "def evo" + tok.decode(ids[0, len(prompt):].tolist())
