@@ -258,6 +258,7 @@ class MonitorConfig:
     log_every: int = 1  # evo: console/metrics cadence in steps
     sample_prompt: Optional[str] = None  # evo: at the end of fit(), print a sample generated from this
     sample_tokens: int = 64
+    peak_tflops: Optional[float] = None  # evo: the device's peak for MFU (None: the table of known GPUs)
 
 
 @dataclass
@@ -597,6 +598,8 @@ def validate(cfg: Config) -> None:
         _require(kind != "hf" or content == ("model",), "'ckpt.load_ckpt_info.ckpt_type' 'hf': a Hugging Face "
                  f"folder holds the model only; set content=('model',), got {content}")
     _require(cfg.monitor.log_every >= 1, f"'monitor.log_every' must be >= 1, got {cfg.monitor.log_every}")
+    peak = cfg.monitor.peak_tflops
+    _require(peak is None or peak > 0, f"'monitor.peak_tflops' must be > 0 (TFLOP/s of one device), got {peak}")
     _resolve_folders(cfg)
 
 

@@ -104,7 +104,8 @@ class Trainer:
         self._train_iter = iter(train_dl)
         with torch.device("meta"):  # the whole model's count, whatever part of it this rank holds
             self._matmul_params = matmul_parameters(DecoderModel(model.cfg))
-        self._peak_tflops = peak_tflops(ctx.device, cfg.model.dtype)  # for MFU; None where unknown
+        # for MFU: the config's peak, else the table's for this GPU; None (no MFU) where unknown, as on a CPU
+        self._peak_tflops = cfg.monitor.peak_tflops or peak_tflops(ctx.device, cfg.model.dtype)
         self.schedule = build_schedule(model, ctx, cfg.data.micro_num)
 
     # ------------------------------------------------------------------ the documented loop

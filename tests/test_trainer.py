@@ -395,3 +395,15 @@ def test_mfu_uses_the_gpu_peak_for_the_compute_dtype(monkeypatch):
     assert peak_tflops(cuda, "torch.float16") == 312.0
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     assert peak_tflops(cuda, "torch.bfloat16") is None
+
+
+def test_mfu_on_a_cpu_only_when_its_peak_is_given(tmp_path):
+    plain = make_trainer(tmp_path, folder="plain", data=dict(total_steps=1))
+    plain.fit()
+    given = make_trainer(tmp_path, folder="given", data=dict(total_steps=1), monitor=dict(peak_tflops=0.5))
+    given.fit()
+    (a,) = [r for r in metrics(tmp_path / "plain") if "loss" in r]
+    (b,) = [r for r in metrics(tmp_path / "given") if "loss" in r]
+    assert "mfu" not in a and b["mfu"] == pytest.approx(b["tflops"] / 0.5, rel=1e-12)
+    with pytest.raises(ConfigError, match=r"'monitor.peak_tflops' must be > 0"):
+        make_trainer(tmp_path, folder="bad", monitor=dict(peak_tflops=0))
