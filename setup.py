@@ -17,6 +17,7 @@ setup(
         "tqdm",
     ],
     # transformers (5: rope_parameters): the tests compare each model family with transformers' own model
-    extras_require={"dev": ["pytest", "pytest-benchmark", "datasets", "transformers>=5"],
+    extras_require={"dev": ["pytest", "pytest-benchmark", "datasets", "transformers>=5", "nbclient", "nbformat",
+                            "ipykernel"],  # tests/test_notebook.py runs notebooks/kernels_tour.ipynb
                     "bench": ["matplotlib"]},  # bench/pipeline.py draws the measured schedule timeline
 )

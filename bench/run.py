@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-BENCHMARKS = ["train_step", "loader", "generate", "kernels", "attention", "flce_memory", "parallel", "pipeline"]
+BENCHMARKS = ["train_step", "loader", "generate", "kernels", "attention", "flce_memory", "parallel", "pipeline",
+              "overhead"]
 SMOKE = ["kernels", "attention"]  # the GPU benchmarks, runnable at tiny shapes anywhere with --smoke
 
 
