@@ -1,8 +1,9 @@
 """Run evo's benchmarks: ``python bench/run.py [--quick] [--only NAME ...] [--out FILE]``.
 
 Each module in bench/ named in BENCHMARKS has ``run(quick: bool, device: str) -> list[dict]``; every
-row names its case and its numbers. Results print as a table and are written as JSON (default
-``bench/results/<device>-<date>.json``) with the machine they ran on.
+row names its case and its numbers. Results print as they come and are written as JSON (default
+``bench/results/<device name>-<date>.json``: "cpu", or the GPU's name) with the machine they ran on (Python,
+torch and triton versions, the git commit), and as a markdown table next to it (``.md``).
 """
 
 from __future__ import annotations
@@ -28,16 +29,52 @@ def machine(device: str) -> dict:
     import torch
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "device": device}
+            "cpus": os.cpu_count(), "device": device, "commit": git_commit()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
-        try:
-            import triton
-
-            info["triton"] = triton.__version__
-        except ImportError:
-            pass
     return info
+
+
+def git_commit() -> str:
+    """The source tree's commit, with "+changes" when it has uncommitted ones; "unknown" without git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
+
+
+def device_name(info: dict) -> str:
+    """The results file's device part: "cpu", or the GPU's name in lower case ("nvidia-h100-80gb-hbm3")."""
+    name = info.get("gpu") or info["device"]
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def markdown(results: dict) -> str:
+    """The results as markdown: the machine, then one table per benchmark (its rows' keys as columns)."""
+    lines = [f"# bench/run.py, {results['date']}", "",
+             ", ".join(f"{k} {v}" for k, v in results["machine"].items()), ""]
+    benchmarks = list(dict.fromkeys(r["benchmark"] for r in results["rows"]))
+    for name in benchmarks:
+        rows = [r for r in results["rows"] if r["benchmark"] == name]
+        keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "benchmark"]
+        cell = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+        lines += [f"## {name}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -57,7 +94,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {"machine": machine(device), "date": datetime.datetime.now().isoformat(timespec="seconds"),
                "smoke": args.smoke, "rows": []}
-    out = Path(args.out or Path(__file__).parent / "results" / f"{device}-{datetime.date.today()}.json")
+    name = device_name(results["machine"])
+    out = Path(args.out or Path(__file__).parent / "results" / f"{name}-{datetime.date.today()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in only:
         options = {"smoke": True} if args.smoke else {}
@@ -67,7 +105,8 @@ def main() -> None:
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
             out.write_text(json.dumps(results, indent=2))  # after every row: a run cut short keeps what it measured
     out.write_text(json.dumps(results, indent=2))
-    print(f"results written to {out}")
+    out.with_suffix(".md").write_text(markdown(results))
+    print(f"results written to {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
