@@ -112,7 +112,9 @@ class Trainer:
     def fit(self) -> dict:
         """Train to ``data.total_steps``; then evaluate, checkpoint and print a sample. Returns the last metrics.
 
-        A run resumed at or past ``data.total_steps`` is complete: it says so and writes nothing."""
+        A run resumed at or past ``data.total_steps`` is complete: it says so and writes nothing. A run stopped
+        early (``evo.stopping``) has saved a checkpoint after its last step: the stop file's request returns,
+        a signal raises ``TrainingStopped``."""
         total = self.cfg.data.total_steps
         if self.step_count >= total:
             if self.ctx.is_main:
