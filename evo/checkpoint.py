@@ -124,19 +124,25 @@ class PendingSave:
                                   f"{self.error or 'another rank failed to write'}; the complete checkpoints in "
                                   f"'{self.folder}' are untouched")
         if self.is_main:
-            if self.final.exists():  # the same step saved again (a resumed run): replace it whole
-                old = self.folder / f".old-{self.step}"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(self.final, old)
-                os.replace(self.tmp, self.final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(self.tmp, self.final)
+            replace_folder(self.tmp, self.final)  # the same step saved again (a resumed run): replaced whole
             _fsync_dir(self.folder)
             for older in complete_checkpoints(self.folder)[self.keep_latest:] if self.keep_latest > 0 else ():
                 shutil.rmtree(older, ignore_errors=True)
         barrier()
         return self.final
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Put the finished folder ``tmp`` at ``final``; one already there is moved aside first and removed only once
+    the new one is in place."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def start_async_save(folder: str | Path, step: int, tensors: dict, train_state: dict, config: dict, is_main: bool,

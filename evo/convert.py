@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from evo.checkpoint import latest_checkpoint, replace_folder
 from evo.errors import CheckpointError, ConfigError
 from evo.model.hf import (FAMILIES, INTERNLM2, _LAYER_NAMES, _TOP_NAMES, _rename, hf_config_from_model, hf_family,
                           internlm2_config_from_model, internlm2_name, interleaved_to_halves, model_config_from_hf,
@@ -36,8 +37,6 @@ _DTYPES = {"float32": "torch.float32", "bfloat16": "torch.bfloat16", "float16": 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or the newest complete checkpoint in a folder of them."""
-    from evo.checkpoint import latest_checkpoint
-
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
@@ -64,18 +63,6 @@ def _check_out(out: Path, force: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ConfigError(f"output folder '{out}' exists and is not empty: choose another, or pass --force to "
                           "replace it")
-
-
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``, replacing what was there only now that the new one is complete."""
-    if out.exists():
-        old = out.with_name(out.name + ".old-evo")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 # ---------------------------------------------------------------------------------------------- to Hugging Face
@@ -113,7 +100,7 @@ def to_hf(ckpt: str | Path, out: str | Path, force: bool = False, max_shard_byte
         special = {"bos_token": tokenizer.token(tokenizer.bos_id), "eos_token": tokenizer.token(tokenizer.eos_id)}
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", **{k: v for k, v in special.items() if v}}, indent=2))
-    _replace_folder(tmp, out)
+    replace_folder(tmp, out)
     return out
 
 
@@ -152,19 +139,36 @@ def _hf_tensors(path: Path, cfg, internlm2: bool):
 
 def _write_safetensors(folder: Path, tensors, max_shard_bytes: int) -> None:
     """Write (name, tensor) pairs into safetensors files of at most ``max_shard_bytes`` (a larger tensor alone),
-    each as soon as it is full, then name them as transformers does (``_name_shards``)."""
+    each as soon as it is full, named as transformers names them: one ``model.safetensors``, or
+    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``."""
     from safetensors.torch import save_file
 
-    count, current, size = 0, {}, 0  # files written; the one being filled, its bytes
+    shards: list[list[str]] = []  # the tensor names of each file written
+    current, size, total = {}, 0, 0  # the file being filled, its bytes; all bytes
+
+    def write():
+        save_file(current, str(folder / f"shard-{len(shards)}.safetensors"), metadata={"format": "pt"})
+        shards.append(list(current))
+
     for name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > max_shard_bytes:
-            save_file(current, str(folder / f"shard-{count}.safetensors"), metadata={"format": "pt"})
-            count, current, size = count + 1, {}, 0
+            write()
+            current, size = {}, 0
         current[name] = tensor.contiguous()
         size += nbytes
-    save_file(current, str(folder / f"shard-{count}.safetensors"), metadata={"format": "pt"})
-    _name_shards(folder, count + 1)
+        total += nbytes
+    write()
+    if len(shards) == 1:
+        os.replace(folder / "shard-0.safetensors", folder / "model.safetensors")
+        return
+    weight_map = {}
+    for i, names in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(folder / f"shard-{i}.safetensors", folder / file)
+        weight_map.update(dict.fromkeys(names, file))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def _hf_order(name: str):
@@ -172,37 +176,6 @@ def _hf_order(name: str):
     if name.startswith("layers."):
         return (1, int(name.split(".")[1]), name)
     return (0 if name.startswith("tok_embeddings") else 2, 0, name)
-
-
-def _name_shards(folder: Path, count: int) -> None:
-    """Name the ``count`` shards written as transformers does: one ``model.safetensors``, or
-    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``."""
-    from safetensors import safe_open
-
-    if count == 1:
-        os.replace(folder / "shard-0.safetensors", folder / "model.safetensors")
-        return
-    weight_map, total = {}, 0
-    for i in range(count):
-        name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-        os.replace(folder / f"shard-{i}.safetensors", folder / name)
-        with safe_open(str(folder / name), "pt") as f:
-            for key in f.keys():
-                weight_map[key] = name
-                t = f.get_slice(key)
-                total += _numel(t.get_shape()) * _ITEM_SIZE[t.get_dtype()]
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-_ITEM_SIZE = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 # ---------------------------------------------------------------------------------------------- from Hugging Face
@@ -284,13 +257,16 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
             handles[files[key]] = safe_open(str(files[key]), "pt")
         return handles[files[key]].get_slice(key)
 
+    unpacked: dict[str, tuple] = {}  # InternLM2: the wqkv being read, split into its q, k, v parts
     try:
         for name, p in model.named_parameters():
             module, kind = name.rsplit(".", 2)[-2:]
             if internlm2 and module in ("wq", "wk", "wv"):  # one part of the layer's packed wqkv, whole
                 key = f"model.{name.rsplit('.', 2)[0]}.wqkv.{kind}"
-                parts = unpack_wqkv(open_slice(key, name)[:], cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim)
-                source = _Whole(parts[("wq", "wk", "wv").index(module)])
+                if key not in unpacked:
+                    unpacked = {key: unpack_wqkv(open_slice(key, name)[:], cfg.num_attention_heads, cfg.kv_heads,
+                                                 cfg.head_dim)}
+                source = _Whole(unpacked[key][("wq", "wk", "wv").index(module)])
             else:
                 if internlm2:
                     key = internlm2_name("tok_embeddings.weight" if tied and name == "output.weight" else name)
@@ -339,5 +315,5 @@ def from_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
         data["tokenizer_path"] = str(out.resolve() / "tokenizer.json")
     torch.save({"step": 0, "from_hf": str(hf_dir)}, tmp / "train_state.pt")
     (tmp / "config.json").write_text(json.dumps({"model": section, "data": data}, indent=2))
-    _replace_folder(tmp, out)
+    replace_folder(tmp, out)
     return out

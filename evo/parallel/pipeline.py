@@ -287,33 +287,38 @@ class PipelineModel(nn.Module):
     def _global(self, pp_rank: int) -> int:
         return dist.get_global_rank(self.ctx.pp_group, pp_rank)
 
+    # a tensor's shape and dtype travel first, in a header of _HEADER int64s: [ndim, dtype index, *shape]
+    _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32)
+    _HEADER = 10
+
+    def _header(self, t: torch.Tensor | None) -> torch.Tensor:
+        header = torch.zeros(self._HEADER, dtype=torch.int64, device=self.ctx.device)
+        if t is not None:
+            header[0], header[1] = t.dim(), self._DTYPES.index(t.dtype)
+            header[2:2 + t.dim()] = torch.tensor(t.shape)
+        return header
+
+    def _empty(self, header: torch.Tensor) -> torch.Tensor:
+        return torch.empty(header[2:2 + int(header[0])].tolist(), dtype=self._DTYPES[int(header[1])],
+                           device=self.ctx.device)
+
     def _send(self, t: torch.Tensor, pp_rank: int) -> None:
-        header = torch.zeros(8, dtype=torch.int64, device=t.device)
-        header[0] = t.dim()
-        header[1:1 + t.dim()] = torch.tensor(t.shape)
-        dist.send(header, self._global(pp_rank), group=self.ctx.pp_group)
+        dist.send(self._header(t), self._global(pp_rank), group=self.ctx.pp_group)
         dist.send(t.contiguous(), self._global(pp_rank), group=self.ctx.pp_group)
 
     def _recv(self, pp_rank: int) -> torch.Tensor:
-        dev = self.ctx.device
-        header = torch.zeros(8, dtype=torch.int64, device=dev)
+        header = self._header(None)
         dist.recv(header, self._global(pp_rank), group=self.ctx.pp_group)
-        shape = header[1:1 + int(header[0])].tolist()
-        t = torch.empty(shape, dtype=self.cfg.torch_dtype, device=dev)
+        t = self._empty(header)
         dist.recv(t, self._global(pp_rank), group=self.ctx.pp_group)
         return t
 
     def _broadcast(self, t: torch.Tensor | None, pp_rank: int) -> torch.Tensor:
-        """``t`` of pipeline rank ``pp_rank`` on every pipeline rank (shape and dtype sent first)."""
-        dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32)
-        header = torch.zeros(9, dtype=torch.int64, device=self.ctx.device)
-        if t is not None:
-            header[0], header[1] = t.dim(), dtypes.index(t.dtype)
-            header[2:2 + t.dim()] = torch.tensor(t.shape)
+        """``t`` of pipeline rank ``pp_rank`` on every pipeline rank."""
         src = self._global(pp_rank)
+        header = self._header(t)
         dist.broadcast(header, src, group=self.ctx.pp_group)
-        if t is None:
-            t = torch.empty(header[2:2 + int(header[0])].tolist(), dtype=dtypes[int(header[1])], device=self.ctx.device)
+        t = self._empty(header) if t is None else t
         dist.broadcast(t, src, group=self.ctx.pp_group)
         return t
 
