@@ -25,6 +25,12 @@ def small_sections(**sections) -> dict:
     return cfg
 
 
+def write_config(path, sections: dict):
+    """``sections`` (e.g. ``small_sections(...)``) as a config file at ``path``, for scripts/train.py; returns it."""
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in sections.items()))
+    return path
+
+
 def run_script(*args, cwd=None, env=None, timeout=300):
     """Run a script of the repo in a fresh interpreter; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **(env or {})}

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import run_script, small_sections
+from helpers import run_script, small_sections, write_config
 from test_trainer import make_trainer, metrics, trained
 from evo import checkpoint
 from evo.checkpoint import CorruptCheckpointError, complete_checkpoints, load_checkpoint
@@ -38,7 +38,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_resumed(tmp_p
     ref = {r["step"]: r["loss"] for r in metrics(tmp_path / "run") if "loss" in r}
     damage(tmp_path / "run" / "checkpoints" / "4")
     (tmp_path / "run" / "metrics.jsonl").unlink()
-    result = run_script("scripts/train.py", "--config", str(write_config(tmp_path)))
+    result = run_script("scripts/train.py", "--config", str(run_config(tmp_path)))
     assert result.returncode == 0, result.stderr[-3000:]
     warning = [line for line in result.stderr.splitlines() if "resuming from the previous complete checkpoint" in line]
     assert len(warning) == 1 and named in warning[0] and str(tmp_path / "run" / "checkpoints" / "4") in warning[0]
@@ -48,20 +48,17 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_resumed(tmp_p
     load_checkpoint(tmp_path / "run" / "checkpoints" / "4", {})  # the damaged one was replaced by a good save
 
 
-def write_config(tmp_path):
+def run_config(tmp_path):
     """The config of ``trained(tmp_path, "run")`` as a file, for scripts/train.py."""
     sections = small_sections(ckpt=dict(checkpoint_every=2), monitor=dict(run_folder=str(tmp_path / "run")))
-    path = tmp_path / "cfg.py"
-    path.write_text("".join(f"{k} = {v!r}\n" for k, v in sections.items()))
-    return path
+    return write_config(tmp_path / "cfg.py", sections)
 
 
 def test_the_only_checkpoint_damaged_is_one_line_and_exit_2(tmp_path):
     trained(tmp_path, "run", ckpt=dict(checkpoint_every=0))  # one checkpoint, at the end (step 4)
     truncate(tmp_path / "run" / "checkpoints" / "4" / "train_state.pt")
     sections = small_sections(data=dict(total_steps=6), monitor=dict(run_folder=str(tmp_path / "run")))
-    (tmp_path / "cfg.py").write_text("".join(f"{k} = {v!r}\n" for k, v in sections.items()))
-    result = run_script("scripts/train.py", "--config", str(tmp_path / "cfg.py"))
+    result = run_script("scripts/train.py", "--config", str(write_config(tmp_path / "cfg.py", sections)))
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()[-1:]
     assert line.startswith("evo: error: '") and "train_state.pt' cannot be read (truncated or corrupt?)" in line

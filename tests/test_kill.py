@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, small_sections
+from helpers import ROOT, small_sections, write_config
 
 KILLS, STEPS = 20, 400
 
@@ -23,9 +23,7 @@ def config(tmp_path, name, async_upload=False):
                               data=dict(seq_len=128, micro_num=2, total_steps=STEPS),
                               ckpt=dict(checkpoint_every=3, async_upload=async_upload, keep_latest=3),
                               monitor=dict(run_folder=str(tmp_path / name)))
-    path = tmp_path / f"{name}-{int(async_upload)}.py"
-    path.write_text("".join(f"{k} = {v!r}\n" for k, v in sections.items()))
-    return path
+    return write_config(tmp_path / f"{name}-{int(async_upload)}.py", sections)
 
 
 def start(cfg):

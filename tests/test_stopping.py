@@ -11,16 +11,14 @@ import time
 
 import pytest
 
-from helpers import ROOT, small_sections
+from helpers import ROOT, small_sections, write_config
 from test_launch import free_port
 
 
 def config(tmp_path, name, steps=40, **ckpt):
     sections = small_sections(data=dict(total_steps=steps), ckpt=dict(checkpoint_every=0, **ckpt),
                               monitor=dict(run_folder=str(tmp_path / name)))
-    path = tmp_path / f"{name}.py"
-    path.write_text("".join(f"{k} = {v!r}\n" for k, v in sections.items()))
-    return path
+    return write_config(tmp_path / f"{name}.py", sections)
 
 
 def start(cfg, world=1):
