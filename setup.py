@@ -17,7 +17,9 @@ setup(
         "tqdm",
     ],
     # transformers (5: rope_parameters): the tests compare each model family with transformers' own model
+    # tests/test_notebook.py runs notebooks/kernels_tour.ipynb (nbclient, nbformat, ipykernel); tests/test_bench.py
+    # draws the benchmarks' pictures (matplotlib)
     extras_require={"dev": ["pytest", "pytest-benchmark", "datasets", "transformers>=5", "nbclient", "nbformat",
-                            "ipykernel"],  # tests/test_notebook.py runs notebooks/kernels_tour.ipynb
-                    "bench": ["matplotlib"]},  # bench/pipeline.py draws the measured schedule timeline
+                            "ipykernel", "matplotlib"],
+                    "bench": ["matplotlib"]},  # bench/run.py's pictures, bench/pipeline.py's schedule timeline
 )

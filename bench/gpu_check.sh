@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (about 6 minutes at most): the kernel tests on the GPU (the attention
-# determinism check included) and a quick benchmark pass, results under $OUT (default
-# bench/results/gpu). Run from the repository root on a GPU machine:
+# The one prepared GPU run, about 6 minutes at most, the goals first; every step has its own timeout and each
+# benchmark writes its JSON after every row, so a step cut short keeps what it measured. Results under $OUT
+# (default bench/results/gpu). Before it, where there is network (the GPU machines have none):
+#   bash bench/fetch_liger.sh          # Liger-Kernel into bench/vendor/, for the baseline rows
+# then on the GPU machine, from the repository root (the device tool: carry ["bench/vendor"]):
 #   PYTHONPATH=. bash bench/gpu_check.sh
-# The tests run untuned (EVO_AUTOTUNE=0: tuning every shape of the sweep would cost minutes of
-# compiling), in two processes at once; the benchmarks autotune, one module at a time, each writing
-# its JSON after every row, so a timeout keeps what was measured.
+# 1. the benchmarks that decide the goals (bench/goals.py): attention, kernels, the 1B training step;
+# 2. the kernel tests on the GPU, untuned (EVO_AUTOTUNE=0: tuning every shape of the sweep costs minutes),
+#    the attention determinism check included, two processes at once;
+# 3. the goals, met or missed, from the results of 1 (goals.md).
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.txt" 2>&1
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/device.txt" 2>&1
-# kernel tests on the GPU (no interpreter: TRITON_INTERPRET stays unset when CUDA is present)
-EVO_AUTOTUNE=0 timeout 170 python -m pytest -q -p no:cacheprovider tests/kernels/test_attention.py \
+PYTHONPATH=$PYTHONPATH:bench/vendor python -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', \
+m.version('liger-kernel'))" >> "$OUT/device.txt" 2>&1 || echo "liger-kernel: not importable" >> "$OUT/device.txt"
+for step in "attention 95" "kernels 85" "train_step 100"; do
+    set -- $step
+    timeout "$2" python bench/run.py --quick --only "$1" --out "$OUT/$1.json" > "$OUT/$1.txt" 2>&1
+    echo "$1: exit $?" >> "$OUT/steps.txt"
+done
+EVO_AUTOTUNE=0 timeout 75 python -m pytest -q -p no:cacheprovider tests/kernels/test_attention.py \
     > "$OUT/gpu_tests_attention.txt" 2>&1 &
-EVO_AUTOTUNE=0 timeout 170 python -m pytest -q -p no:cacheprovider tests/kernels \
+EVO_AUTOTUNE=0 timeout 75 python -m pytest -q -p no:cacheprovider tests/kernels \
     --ignore=tests/kernels/test_attention.py > "$OUT/gpu_tests_other.txt" 2>&1 &
 wait
-timeout 90 python bench/run.py --quick --only kernels --out "$OUT/bench_kernels.json" > "$OUT/bench_kernels.txt" 2>&1
-timeout 100 python bench/run.py --quick --only attention --out "$OUT/bench_attention.json" \
-    > "$OUT/bench_attention.txt" 2>&1
-for f in device.txt gpu_tests_attention.txt gpu_tests_other.txt bench_kernels.txt bench_attention.txt; do
-    echo "=== $f"; tail -40 "$OUT/$f"
+python bench/goals.py "$OUT"/attention.json "$OUT"/kernels.json "$OUT"/train_step.json > "$OUT/goals.md" 2>&1
+for f in device.txt steps.txt goals.md gpu_tests_attention.txt gpu_tests_other.txt attention.txt kernels.txt \
+         train_step.txt; do
+    echo "=== $f"; tail -25 "$OUT/$f"
 done

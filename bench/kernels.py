@@ -1,147 +1,163 @@
-"""Kernel benchmarks on a GPU: evo's Triton kernels against torch eager and torch.compile of the
-reference, at the shapes the issue's anchors publish. Bandwidth-bound ops report GB/s and the share
-of the device's own copy bandwidth, measured in the same run (a large device-to-device copy).
+"""Kernel benchmarks: each op over a sweep of sizes, one row per provider (the row schema and the timing are
+bench/common.py's).
 
-Each row: op, impl, shape, ms, and GB/s + share of copy bandwidth, or TFLOP/s + working memory.
-On a CPU there is nothing to time here (the kernels run in Triton's interpreter): see flce_memory.
-``smoke=True`` runs the same code at tiny shapes on any device (on a CPU through the interpreter),
-so that a test can check the benchmark itself before a GPU run; its numbers mean nothing.
+Providers: ``evo`` (the op's Triton kernel), ``torch`` (evo's plain-PyTorch reference of the op, eager),
+``torch.compile`` (that reference compiled at each shape) and ``liger`` (Liger-Kernel's op, when it imports:
+bench/fetch_liger.sh puts it in bench/vendor/). Every provider's result is checked against the reference in
+fp32 on the same inputs before it is timed. On a GPU everything runs in bf16. On a CPU there is no Triton to
+time (the interpreter says nothing about speed), so a CPU run times the reference eager against compiled, in
+fp32, at CPU-sized shapes. ``smoke=True`` runs every provider at tiny shapes on any device (on a CPU through
+Triton's interpreter) so that a test checks the harness before a GPU run; its numbers mean nothing.
+
+What each op moves and computes, the formulas of its GB/s and TFLOP/s (elements of e bytes):
+- rms_norm fwd: read x, write y: 2 * numel * e. fwd+bwd: add read x and dy, write dx: 5 * numel * e.
+- rotary fwd+bwd (q and k): read and write q and k, forward and backward: 4 * (numel q + numel k) * e.
+- swiglu fwd+bwd: read gate and up, write y; read gate, up and dy, write dgate and dup: 8 * numel * e.
+- cross_entropy fwd+bwd: read the logits (forward), read them and write their gradient (backward):
+  3 * tokens * vocab * e.
+- fused_linear_cross_entropy fwd+bwd: the matmuls' FLOPs, 2 * T * H * V forward (logits) and 4 * T * H * V
+  backward (input and weight gradients), 6 * T * H * V in all; its ``peak_MiB`` is the working memory.
+Liger's rotary, SwiGLU and cross-entropy write into their inputs (to save memory); every provider's inputs
+are put back before it runs, and timing does not depend on the values.
 """
 
 from __future__ import annotations
 
-import time
+import functools
 
 import torch
 
+from common import Case, liger, run_case
 from evo.kernels import reference as ref
 
-# (full size: the anchors' shapes, smoke: tiny)
-SHAPES = {
-    "rms_fwd": ((4096, 16384), (8, 300)),
-    "rms_bwd": ((16384, 4096), (8, 256)),
-    "rotary": ((4, 4096, 32, 128), (2, 32, 2, 16)),
-    "swiglu": ((16384, 11008), (8, 300)),
-    "cross_entropy": ((8192, 131072), (8, 3000)),
-    "flce": ((8192, 4096, 128256), (16, 32, 3000)),
-    "copy_bytes": (1 << 30, 1 << 20),
+# the sizes swept, per op: (the shape of each size, the sizes) on a GPU (all, --quick), on a CPU (all,
+# --quick) and in smoke mode. The quick GPU sizes hold the issue's goal shapes.
+SWEEPS = {
+    "rms_norm": {"name": "hidden", "shape": lambda n, rows: (rows, n),
+                 "gpu": ([1024, 2048, 4096, 8192, 16384], [4096, 16384], 4096),
+                 "cpu": ([1024, 2048, 4096], [1024, 4096], 1024), "smoke": ([64, 300], [300], 8)},
+    "rotary": {"name": "seqlen", "shape": lambda n, bhd: (bhd[0], n, *bhd[1:]),
+               "gpu": ([1024, 2048, 4096, 8192], [4096], (4, 32, 128)),
+               "cpu": ([256, 512, 1024], [512], (1, 32, 128)), "smoke": ([16, 32], [32], (1, 8, 16))},
+    "swiglu": {"name": "width", "shape": lambda n, rows: (rows, n),
+               "gpu": ([2816, 5632, 11008, 14336], [11008], 8192), "cpu": ([1024, 2816, 5632], [2816], 1024),
+               "smoke": ([96, 300], [300], 8)},
+    "cross_entropy": {"name": "vocab", "shape": lambda n, rows: (rows, n),
+                      "gpu": ([32768, 65536, 131072], [131072], 8192), "cpu": ([8192, 32768], [8192], 512),
+                      "smoke": ([1000, 3000], [3000], 8)},
+    "fused_linear_cross_entropy": {"name": "tokens", "shape": lambda n, hv: (n, *hv),
+                                   "gpu": ([2048, 4096, 8192], [8192], (4096, 128256)),
+                                   "cpu": ([256, 1024], [256], (512, 32000)), "smoke": ([16, 32], [32], (32, 3000))},
 }
+OPS = [("rms_norm", "fwd"), ("rms_norm", "fwd+bwd"), ("rotary", "fwd+bwd"), ("swiglu", "fwd+bwd"),
+       ("cross_entropy", "fwd+bwd"), ("fused_linear_cross_entropy", "fwd+bwd")]
 
 
-def bench_ms(fn, quick: bool, device: str) -> float:
-    """Milliseconds per call: triton.testing.do_bench on a GPU, a short wall-clock median elsewhere."""
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100)
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[1]
+def sizes(op: str, device: str, quick: bool, smoke: bool) -> tuple[list, object]:
+    """The sizes to run for ``op`` and the rest of its shape (rows, batch, or (hidden, vocab))."""
+    every, fewer, rest = SWEEPS[op]["smoke" if smoke else "gpu" if device == "cuda" else "cpu"]
+    return (fewer if quick else every), rest
 
 
-def copy_bandwidth(quick: bool, device: str, nbytes: int) -> float:
-    """GB/s of a device-to-device copy of ``nbytes`` (read + write counted)."""
-    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    return 2 * a.numel() / bench_ms(lambda: b.copy_(a), quick, device) / 1e6
+def _rope_pair(apply):
+    """rotary on q and k with one function (as a model calls it), from a single-tensor ``apply``."""
+    def rope(q, k, cos, sin):
+        return apply(q, cos, sin), apply(k, cos, sin)
+    return rope
 
 
-def _impls(triton_fn, ref_fn):
-    return [("evo", triton_fn), ("torch", ref_fn), ("torch.compile", torch.compile(ref_fn, dynamic=False))]
+def _liger_adapters(functional) -> dict:
+    """Liger's ops with evo's signatures."""
+    def rope(q, k, cos, sin):  # Liger takes (batch, heads, seqlen, dim) views and tables of the full head dim
+        full_cos, full_sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+        q2, k2 = functional.liger_rope(q.transpose(1, 2), k.transpose(1, 2), full_cos, full_sin)
+        return q2.transpose(1, 2), k2.transpose(1, 2)
+
+    return {"rms_norm": lambda x, w: functional.liger_rms_norm(x, w, 1e-6, in_place=False),
+            "rotary": rope, "swiglu": functional.liger_swiglu,
+            "cross_entropy": functional.liger_cross_entropy,
+            "fused_linear_cross_entropy": functional.liger_fused_linear_cross_entropy}
 
 
-def _fwd_bwd(fn, inputs, grad):
-    """One forward and backward of fn(*inputs), gradients reset first."""
-    def run():
-        for t in inputs:
-            t.grad = None
-        fn(*inputs).backward(grad)
-    return run
+@functools.lru_cache(maxsize=None)
+def _references() -> dict:
+    """Each op's reference with the benchmark's signature (the fp32 check and the torch providers use these)."""
+    return {"rms_norm": lambda x, w: ref.rms_norm(x, w, 1e-6), "rotary": _rope_pair(ref.apply_rotary_emb),
+            "swiglu": ref.swiglu, "cross_entropy": ref.cross_entropy,
+            "fused_linear_cross_entropy": lambda h, w, labels: torch.nn.functional.cross_entropy(h @ w.T, labels)}
+
+
+def _evo(op: str):
+    from evo.kernels import activation, loss, rmsnorm, rotary
+
+    return {"rms_norm": lambda x, w: rmsnorm.rms_norm(x, w, 1e-6), "rotary": _rope_pair(rotary.apply_rotary_emb),
+            "swiglu": activation.swiglu, "cross_entropy": loss.cross_entropy,
+            "fused_linear_cross_entropy": loss.fused_linear_cross_entropy}[op]
+
+
+def make_case(op: str, mode: str, n: int, rest, dtype: torch.dtype, device: str) -> Case:
+    """The inputs of ``op`` at size ``n``, with its byte or FLOP count."""
+    shape = SWEEPS[op]["shape"](n, rest)
+    e = torch.finfo(dtype).bits // 8
+    bwd = mode == "fwd+bwd"
+
+    def randn(*dims, scale=1.0, grad=bwd):
+        return (torch.randn(*dims, device=device, dtype=torch.float32) * scale).to(dtype).requires_grad_(grad)
+
+    common = dict(op=op, mode=mode, shape="x".join(map(str, shape)), size=n, size_name=SWEEPS[op]["name"],
+                  dtype=dtype, reference=_references()[op])
+    if op == "rms_norm":
+        x = randn(*shape)
+        w = (1 + torch.randn(shape[1], device=device) / 10).to(dtype).requires_grad_(bwd)
+        return Case(inputs=[x, w], grad_outs=[randn(*shape, grad=False)] if bwd else [],
+                    nbytes=(5 if bwd else 2) * x.numel() * e, **common)
+    if op == "rotary":
+        b, s, h, d = shape
+        q, k = randn(b, s, h, d), randn(b, s, h // 4, d)
+        angles = torch.outer(torch.arange(s, device=device, dtype=torch.float32),
+                             10000.0 ** (-torch.arange(0, d, 2, device=device) / d))
+        return Case(inputs=[q, k, angles.cos(), angles.sin()],
+                    grad_outs=[randn(*q.shape, grad=False), randn(*k.shape, grad=False)],
+                    nbytes=4 * (q.numel() + k.numel()) * e, **common)
+    if op == "swiglu":
+        g, u = randn(*shape), randn(*shape)
+        return Case(inputs=[g, u], grad_outs=[randn(*shape, grad=False)], nbytes=8 * g.numel() * e, **common)
+    if op == "cross_entropy":
+        logits = randn(*shape)
+        labels = torch.randint(0, shape[1], (shape[0],), device=device)
+        return Case(inputs=[logits, labels], nbytes=3 * logits.numel() * e, **common)
+    t, h, v = shape
+    hidden, weight = randn(t, h), randn(v, h, scale=h ** -0.5)
+    labels = torch.randint(0, v, (t,), device=device)
+    return Case(inputs=[hidden, weight, labels], flops=6.0 * t * h * v, **common)
+
+
+def providers(op: str, device: str, smoke: bool) -> dict:
+    """name -> function, or the reason it cannot run (a string)."""
+    reference = _references()[op]
+    found = {}
+    if device == "cuda" or smoke:
+        found["evo"] = _evo(op)
+    found["torch"] = reference
+    found["torch.compile"] = torch.compile(reference, dynamic=False)
+    if device == "cuda" or smoke:
+        functional = liger()
+        found["liger"] = functional if isinstance(functional, str) else _liger_adapters(functional)[op]
+    return found
 
 
 def run(quick: bool, device: str, smoke: bool = False) -> list[dict]:
-    if device != "cuda" and not smoke:
-        return []
-    from evo.kernels import activation, loss, rmsnorm, rotary
-
-    pick = 1 if smoke else 0
-    shape = {name: sizes[pick] for name, sizes in SHAPES.items()}
-    bf16, dev = torch.bfloat16, device
-    copy = copy_bandwidth(quick, dev, shape["copy_bytes"])
-    rows = [{"op": "copy", "impl": "torch", "shape": f"{shape['copy_bytes']} bytes", "GB_s": copy}]
-
-    def time_ms(fn):
-        return bench_ms(fn, quick, dev)
-
-    def add(op, impl, dims, ms, nbytes=None, flops=None, extra=None):
-        row = {"op": op, "impl": impl, "shape": "x".join(map(str, dims)), "ms": ms}
-        if nbytes:
-            row.update(GB_s=nbytes / ms / 1e6, copy_share=nbytes / ms / 1e6 / copy)
-        if flops:
-            row["TFLOP_s"] = flops / ms / 1e9
-        rows.append({**row, **(extra or {})})
-
-    # RMSNorm forward (read x, write y), backward at hidden 4096 (read x, dy; write dx)
-    dims = shape["rms_fwd"]
-    x = torch.randn(dims, device=dev, dtype=bf16)
-    w = torch.ones(dims[1], device=dev, dtype=bf16)
-    for impl, fn in _impls(rmsnorm.rms_norm, ref.rms_norm):
-        add("rms_norm fwd", impl, dims, time_ms(lambda: fn(x, w)), nbytes=2 * x.numel() * 2)
-    dims = shape["rms_bwd"]
-    x = torch.randn(dims, device=dev, dtype=bf16, requires_grad=True)
-    w = torch.ones(dims[1], device=dev, dtype=bf16, requires_grad=True)
-    dy = torch.randn_like(x)
-    for impl, fn in _impls(rmsnorm.rms_norm, ref.rms_norm):
-        y = fn(x, w)
-        add("rms_norm bwd", impl, dims, time_ms(lambda: torch.autograd.grad(y, (x, w), dy, retain_graph=True)),
-            nbytes=3 * x.numel() * 2)
-
-    # rotary forward, (batch, seqlen, heads, headdim), the whole head dim rotated
-    dims = shape["rotary"]
-    q = torch.randn(dims, device=dev, dtype=bf16)
-    ang = torch.outer(torch.arange(dims[1], device=dev, dtype=torch.float32), torch.rand(dims[3] // 2, device=dev))
-    cos, sin = ang.cos(), ang.sin()
-    for impl, fn in _impls(rotary.apply_rotary_emb, ref.apply_rotary_emb):
-        add("rotary fwd", impl, dims, time_ms(lambda: fn(q, cos, sin)), nbytes=2 * q.numel() * 2)
-
-    # SwiGLU forward + backward (reads gate, up twice and dy; writes y, dgate, dup)
-    dims = shape["swiglu"]
-    g = torch.randn(dims, device=dev, dtype=bf16, requires_grad=True)
-    u = torch.randn_like(g, requires_grad=True)
-    dout = torch.randn_like(g)
-    for impl, fn in _impls(activation.swiglu, ref.swiglu):
-        add("swiglu fwd+bwd", impl, dims, time_ms(_fwd_bwd(fn, [g, u], dout)), nbytes=7 * g.numel() * 2)
-    del g, u, dout
-
-    # cross-entropy forward + backward (read logits twice, write their gradient)
-    dims = shape["cross_entropy"]
-    logits = torch.randn(dims, device=dev, dtype=bf16, requires_grad=True)
-    labels = torch.randint(0, dims[1], (dims[0],), device=dev)
-    for impl, fn in _impls(loss.cross_entropy, ref.cross_entropy):
-        add("cross_entropy fwd+bwd", impl, dims, time_ms(_fwd_bwd(lambda z: fn(z, labels), [logits], None)),
-            nbytes=3 * logits.numel() * 2)
-    del logits
-
-    # fused linear cross-entropy: time and working memory (peak minus inputs, weight and gradient buffers)
-    T, H, V = dims = shape["flce"]
-    h = torch.randn(T, H, device=dev, dtype=bf16, requires_grad=True)
-    wt = (torch.randn(V, H, device=dev, dtype=bf16) / H ** 0.5).requires_grad_()
-    labels = torch.randint(0, V, (T,), device=dev)
-    naive = ("torch (matmul + cross_entropy)", lambda a, b: torch.nn.functional.cross_entropy(a @ b.T, labels))
-    for impl, fn in (("evo", lambda a, b: loss.fused_linear_cross_entropy(a, b, labels)), naive):
-        step = _fwd_bwd(fn, [h, wt], None)
-        step()  # the gradient buffers now exist
-        extra = {}
-        if dev == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            extra["working_GiB"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-        add("fused_linear_cross_entropy fwd+bwd", impl, dims, time_ms(step), flops=6 * T * H * V, extra=extra)
+    dtype = torch.bfloat16 if device == "cuda" or smoke else torch.float32
+    rows = []
+    for op, mode in OPS:
+        found = providers(op, device, smoke)
+        every, rest = sizes(op, device, quick, smoke)
+        for n in every:
+            torch.manual_seed(0)
+            case = make_case(op, mode, n, rest, dtype, device)
+            rows += run_case(case, found, device, quick)
+            del case
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        torch._dynamo.reset()  # each op's compiled graphs go with it
     return rows

@@ -89,7 +89,7 @@ def plain_run(folder: Path, steps: int) -> float:
 def run(quick: bool, device: str) -> list[dict]:
     import tempfile
 
-    pairs = 3 if quick else 7
+    pairs = 2 if quick else 7
     evo_tps, plain_tps = [], []
     with tempfile.TemporaryDirectory() as tmp:
         evo_run(Path(tmp) / "warmup", 2)  # imports, the built-in corpus tokenized once, allocator warm

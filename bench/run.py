@@ -1,9 +1,13 @@
 """Run evo's benchmarks: ``python bench/run.py [--quick] [--only NAME ...] [--out FILE]``.
 
 Each module in bench/ named in BENCHMARKS has ``run(quick: bool, device: str) -> list[dict]``; every
-row names its case and its numbers. Results print as they come and are written as JSON (default
-``bench/results/<device name>-<date>.json``: "cpu", or the GPU's name) with the machine they ran on (Python,
-torch and triton versions, the git commit), and as a markdown table next to it (``.md``).
+row names its case and its numbers (the op benchmarks' schema: bench/common.py). Before the first of
+kernels, attention and train_step, the device's own peaks are measured (a copy, a large matmul: the
+``peaks`` rows), and every row with GB/s or TFLOP/s gets its share of them. Results print as they come and
+are written as JSON (default ``bench/results/<device name>-<date>.json``: "cpu", or the GPU's name) with the
+machine they ran on (Python, torch and triton versions, the git commit), as a markdown table next to it
+(``.md``), and as pictures (``-kernels.png``, ``-attention.png``, ``-end_to_end.png``; bench/plots.py, with
+matplotlib).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 BENCHMARKS = ["train_step", "loader", "generate", "kernels", "attention", "flce_memory", "parallel", "pipeline",
               "overhead"]
-SMOKE = ["kernels", "attention"]  # the GPU benchmarks, runnable at tiny shapes anywhere with --smoke
+SMOKE = ["kernels", "attention", "train_step"]  # the GPU benchmarks, runnable at tiny shapes anywhere with --smoke
+USES_PEAKS = {"kernels", "attention", "train_step"}
 
 
 def machine(device: str) -> dict:
@@ -97,16 +102,43 @@ def main() -> None:
     name = device_name(results["machine"])
     out = Path(args.out or Path(__file__).parent / "results" / f"{name}-{datetime.date.today()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for name in only:
-        options = {"smoke": True} if args.smoke else {}
-        for row in importlib.import_module(name).run(args.quick, device, **options):
+
+    def add(name, rows):
+        for row in rows:
             row = {"benchmark": name, **row}
             results["rows"].append(row)
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
             out.write_text(json.dumps(results, indent=2))  # after every row: a run cut short keeps what it measured
+
+    from common import device_peaks, share
+
+    peaks = device_peaks(device, args.quick, args.smoke) if USES_PEAKS & set(only) else []
+    add("peaks", peaks)
+    for name in only:
+        options = {"smoke": True} if args.smoke else {}
+        add(name, importlib.import_module(name).run(args.quick, device, **options))
+    if peaks:
+        share(results["rows"], peaks)
     out.write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text(markdown(results))
+    from goals import evaluate
+    from goals import markdown as goals_table
+
+    goals = evaluate(results["rows"])
+    text = markdown(results)
+    if any(g["measured"] is not None for g in goals):
+        text += "\n## goals\n\n" + goals_table(goals) + "\n"
+        print(goals_table(goals))
+    out.with_suffix(".md").write_text(text)
     print(f"results written to {out} and {out.with_suffix('.md')}")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("no pictures: matplotlib is not installed (pip install -e '.[bench]')")
+        return
+    from plots import draw
+
+    for picture in draw(results, out):
+        print(f"picture written to {picture}")
 
 
 if __name__ == "__main__":

@@ -1,52 +1,123 @@
-"""Training-step throughput of the module layer: tokens/s and model TFLOP/s for forward + backward."""
+"""End to end: evo's trainer on one device, with evo's Triton kernels against the same model on the reference ops
+and against ``torch.compile`` (``model.compile=True``: each decoder layer compiled) of either.
+
+Each provider runs ``Trainer.train()`` (as scripts/train.py does: loader, forward and backward over the step's
+micro-batches, fp32 master weights, AdamW, metrics) in a fresh process on InternEvo's random dummy data, and the
+row reports the medians over the steps after the warm-up of what the trainer logs: tokens/s per device
+(``tgs``), model TFLOP/s, MFU against the vendor's peak (GPU; ``evo.trainer.PEAK_TFLOPS``) and the share of the
+bf16 matmul peak measured in the same run (bench/common.py's ``device_peaks``), and the peak memory allocated.
+
+Cases: on a GPU a Llama-3.2-1B-shaped model (16 layers, hidden 2048, 32 query / 8 KV heads, MLP 8192, vocab
+128256, tied embeddings), bf16, 4096-token rows, 4 micro-batches a step (16k tokens); on a CPU configs/tiny.py's
+model in fp32 on 512-token rows, the reference ops only (evo's kernels are Triton: a GPU's). The model FLOPs are
+``evo.trainer.step_flops``: 6 N tokens + the attention term (docs/performance.md).
+"""
 
 from __future__ import annotations
 
-import time
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
 
-from evo.config import config_from_dict
-from evo.model import build_model, matmul_parameters
-from evo.trainer import attention_pair_sum, step_flops
-
-# (name, model shape, tokens per packed row, documents per row)
-CASES = [
-    ("tiny-cpu", dict(num_layers=4, hidden_size=256, num_attention_heads=4, num_kv_attention_heads=2, vocab_size=258,
-                      multiple_of=64), 512, 2),
-    ("1b-gpu", dict(num_layers=16, hidden_size=2048, num_attention_heads=16, num_kv_attention_heads=8,
-                    vocab_size=32000), 4096, 4),
-]
+LLAMA_1B = dict(num_layers=16, hidden_size=2048, num_attention_heads=32, num_kv_attention_heads=8,
+                intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, rope_base=500000,
+                dtype="torch.bfloat16")
+TINY = dict(num_layers=4, hidden_size=256, num_attention_heads=4, num_kv_attention_heads=2, vocab_size=258,
+            multiple_of=64, dtype="torch.float32")
+# provider -> (kernel backend, model.compile)
+PROVIDERS = {"evo": ("triton", False), "evo+compile": ("triton", True), "reference": ("torch", False),
+             "reference+compile": ("torch", True)}
 
 
-def run(quick: bool, device: str) -> list[dict]:
+def sections(device: str, compile_layers: bool, steps: int, folder: str, smoke: bool = False) -> dict:
+    """The run's config sections."""
+    model, seq_len, micro_num = (TINY, 512, 2) if device == "cpu" else (LLAMA_1B, 4096, 4)
+    if smoke:
+        model, seq_len, micro_num = dict(TINY, num_layers=2, dtype="torch.bfloat16"), 64, 2
+    return {"model": dict(model, compile=compile_layers),
+            "data": dict(type="dummy", seq_len=seq_len, micro_bsz=1, micro_num=micro_num, total_steps=steps,
+                         valid_every=0, num_dummy_samples=64, min_length=seq_len // 4),
+            "adam": dict(lr=1e-4), "ckpt": dict(enable_save_ckpt=False),
+            "monitor": dict(run_folder=folder, sample_prompt=None)}
+
+
+def child(provider: str, device: str, steps: int, folder: str, smoke: bool) -> None:
+    """One run, in this process: the trainer's metrics are in ``folder``/metrics.jsonl; the peak memory is
+    printed as the last line."""
+    import torch
+
+    from evo import (TrainerBuilder, build_train_loader_with_data_type, initialize_distributed_env,
+                     initialize_model_and_parallel_communicator, kernels)
+
+    backend, compile_layers = PROVIDERS[provider]
+    with kernels.use_backend(backend):
+        initialize_distributed_env(config=sections(device, compile_layers, steps, folder, smoke), launcher="local",
+                                   seed=0)
+        model = initialize_model_and_parallel_communicator()
+        loader, types = build_train_loader_with_data_type()
+        trainer = TrainerBuilder(model, loader, {}, dataset_types=types)
+        trainer.train()
+        trainer.monitor.close()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    print(json.dumps({"peak_memory_gib": peak}))
+
+
+def run_provider(provider: str, device: str, steps: int, warmup: int, smoke: bool = False) -> dict:
+    """Medians over the measured steps of one provider's run, in a fresh process."""
+    with tempfile.TemporaryDirectory() as folder:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        out = subprocess.run([sys.executable, __file__, provider, device, str(steps), folder, str(int(smoke))],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        if out.returncode != 0:
+            return {"error": (out.stderr.strip().splitlines() or ["exit %d" % out.returncode])[-1][:200]}
+        records = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    measured = [r for r in records if "tgs" in r][warmup:]
+    row = {"steps": len(measured), "tokens_per_s": statistics.median(r["tgs"] for r in measured),
+           "tokens_per_s_min": min(r["tgs"] for r in measured), "tokens_per_s_max": max(r["tgs"] for r in measured),
+           "TFLOP_s": statistics.median(r["tflops"] for r in measured), "loss_first": records[0]["loss"]}
+    if all("mfu" in r for r in measured):
+        row["mfu"] = statistics.median(r["mfu"] for r in measured)
+    row["peak_memory_gib"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_memory_gib"]
+    return row
+
+
+def run(quick: bool, device: str, smoke: bool = False) -> list[dict]:
+    if device == "cuda":
+        names = list(PROVIDERS)
+    else:  # on a CPU evo's kernels are the reference; --quick leaves out the minute of compiling
+        names = ["evo", "reference"] if smoke else ["reference"] if quick else ["reference", "reference+compile"]
+    warmup, measured = (1, 2) if smoke else (3, 5) if quick else (5, 15)
+    case = "tiny (smoke)" if smoke else "llama-1b seq 4096 bf16" if device == "cuda" else "tiny fp32 seq 512"
     rows = []
-    for name, shape, tokens, docs in CASES:
-        if name.endswith("gpu") != (device == "cuda"):
+    for name in names:
+        rows.append({"case": case, "provider": name, "layout": "1 device",
+                     **run_provider(name, device, warmup + measured, warmup, smoke)})
+    return check_losses(rows, tolerance=2e-2 if device == "cuda" or smoke else 1e-4)
+
+
+def check_losses(rows: list[dict], tolerance: float) -> list[dict]:
+    """The correctness check before a time is reported: every provider's first-step loss (same weights, same
+    data) against the reference run's; a provider off by more than ``tolerance`` (relative) loses its numbers
+    and gets an error."""
+    reference = next((r["loss_first"] for r in rows if r["provider"] == "reference" and "loss_first" in r), None)
+    for row in rows:
+        if reference is None or "loss_first" not in row:
             continue
-        dtype = "torch.float32" if device == "cpu" else "torch.bfloat16"
-        cfg = config_from_dict({"model": dict(shape, dtype=dtype)}).model
-        model = build_model(cfg, device, seed=0)
-        ids = torch.randint(0, cfg.vocab_size, (tokens,), device=device)
-        cu = torch.linspace(0, tokens, docs + 1, dtype=torch.int32, device=device)
-        max_len = int((cu[1:] - cu[:-1]).max())
-        labels = torch.roll(ids, -1)
-
-        def step():
-            model(ids, cu, max_len, labels=labels).sum().backward()
-
-        for _ in range(2):
-            step()
-        iters = 3 if quick else 10
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(iters):
-            step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / iters
-        flops = step_flops(cfg, matmul_parameters(model), tokens, attention_pair_sum(cu, cfg.sliding_window))
-        rows.append({"case": name, "tokens": tokens, "ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
-                     "tflops": flops / seconds / 1e12})
+        off = abs(row["loss_first"] - reference) / abs(reference)
+        row["loss_vs_reference"] = off
+        if off > tolerance:
+            for key in ("tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "TFLOP_s", "mfu"):
+                row.pop(key, None)
+            row["error"] = f"wrong result: first-step loss {row['loss_first']:.5g}, the reference's {reference:.5g}"
     return rows
+
+
+if __name__ == "__main__":
+    provider_, device_, steps_, folder_, smoke_ = sys.argv[1:6]
+    child(provider_, device_, int(steps_), folder_, smoke_ == "1")

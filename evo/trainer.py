@@ -67,9 +67,12 @@ def attention_pair_sum(cu_seqlens: torch.Tensor, sliding_window: int | None = No
     return float(total.sum())
 
 
-# Dense peak TFLOP/s per GPU as published (NVIDIA's data sheets, SXM parts, without sparsity): 16-bit tensor cores,
-# and TF32 for torch.tf32. MFU = the step's model TFLOP/s per device / this; no entry, no MFU (CPUs, other GPUs).
-PEAK_TFLOPS = {"H200": {"16-bit": 989.4, "tf32": 494.7}, "H100": {"16-bit": 989.4, "tf32": 494.7},
+# Dense peak TFLOP/s per GPU as published (NVIDIA's data sheets, without sparsity): 16-bit tensor cores, and TF32
+# for torch.tf32. The first key found in torch.cuda.get_device_name() wins, so the PCIe and NVL parts come before
+# the plain "H100" (the SXM part). MFU = the step's model TFLOP/s per device / this; no entry, no MFU (CPUs, other
+# GPUs: set monitor.peak_tflops).
+PEAK_TFLOPS = {"H200": {"16-bit": 989.4, "tf32": 494.7}, "H100 PCIe": {"16-bit": 756.0, "tf32": 378.0},
+               "H100 NVL": {"16-bit": 835.5, "tf32": 417.5}, "H100": {"16-bit": 989.4, "tf32": 494.7},
                "A100": {"16-bit": 312.0, "tf32": 156.0}}
 
 

@@ -391,6 +391,8 @@ def test_mfu_uses_the_gpu_peak_for_the_compute_dtype(monkeypatch):
     cuda = torch.device("cuda", 0)
     assert peak_tflops(cuda, "torch.bfloat16") == 989.4 and peak_tflops(cuda, "torch.tf32") == 494.7
     assert peak_tflops(cuda, "torch.float32") is None  # plain fp32 has no tensor-core peak to compare with
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert peak_tflops(cuda, "torch.bfloat16") == 756.0  # the PCIe part, not the SXM part's 989.4
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
     assert peak_tflops(cuda, "torch.float16") == 312.0
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")

@@ -366,12 +366,14 @@ def _fast_path(q, k, left, right, softcap, return_lse) -> bool:
 
 
 def _sdpa(q, k, v, scale, causal):
-    """Same result as ``attention`` without lse, through PyTorch's fused CPU/GPU kernels (fp32 math)."""
+    """Same result as ``attention`` without lse, through PyTorch's fused CPU/GPU kernels (fp32 math). The inputs
+    are 4-D (1, heads, seqlen, dim): on 3-D ones SDPA's CPU flash kernel is skipped for its math fallback, 5x
+    slower at 8 heads x 1024 tokens (bench/attention.py found it)."""
     group = q.shape[1] // k.shape[1]
-    qf = _acc(q).transpose(0, 1)
-    kf = _acc(k).transpose(0, 1).repeat_interleave(group, dim=0)
-    vf = _acc(v).transpose(0, 1).repeat_interleave(group, dim=0)
-    out = F.scaled_dot_product_attention(qf, kf, vf, is_causal=causal, scale=scale)
+    qf = _acc(q).transpose(0, 1)[None]
+    kf = _acc(k).transpose(0, 1).repeat_interleave(group, dim=0)[None]
+    vf = _acc(v).transpose(0, 1).repeat_interleave(group, dim=0)[None]
+    out = F.scaled_dot_product_attention(qf, kf, vf, is_causal=causal, scale=scale)[0]
     return out.transpose(0, 1).to(q.dtype)
 
 

@@ -1,0 +1,82 @@
+"""The GPU goals of evo's kernels and training step, read from bench/run.py results: each met, missed (by how
+much) or not measured in the rows given.
+
+    python bench/goals.py bench/results/<file>.json [...]   # several files: their rows together
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _find(rows, benchmark, op, mode, shape=None, size=None, provider="evo"):
+    for row in rows:
+        if (row.get("benchmark") == benchmark and row.get("op") == op and row.get("mode") == mode
+                and row.get("provider") == provider and (shape is None or row.get("shape") == shape)
+                and (size is None or row.get("size") == size)):
+            return row
+    return None
+
+
+def _verdict(value, goal, higher_is_better=True) -> str:
+    if value is None:
+        return "not measured"
+    met = value >= goal if higher_is_better else value <= goal
+    margin = value / goal - 1
+    return f"{'met' if met else 'missed'} ({margin:+.0%} against the goal)"
+
+
+def evaluate(rows: list[dict]) -> list[dict]:
+    """One entry per goal: goal, measured (a number or None), verdict, detail."""
+    out = []
+
+    def add(goal, value, target, detail, higher_is_better=True):
+        out.append({"goal": goal, "measured": value, "verdict": _verdict(value, target, higher_is_better),
+                    "detail": detail})
+
+    for s in (8192, 16384):  # attention forward + backward against SDPA's flash backend, same run
+        evo = _find(rows, "attention", "attention d128 causal 16/16 heads", "fwd+bwd", size=s)
+        sdpa = _find(rows, "attention", "attention d128 causal 16/16 heads", "fwd+bwd", size=s, provider="sdpa-flash")
+        ratio = evo["TFLOP_s"] / sdpa["TFLOP_s"] if evo and sdpa and "TFLOP_s" in evo and "TFLOP_s" in sdpa else None
+        add(f"attention fwd+bwd d128 causal {s // 1024}k >= SDPA flash", ratio, 1.0,
+            "evo TFLOP/s over sdpa-flash's" + (f": {evo['TFLOP_s']:.0f} vs {sdpa['TFLOP_s']:.0f}" if ratio else ""))
+    row = _find(rows, "attention", "attention d128 full 16/16 heads", "fwd", size=16384)
+    add("attention fwd d128 non-causal 16k >= 470 TFLOP/s", row and row.get("TFLOP_s"), 470.0, "evo TFLOP/s")
+    row = _find(rows, "kernels", "rms_norm", "fwd", shape="4096x16384")
+    add("RMSNorm fwd >= 90% of copy bandwidth", row and row.get("copy_share"), 0.9,
+        "evo GB/s over the same run's device-to-device copy, 4096x16384 bf16")
+    row = _find(rows, "kernels", "cross_entropy", "fwd+bwd", shape="8192x131072")
+    add("cross-entropy >= 70% of copy bandwidth", row and row.get("copy_share"), 0.7,
+        "evo fwd+bwd GB/s (3 x logits bytes) over the copy's, 8192x131072 bf16")
+    evo = _find(rows, "kernels", "fused_linear_cross_entropy", "fwd+bwd", shape="8192x4096x128256")
+    naive = _find(rows, "kernels", "fused_linear_cross_entropy", "fwd+bwd", shape="8192x4096x128256",
+                  provider="torch")
+    both = bool(evo and naive and evo.get("peak_MiB") and naive.get("peak_MiB"))
+    add("fused linear cross-entropy memory <= 10% of naive", evo["peak_MiB"] / naive["peak_MiB"] if both else None,
+        0.1, "evo working memory over matmul + cross_entropy's, 8192x4096x128256 bf16", higher_is_better=False)
+    add("fused linear cross-entropy time <= 1.0x naive", evo["ms"] / naive["ms"] if both else None, 1.0,
+        "evo ms over matmul + cross_entropy's", higher_is_better=False)
+    row = next((r for r in rows if r.get("benchmark") == "train_step" and r.get("provider") == "evo"), None)
+    add("end-to-end MFU >= 50% (Llama-style 1B, seq 4096, bf16)", row and row.get("mfu"), 0.5,
+        "the trainer's mfu against the vendor's bf16 peak")
+    return out
+
+
+def markdown(goals: list[dict]) -> str:
+    lines = ["| goal | measured | verdict | what |", "|---|---|---|---|"]
+    for g in goals:
+        value = "" if g["measured"] is None else f"{g['measured']:.3g}"
+        lines.append(f"| {g['goal']} | {value} | {g['verdict']} | {g['detail']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    rows = []
+    for file in sys.argv[1:]:
+        try:
+            rows += json.loads(Path(file).read_text())["rows"]
+        except (OSError, ValueError, KeyError) as exc:  # a step that timed out before its first row
+            print(f"{file}: not read ({type(exc).__name__}: {exc})")
+    print(markdown(evaluate(rows)))
