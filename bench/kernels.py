@@ -34,7 +34,7 @@ from evo.kernels import reference as ref
 # --quick) and in smoke mode. The quick GPU sizes hold the goal shapes.
 SWEEPS = {
     "rms_norm": {"name": "hidden", "shape": lambda n, rows: (rows, n),
-                 "gpu": ([1024, 2048, 4096, 8192, 16384], [4096, 16384], 4096),
+                 "gpu": ([1024, 2048, 4096, 8192, 16384], [16384], 4096),
                  "cpu": ([1024, 2048, 4096], [1024, 4096], 1024), "smoke": ([64, 300], [300], 8)},
     "rotary": {"name": "seqlen", "shape": lambda n, bhd: (bhd[0], n, *bhd[1:]),
                "gpu": ([1024, 2048, 4096, 8192], [4096], (4, 32, 128)),
@@ -49,8 +49,9 @@ SWEEPS = {
                                    "gpu": ([2048, 4096, 8192], [8192], (4096, 128256)),
                                    "cpu": ([256, 1024], [256], (512, 32000)), "smoke": ([16, 32], [32], (32, 3000))},
 }
-OPS = [("rms_norm", "fwd"), ("rms_norm", "fwd+bwd"), ("rotary", "fwd+bwd"), ("swiglu", "fwd+bwd"),
-       ("cross_entropy", "fwd+bwd"), ("fused_linear_cross_entropy", "fwd+bwd")]
+# the ops with a GPU goal first: a run cut short by its timeout has measured those
+OPS = [("rms_norm", "fwd"), ("cross_entropy", "fwd+bwd"), ("fused_linear_cross_entropy", "fwd+bwd"),
+       ("rms_norm", "fwd+bwd"), ("rotary", "fwd+bwd"), ("swiglu", "fwd+bwd")]
 
 
 def sizes(op: str, device: str, quick: bool, smoke: bool) -> tuple[list, object]:

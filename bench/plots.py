@@ -4,7 +4,9 @@
   a dashed line; TFLOP/s for the matmul-bound ones, with the measured matmul peak); a provider that failed or
   was wrong has no point there (the table says why);
 - ``<stem>-end_to_end.png``: tokens/s per provider of the training step, MFU (or share of the measured matmul
-  peak) written on each bar.
+  peak) written on each bar;
+- ``<stem>-layouts.png``: tokens/s per process of each parallel layout bench/parallel.py timed (gloo
+  processes on a CPU).
 
     python bench/plots.py bench/results/<file>.json    # redraw from a results file
 """
@@ -81,12 +83,13 @@ def end_to_end_figure(rows: list[dict], title: str, path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(rows), 3.6))
     labels = [f"{r['provider']}\n{r.get('layout', '')}" for r in rows]
-    bars = ax.bar(labels, [r["tokens_per_s"] for r in rows], color=[COLORS.get(r["provider"]) for r in rows])
+    bars = ax.bar(labels, [r["tokens_per_s"] for r in rows], color=[COLORS.get(r["provider"], f"C{i % 10}") for i, r in enumerate(rows)])
     for bar, row in zip(bars, rows):
-        note = f"MFU {row['mfu']:.0%}" if "mfu" in row else f"{row.get('matmul_share', 0):.0%} of matmul peak"
+        note = (f"MFU {row['mfu']:.0%}" if "mfu" in row else
+                f"{row['matmul_share']:.0%} of matmul peak" if "matmul_share" in row else "")
         ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                     fontsize=8)
-    ax.set_ylabel("tokens/s per device")
+    ax.set_ylabel("tokens/s per device" if "layouts" not in title else "tokens/s per process")
     ax.set_title(f"{title}: {rows[0]['case']}", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -110,6 +113,12 @@ def draw(results: dict, json_path: Path) -> list[Path]:
     rows = [r for r in results["rows"] if r["benchmark"] == "train_step"]
     if rows:
         written.append(end_to_end_figure(rows, f"end to end: {title}", Path(f"{stem}-end_to_end.png")))
+    layouts = [{"case": "tiny model, one step, gloo processes", "provider": r["case"].replace("tiny step, ", ""),
+                "layout": f"{r['world']} process{'es' if r['world'] > 1 else ''}",
+                "tokens_per_s": r["tokens_per_s_per_process"]}
+               for r in results["rows"] if r["benchmark"] == "parallel" and r.get("kind") == "time"]
+    if layouts:
+        written.append(end_to_end_figure(layouts, f"layouts: {title}", Path(f"{stem}-layouts.png")))
     return [p for p in written if p]
 
 

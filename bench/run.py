@@ -6,8 +6,8 @@ kernels, attention and train_step, the device's own peaks are measured (a copy, 
 ``peaks`` rows), and every row with GB/s or TFLOP/s gets its share of them. Results print as they come and
 are written as JSON (default ``bench/results/<device name>-<date>.json``: "cpu", or the GPU's name) with the
 machine they ran on (Python, torch and triton versions, the git commit), as a markdown table next to it
-(``.md``), and as pictures (``-kernels.png``, ``-attention.png``, ``-end_to_end.png``; bench/plots.py, with
-matplotlib).
+(``.md``), and as pictures (``-kernels.png``, ``-attention.png``, ``-end_to_end.png``, ``-layouts.png``;
+bench/plots.py, with matplotlib).
 """
 
 from __future__ import annotations

@@ -126,9 +126,12 @@ def test_pictures_one_panel_per_op_and_a_bar_per_provider(tmp_path):
                  "provider": "liger", "error": "liger-kernel does not import"})
     rows += [{"benchmark": "train_step", "case": "tiny", "provider": p, "layout": "1 device", "tokens_per_s": t,
               "matmul_share": 0.2} for p, t in (("reference", 5000.0), ("reference+compile", 4000.0))]
+    rows += [{"benchmark": "parallel", "kind": "time", "case": f"tiny step, {c}", "world": w,
+              "tokens_per_s_per_process": t} for c, w, t in (("1 process", 1, 4000.0), ("dp=2", 2, 3000.0))]
     results = {"machine": {"torch": "2.x", "cpus": 2}, "date": "2026-12-01T10:00:00", "rows": rows}
     written = plots.draw(results, tmp_path / "cpu-2026-12-01.json")
-    assert [p.name for p in written] == ["cpu-2026-12-01-kernels.png", "cpu-2026-12-01-end_to_end.png"]
+    assert [p.name for p in written] == ["cpu-2026-12-01-kernels.png", "cpu-2026-12-01-end_to_end.png",
+                                         "cpu-2026-12-01-layouts.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000 for p in written)
     assert plots.op_figure([rows[-3]], "nothing to draw", tmp_path / "none.png") is None
 

@@ -21,3 +21,5 @@ def test_the_kernels_notebook_runs_and_every_check_passes():
     for name in ("rms_norm", "swiglu", "apply_rotary_emb", "cross_entropy", "fused_linear_cross_entropy",
                  "flash_attn_varlen_func", "rms_norm, Triton vs reference"):
         assert f"{name} " in printed and "max abs diff" in printed, name
+    pictures = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(pictures) == 1 and "-kernels.png" in printed  # the committed benchmark picture, shown

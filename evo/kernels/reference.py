@@ -366,14 +366,17 @@ def _fast_path(q, k, left, right, softcap, return_lse) -> bool:
 
 
 def _sdpa(q, k, v, scale, causal):
-    """Same result as ``attention`` without lse, through PyTorch's fused CPU/GPU kernels (fp32 math). The inputs
-    are 4-D (1, heads, seqlen, dim): on 3-D ones SDPA's CPU flash kernel is skipped for its math fallback, 5x
-    slower at 8 heads x 1024 tokens (bench/attention.py found it)."""
+    """Same result as ``attention`` without lse, through PyTorch's fused CPU/GPU kernels (fp32 math).
+
+    The inputs are 3-D (heads, seqlen, dim), which on a CPU takes SDPA's math path. 4-D ones would take its
+    CPU flash kernel, 4-5x faster at 8 heads x 1024 tokens (bench/attention.py), but its results then depend
+    on the head count (a tensor-parallel rank's gradients left one process's by more than 1e-4) and a resumed
+    run no longer repeats the original bit for bit; both are promises of evo's tests, so not yet."""
     group = q.shape[1] // k.shape[1]
-    qf = _acc(q).transpose(0, 1)[None]
-    kf = _acc(k).transpose(0, 1).repeat_interleave(group, dim=0)[None]
-    vf = _acc(v).transpose(0, 1).repeat_interleave(group, dim=0)[None]
-    out = F.scaled_dot_product_attention(qf, kf, vf, is_causal=causal, scale=scale)[0]
+    qf = _acc(q).transpose(0, 1)
+    kf = _acc(k).transpose(0, 1).repeat_interleave(group, dim=0)
+    vf = _acc(v).transpose(0, 1).repeat_interleave(group, dim=0)
+    out = F.scaled_dot_product_attention(qf, kf, vf, is_causal=causal, scale=scale)
     return out.transpose(0, 1).to(q.dtype)
 
 

@@ -111,8 +111,10 @@ def test_family_features_under_tensor_parallelism_give_one_process_gradients():
     for mode, (loss, grads) in zip(modes, run_distributed(family_gradients, 2, modes)[1]):
         torch.testing.assert_close(loss, one[0], rtol=1e-5, atol=1e-6, msg=mode)
         assert grads.keys() == one[1].keys()
-        for name, g in grads.items():
-            torch.testing.assert_close(g, one[1][name], rtol=1e-4, atol=1e-6, msg=f"{mode}: {name}")
+        for name, g in grads.items():  # atol scaled by the tensor's size: fp32 sums over the batch in another
+            ref = one[1][name]  # order leave a few 1e-6 on a bias gradient of 20 (seen on this machine's CPU)
+            atol = 1e-6 * max(1.0, ref.abs().max().item())
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=atol, msg=f"{mode}: {name}")
 
 
 @pytest.mark.parametrize("pipeline", [1, 2])  # dp=2 (ZeRO), or two pipeline stages (the last one computes the loss)
