@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import ROOT, run_script
@@ -88,6 +89,7 @@ monitor = dict(run_folder="{tmp_path / name}")
     return path
 
 
+@pytest.mark.slow  # over 15 s on the 2-core machine; .ci/run runs it after `make test`
 def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path):
     ref = run_script("scripts/train.py", "--config", resume_config(tmp_path, "ref"))
     assert ref.returncode == 0, ref.stderr
@@ -127,6 +129,7 @@ def small_job(tmp_path, name, *extra):
             f"monitor.run_folder={tmp_path / name}", f"ckpt.save_ckpt_folder={tmp_path / name / 'ckpt'}", *extra]
 
 
+@pytest.mark.slow  # over 15 s on the 2-core machine; .ci/run runs it after `make test`
 def test_load_ckpt_info_loads_only_the_model(tmp_path):
     first = run_script(*small_job(tmp_path, "a"))
     assert first.returncode == 0, first.stderr
@@ -141,6 +144,7 @@ def test_load_ckpt_info_loads_only_the_model(tmp_path):
     assert loss_b[0] < loss_a[0]  # it starts from trained weights on the same first batch
 
 
+@pytest.mark.slow  # over 15 s on the 2-core machine; .ci/run runs it after `make test`
 def test_checkpoint_of_another_shape_is_refused_with_one_line(tmp_path):
     first = run_script(*small_job(tmp_path, "a"))
     assert first.returncode == 0, first.stderr
@@ -152,6 +156,7 @@ def test_checkpoint_of_another_shape_is_refused_with_one_line(tmp_path):
     assert "Traceback" not in other.stderr
 
 
+@pytest.mark.slow  # over 15 s on the 2-core machine; .ci/run runs it after `make test`
 def test_a_newcomer_reruns_the_same_command_and_then_changes_the_config(tmp_path):
     """From a fresh folder, as the README says: runs go to runs/<JOB_NAME>/; the same command again says the run is
     complete and changes nothing; another config in the same run folder is refused with one line."""

@@ -143,6 +143,7 @@ def test_the_bad_line_count_continues_across_a_resume(tmp_path):
             next(again)
 
 
+@pytest.mark.slow  # over 15 s on the 2-core machine; .ci/run runs it after `make test`
 def test_streaming_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path):
     from helpers import run_script
 

@@ -33,6 +33,7 @@ def train_three_steps(backend):
     return losses, grads
 
 
+@pytest.mark.slow  # over 15 s on the 2-core machine; .ci/run runs it after `make test`
 def test_triton_backend_matches_reference_for_three_steps():
     ref_losses, ref_grads = train_three_steps("torch")
     tri_losses, tri_grads = train_three_steps("triton")

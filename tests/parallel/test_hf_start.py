@@ -4,6 +4,7 @@ one process started from the same folder does (which tests/test_convert.py check
 
 import math
 
+import pytest
 import torch
 import transformers
 
@@ -38,6 +39,7 @@ def start_from_hf(rank, world_size, folder, hf_dir, layouts):
     return out
 
 
+@pytest.mark.slow  # over 15 s on the 2-core machine; .ci/run runs it after `make test`
 def test_training_starts_from_a_hugging_face_folder_in_any_layout(tmp_path):
     hf_dir = tiny_hf_folder(tmp_path / "hf")
     assert (hf_dir / "model.safetensors.index.json").is_file()

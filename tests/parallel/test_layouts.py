@@ -29,6 +29,7 @@ def single(tmp_path_factory):
     return dict(zip(counts, train_layouts(0, 1, str(folder), [dict(micro_num=n) for n in counts])))
 
 
+@pytest.mark.slow  # over 15 s on the 2-core machine; .ci/run runs it after `make test`
 def test_two_process_layouts_train_as_one_process(single, tmp_path):
     ranks = run_distributed(train_layouts, 2, str(tmp_path), TWO_PROCESS_LAYOUTS)
     for i, layout in enumerate(TWO_PROCESS_LAYOUTS):

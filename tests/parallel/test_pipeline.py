@@ -110,6 +110,7 @@ TWO_PROCESS = [
 ]
 
 
+@pytest.mark.slow  # over 15 s on the 2-core machine; .ci/run runs it after `make test`
 def test_pipeline_schedules_train_as_one_process(single, tmp_path):
     layouts = [layout for layout, _ in TWO_PROCESS]
     ranks = run_distributed(train_layouts, 2, str(tmp_path), layouts)
@@ -126,6 +127,7 @@ def test_pipeline_schedules_train_as_one_process(single, tmp_path):
             assert torch.equal(run["weights"]["output.weight"], run["weights"]["tok_embeddings.weight"]), layout
 
 
+@pytest.mark.slow  # over 15 s on the 2-core machine; .ci/run runs it after `make test`
 def test_pipeline_composes_with_isp_and_msp_on_four_processes(single, tmp_path):
     layouts = [dict(pp=2, tp=2, mode="isp", weight=2), dict(pp=2, tp=2, mode="msp", chunks=2)]
     ranks = run_distributed(train_layouts, 4, str(tmp_path), layouts)

@@ -64,6 +64,7 @@ def records(folder):
             for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # over 15 s on the 2-core machine; .ci/run runs it after `make test`
 def test_bf16_zero_run_killed_and_resumed_matches_an_uninterrupted_run(tmp_path):
     straight = torchrun(config(tmp_path, "straight"))
     _, err = straight.communicate(timeout=300)
@@ -106,6 +107,7 @@ def stop_and_resume(rank, world_size, folder, layout):
     return losses
 
 
+@pytest.mark.slow  # over 25 s each on the 2-core machine; .ci/run runs it after `make test`
 @pytest.mark.parametrize("world, layout", [
     (4, dict(tp=2, mode="msp")),  # dp=2 x tp=2: FSDP2 shards of tensor-parallel shards
     (2, dict(pp=2, chunks=2, tied=True)),  # interleaved pipeline stages; the tied head's copy saved and loaded

@@ -2,6 +2,7 @@
 device and parallelized on 8 ranks; no rank holds more than its share of any weight. On a small model, the
 materialized shards of every layout hold exactly the values one process draws (same seed)."""
 
+import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -31,6 +32,7 @@ def shard_sizes(rank, world_size, layouts):
     return out
 
 
+@pytest.mark.slow  # over 15 s on the 2-core machine; .ci/run runs it after `make test`
 def test_internlm2_7b_builds_sharded_on_eight_ranks():
     ranks = run_distributed(shard_sizes, 8, [(8, 1), (1, -1)])
     shapes = {n: shape for n, (_, shape) in ranks[0][0][0].items()}
