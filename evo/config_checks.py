@@ -133,10 +133,11 @@ def validate(cfg: Config) -> None:
         info["content"] = content
         kind = info.setdefault("ckpt_type", "evo")
         _check_choice(kind, ("evo", "hf", "internevo"), "ckpt.load_ckpt_info.ckpt_type")
-        _require(kind != "internevo", "'ckpt.load_ckpt_info.ckpt_type' 'internevo' (InternEvo's own checkpoint "
-                 "folders) cannot be read yet; convert the weights to a Hugging Face folder and use 'hf'")
         _require(kind != "hf" or content == ("model",), "'ckpt.load_ckpt_info.ckpt_type' 'hf': a Hugging Face "
                  f"folder holds the model only; set content=('model',), got {content}")
+        _require(kind != "internevo" or content == ("model",), "'ckpt.load_ckpt_info.ckpt_type' 'internevo': evo "
+                 f"reads the model from an InternEvo folder, not its optimizer or data state; set "
+                 f"content=('model',), got {content}")
     _require(cfg.monitor.log_every >= 1, f"'monitor.log_every' must be >= 1, got {cfg.monitor.log_every}")
     peak = cfg.monitor.peak_tflops
     _require(peak is None or peak > 0, f"'monitor.peak_tflops' must be > 0 (TFLOP/s of one device), got {peak}")

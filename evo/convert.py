@@ -239,7 +239,6 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
     transformers folder ``hf_dir``, each rank reading only its part of each tensor. The folder must describe the
     model's own shapes: the first tensor that is missing or shaped otherwise is named on one line."""
     from safetensors import safe_open
-    from torch.distributed.tensor import DTensor
 
     hf_dir = Path(hf_dir)
     config, _ = read_hf_config(hf_dir)
@@ -273,21 +272,31 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
                 else:
                     key = _hf_name(name, tied)
                 source = open_slice(key, name)
-            if tuple(source.get_shape()) != tuple(p.shape):
-                raise CheckpointError(f"Hugging Face folder '{hf_dir}' does not fit this model: '{key}' is "
-                                      f"{tuple(source.get_shape())} there and {tuple(p.shape)} here")
-            if isinstance(p, DTensor):
-                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-                shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-                local = p.to_local()
-                if local.numel():
-                    part = source[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
-                    local.copy_(part.reshape(local.shape))
-            else:
-                p.copy_(source[tuple(slice(0, n) for n in p.shape)] if p.dim() else source[()])
+            fill_parameter(p, source, f"Hugging Face folder '{hf_dir}'", key)
     finally:
         handles.clear()
+
+
+@torch.no_grad()
+def fill_parameter(p: torch.Tensor, source, where: str, key: str) -> None:
+    """Copy into parameter ``p`` (plain, or a DTensor: only this rank's part) from ``source``, the whole tensor
+    behind safetensors' slice interface (``get_shape``, indexing), which only the rank's part is read from. A
+    source of another shape is one line naming ``key`` in ``where`` and both shapes."""
+    from torch.distributed.tensor import DTensor
+
+    if tuple(source.get_shape()) != tuple(p.shape):
+        raise CheckpointError(f"{where} does not fit this model: '{key}' is {tuple(source.get_shape())} there and "
+                              f"{tuple(p.shape)} here")
+    if isinstance(p, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        local = p.to_local()
+        if local.numel():
+            part = source[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+            local.copy_(part.reshape(local.shape))
+    else:
+        p.copy_(source[tuple(slice(0, n) for n in p.shape)] if p.dim() else source[()])
 
 
 def from_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:

@@ -81,8 +81,9 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
 
 
 def load_model(path, device: torch.device | str = "cpu", dtype=None):
-    """The model of an evo checkpoint (any layout; a folder of checkpoints: the newest) or of a Hugging Face folder
-    (``evo.model.hf.FAMILIES``), in one process on ``device``, in eval mode; ``dtype`` (a torch dtype or a
+    """The model of an evo checkpoint (any layout; a folder of checkpoints: the newest), of a Hugging Face folder
+    (``evo.model.hf.FAMILIES``) or of an InternEvo checkpoint folder holding ``model_config.pt``
+    (``evo.internevo``), in one process on ``device``, in eval mode; ``dtype`` (a torch dtype or a
     ``model.dtype`` string) overrides the saved one. ``model(input_ids)`` with ``(batch, seqlen)`` ids, one
     sequence per row, returns ``(batch, seqlen, vocab)`` logits."""
     return load_model_and_tokenizer(path, device, dtype)[0]
@@ -96,6 +97,8 @@ def load_model_and_tokenizer(path, device: torch.device | str | None = None, dty
     from evo.checkpoint import load_checkpoint
     from evo.config import config_from_dict
     from evo.convert import checkpoint_model_config, load_hf_weights, read_hf_config, resolve_checkpoint
+    from evo.internevo import is_internevo_folder, load_internevo_weights
+    from evo.internevo import model_section as internevo_model_section
     from evo.model import build_model
 
     if device is None:
@@ -103,8 +106,9 @@ def load_model_and_tokenizer(path, device: torch.device | str | None = None, dty
     folder = Path(path)
     hf = (folder / "config.json").is_file() and not (folder / ".metadata").is_file() and \
         "model_type" in json.loads((folder / "config.json").read_text())
-    if hf:
-        _, section = read_hf_config(folder)
+    internevo = not hf and is_internevo_folder(folder)
+    if hf or internevo:
+        section = read_hf_config(folder)[1] if hf else internevo_model_section(folder)
         cfg = config_from_dict({"model": section}).model
         tokenizer_path = str(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
     else:
@@ -116,6 +120,8 @@ def load_model_and_tokenizer(path, device: torch.device | str | None = None, dty
     model = build_model(cfg, device)
     if hf:
         load_hf_weights(model, folder)
+    elif internevo:
+        load_internevo_weights(model, folder)
     else:
         load_checkpoint(folder, {"model": model.state_dict()})
     return model.eval(), tokenizer_path

@@ -453,12 +453,16 @@ class TrainerBuilder(Trainer):
             path = strip_folder_prefix(str(c.load_ckpt_info["path"]))
             if not Path(path).is_dir():
                 raise CheckpointError(f"'ckpt.load_ckpt_info.path' '{path}' is not a folder")
-            if c.load_ckpt_info.get("ckpt_type") == "hf":
+            kind = c.load_ckpt_info.get("ckpt_type")
+            if kind in ("hf", "internevo"):
                 from evo.convert import load_hf_weights
+                from evo.internevo import load_internevo_weights
 
-                load_hf_weights(self.model, path)  # each rank reads its part of each tensor
+                load = load_hf_weights if kind == "hf" else load_internevo_weights
+                load(self.model, path)  # each rank copies only its part of each tensor
                 self.optimizer.sync_masters_from_model()
-                logger.info("loaded the model from Hugging Face folder %s", path)
+                logger.info("loaded the model from %s folder %s", "Hugging Face" if kind == "hf" else "InternEvo",
+                            path)
             else:
                 self.resume(path, c.load_ckpt_info["content"])
         if latest is not None and int(latest.name) > self.step_count:

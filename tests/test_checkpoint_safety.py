@@ -144,8 +144,9 @@ def test_background_saves_write_the_checkpoints_a_blocking_save_writes(tmp_path,
 
 
 @pytest.mark.parametrize("info, line", [
-    (dict(path="x", ckpt_type="internevo"), "'ckpt.load_ckpt_info.ckpt_type' 'internevo' (InternEvo's own checkpoint "
-                                            "folders) cannot be read yet"),
+    (dict(path="x", ckpt_type="internevo"), "'ckpt.load_ckpt_info.ckpt_type' 'internevo': evo reads the model from "
+                                            "an InternEvo folder, not its optimizer or data state; set "
+                                            "content=('model',), got ('all',)"),
     (dict(path="x", ckpt_type="hf", content=("all",)), "'ckpt.load_ckpt_info.ckpt_type' 'hf': a Hugging Face folder "
                                                        "holds the model only; set content=('model',)"),
     (dict(path="x", ckpt_type="megatron"), "'ckpt.load_ckpt_info.ckpt_type' must be one of"),

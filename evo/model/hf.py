@@ -185,6 +185,13 @@ def interleaved_to_halves(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     return rows[:, order].reshape(weight.shape)
 
 
+def halves_to_interleaved(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The inverse of ``interleaved_to_halves``: rows for GPT-NeoX halves reordered for GPT-J pairs."""
+    order = torch.stack([torch.arange(head_dim // 2), torch.arange(head_dim // 2, head_dim)], dim=1).flatten()
+    rows = weight.reshape(-1, head_dim, *weight.shape[1:])
+    return rows[:, order].reshape(weight.shape)
+
+
 # InternLM2's own layout (InternLM's Hugging Face repos, remote code): the names are evo's under "model." (the
 # head is "output"), and each layer's q, k and v projections are one "attention.wqkv": for every kv head, the
 # rows of its query heads, then its key head, then its value head ("(h gs d)", gs = heads / kv heads + 2).

@@ -324,17 +324,30 @@ class PipelineModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- the schedule
+def _stage_class():
+    """torch's ``PipelineStage``, minus the warm-up transfers between two stages of one rank. torch 2.11 opens
+    each stage's links with a send to and a receive from both neighbours, a stage on the same rank included
+    (ZBV's middle stages): gloo has no link from a rank to itself and fails. torch 2.13 warms up otherwise and
+    never calls this method."""
+    from torch.distributed.pipelining import PipelineStage
+
+    class Stage(PipelineStage):
+        def _get_init_p2p_neighbors_ops(self):
+            return [op for op in super()._get_init_p2p_neighbors_ops() if op.group_peer != self.group_rank]
+
+    return Stage
+
+
 class PipelineSchedule:
     """A ``torch.distributed.pipelining`` schedule over this rank's stages, behind evo's schedule interface."""
 
     def __init__(self, model: PipelineModel, micro_num: int):
-        from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining import schedules as S
 
         ctx = model.ctx
         self.model, self.micro_num = model, micro_num
         self.loss_scale = 1.0
-        self.stages = [PipelineStage(chunk, s, model.num_stages, ctx.device, group=ctx.pp_group)
+        self.stages = [_stage_class()(chunk, s, model.num_stages, ctx.device, group=ctx.pp_group)
                        for s, chunk in zip(model.stage_ids, model.stages)]
         multi = len(self.stages) > 1 or model.mode != "1F1B"
         cls = {"1F1B": S.ScheduleInterleaved1F1B if multi else S.Schedule1F1B,
@@ -362,7 +375,9 @@ class PipelineSchedule:
         self.loss_scale = loss_scale
         for chunk in self.model.stages:
             chunk.label_smoothing = label_smoothing
-        out = self.schedule.step(ids, target=labels, cu_seqlens=cu, num_docs=num_docs, labels=labels)
+        # token ids go to the first stage only: torch 2.11's one-stage schedules refuse input args on a later stage
+        args = (ids,) if len(self.stages) > 1 or self.stages[0].is_first else ()
+        out = self.schedule.step(*args, target=labels, cu_seqlens=cu, num_docs=num_docs, labels=labels)
         self.model.sync_tied_grads()
         after_backward()
         if out is None:

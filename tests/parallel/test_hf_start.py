@@ -1,6 +1,7 @@
 """Training starts from a Hugging Face folder in any layout (``ckpt.load_ckpt_info`` with ``ckpt_type="hf"``):
 each rank reads only its part of each tensor from the safetensors files, so every layout must train exactly as
-one process started from the same folder does (which tests/test_convert.py checks against transformers)."""
+one process started from the same folder does (which tests/test_convert.py checks against transformers). The
+same weights saved as an InternEvo folder (tp=2, pp=2; ``ckpt_type="internevo"``) train the same way too."""
 
 import math
 
@@ -9,6 +10,7 @@ import torch
 import transformers
 
 from dist import run_distributed
+from internevo_folder import write_folder
 from layouts import tiny_sections, train
 
 
@@ -26,26 +28,33 @@ def tiny_hf_folder(folder):
     return folder
 
 
-def start_from_hf(rank, world_size, folder, hf_dir, layouts):
+def start_from(rank, world_size, folder, runs):
+    """The losses of three steps for each (source folder, ckpt_type, layout) of ``runs``."""
     from pathlib import Path
 
     out = []
-    for i, layout in enumerate(layouts):
+    for i, (source, kind, layout) in enumerate(runs):
         sections = tiny_sections(Path(folder) / f"layout{i}", **layout)
         sections["data"].update(total_steps=3, valid_every=0)
-        sections["ckpt"] = dict(enable_save_ckpt=False, load_ckpt_info=dict(path=str(hf_dir), content=("model",),
-                                                                            ckpt_type="hf"))
+        sections["ckpt"] = dict(enable_save_ckpt=False, load_ckpt_info=dict(path=source, content=("model",),
+                                                                            ckpt_type=kind))
         out.append(train(rank, world_size, sections).get("loss"))
     return out
 
 
 @pytest.mark.slow  # over 15 s on the 2-core machine; .ci/run runs it after `make test`
-def test_training_starts_from_a_hugging_face_folder_in_any_layout(tmp_path):
+def test_training_starts_from_a_hugging_face_or_internevo_folder_in_any_layout(tmp_path):
     hf_dir = tiny_hf_folder(tmp_path / "hf")
     assert (hf_dir / "model.safetensors.index.json").is_file()
-    (one,) = start_from_hf(0, 1, str(tmp_path / "one"), str(hf_dir), [dict()])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    internevo = str(write_folder(tmp_path / "internevo", hf.state_dict(), hf.config, tp=2, pp=2))
+    hf_dir = str(hf_dir)
+    one, one_internevo = start_from(0, 1, str(tmp_path / "one"), [(hf_dir, "hf", {}), (internevo, "internevo", {})])
     layouts = [dict(pp=2), dict(tp=2, mode="msp"), dict(tp=2, mode="isp", weight=2)]
-    runs = run_distributed(start_from_hf, 2, str(tmp_path / "two"), str(hf_dir), layouts)[0]
+    runs = [(hf_dir, "hf", layout) for layout in layouts] + [(internevo, "internevo", layouts[0]),
+                                                             (internevo, "internevo", layouts[2])]
+    losses = run_distributed(start_from, 2, str(tmp_path / "two"), runs)[0]
     assert len(one) == 3 and one[0] < 10  # random weights of std 0.05 over 258 tokens: about ln(258) = 5.6
-    for layout, losses in zip(layouts, runs):
-        assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(losses, one)), (layout, losses, one)
+    assert one_internevo == one
+    for run, run_losses in zip(runs, losses):
+        assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(run_losses, one)), (run, run_losses, one)

@@ -1,0 +1,266 @@
+"""InternEvo's own checkpoint folders read into a model of any layout: ``ckpt.load_ckpt_info=dict(path=FOLDER,
+content=("model",), ckpt_type="internevo")``.
+
+What InternEvo writes (``save_model_checkpoint`` in its ``internlm/checkpoint/components.py``): one ``torch.save``
+of a stage's ``state_dict()`` per tensor-parallel and pipeline rank, ``model_tp{t}_pp{p}.pt`` (tensor modes mtp,
+msp, fsp), or per tensor-, weight- and pipeline-parallel rank, ``model_tp{t}_wp{w}_pp{p}.pt`` (isp, where the
+savers cover every ``t`` and every ``w`` but not every pair). The sizes are known only from the file names. How
+each tensor is split:
+
+================================================  =========================  ============================
+tensor (InternLM2 / Llama names)                   mtp, msp, fsp              isp
+================================================  =========================  ============================
+``tok_embeddings.weight``                          hidden (dim 1) over tp     hidden (dim 1) over tp
+``tok_embeddings.word_embeddings.weight``          vocab (dim 0) over tp      vocab (dim 0) over tp
+``attention.wqkv`` / ``wq wk wv``, ``w1``, ``w3``  rows (dim 0) over tp       rows (dim 0) over wp
+``attention.wo``, ``feed_forward.w2``              columns (dim 1) over tp;   rows (dim 0) over wp
+                                                   a bias on tp rank 0 only
+``output.weight``                                  rows (dim 0) over tp       rows (dim 0) over tp
+norms                                              whole on every rank        whole on every rank
+================================================  =========================  ============================
+
+A stage numbers its layers from 0; stage s of ``partition_uniform`` holds the next layers after stage s - 1's,
+and with ``num_chunks`` > 1 a rank's state dict holds its chunks as ``{c}.model.<name>``, chunk-major stages
+(chunk c of rank p is stage ``c * pp + p``). InternLM2's ``wqkv`` packs each kv head's query heads, key and value
+(``evo.model.hf.unpack_wqkv``). Rotary: with ``adapt_hf=False`` in the model section saved beside the weights
+(``model_config.pt``; InternLM2's default is True, Llama's False), the q and k rows are in GPT-J pairs, which
+InternEvo turns into halves at run time; they are reordered here when that differs from evo's ``qk_interleaved``.
+
+Each rank memory-maps the files and builds one whole tensor at a time, copying only its own part into the model.
+Not read: FSDP folders (``_dp`` files hold ShardedTensors) and MoE experts; both are refused on one line.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from evo.checkpoint import CorruptCheckpointError
+from evo.convert import _Whole, fill_parameter
+from evo.errors import CheckpointError
+from evo.model.hf import halves_to_interleaved, interleaved_to_halves, unpack_wqkv
+
+_FILE = re.compile(r"model_tp(\d+)(?:_wp(\d+))?_pp(\d+)\.pt")
+_KEY = re.compile(r"(?:(\d+)\.)?(?:model\.)?(.*)")  # "{chunk}.model.<name>", "model.<name>" or "<name>"
+_LAYER = re.compile(r"layers\.(\d+)\.(.*)")
+_ROW_PARALLEL = ("attention.wo.", "feed_forward.w2.")  # split on dim 1 (mtp, msp, fsp); their bias on tp 0
+_NORMS = ("attention_norm.", "ffn_norm.", "norm.")
+
+
+def _shards(folder: Path) -> tuple[dict, bool]:
+    """{(pp, tp, wp): file} of the model files, and whether they are isp's; one line if they cannot be read."""
+    names = sorted(p.name for p in folder.iterdir() if p.name.startswith("model_"))
+    if any(n.startswith("model_moe_") for n in names):
+        raise CheckpointError(f"InternEvo folder '{folder}' holds MoE experts (model_moe_*.pt), which evo does not "
+                              "read")
+    if any(_FILE.fullmatch(n) is None and re.fullmatch(r"model_tp\d+(_wp\d+)?_pp\d+_dp\d+\.pt", n) for n in names):
+        raise CheckpointError(f"InternEvo folder '{folder}' was saved with FSDP (model_tp*_pp*_dp*.pt, sharded "
+                              "tensors), which evo does not read; save it from InternEvo without FSDP")
+    files = {}
+    for name in names:
+        m = _FILE.fullmatch(name)
+        if m:
+            files[(int(m[3]), int(m[1]), int(m[2] or 0))] = folder / name
+    if not files:
+        raise CheckpointError(f"'{folder}' is not an InternEvo checkpoint folder: it has no model_tp*_pp*.pt "
+                              "(nor model_tp*_wp*_pp*.pt) files")
+    isp = any(_FILE.fullmatch(f.name)[2] is not None for f in files.values())
+    pp, tp, wp = (1 + max(k[i] for k in files) for i in range(3))
+    for p in range(pp):
+        have = [k for k in files if k[0] == p]
+        need_tp = {k[1] for k in have} == set(range(tp))
+        need_wp = {k[2] for k in have} == set(range(wp))
+        if not (need_tp and need_wp and (isp or len(have) == tp)):
+            raise CheckpointError(f"InternEvo folder '{folder}' is incomplete: pipeline rank {p} lacks some of "
+                                  f"tp 0..{tp - 1}" + (f" and wp 0..{wp - 1}" if isp else "") + " files")
+    return files, isp
+
+
+def is_internevo_folder(folder: str | Path) -> bool:
+    return any(_FILE.fullmatch(p.name) for p in Path(folder).glob("model_tp*.pt"))
+
+
+def _saved_section(folder: Path) -> dict | None:
+    """The model section of the run that saved ``folder`` (``model_config.pt``), or None if it has none."""
+    path = folder / "model_config.pt"
+    if not path.is_file():
+        return None
+    try:
+        section = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_ConfigPickle)
+    except Exception as exc:  # noqa: BLE001: any failure to read is one line naming the file
+        raise CorruptCheckpointError(f"'{path}' cannot be read: {exc}") from None
+    if not isinstance(section, dict):
+        raise CorruptCheckpointError(f"'{path}' holds a {type(section).__name__}, not a model section")
+    return dict(section)
+
+
+def _adapt_hf(folder: Path, internlm2: bool) -> bool:
+    """``model.adapt_hf`` of the run that saved ``folder``, else the model's default (InternLM2 True, Llama False)."""
+    section = _saved_section(folder) or {}
+    return bool(section.get("adapt_hf", internlm2))
+
+
+def model_section(folder: str | Path) -> dict:
+    """evo's ``model`` section for the InternEvo folder ``folder``: the section InternEvo saved beside the weights
+    (evo's field names are InternEvo's), with the rotary layout the weights are stored in (``qk_interleaved`` is
+    ``not adapt_hf``), the dtype as a string, and the keys that only arrange training (num_chunks, checkpoint)
+    left out."""
+    from dataclasses import fields
+
+    from evo.config import ModelConfig
+
+    folder = Path(folder)
+    section = _saved_section(folder)
+    if section is None:
+        raise CheckpointError(f"InternEvo folder '{folder}' has no model_config.pt to build the model from; build it "
+                              "from a config and start with ckpt.load_ckpt_info ckpt_type='internevo'")
+    internlm2 = any(name.endswith("attention.wqkv.weight") for name in _Folder(folder).parts)
+    known = {f.name for f in fields(ModelConfig)} - {"num_chunks", "checkpoint", "compile"}
+    out = {k: v for k, v in section.items() if k in known}
+    if isinstance(out.get("dtype"), torch.dtype):
+        out["dtype"] = str(out["dtype"])
+    out["qk_interleaved"] = not bool(section.get("adapt_hf", internlm2))
+    return out
+
+
+class _Section(dict):
+    """Stands in for InternEvo's ``Config`` (a dict) when its pickled model section is read."""
+
+    def __setstate__(self, state):
+        if isinstance(state, dict):
+            self.update(state)
+
+
+class _ConfigPickle:
+    """``pickle_module`` for ``model_config.pt``: InternEvo's classes become plain dicts, torch's dtypes load as
+    themselves, and nothing else can be named, so a folder's pickle cannot run code here."""
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.split(".")[0] == "internlm":
+                return _Section
+            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
+            if (module, name) in (("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"'{module}.{name}' is not expected in a model section")
+
+    load = staticmethod(pickle.load)
+
+
+class _Folder:
+    """The tensors of an InternEvo folder under their global names (layer indices counted over the stages),
+    each rebuilt whole from its shards on demand."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        files, self.isp = _shards(folder)
+        states = {key: self._load(path) for key, path in files.items()}
+        # layers per (chunk, pipeline rank); the stages run chunk-major, so (chunk, rank) order is layer order
+        counts: dict[tuple[int, int], int] = defaultdict(int)
+        for (p, _, _), state in states.items():
+            for key in state:
+                chunk, name = _split(key)
+                m = _LAYER.fullmatch(name)
+                if m:
+                    counts[(chunk, p)] = max(counts[(chunk, p)], int(m[1]) + 1)
+        offsets, total = {}, 0
+        for stage in sorted(counts):
+            offsets[stage] = total
+            total += counts[stage]
+        self.num_layers = total
+        # global name -> {(tp, wp): (state, key)}
+        self.parts: dict[str, dict[tuple[int, int], tuple[dict, str]]] = defaultdict(dict)
+        for (p, t, w), state in states.items():
+            for key in state:
+                chunk, name = _split(key)
+                m = _LAYER.fullmatch(name)
+                if m:
+                    name = f"layers.{offsets[(chunk, p)] + int(m[1])}.{m[2]}"
+                self.parts[name][(t, w)] = (state, key)
+
+    def _load(self, path: Path) -> dict:
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as exc:  # torch's legacy (pre-zip) format cannot be memory-mapped
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001: any failure to read is one line naming the file
+            raise CorruptCheckpointError(f"'{path}' cannot be read (truncated or corrupt?): {exc}") from None
+        if not isinstance(state, dict):
+            raise CorruptCheckpointError(f"'{path}' holds a {type(state).__name__}, not a model state dict")
+        return state
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.parts
+
+    def whole(self, name: str) -> torch.Tensor:
+        """The full tensor ``name``: its shards put together as the table in the module docstring says."""
+        parts = self.parts[name]  # {(tp rank, wp rank): (state, key)}
+        if name.startswith(("tok_embeddings.", "output.")):  # split over tp in every mode
+            over, dim = 0, 1 if name == "tok_embeddings.weight" else 0
+        elif name.startswith("layers.") and not name.split(".", 2)[2].startswith(_NORMS):
+            row = name.split(".", 2)[2].startswith(_ROW_PARALLEL) and not self.isp
+            over, dim = (1, 0) if self.isp else (0, 1 if row else 0)
+            if row and name.endswith(".bias"):  # a row-parallel layer's bias lives on tp rank 0 only
+                state, key = parts[min(parts)]
+                return state[key]
+        else:  # norms: whole on every rank
+            state, key = next(iter(parts.values()))
+            return state[key]
+        shards = {}  # one shard per rank of the group it is split over, whichever file holds it
+        for index, (state, key) in sorted(parts.items()):
+            shards.setdefault(index[over], state[key])
+        return torch.cat([shards[i] for i in sorted(shards)], dim=dim)
+
+
+def _split(key: str) -> tuple[int, str]:
+    m = _KEY.fullmatch(key)
+    return int(m[1] or 0), m[2]
+
+
+@torch.no_grad()
+def load_internevo_weights(model: torch.nn.Module, folder: str | Path) -> None:
+    """Fill ``model``'s parameters (a plain model, or any layout's) from the InternEvo checkpoint ``folder``
+    (InternLM2 or Llama, saved under any tp, pp, isp and num_chunks without FSDP). The folder must describe the
+    model's own shapes: the first tensor that is missing or shaped otherwise is named on one line."""
+    folder = Path(folder)
+    source = _Folder(folder)
+    cfg = model.cfg
+    where = f"InternEvo folder '{folder}'"
+    if source.num_layers != cfg.num_layers:
+        raise CheckpointError(f"{where} does not fit this model: it holds {source.num_layers} layers and "
+                              f"model.num_layers is {cfg.num_layers}")
+    internlm2 = any(name.endswith("attention.wqkv.weight") for name in source.parts)
+    pairs = not _adapt_hf(folder, internlm2)  # q, k rows stored for GPT-J pairs rotary
+    reorder = None
+    if pairs != bool(cfg.qk_interleaved):
+        reorder = interleaved_to_halves if pairs else halves_to_interleaved
+    unpacked: dict[str, tuple] = {}  # InternLM2: the layer's wqkv being read, split into its q, k, v parts
+    for name, p in model.named_parameters():
+        module, kind = name.rsplit(".", 2)[-2:]
+        if cfg.tie_word_embeddings and name == "output.weight":
+            name = "tok_embeddings.weight"
+        if internlm2 and module in ("wq", "wk", "wv"):
+            key = f"{name.rsplit('.', 2)[0]}.wqkv.{kind}"
+            if key not in source:
+                raise CheckpointError(f"{where} does not fit this model: it has no '{key}' (for '{name}')")
+            if key not in unpacked:
+                unpacked = {key: unpack_wqkv(source.whole(key), cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim)}
+            tensor = unpacked[key][("wq", "wk", "wv").index(module)]
+        else:
+            key = name
+            if name == "tok_embeddings.weight" and key not in source:
+                key = "tok_embeddings.word_embeddings.weight"  # flash-attn's ParallelGPT2Embeddings
+            if key not in source:
+                raise CheckpointError(f"{where} does not fit this model: it has no '{name}'")
+            tensor = source.whole(key)
+        if reorder is not None and module in ("wq", "wk"):
+            tensor = reorder(tensor, cfg.head_dim)
+        fill_parameter(p, _Whole(tensor), where, key)

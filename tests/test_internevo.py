@@ -1,0 +1,117 @@
+"""InternEvo's own checkpoint folders (evo/internevo.py): a folder written as InternEvo lays one out
+(tests/internevo_folder.py, from transformers' Llama weights) under tensor, pipeline, isp and chunked layouts, read
+into evo's model, gives transformers' logits; what evo cannot read is one line."""
+
+import pickle
+
+import pytest
+import torch
+
+from internevo_folder import save_model_section, write_folder
+from test_convert import IDS, TOL, logits
+from test_model_families import hf_model
+from evo.checkpoint import CorruptCheckpointError
+from evo.config import config_from_dict
+from evo.errors import CheckpointError
+from evo.internevo import load_internevo_weights
+from evo.model import build_model
+from evo.model.hf import model_config_from_hf
+
+
+def evo_model(hf, **override):
+    fields = dict(model_config_from_hf(hf.config), dtype="torch.float32", **override)
+    return build_model(config_from_dict({"model": fields}).model, "cpu", seed=1).eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return hf_model("llama", dtype=torch.float32, num_hidden_layers=4, attention_bias=True)
+
+
+LAYOUTS = {  # name: (write_folder's layout, evo's model fields)
+    "internlm2 tp2 pp2": (dict(tp=2, pp=2, adapt_hf=True), {}),
+    "internlm2 isp tp4 wp2, pairs": (dict(tp=4, wp=2, adapt_hf=False), {}),
+    "llama pp3 (1+1+2 layers), pairs by default": (dict(pp=3, internlm2=False), {}),
+    "llama tp2 pp2 two chunks, vocab-split embedding": (dict(tp=2, pp=2, chunks=2, internlm2=False, adapt_hf=True,
+                                                            vocab_split=True), {}),
+    "internlm2 tp2 into evo's pairs layout": (dict(tp=2, adapt_hf=True), dict(qk_interleaved=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_an_internevo_folder_gives_transformers_logits(tmp_path, llama, name):
+    layout, fields = LAYOUTS[name]
+    folder = write_folder(tmp_path / "ckpt", llama.state_dict(), llama.config, **layout)
+    model = evo_model(llama, **fields)
+    before = (logits(model, IDS) - logits(llama, IDS)).abs().max()
+    load_internevo_weights(model, folder)
+    assert before > 1.0  # evo's own random weights are far off; the loaded ones are not
+    assert (logits(model, IDS) - logits(llama, IDS)).abs().max() <= TOL
+
+
+def test_what_cannot_be_read_is_one_line(tmp_path, llama):
+    state, config = llama.state_dict(), llama.config
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"is not an InternEvo checkpoint folder: it has no model_tp\*_pp\*.pt"):
+        load_internevo_weights(evo_model(llama), tmp_path / "empty")
+
+    folder = write_folder(tmp_path / "a", state, config, tp=2, pp=2)
+    (folder / "model_tp1_pp1.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"is incomplete: pipeline rank 1 lacks some of tp 0\.\.1 files"):
+        load_internevo_weights(evo_model(llama), folder)
+
+    folder = write_folder(tmp_path / "b", state, config, tp=2)
+    (folder / "model_tp0_pp0.pt").rename(folder / "model_tp0_pp0_dp0.pt")
+    with pytest.raises(CheckpointError, match="was saved with FSDP"):
+        load_internevo_weights(evo_model(llama), folder)
+
+    folder = write_folder(tmp_path / "c", state, config, tp=2)
+    with pytest.raises(CheckpointError, match="it holds 4 layers and model.num_layers is 2"):
+        load_internevo_weights(evo_model(llama, num_layers=2), folder)
+    with pytest.raises(CheckpointError, match=r"does not fit this model: 'layers.0.feed_forward.w1.weight' is "
+                                              r"\(96, 64\) there and \(128, 64\) here"):
+        load_internevo_weights(evo_model(llama, intermediate_size=128), folder)
+    data = (folder / "model_tp1_pp0.pt").read_bytes()
+    (folder / "model_tp1_pp0.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptCheckpointError, match=r"model_tp1_pp0.pt' cannot be read \(truncated or corrupt\?\)"):
+        load_internevo_weights(evo_model(llama), folder)
+
+
+class Boom:
+    def __reduce__(self):
+        return (print, ("a pickle ran code",))
+
+
+def test_the_model_section_is_read_without_running_code(tmp_path, llama):
+    folder = write_folder(tmp_path / "ckpt", llama.state_dict(), llama.config, adapt_hf=False)
+    model = evo_model(llama)
+    load_internevo_weights(model, folder)  # InternEvo's Config class and a torch dtype inside are fine
+    assert (logits(model, IDS) - logits(llama, IDS)).abs().max() <= TOL
+    save_model_section(folder / "model_config.pt", dict(adapt_hf=False, payload=Boom()))
+    with pytest.raises(CorruptCheckpointError, match=r"model_config.pt' cannot be read: .*builtins.print' is not "
+                                                     r"expected in a model section"):
+        load_internevo_weights(model, folder)
+    assert pickle.loads(pickle.dumps(Boom())) is None  # the payload does run code when unpickled plainly
+
+
+def test_load_model_builds_the_model_from_the_saved_section(tmp_path, llama):
+    """``evo.load_model`` (and so ``scripts/generate.py --ckpt``) reads the model section InternEvo saved
+    (``model_config.pt``, InternEvo's field names and a torch dtype): the pairs layout of ``adapt_hf=False``
+    gives a model in that layout, with transformers' logits."""
+    import evo
+
+    c = llama.config
+    section = dict(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
+                   num_kv_attention_heads=c.num_key_value_heads, vocab_size=c.vocab_size, mlp_ratio=1.5,
+                   multiple_of=32, layer_norm_epsilon=c.rms_norm_eps, rope_base=c.rope_parameters["rope_theta"],
+                   no_bias=False, mlp_bias=False, dtype=torch.bfloat16, checkpoint=True, num_chunks=2,
+                   embed_split_hidden=True, use_flash_attn=True, adapt_hf=False)
+    folder = write_folder(tmp_path / "ckpt", llama.state_dict(), c, tp=2, pp=2, chunks=2, adapt_hf=False)
+    save_model_section(folder / "model_config.pt", section)
+    model = evo.load_model(folder, dtype=torch.float32)
+    assert model.cfg.qk_interleaved and model.cfg.intermediate_size == c.intermediate_size
+    assert (logits(model, IDS) - logits(llama, IDS)).abs().max() <= TOL
+    assert evo.load_model(folder).cfg.torch_dtype == torch.bfloat16
+    (folder / "model_config.pt").unlink()
+    with pytest.raises(CheckpointError, match="has no model_config.pt to build the model from"):
+        evo.load_model(folder)
