@@ -25,6 +25,8 @@ and with ``num_chunks`` > 1 a rank's state dict holds its chunks as ``{c}.model.
 (``evo.model.hf.unpack_wqkv``). Rotary: with ``adapt_hf=False`` in the model section saved beside the weights
 (``model_config.pt``; InternLM2's default is True, Llama's False), the q and k rows are in GPT-J pairs, which
 InternEvo turns into halves at run time; they are reordered here when that differs from evo's ``qk_interleaved``.
+With ``norm_head`` the head is saved raw and normalised row by row in InternEvo's forward: it is loaded normalised
+(as InternEvo's Hugging Face converter writes it). Keys may sit under ``model.`` (the AMP wrapper).
 
 Each rank memory-maps the files and builds one whole tensor at a time, copying only its own part into the model.
 Not read: FSDP folders (``_dp`` files hold ShardedTensors) and MoE experts; both are refused on one line.
@@ -98,17 +100,12 @@ def _saved_section(folder: Path) -> dict | None:
     return dict(section)
 
 
-def _adapt_hf(folder: Path, internlm2: bool) -> bool:
-    """``model.adapt_hf`` of the run that saved ``folder``, else the model's default (InternLM2 True, Llama False)."""
-    section = _saved_section(folder) or {}
-    return bool(section.get("adapt_hf", internlm2))
-
-
 def model_section(folder: str | Path) -> dict:
     """evo's ``model`` section for the InternEvo folder ``folder``: the section InternEvo saved beside the weights
-    (evo's field names are InternEvo's), with the rotary layout the weights are stored in (``qk_interleaved`` is
-    ``not adapt_hf``), the dtype as a string, and the keys that only arrange training (num_chunks, checkpoint)
-    left out."""
+    (evo's field names are InternEvo's; where the section leaves a key out, InternEvo's model default holds:
+    ``mlp_ratio`` 4, ``no_bias`` False, no MLP bias ever), with the rotary layout the weights are stored in
+    (``qk_interleaved`` is ``not adapt_hf``), the dtype as a string, and the keys that only arrange training
+    (num_chunks, checkpoint) or that loading takes care of (norm_head) left out."""
     from dataclasses import fields
 
     from evo.config import ModelConfig
@@ -119,10 +116,12 @@ def model_section(folder: str | Path) -> dict:
         raise CheckpointError(f"InternEvo folder '{folder}' has no model_config.pt to build the model from; build it "
                               "from a config and start with ckpt.load_ckpt_info ckpt_type='internevo'")
     internlm2 = any(name.endswith("attention.wqkv.weight") for name in _Folder(folder).parts)
-    known = {f.name for f in fields(ModelConfig)} - {"num_chunks", "checkpoint", "compile"}
-    out = {k: v for k, v in section.items() if k in known}
+    known = {f.name for f in fields(ModelConfig)} - {"num_chunks", "checkpoint", "compile", "norm_head"}
+    out = dict(mlp_ratio=4.0, no_bias=False)  # InternEvo's model defaults where they differ from evo's config
+    out.update((k, v) for k, v in section.items() if k in known)
     if isinstance(out.get("dtype"), torch.dtype):
         out["dtype"] = str(out["dtype"])
+    out["mlp_bias"] = False  # InternEvo's MLP has no bias whatever no_bias says
     out["qk_interleaved"] = not bool(section.get("adapt_hf", internlm2))
     return out
 
@@ -225,11 +224,26 @@ def _split(key: str) -> tuple[int, str]:
     return int(m[1] or 0), m[2]
 
 
+def _source_key(name: str, cfg, internlm2: bool, source: _Folder) -> str:
+    """The folder's name of the tensor evo's parameter ``name`` is read from."""
+    module, kind = name.rsplit(".", 2)[-2:]
+    if cfg.tie_word_embeddings and name == "output.weight":
+        name = "tok_embeddings.weight"
+    if internlm2 and module in ("wq", "wk", "wv"):
+        return f"{name.rsplit('.', 2)[0]}.wqkv.{kind}"
+    if name == "tok_embeddings.weight" and name not in source:
+        return "tok_embeddings.word_embeddings.weight"  # flash-attn's ParallelGPT2Embeddings
+    return name
+
+
 @torch.no_grad()
 def load_internevo_weights(model: torch.nn.Module, folder: str | Path) -> None:
     """Fill ``model``'s parameters (a plain model, or any layout's) from the InternEvo checkpoint ``folder``
     (InternLM2 or Llama, saved under any tp, pp, isp and num_chunks without FSDP). The folder must describe the
-    model's own shapes: the first tensor that is missing or shaped otherwise is named on one line."""
+    model's own shapes: a tensor missing, left over (a bias the model lacks) or shaped otherwise is named on one
+    line. A head saved with ``norm_head`` (InternEvo normalises its rows in forward) is loaded normalised."""
+    from evo.model import build_model
+
     folder = Path(folder)
     source = _Folder(folder)
     cfg = model.cfg
@@ -238,29 +252,32 @@ def load_internevo_weights(model: torch.nn.Module, folder: str | Path) -> None:
         raise CheckpointError(f"{where} does not fit this model: it holds {source.num_layers} layers and "
                               f"model.num_layers is {cfg.num_layers}")
     internlm2 = any(name.endswith("attention.wqkv.weight") for name in source.parts)
-    pairs = not _adapt_hf(folder, internlm2)  # q, k rows stored for GPT-J pairs rotary
+    wanted = {_source_key(n, cfg, internlm2, source) for n, _ in build_model(cfg, "meta").named_parameters()}
+    extra = sorted(set(source.parts) - wanted)
+    if extra:
+        raise CheckpointError(f"{where} does not fit this model: it holds {', '.join(map(repr, extra[:3]))}"
+                              f"{' and more' if len(extra) > 3 else ''}, which this model has no place for (check "
+                              "model.no_bias, qkv_bias, o_bias, mlp_bias)")
+    saved = _saved_section(folder) or {}
+    pairs = not saved.get("adapt_hf", internlm2)  # q, k rows stored for GPT-J pairs rotary
     reorder = None
     if pairs != bool(cfg.qk_interleaved):
         reorder = interleaved_to_halves if pairs else halves_to_interleaved
     unpacked: dict[str, tuple] = {}  # InternLM2: the layer's wqkv being read, split into its q, k, v parts
     for name, p in model.named_parameters():
-        module, kind = name.rsplit(".", 2)[-2:]
-        if cfg.tie_word_embeddings and name == "output.weight":
-            name = "tok_embeddings.weight"
-        if internlm2 and module in ("wq", "wk", "wv"):
-            key = f"{name.rsplit('.', 2)[0]}.wqkv.{kind}"
-            if key not in source:
-                raise CheckpointError(f"{where} does not fit this model: it has no '{key}' (for '{name}')")
+        module = name.rsplit(".", 2)[-2]
+        key = _source_key(name, cfg, internlm2, source)
+        if key not in source:
+            raise CheckpointError(f"{where} does not fit this model: it has no '{key}'"
+                                  + (f" (for '{name}')" if key != name else ""))
+        if key.endswith((".wqkv.weight", ".wqkv.bias")):
             if key not in unpacked:
                 unpacked = {key: unpack_wqkv(source.whole(key), cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim)}
             tensor = unpacked[key][("wq", "wk", "wv").index(module)]
         else:
-            key = name
-            if name == "tok_embeddings.weight" and key not in source:
-                key = "tok_embeddings.word_embeddings.weight"  # flash-attn's ParallelGPT2Embeddings
-            if key not in source:
-                raise CheckpointError(f"{where} does not fit this model: it has no '{name}'")
             tensor = source.whole(key)
         if reorder is not None and module in ("wq", "wk"):
             tensor = reorder(tensor, cfg.head_dim)
+        if key == "output.weight" and saved.get("norm_head"):
+            tensor = torch.nn.functional.normalize(tensor.float(), dim=-1).to(tensor.dtype)
         fill_parameter(p, _Whole(tensor), where, key)

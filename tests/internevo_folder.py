@@ -2,7 +2,8 @@
 ``save_model_checkpoint`` lays one out (read from its code, written here apart from evo's reader):
 
 - one ``torch.save`` of a stage's ``state_dict()`` per rank that saves: ``model_tp{t}_pp{p}.pt`` for tensor modes
-  mtp/msp/fsp (every tp rank), ``model_tp{t}_wp{w}_pp{p}.pt`` for isp (tp rank t with weight rank t % wp);
+  mtp/msp/fsp (every tp rank), ``model_tp{t}_wp{w}_pp{p}.pt`` for isp (ranks r < max(tp, wp) save, as tp rank
+  r % tp and weight rank r % wp); keys are bare names, or under ``model.`` when the AMP wrapper was not taken off;
 - ``partition_uniform``: each chunk's layers split over the pipeline ranks, the remainder to the last ranks; a
   stage numbers its layers from 0; chunked models save as ``{chunk}.model.<name>``;
 - column-parallel linears (wqkv or wq/wk/wv, w1, w3) split by rows over tp, row-parallel ones (wo, w2) by
@@ -91,7 +92,7 @@ def shard(name, tensor, t, tp, w, wp, isp):
 
 
 def write_folder(folder, hf_state, config, *, tp=1, pp=1, wp=None, chunks=1, internlm2=True, adapt_hf=None,
-                 vocab_split=False):
+                 vocab_split=False, wrapped=False):
     """An InternEvo folder of the transformers Llama weights ``hf_state``; ``wp`` set means isp. ``adapt_hf`` is
     written into ``model_config.pt`` unless None (then the model's default holds: InternLM2 True, Llama False)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,14 +101,14 @@ def write_folder(folder, hf_state, config, *, tp=1, pp=1, wp=None, chunks=1, int
     isp = wp is not None
     plan = stages(config.num_hidden_layers, pp, chunks)
     last = max(range(len(plan)), key=lambda i: (plan[i][1], plan[i][0]))
-    savers = [(t, t % wp) for t in range(tp)] if isp else [(t, 0) for t in range(tp)]
+    savers = [(r % tp, r % wp) for r in range(max(tp, wp))] if isp else [(t, 0) for t in range(tp)]
     for p in range(pp):
         for t, w in savers:
             state = {}
             for index, (rank, c, first, n) in enumerate(plan):
                 if rank != p:
                     continue
-                prefix = f"{c}.model." if chunks > 1 else ""
+                prefix = f"{c}.model." if chunks > 1 else "model." if wrapped else ""
                 for name, tensor in whole.items():
                     if name.startswith("layers."):
                         i = int(name.split(".")[1])

@@ -2,6 +2,7 @@
 (tests/internevo_folder.py, from transformers' Llama weights) under tensor, pipeline, isp and chunked layouts, read
 into evo's model, gives transformers' logits; what evo cannot read is one line."""
 
+import copy
 import pickle
 
 import pytest
@@ -31,6 +32,7 @@ def llama():
 LAYOUTS = {  # name: (write_folder's layout, evo's model fields)
     "internlm2 tp2 pp2": (dict(tp=2, pp=2, adapt_hf=True), {}),
     "internlm2 isp tp4 wp2, pairs": (dict(tp=4, wp=2, adapt_hf=False), {}),
+    "llama isp tp2 wp4 pp2, keys under model.": (dict(tp=2, wp=4, pp=2, internlm2=False, wrapped=True), {}),
     "llama pp3 (1+1+2 layers), pairs by default": (dict(pp=3, internlm2=False), {}),
     "llama tp2 pp2 two chunks, vocab-split embedding": (dict(tp=2, pp=2, chunks=2, internlm2=False, adapt_hf=True,
                                                             vocab_split=True), {}),
@@ -96,15 +98,16 @@ def test_the_model_section_is_read_without_running_code(tmp_path, llama):
 
 def test_load_model_builds_the_model_from_the_saved_section(tmp_path, llama):
     """``evo.load_model`` (and so ``scripts/generate.py --ckpt``) reads the model section InternEvo saved
-    (``model_config.pt``, InternEvo's field names and a torch dtype): the pairs layout of ``adapt_hf=False``
-    gives a model in that layout, with transformers' logits."""
+    (``model_config.pt``, InternEvo's field names and a torch dtype; no_bias left to InternEvo's default, False,
+    which gives q, k, v and o biases and no MLP bias): the pairs layout of ``adapt_hf=False`` gives a model in that
+    layout, with transformers' logits."""
     import evo
 
     c = llama.config
     section = dict(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
                    num_kv_attention_heads=c.num_key_value_heads, vocab_size=c.vocab_size, mlp_ratio=1.5,
                    multiple_of=32, layer_norm_epsilon=c.rms_norm_eps, rope_base=c.rope_parameters["rope_theta"],
-                   no_bias=False, mlp_bias=False, dtype=torch.bfloat16, checkpoint=True, num_chunks=2,
+                   dtype=torch.bfloat16, checkpoint=True, num_chunks=2,
                    embed_split_hidden=True, use_flash_attn=True, adapt_hf=False)
     folder = write_folder(tmp_path / "ckpt", llama.state_dict(), c, tp=2, pp=2, chunks=2, adapt_hf=False)
     save_model_section(folder / "model_config.pt", section)
@@ -115,3 +118,22 @@ def test_load_model_builds_the_model_from_the_saved_section(tmp_path, llama):
     (folder / "model_config.pt").unlink()
     with pytest.raises(CheckpointError, match="has no model_config.pt to build the model from"):
         evo.load_model(folder)
+
+
+def test_a_normalized_head_and_tensors_the_model_has_no_place_for(tmp_path, llama):
+    """``norm_head``: InternEvo saves the head raw and normalises its rows in forward, so they load normalised.
+    A folder with biases the model lacks is refused rather than read in part."""
+    folder = write_folder(tmp_path / "ckpt", llama.state_dict(), llama.config, tp=2)
+    save_model_section(folder / "model_config.pt", dict(norm_head=True))
+    model = evo_model(llama)
+    load_internevo_weights(model, folder)
+    expected = copy.deepcopy(llama)
+    with torch.no_grad():
+        head = expected.lm_head.weight
+        head.copy_(head / head.norm(dim=1, keepdim=True))
+    assert (logits(model, IDS) - logits(expected, IDS)).abs().max() <= TOL
+    assert (logits(model, IDS) - logits(llama, IDS)).abs().max() > 0.1
+    with pytest.raises(CheckpointError, match=r"holds 'layers.0.attention.wo.bias', 'layers.0.attention.wqkv.bias', "
+                                              r"'layers.1.attention.wo.bias' and more, which this model has no place "
+                                              r"for \(check model.no_bias"):
+        load_internevo_weights(evo_model(llama, qkv_bias=False, o_bias=False), folder)
