@@ -68,16 +68,26 @@ def _check_out(out: Path, force: bool) -> None:
 # ---------------------------------------------------------------------------------------------- to Hugging Face
 def to_hf(ckpt: str | Path, out: str | Path, force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
           family: str | None = None) -> Path:
-    """Write evo checkpoint ``ckpt`` as a transformers folder ``out``; returns ``out``. ``family``: the transformers
+    """Write evo checkpoint ``ckpt`` (or an InternEvo checkpoint folder holding ``model_config.pt``:
+    ``evo.internevo``) as a transformers folder ``out``; returns ``out``. ``family``: the transformers
     family to write (default: the one that computes this model, ``evo.model.hf.hf_family``), or ``"internlm2"``
     for InternLM2's own layout (packed ``wqkv``; its modeling code comes from InternLM's repositories)."""
     from evo.data.tokenizer import load_tokenizer
 
-    path, out = resolve_checkpoint(ckpt), Path(out)
+    from evo.internevo import is_internevo_folder
+    from evo.internevo import model_section as internevo_model_section
+
+    internevo = Path(ckpt).is_dir() and is_internevo_folder(ckpt)
+    path, out = (Path(ckpt) if internevo else resolve_checkpoint(ckpt)), Path(out)
     _check_out(out, force)
-    cfg, tokenizer_path = checkpoint_model_config(path)
-    try:
-        tokenizer = load_tokenizer(tokenizer_path)
+    if internevo:
+        from evo.config import config_from_dict
+
+        cfg, tokenizer_path = config_from_dict({"model": internevo_model_section(path)}).model, None
+    else:
+        cfg, tokenizer_path = checkpoint_model_config(path)
+    try:  # an InternEvo folder does not say which tokenizer it was trained with
+        tokenizer = None if internevo else load_tokenizer(tokenizer_path)
     except Exception:  # noqa: BLE001 - the tokenizer only adds ids and files; the weights are what is converted
         tokenizer = None
     ids = getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None)
@@ -91,7 +101,8 @@ def to_hf(ckpt: str | Path, out: str | Path, force: bool = False, max_shard_byte
     tmp = out.with_name(out.name + ".tmp-evo")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _write_safetensors(tmp, _hf_tensors(path, cfg, internlm2), max_shard_bytes)
+    tensors = _internevo_tensors(path, cfg) if internevo else _checkpoint_tensors(path, cfg)
+    _write_safetensors(tmp, _hf_tensors(tensors, cfg, internlm2), max_shard_bytes)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
@@ -104,22 +115,40 @@ def to_hf(ckpt: str | Path, out: str | Path, force: bool = False, max_shard_byte
     return out
 
 
-def _hf_tensors(path: Path, cfg, internlm2: bool):
-    """(Hugging Face name, tensor) for each model tensor of checkpoint ``path``, read one at a time, in
-    transformers' order and ``cfg.dtype``: q/k rows in the halves rotary layout; InternLM2's q, k, v packed."""
+def _checkpoint_tensors(path: Path, cfg):
+    """(evo name, tensor) for each model tensor of evo checkpoint ``path``, read one at a time in transformers'
+    order (the head left out when tied: transformers ties it to the embedding)."""
     import torch.distributed.checkpoint as dcp
 
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     names = [key[len("model."):] for key in stored if key.startswith("model.")]
     if cfg.tie_word_embeddings:
-        names = [n for n in names if n != "output.weight"]  # transformers ties the head to the embedding
-    qkv: dict[str, dict[str, torch.Tensor]] = {}  # InternLM2: a layer's q, k, v parts until all three are read
+        names = [n for n in names if n != "output.weight"]
     for name in sorted(names, key=_hf_order):
         meta = stored[f"model.{name}"]
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load({"model": {name: tensor}}, checkpoint_id=str(path))
+        yield name, tensor
+
+
+def _internevo_tensors(folder: Path, cfg):
+    """(evo name, tensor) for each model tensor of InternEvo folder ``folder``, one at a time in transformers'
+    order."""
+    from evo.internevo import internevo_tensors
+    from evo.model import build_model
+
+    names = [n for n, _ in build_model(cfg, "meta").named_parameters()]  # a tied head is not listed twice
+    for name, _, tensor in internevo_tensors(folder, cfg, sorted(names, key=_hf_order)):
+        yield name, tensor
+
+
+def _hf_tensors(tensors, cfg, internlm2: bool):
+    """(Hugging Face name, tensor) for each (evo name, tensor) of ``tensors`` (in transformers' order), in
+    ``cfg.dtype``: q/k rows in the halves rotary layout; InternLM2's q, k, v packed."""
+    qkv: dict[str, dict[str, torch.Tensor]] = {}  # InternLM2: a layer's q, k, v parts until all three are read
+    for name, tensor in tensors:
         tensor = tensor.to(cfg.torch_dtype)
         module, kind = name.rsplit(".", 2)[-2:]
         if cfg.qk_interleaved and module in ("wq", "wk", "q_norm", "k_norm"):

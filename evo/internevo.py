@@ -236,17 +236,16 @@ def _source_key(name: str, cfg, internlm2: bool, source: _Folder) -> str:
     return name
 
 
-@torch.no_grad()
-def load_internevo_weights(model: torch.nn.Module, folder: str | Path) -> None:
-    """Fill ``model``'s parameters (a plain model, or any layout's) from the InternEvo checkpoint ``folder``
-    (InternLM2 or Llama, saved under any tp, pp, isp and num_chunks without FSDP). The folder must describe the
-    model's own shapes: a tensor missing, left over (a bias the model lacks) or shaped otherwise is named on one
-    line. A head saved with ``norm_head`` (InternEvo normalises its rows in forward) is loaded normalised."""
+def internevo_tensors(folder: str | Path, cfg, names: list[str]):
+    """(evo name, the folder's name, whole tensor) for each of ``names`` (evo parameter names of model config
+    ``cfg``), read from the InternEvo checkpoint ``folder`` one at a time: wqkv unpacked, q and k rows in
+    ``cfg``'s rotary layout, a ``norm_head`` head normalised. The folder must describe the model's own shapes:
+    before anything is yielded, the layer count and the tensors the model has no place for (a bias, say) are
+    checked; a tensor missing is named when its turn comes."""
     from evo.model import build_model
 
     folder = Path(folder)
     source = _Folder(folder)
-    cfg = model.cfg
     where = f"InternEvo folder '{folder}'"
     if source.num_layers != cfg.num_layers:
         raise CheckpointError(f"{where} does not fit this model: it holds {source.num_layers} layers and "
@@ -264,7 +263,7 @@ def load_internevo_weights(model: torch.nn.Module, folder: str | Path) -> None:
     if pairs != bool(cfg.qk_interleaved):
         reorder = interleaved_to_halves if pairs else halves_to_interleaved
     unpacked: dict[str, tuple] = {}  # InternLM2: the layer's wqkv being read, split into its q, k, v parts
-    for name, p in model.named_parameters():
+    for name in names:
         module = name.rsplit(".", 2)[-2]
         key = _source_key(name, cfg, internlm2, source)
         if key not in source:
@@ -280,4 +279,14 @@ def load_internevo_weights(model: torch.nn.Module, folder: str | Path) -> None:
             tensor = reorder(tensor, cfg.head_dim)
         if key == "output.weight" and saved.get("norm_head"):
             tensor = torch.nn.functional.normalize(tensor.float(), dim=-1).to(tensor.dtype)
-        fill_parameter(p, _Whole(tensor), where, key)
+        yield name, key, tensor
+
+
+@torch.no_grad()
+def load_internevo_weights(model: torch.nn.Module, folder: str | Path) -> None:
+    """Fill ``model``'s parameters (a plain model, or any layout's: each rank copies its part) from the InternEvo
+    checkpoint ``folder`` (InternLM2 or Llama, saved under any tp, pp, isp and num_chunks without FSDP); what does
+    not fit is one line (``internevo_tensors``)."""
+    params = dict(model.named_parameters())
+    for name, key, tensor in internevo_tensors(folder, model.cfg, list(params)):
+        fill_parameter(params[name], _Whole(tensor), f"InternEvo folder '{folder}'", key)

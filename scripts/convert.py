@@ -3,7 +3,8 @@
     python scripts/convert.py to-hf --ckpt CKPT --out HF_DIR [--force] [--max-shard-size BYTES] [--family F]
     python scripts/convert.py from-hf --hf HF_DIR --out CKPT [--force]
 
-``to-hf`` writes an evo checkpoint (any layout; a folder of them: the newest) as a transformers folder that
+``to-hf`` writes an evo checkpoint (any layout; a folder of them: the newest), or an InternEvo checkpoint folder
+holding ``model_config.pt``, as a transformers folder that
 ``AutoModelForCausalLM.from_pretrained`` loads (``--family internlm2``: InternLM2's own layout); ``from-hf`` writes a
 transformers folder (Llama 2 and 3, Mistral, Qwen2, Qwen3, InternLM2) as an evo checkpoint of the model. Training can also start from a Hugging Face folder directly:
 ``ckpt.load_ckpt_info=dict(path=HF_DIR, content=("model",), ckpt_type="hf")``.
@@ -25,7 +26,8 @@ def main():
     parser = argparse.ArgumentParser(description="Convert between evo checkpoints and Hugging Face folders.")
     commands = parser.add_subparsers(dest="command", required=True)
     out_hf = commands.add_parser("to-hf", help="an evo checkpoint as a transformers folder")
-    out_hf.add_argument("--ckpt", required=True, help="a checkpoint folder, or a folder of them (the newest)")
+    out_hf.add_argument("--ckpt", required=True, help="a checkpoint folder, or a folder of them (the newest), or an "
+                                                      "InternEvo checkpoint folder")
     out_hf.add_argument("--out", required=True, help="the transformers folder to write")
     out_hf.add_argument("--max-shard-size", type=int, default=MAX_SHARD_BYTES,
                         help=f"bytes per safetensors file (default {MAX_SHARD_BYTES})")

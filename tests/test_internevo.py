@@ -137,3 +137,22 @@ def test_a_normalized_head_and_tensors_the_model_has_no_place_for(tmp_path, llam
                                               r"'layers.1.attention.wo.bias' and more, which this model has no place "
                                               r"for \(check model.no_bias"):
         load_internevo_weights(evo_model(llama, qkv_bias=False, o_bias=False), folder)
+
+
+def test_to_hf_writes_an_internevo_folder_for_transformers(tmp_path, llama):
+    """``scripts/convert.py to-hf --ckpt INTERNEVO_FOLDER``: the pairs-layout weights of a chunked isp folder come
+    out in transformers' halves layout, and ``from_pretrained`` gives the original logits."""
+    import transformers
+
+    from helpers import run_script
+
+    c = llama.config
+    folder = write_folder(tmp_path / "ckpt", llama.state_dict(), c, tp=2, wp=2, pp=2, chunks=2, internlm2=False)
+    save_model_section(folder / "model_config.pt", dict(
+        num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
+        num_kv_attention_heads=c.num_key_value_heads, vocab_size=c.vocab_size, mlp_ratio=1.5, multiple_of=32,
+        layer_norm_epsilon=c.rms_norm_eps, rope_base=c.rope_parameters["rope_theta"], dtype=torch.float32))
+    result = run_script("scripts/convert.py", "to-hf", "--ckpt", str(folder), "--out", str(tmp_path / "hf"))
+    assert result.returncode == 0, result.stderr
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (logits(hf, IDS) - logits(llama, IDS)).abs().max() <= TOL
