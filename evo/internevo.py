@@ -62,15 +62,15 @@ def _shards(folder: Path) -> tuple[dict, bool]:
     if any(_FILE.fullmatch(n) is None and re.fullmatch(r"model_tp\d+(_wp\d+)?_pp\d+_dp\d+\.pt", n) for n in names):
         raise CheckpointError(f"InternEvo folder '{folder}' was saved with FSDP (model_tp*_pp*_dp*.pt, sharded "
                               "tensors), which evo does not read; save it from InternEvo without FSDP")
-    files = {}
+    files, isp = {}, False
     for name in names:
         m = _FILE.fullmatch(name)
         if m:
             files[(int(m[3]), int(m[1]), int(m[2] or 0))] = folder / name
+            isp = isp or m[2] is not None
     if not files:
         raise CheckpointError(f"'{folder}' is not an InternEvo checkpoint folder: it has no model_tp*_pp*.pt "
                               "(nor model_tp*_wp*_pp*.pt) files")
-    isp = any(_FILE.fullmatch(f.name)[2] is not None for f in files.values())
     pp, tp, wp = (1 + max(k[i] for k in files) for i in range(3))
     for p in range(pp):
         have = [k for k in files if k[0] == p]
@@ -115,14 +115,15 @@ def model_section(folder: str | Path) -> dict:
     if section is None:
         raise CheckpointError(f"InternEvo folder '{folder}' has no model_config.pt to build the model from; build it "
                               "from a config and start with ckpt.load_ckpt_info ckpt_type='internevo'")
-    internlm2 = any(name.endswith("attention.wqkv.weight") for name in _Folder(folder).parts)
     known = {f.name for f in fields(ModelConfig)} - {"num_chunks", "checkpoint", "compile", "norm_head"}
     out = dict(mlp_ratio=4.0, no_bias=False)  # InternEvo's model defaults where they differ from evo's config
     out.update((k, v) for k, v in section.items() if k in known)
     if isinstance(out.get("dtype"), torch.dtype):
         out["dtype"] = str(out["dtype"])
     out["mlp_bias"] = False  # InternEvo's MLP has no bias whatever no_bias says
-    out["qk_interleaved"] = not bool(section.get("adapt_hf", internlm2))
+    # adapt_hf False: q, k rows stored for GPT-J pairs; left out, the model's default (InternLM2 True, Llama False)
+    adapt_hf = section["adapt_hf"] if "adapt_hf" in section else _is_internlm2(_Folder(folder))
+    out["qk_interleaved"] = not bool(adapt_hf)
     return out
 
 
@@ -219,6 +220,11 @@ class _Folder:
         return torch.cat([shards[i] for i in sorted(shards)], dim=dim)
 
 
+def _is_internlm2(source: _Folder) -> bool:
+    """InternLM2 packs q, k, v into one wqkv; Llama keeps them apart."""
+    return any(name.endswith("attention.wqkv.weight") for name in source.parts)
+
+
 def _split(key: str) -> tuple[int, str]:
     m = _KEY.fullmatch(key)
     return int(m[1] or 0), m[2]
@@ -250,7 +256,7 @@ def internevo_tensors(folder: str | Path, cfg, names: list[str]):
     if source.num_layers != cfg.num_layers:
         raise CheckpointError(f"{where} does not fit this model: it holds {source.num_layers} layers and "
                               f"model.num_layers is {cfg.num_layers}")
-    internlm2 = any(name.endswith("attention.wqkv.weight") for name in source.parts)
+    internlm2 = _is_internlm2(source)
     wanted = {_source_key(n, cfg, internlm2, source) for n, _ in build_model(cfg, "meta").named_parameters()}
     extra = sorted(set(source.parts) - wanted)
     if extra:
@@ -258,7 +264,7 @@ def internevo_tensors(folder: str | Path, cfg, names: list[str]):
                               f"{' and more' if len(extra) > 3 else ''}, which this model has no place for (check "
                               "model.no_bias, qkv_bias, o_bias, mlp_bias)")
     saved = _saved_section(folder) or {}
-    pairs = not saved.get("adapt_hf", internlm2)  # q, k rows stored for GPT-J pairs rotary
+    pairs = not saved.get("adapt_hf", internlm2)  # q, k rows stored for GPT-J pairs (model_section's rule)
     reorder = None
     if pairs != bool(cfg.qk_interleaved):
         reorder = interleaved_to_halves if pairs else halves_to_interleaved

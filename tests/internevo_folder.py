@@ -20,6 +20,8 @@ import types
 
 import torch
 
+from test_convert import internlm2_pack
+
 # transformers' Llama name -> InternEvo's, within a layer
 LAYER = {"self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
          "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
@@ -30,10 +32,6 @@ def to_pairs(rows, head_dim):
     """q or k rows for halves rotary, stored so that rows[..., ::2] then rows[..., 1::2] gives the halves back."""
     heads = rows.reshape(-1, 2, head_dim // 2, *rows.shape[1:])
     return heads.transpose(1, 2).reshape(rows.shape)
-
-
-def pack(q, k, v, kv_heads):
-    return torch.cat([t.reshape(kv_heads, -1, *t.shape[1:]) for t in (q, k, v)], dim=1).reshape(-1, *q.shape[1:])
 
 
 def internevo_names(hf_state, config, internlm2, pairs, vocab_split=False):
@@ -52,7 +50,7 @@ def internevo_names(hf_state, config, internlm2, pairs, vocab_split=False):
                 if pairs:
                     q, k = to_pairs(q, d), to_pairs(k, d)
                 if internlm2:
-                    out[f"layers.{i}.attention.wqkv.{kind}"] = pack(q, k, v, kv)
+                    out[f"layers.{i}.attention.wqkv.{kind}"] = internlm2_pack(q, k, v, kv)
                 else:
                     out.update({f"layers.{i}.attention.w{x}.{kind}": t for x, t in zip("qkv", (q, k, v))})
             for theirs, ours in LAYER.items():
@@ -100,7 +98,7 @@ def write_folder(folder, hf_state, config, *, tp=1, pp=1, wp=None, chunks=1, int
     whole = internevo_names(hf_state, config, internlm2, pairs, vocab_split)
     isp = wp is not None
     plan = stages(config.num_hidden_layers, pp, chunks)
-    last = max(range(len(plan)), key=lambda i: (plan[i][1], plan[i][0]))
+    last = len(plan) - 1  # the plan runs in layer order: the last stage holds the norm and the head
     savers = [(r % tp, r % wp) for r in range(max(tp, wp))] if isp else [(t, 0) for t in range(tp)]
     for p in range(pp):
         for t, w in savers:
