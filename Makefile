@@ -16,11 +16,17 @@ install: $(STAMP)
 train: $(STAMP)
 	$(PYTHON) scripts/train.py --config configs/tiny.py
 
+# the versions a run tested, first in its log: the dev extra takes the newest the registry serves
+VERSIONS := import importlib.metadata as m, platform; print('testing with python', platform.python_version(), \
+	*(f'{n} {m.version(n)}' for n in ('torch', 'triton', 'transformers', 'numpy')))
+
 test: $(STAMP)
+	@$(PYTHON) -c "$(VERSIONS)"
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
 # tests too slow for `make test`; .ci/run runs them after it
 test-slow: $(STAMP)
+	@$(PYTHON) -c "$(VERSIONS)"
 	$(PYTHON) -m pytest -q -m slow tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 # benchmarks: the harness (GPU kernels and attention where there is a GPU; CPU memory and step time),

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from common import Case, run_case
+from bench.common import Case, run_case
 from evo.kernels import reference as ref
 
 # (headdim, causal, kv heads, seqlens swept, --quick's); the quick ones hold the goals: fwd+bwd causal at

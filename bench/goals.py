@@ -10,6 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":  # Python put bench/ first on the path: the repository root replaces it
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 
 def _find(rows, benchmark, op, mode, shape=None, size=None, provider="evo"):
     for row in rows:

@@ -27,7 +27,7 @@ import functools
 
 import torch
 
-from common import Case, liger, run_case
+from bench.common import Case, liger, run_case
 from evo.kernels import reference as ref
 
 # the sizes swept, per op: (the shape of each size, the sizes) on a GPU (all, --quick), on a CPU (all,

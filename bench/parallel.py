@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "tests") not in sys.path:
-    sys.path.append(str(ROOT / "tests"))  # tests/dist.py: run_distributed
 
 CONFIGS_7B = ["internlm2_7b", "llama2_7b", "llama3_8b", "mistral_7b", "qwen2_7b", "qwen3_8b"]
 # (name, world size, tp, zero1): zero1 as parallel.zero1.size (1 off, -1 the whole data group)
@@ -268,7 +265,7 @@ def _merge(ranks: list[dict]) -> dict:
 
 def measured(jobs_by_world: dict[int, list[dict]]) -> dict[int, list[dict]]:
     """Run each world's jobs in one gloo group of that many processes; each job's merged result."""
-    from dist import run_distributed
+    from tests.dist import run_distributed
 
     out = {}
     for world, jobs in jobs_by_world.items():

@@ -22,15 +22,12 @@ All of it runs on CPU processes (a pipeline needs one device per stage; the GPU 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "tests") not in sys.path:
-    sys.path.append(str(ROOT / "tests"))  # tests/dist.py: run_distributed
 
 MODEL = dict(num_layers=8, hidden_size=256, num_attention_heads=4, num_kv_attention_heads=2, vocab_size=2048,
              multiple_of=64, dtype="torch.float32")
@@ -200,7 +197,7 @@ def plot(cases: list[dict], results: list[list[dict]], path: Path) -> bool:
 
 
 def run(quick: bool, device: str) -> list[dict]:
-    from dist import run_distributed
+    from tests.dist import run_distributed
 
     pp = 2
     counts = (4,) if quick else (4, 8)

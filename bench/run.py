@@ -21,8 +21,8 @@ import platform
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __name__ == "__main__":  # Python put bench/ first on the path: the repository root replaces it (bench.*, evo)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 BENCHMARKS = ["train_step", "loader", "generate", "kernels", "attention", "flce_memory", "parallel", "pipeline",
               "overhead"]
@@ -110,18 +110,18 @@ def main() -> None:
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
             out.write_text(json.dumps(results, indent=2))  # after every row: a run cut short keeps what it measured
 
-    from common import device_peaks, share
+    from bench.common import device_peaks, share
 
     peaks = device_peaks(device, args.quick, args.smoke) if USES_PEAKS & set(only) else []
     add("peaks", peaks)
     for name in only:
         options = {"smoke": True} if args.smoke else {}
-        add(name, importlib.import_module(name).run(args.quick, device, **options))
+        add(name, importlib.import_module(f"bench.{name}").run(args.quick, device, **options))
     if peaks:
         share(results["rows"], peaks)
     out.write_text(json.dumps(results, indent=2))
-    from goals import evaluate
-    from goals import markdown as goals_table
+    from bench.goals import evaluate
+    from bench.goals import markdown as goals_table
 
     goals = evaluate(results["rows"])
     text = markdown(results)
@@ -135,7 +135,7 @@ def main() -> None:
     except ImportError:
         print("no pictures: matplotlib is not installed (pip install -e '.[bench]')")
         return
-    from plots import draw
+    from bench.plots import draw
 
     for picture in draw(results, out):
         print(f"picture written to {picture}")

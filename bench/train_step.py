@@ -16,7 +16,6 @@ model in fp32 on 512-token rows, the reference ops only (evo's kernels are Trito
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -72,9 +71,9 @@ def child(provider: str, device: str, steps: int, folder: str, smoke: bool) -> N
 def run_provider(provider: str, device: str, steps: int, warmup: int, smoke: bool = False) -> dict:
     """Medians over the measured steps of one provider's run, in a fresh process."""
     with tempfile.TemporaryDirectory() as folder:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        out = subprocess.run([sys.executable, __file__, provider, device, str(steps), folder, str(int(smoke))],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        # -m from the repository root: the root, not bench/, comes first on the child's path
+        out = subprocess.run([sys.executable, "-m", "bench.train_step", provider, device, str(steps), folder,
+                              str(int(smoke))], cwd=ROOT, capture_output=True, text=True, timeout=900)
         if out.returncode != 0:
             return {"error": (out.stderr.strip().splitlines() or ["exit %d" % out.returncode])[-1][:200]}
         records = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests (importable as ``helpers``; conftest.py keeps the fixtures)."""
+"""Helpers shared by the tests (``tests.helpers``; conftest.py keeps the fixtures)."""
 
 import os
 import subprocess

@@ -20,7 +20,7 @@ import types
 
 import torch
 
-from test_convert import internlm2_pack
+from tests.test_convert import internlm2_pack
 
 # transformers' Llama name -> InternEvo's, within a layer
 LAYER = {"self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",

@@ -4,18 +4,12 @@
 crashes wastes it."""
 
 import json
-import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, run_script
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-import common  # noqa: E402  (bench/common.py)
-import plots  # noqa: E402
-import train_step  # noqa: E402
+from bench import common, plots, train_step
+from tests.helpers import ROOT, run_script
 
 
 def _rms(x, w):  # an independent RMSNorm (not evo's reference)
@@ -180,7 +174,7 @@ def test_gpu_benchmarks_run_at_smoke_shapes(tmp_path):
 
 
 def test_goals_met_missed_or_not_measured():
-    import goals
+    from bench import goals
 
     def row(benchmark, op, mode, provider="evo", **numbers):
         return {"benchmark": benchmark, "op": op, "mode": mode, "provider": provider, **numbers}

@@ -11,8 +11,8 @@ import shutil
 import pytest
 import torch
 
-from helpers import run_script, small_sections, write_config
-from test_trainer import make_trainer, metrics, trained
+from tests.helpers import run_script, small_sections, write_config
+from tests.test_trainer import make_trainer, metrics, trained
 from evo import checkpoint
 from evo.checkpoint import CorruptCheckpointError, complete_checkpoints, load_checkpoint
 from evo.errors import CheckpointError

@@ -2,7 +2,7 @@ import textwrap
 
 import pytest
 
-from helpers import ROOT, run_script, small_sections
+from tests.helpers import ROOT, run_script, small_sections
 from evo.config import config_from_dict, load_config, parse_skip_batches
 from evo.errors import ConfigError
 

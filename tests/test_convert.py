@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from helpers import run_script
-from test_model_families import CASES, hf_model
+from tests.helpers import run_script
+from tests.test_model_families import CASES, hf_model
 import evo
 from evo.convert import from_hf, to_hf
 from evo.errors import CheckpointError, ConfigError

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from helpers import run_script
+from tests.helpers import run_script
 
 
 @pytest.mark.slow

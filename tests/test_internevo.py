@@ -8,9 +8,9 @@ import pickle
 import pytest
 import torch
 
-from internevo_folder import save_model_section, write_folder
-from test_convert import IDS, TOL, logits
-from test_model_families import hf_model
+from tests.internevo_folder import save_model_section, write_folder
+from tests.test_convert import IDS, TOL, logits
+from tests.test_model_families import hf_model
 from evo.checkpoint import CorruptCheckpointError
 from evo.config import config_from_dict
 from evo.errors import CheckpointError
@@ -144,7 +144,7 @@ def test_to_hf_writes_an_internevo_folder_for_transformers(tmp_path, llama):
     out in transformers' halves layout, and ``from_pretrained`` gives the original logits."""
     import transformers
 
-    from helpers import run_script
+    from tests.helpers import run_script
 
     c = llama.config
     folder = write_folder(tmp_path / "ckpt", llama.state_dict(), c, tp=2, wp=2, pp=2, chunks=2, internlm2=False)

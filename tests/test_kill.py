@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, small_sections, write_config
+from tests.helpers import ROOT, small_sections, write_config
 
 KILLS, STEPS = 20, 400
 

@@ -4,7 +4,7 @@ import socket
 import numpy as np
 import pytest
 
-from helpers import run_script
+from tests.helpers import run_script
 from evo.initialize import ConfigArg, _slurm_master, detect_launcher, parse_args
 
 

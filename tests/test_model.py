@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import ROOT, small_sections
+from tests.helpers import ROOT, small_sections
 from evo.config import config_from_dict, load_config
 from evo.model import build_model, count_parameters
 from evo.parallel import ParallelContext, build_parallel_model

@@ -4,7 +4,7 @@ outputs."""
 
 import nbformat
 
-from helpers import ROOT
+from tests.helpers import ROOT
 
 NOTEBOOK = ROOT / "notebooks" / "kernels_tour.ipynb"
 

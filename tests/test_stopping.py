@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from helpers import ROOT, small_sections, write_config
-from test_launch import free_port
+from tests.helpers import ROOT, small_sections, write_config
+from tests.test_launch import free_port
 
 
 def config(tmp_path, name, steps=40, **ckpt):

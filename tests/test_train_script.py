@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, run_script
+from tests.helpers import ROOT, run_script
 from evo.model import build_model
 
 STEP_KEYS = {"step", "loss", "lr", "grad_norm", "loss_scale", "tgs", "tflops", "num_consumed_tokens",

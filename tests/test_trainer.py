@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import small_sections
+from tests.helpers import small_sections
 from evo import (TrainerBuilder, build_train_loader_with_data_type, build_valid_loader_with_data_type,
                  initialize_distributed_env, initialize_model_and_parallel_communicator)
 from evo.config import GradScalerConfig

@@ -114,7 +114,7 @@ def test_builtin_corpus_split_is_deterministic_and_disjoint():
 
     from evo.data.builtin import builtin_corpus, split_files, stdlib_files
     from evo.data.tokenizer import ByteTokenizer
-    from helpers import run_script
+    from tests.helpers import run_script
 
     files = stdlib_files()
     assert len(files) > 100 and not any("site-packages" in p.parts for p in files)
@@ -124,7 +124,7 @@ def test_builtin_corpus_split_is_deterministic_and_disjoint():
     assert 0 < len(valid) < len(files) / 10
     # repeatable: the same split in another process with another string-hash seed (a hash() would differ)
     root = sysconfig.get_paths()["stdlib"]
-    code = ("import sys; sys.path.insert(0, '.'); from evo.data.builtin import split_files; "
+    code = ("from evo.data.builtin import split_files; "
             f"print('\\n'.join(p.relative_to({root!r}).as_posix() for p in split_files('valid')))")
     other = run_script("-c", code, env={"PYTHONHASHSEED": "12345"})
     assert other.returncode == 0, other.stderr

@@ -9,7 +9,7 @@ from evo.data.tokenizer import ByteTokenizer
 from evo.errors import DataError
 from evo.monitor import logger, setup_logging
 from evo.parallel.context import ParallelContext
-from helpers import small_sections
+from tests.helpers import small_sections
 
 
 def write_jsonl(path, texts):
@@ -145,7 +145,7 @@ def test_the_bad_line_count_continues_across_a_resume(tmp_path):
 
 @pytest.mark.slow  # over 15 s on the 2-core machine; .ci/run runs it after `make test`
 def test_streaming_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path):
-    from helpers import run_script
+    from tests.helpers import run_script
 
     write_jsonl(tmp_path / "train" / "x.jsonl", texts(200, 4))
 

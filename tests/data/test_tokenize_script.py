@@ -2,7 +2,7 @@ import json
 
 from evo.data.tokenized import TokenizedFile, find_types
 from evo.data.tokenizer import ByteTokenizer
-from helpers import run_script
+from tests.helpers import run_script
 
 
 def test_tokenize_then_read_round_trip_with_bad_lines_and_shards(tmp_path):

@@ -10,7 +10,7 @@ from evo.data.packing import Corpus, PackedRows, UnpackedRows
 from evo.data.tokenized import TokenizedCorpus, TokenizedFile, find_types, tokenized_corpus, write_tokenized
 from evo.errors import DataError
 from evo.parallel.context import ParallelContext
-from helpers import run_script, small_sections
+from tests.helpers import run_script, small_sections
 
 
 def random_docs(n, seed, vocab=300, max_len=50):

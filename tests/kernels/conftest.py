@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from oracle import DEVICE
+from tests.kernels.oracle import DEVICE
 
 
 @pytest.fixture(autouse=True)

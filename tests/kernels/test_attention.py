@@ -10,7 +10,7 @@ import torch
 from evo import kernels
 from evo.kernels import attention as tri
 from evo.kernels import reference as ref
-from oracle import assert_oracle, run_with_grads
+from tests.kernels.oracle import assert_oracle, run_with_grads
 
 
 def flash_window(causal, window, seqlen_q, seqlen_k):

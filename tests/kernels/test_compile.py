@@ -12,7 +12,7 @@ import torch
 
 from evo import kernels
 from evo.kernels import triton_utils
-from oracle import DEVICE, run_with_grads
+from tests.kernels.oracle import DEVICE, run_with_grads
 
 # torch's compile stack imports torch.jit code that warns about its own deprecation
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -207,7 +207,7 @@ def test_inductor_compiles_around_the_custom_ops():
 def test_compiled_model_matches_eager_model():
     """A 2-layer model (every kernel: norms, rotary, varlen attention, SwiGLU, fused linear CE) compiled whole:
     its per-token losses and every parameter gradient match the eager model's."""
-    from helpers import small_sections
+    from tests.helpers import small_sections
     from evo.config import config_from_dict
     from evo.model import build_model
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from evo import kernels
-from oracle import assert_oracle
-from test_attention import allowed_keys, flash_window, plain_attention
+from tests.kernels.oracle import assert_oracle
+from tests.kernels.test_attention import allowed_keys, flash_window, plain_attention
 
 BACKENDS = ("triton", "torch")
 LSE_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}

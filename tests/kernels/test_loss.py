@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from evo.kernels import loss as tri
 from evo.kernels import reference as ref
-from oracle import assert_oracle, run_with_grads
+from tests.kernels.oracle import assert_oracle, run_with_grads
 
 IMPLS = {"triton": tri, "reference": ref}
 

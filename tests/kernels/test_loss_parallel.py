@@ -13,10 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist import run_distributed
+from tests.dist import run_distributed
 from evo.kernels import loss as tri
 from evo.kernels import reference as ref
-from oracle import DEVICE
+from tests.kernels.oracle import DEVICE
 
 ROWS, HIDDEN, VOCAB, WORLD = 24, 16, 1000, 2
 SHARD = VOCAB // WORLD

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from helpers import small_sections
+from tests.helpers import small_sections
 from evo import kernels
 from evo.config import config_from_dict
 from evo.data.builtin import dummy_corpus
 from evo.data.packing import PackedRows
 from evo.model import build_model
-from oracle import DEVICE
+from tests.kernels.oracle import DEVICE
 
 
 def train_three_steps(backend):

@@ -11,8 +11,8 @@ import torch
 from evo.kernels import reference as ref
 from evo.kernels import rmsnorm as tri
 from evo.kernels.triton_utils import interpreting
-from interpreter_bf16 import forgive_one_ulp
-from oracle import assert_oracle, run_with_grads
+from tests.kernels.interpreter_bf16 import forgive_one_ulp
+from tests.kernels.oracle import assert_oracle, run_with_grads
 
 EPS = 1e-4
 

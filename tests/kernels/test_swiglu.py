@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from evo.kernels import reference as ref
 from evo.kernels import activation as tri
-from oracle import assert_oracle, run_with_grads
+from tests.kernels.oracle import assert_oracle, run_with_grads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

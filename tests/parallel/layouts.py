@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from helpers import ROOT
+from tests.helpers import ROOT
 
 STEPS = 8
 REL = 1e-5  # the acceptance tolerance: per-step loss and gradient norm, final weights (||diff|| / ||w||)
@@ -154,7 +154,7 @@ def fp16_runs(rank: int, world_size: int, folder: str, pipeline: int = 1) -> lis
     """fp16 on a small model, 3 steps, the global batch of 4 rows split over the data-parallel ranks (world /
     ``pipeline``): with the default loss scale, and with one so large the first step overflows (hysteresis 1: the
     scale halves at once). Returns rank 0's records."""
-    from helpers import small_sections
+    from tests.helpers import small_sections
 
     out = []
     dp = world_size // pipeline

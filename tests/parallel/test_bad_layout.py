@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from helpers import run_script, small_sections
-from test_launch import free_port
+from tests.helpers import run_script, small_sections
+from tests.test_launch import free_port
 from evo.config import config_from_dict
 from evo.errors import ConfigError
 from evo.parallel.context import layout_error

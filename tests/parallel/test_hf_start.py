@@ -9,9 +9,9 @@ import pytest
 import torch
 import transformers
 
-from dist import run_distributed
-from internevo_folder import write_folder
-from layouts import tiny_sections, train
+from tests.dist import run_distributed
+from tests.internevo_folder import write_folder
+from tests.parallel.layouts import tiny_sections, train
 
 
 def tiny_hf_folder(folder):

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from dist import run_distributed
-from layouts import STEPS, assert_same_training, train_layouts
+from tests.dist import run_distributed
+from tests.parallel.layouts import STEPS, assert_same_training, train_layouts
 
 TWO_PROCESS_LAYOUTS = [dict(tp=2, mode="mtp"), dict(tp=2, mode="msp"), dict(tp=2, mode="fsp"),
                        dict(zero1=1), dict(zero1=2),  # dp=2 without and with ZeRO
@@ -74,7 +74,7 @@ def test_two_process_layouts_train_as_one_process(single, tmp_path):
 
 
 def test_fsp_saves_fewer_activation_bytes_than_msp():
-    from layouts import saved_activation_bytes
+    from tests.parallel.layouts import saved_activation_bytes
 
     (msp, fsp), _ = run_distributed(saved_activation_bytes, 2)
     # fsp keeps the sequence shard (tokens / 2) instead of the gathered input of every column-parallel layer
@@ -105,7 +105,7 @@ def test_four_process_layouts_train_as_one_process(single, tmp_path):
 def test_family_features_under_tensor_parallelism_give_one_process_gradients():
     """head_dim apart from hidden / heads, q/k/v, output and MLP biases, per-head q/k norms (whose weight gradient
     sums over the heads of every rank): loss and every gradient under tp=2 equal one process's."""
-    from layouts import family_gradients
+    from tests.parallel.layouts import family_gradients
 
     (one,) = family_gradients(0, 1, ["one"])
     modes = ["mtp", "msp", "fsp"]
@@ -120,7 +120,7 @@ def test_family_features_under_tensor_parallelism_give_one_process_gradients():
 
 @pytest.mark.parametrize("pipeline", [1, 2])  # dp=2 (ZeRO), or two pipeline stages (the last one computes the loss)
 def test_fp16_loss_scaling_under_zero_and_pipeline_matches_one_process(tmp_path, pipeline):
-    from layouts import fp16_runs
+    from tests.parallel.layouts import fp16_runs
 
     one = fp16_runs(0, 1, str(tmp_path / "one"))
     two = run_distributed(fp16_runs, 2, str(tmp_path / "two"), pipeline)[0]
@@ -137,7 +137,7 @@ def test_fp16_loss_scaling_under_zero_and_pipeline_matches_one_process(tmp_path,
 @pytest.mark.slow  # inductor compiles every layer: about a minute each
 @pytest.mark.parametrize("layout", [dict(tp=2, mode="msp"), dict(pp=2)])  # pp: the compiled layers in 1F1B's stages
 def test_compiled_layers_under_parallel_layouts_train_as_eager(tmp_path, layout):
-    from layouts import compiled_losses
+    from tests.parallel.layouts import compiled_losses
 
     eager, compiled = run_distributed(compiled_losses, 2, str(tmp_path), layout)[0]
     assert len(eager) == 3 and compiled == pytest.approx(eager, rel=1e-5)
@@ -146,7 +146,7 @@ def test_compiled_layers_under_parallel_layouts_train_as_eager(tmp_path, layout)
 def test_bf16_generation_under_zero_gives_the_tokens_of_one_process():
     """FSDP2 keeps fp32 masters and computes in bf16: the KV cache must be in bf16 and updated in place (a cast
     copy of it would lose every update), so the cached tokens match one process's, as the uncached ones do."""
-    from layouts import generations
+    from tests.parallel.layouts import generations
 
     one = generations(0, 1, "torch.bfloat16")
     for rank in run_distributed(generations, 2, "torch.bfloat16"):

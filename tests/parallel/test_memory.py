@@ -4,17 +4,11 @@
 from forward to backward; the 7B claims of docs/parallel.md; and the one-GPU FSDP2 comparison run end to end on
 the CPU (a GPU run is rare and short: it must not crash there)."""
 
-import sys
-
 import pytest
 import torch
 
-from helpers import ROOT
-
-if str(ROOT / "bench") not in sys.path:
-    sys.path.append(str(ROOT / "bench"))  # appended: bench's module names never shadow the tests'
-
-import parallel as bench  # noqa: E402  bench/parallel.py
+from bench import parallel as bench
+from tests.helpers import ROOT
 
 # (world, layout, dtype): fp32 as configs/tiny.py trains, bf16 for the 16-bit compute copy
 LAYOUTS = [(1, dict(tp=1, zero1=1), None), (1, dict(tp=1, zero1=1), "torch.bfloat16"),

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from helpers import ROOT
-from test_launch import free_port
+from tests.helpers import ROOT
+from tests.test_launch import free_port
 
 TIMEOUT_S = 4
 DRIVER = """

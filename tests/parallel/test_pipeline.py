@@ -8,10 +8,10 @@ rank; each pipeline rank holds exactly its stages' parameter names."""
 import pytest
 import torch
 
-from dist import run_distributed
-from helpers import run_script, small_sections
-from layouts import assert_same_training, train_layouts
-from test_launch import free_port
+from tests.dist import run_distributed
+from tests.helpers import run_script, small_sections
+from tests.parallel.layouts import assert_same_training, train_layouts
+from tests.test_launch import free_port
 from evo.config import config_from_dict
 from evo.errors import ConfigError
 from evo.parallel.pipeline import rank_stages, split_layers

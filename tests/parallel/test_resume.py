@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from helpers import ROOT
-from test_launch import free_port
+from tests.helpers import ROOT
+from tests.test_launch import free_port
 
 STEPS, EVERY = 40, 4
 
@@ -95,7 +95,7 @@ def stop_and_resume(rank, world_size, folder, layout):
     6 from the step-3 checkpoint."""
     from pathlib import Path
 
-    from layouts import tiny_sections, train
+    from tests.parallel.layouts import tiny_sections, train
 
     losses = []
     for name, steps in (("straight", 6), ("stopped", 3), ("stopped", 6)):
@@ -113,7 +113,7 @@ def stop_and_resume(rank, world_size, folder, layout):
     (2, dict(pp=2, chunks=2, tied=True)),  # interleaved pipeline stages; the tied head's copy saved and loaded
 ])
 def test_parallel_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path, world, layout):
-    from dist import run_distributed
+    from tests.dist import run_distributed
 
     straight, first, resumed = run_distributed(stop_and_resume, world, str(tmp_path), layout)[0]
     assert len(straight) == 6 and first == straight[:3]
@@ -126,7 +126,7 @@ def train_part(rank, world_size, folder, layout, steps, total, load=None):
     Returns what rank 0 logged (the records of this part's run folder)."""
     from pathlib import Path
 
-    from layouts import tiny_sections, train
+    from tests.parallel.layouts import tiny_sections, train
 
     sections = tiny_sections(Path(folder), **layout)
     sections["data"].update(total_steps=steps, valid_every=total // 2)
@@ -138,7 +138,7 @@ def train_part(rank, world_size, folder, layout, steps, total, load=None):
 
 
 def part(world: int, *args):
-    from dist import run_distributed
+    from tests.dist import run_distributed
 
     return run_distributed(train_part, world, *args)[0] if world > 1 else train_part(0, 1, *args)
 
@@ -156,7 +156,7 @@ def validation_of(rank, world_size, checkpoint, folder):
     """One process: the validation loss of the checkpoint's weights (``ckpt.load_ckpt_info``, model only)."""
     from pathlib import Path
 
-    from layouts import tiny_sections, train
+    from tests.parallel.layouts import tiny_sections, train
 
     sections = tiny_sections(Path(folder), micro_num=4)
     sections["data"].update(total_steps=1, valid_every=1)  # one step at lr 0 (changes nothing), then evaluation

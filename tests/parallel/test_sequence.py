@@ -5,7 +5,7 @@ boundary."""
 
 import torch
 
-from dist import run_distributed
+from tests.dist import run_distributed
 
 TOKENS, HEADS, KV_HEADS, D = 24, 4, 2, 8
 CU = [0, 5, 17, 24]  # the second document spans both ranks' shards (12 tokens each)

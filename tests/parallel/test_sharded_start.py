@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from dist import run_distributed
-from helpers import ROOT
+from tests.dist import run_distributed
+from tests.helpers import ROOT
 
 TP_SPLIT = ("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weight", "w2.weight", "w3.weight",
             "tok_embeddings.weight", "output.weight")
