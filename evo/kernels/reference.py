@@ -83,12 +83,17 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
     return _write_in_place(x, out) if inplace else out
 
 
+def autograd_refuses_in_place(x) -> bool:
+    """Whether autograd refuses to change x in place: x, or the tensor x is a view of, is a leaf that requires
+    grad. Both are asked: ``torch.randn(3, 4)[:2].requires_grad_()`` is itself such a leaf while its base is not."""
+    return any(t is not None and t.is_leaf and t.requires_grad for t in (x, x._base))
+
+
 def _write_in_place(x, out):
-    """flash-attn's in-place contract: x holds ``out`` afterwards. Where autograd forbids changing x in place (a
-    leaf that requires grad, or a view of one) x is written outside autograd and ``out``, which carries the
-    graph back to x, is returned; elsewhere the copy is tracked by autograd and x itself returned."""
-    base = x if x._base is None else x._base
-    if base.is_leaf and base.requires_grad and torch.is_grad_enabled():
+    """flash-attn's in-place contract: x holds ``out`` afterwards. Where autograd forbids changing x in place
+    (``autograd_refuses_in_place``) x is written outside autograd and ``out``, which carries the graph back to x,
+    is returned; elsewhere the copy is tracked by autograd and x itself returned."""
+    if autograd_refuses_in_place(x) and torch.is_grad_enabled():
         with torch.no_grad():
             x.copy_(out)
         return out

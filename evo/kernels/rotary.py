@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from evo.kernels.reference import _write_in_place  # the in-place rule of the compiled path is the reference's
+from evo.kernels.reference import _write_in_place, autograd_refuses_in_place  # the reference's in-place rules
 from evo.kernels.triton_utils import OpaqueOp
 
 BLOCK_M = 16
@@ -135,8 +135,7 @@ def _returned_in_place(ctx, x):
     where autograd allows it; a leaf that requires grad, or a view of one, is returned unmarked (autograd then
     hands back an alias of x carrying this Function's graph, as flash-attn's ApplyRotaryEmb does), its version
     bumped so that any graph that saved x's old values fails loudly instead of reading the rotated ones."""
-    base = x if x._base is None else x._base
-    if base.is_leaf and base.requires_grad:
+    if autograd_refuses_in_place(x):
         torch.autograd.graph.increment_version(x)
     else:
         ctx.mark_dirty(x)
