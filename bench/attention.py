@@ -2,8 +2,9 @@
 backend forced (PyTorch's FlashAttention-2) and with its default choice, in the same run, on the same inputs,
 each checked against an fp32 reference first. Rows follow bench/common.py's schema.
 
-Providers on a GPU: ``evo``, ``evo-tma`` (evo with ``EVO_ATTN_TMA=1``: the forward loads K and V through
-Hopper's TMA; the backward is the same kernels), ``sdpa-flash``, ``sdpa-default``; bf16, 16 query heads and
+Providers on a GPU: ``evo`` (on Hopper its forward loads and stores through TMA), ``evo-copy`` (evo with
+``EVO_ATTN_TMA=0``: the forward's per-thread copies; the backward is the same kernels), ``sdpa-flash``,
+``sdpa-default``; bf16, 16 query heads and
 16k tokens per batch (batch = 16384 / seqlen), inputs (batch, seqlen, heads, head dim). On a CPU: ``evo`` (what
 the model runs there: evo's reference path) against ``sdpa-default``, fp32, at CPU sizes. The reference is
 the explicit softmax(q k^T) v of ``evo.kernels.reference.attention`` (no SDPA) in fp32, on the first sequence
@@ -50,11 +51,11 @@ def _sdpa(backend: str | None):
     return attn
 
 
-def _evo_tma(q, k, v, causal):  # the opt-in Hopper path
+def _evo_copy(q, k, v, causal):  # the forward without TMA, as on GPUs before Hopper
     from evo.kernels import attention
 
     previous = os.environ.get("EVO_ATTN_TMA")
-    os.environ["EVO_ATTN_TMA"] = "1"
+    os.environ["EVO_ATTN_TMA"] = "0"
     try:
         return attention.flash_attn_func(q, k, v, causal=causal)
     finally:
@@ -68,7 +69,7 @@ def _providers(device: str, smoke: bool) -> dict:
     if device == "cuda" or smoke:
         from evo.kernels import attention
 
-        return {"evo": lambda q, k, v, c: attention.flash_attn_func(q, k, v, causal=c), "evo-tma": _evo_tma,
+        return {"evo": lambda q, k, v, c: attention.flash_attn_func(q, k, v, causal=c), "evo-copy": _evo_copy,
                 "sdpa-flash": _sdpa("flash"), "sdpa-default": _sdpa(None)}
     from evo import kernels
 

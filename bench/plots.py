@@ -21,7 +21,7 @@ from pathlib import Path
 if __name__ == "__main__":  # Python put bench/ first on the path: the repository root replaces it
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-COLORS = {"evo": "tab:red", "evo-tma": "tab:orange", "evo+compile": "tab:pink", "torch": "tab:blue",
+COLORS = {"evo": "tab:red", "evo-copy": "tab:orange", "evo+compile": "tab:pink", "torch": "tab:blue",
           "torch.compile": "tab:cyan", "reference": "tab:blue", "reference+compile": "tab:cyan",
           "liger": "tab:green", "sdpa-flash": "tab:purple", "sdpa-default": "tab:gray"}
 

@@ -24,9 +24,10 @@ from pathlib import Path
 if __name__ == "__main__":  # Python put bench/ first on the path: the repository root replaces it (bench.*, evo)
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-BENCHMARKS = ["train_step", "loader", "generate", "kernels", "attention", "flce_memory", "parallel", "pipeline",
-              "overhead"]
-SMOKE = ["kernels", "attention", "train_step"]  # the GPU benchmarks, runnable at tiny shapes anywhere with --smoke
+BENCHMARKS = ["train_step", "loader", "generate", "kernels", "attention", "attention_tiles", "kernel_report",
+              "flce_memory", "parallel", "pipeline", "overhead"]
+# the GPU benchmarks, runnable at tiny shapes anywhere with --smoke
+SMOKE = ["kernels", "attention", "attention_tiles", "train_step"]
 USES_PEAKS = {"kernels", "attention", "train_step"}
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench import common, plots, train_step
-from tests.helpers import ROOT, run_script
+from tests.helpers import run_script
 
 
 def _rms(x, w):  # an independent RMSNorm (not evo's reference)
@@ -156,7 +156,7 @@ def test_gpu_benchmarks_run_at_smoke_shapes(tmp_path):
     assert flce["TFLOP_s"] * flce["ms"] * 1e9 == pytest.approx(6 * t * h * v)  # the FLOP formula
 
     attention = [r for r in rows if r["benchmark"] == "attention"]
-    assert {r["provider"] for r in attention} == {"evo", "evo-tma", "sdpa-flash", "sdpa-default"}
+    assert {r["provider"] for r in attention} == {"evo", "evo-copy", "sdpa-flash", "sdpa-default"}
     assert not [r for r in attention if r["provider"].startswith("evo") and "error" in r]
     for row in attention:  # 4 b hq s^2 d, halved when causal; forward + backward 3.5 times that
         if "seqlen" == row["size_name"] and "ms" in row:
@@ -165,12 +165,15 @@ def test_gpu_benchmarks_run_at_smoke_shapes(tmp_path):
             assert row["TFLOP_s"] * row["ms"] * 1e9 == pytest.approx(fwd * (3.5 if row["mode"] == "fwd+bwd" else 1))
     assert [r for r in attention if "varlen" in r["op"] and "ms" in r]
 
+    tiles = [r for r in rows if r["benchmark"] == "attention_tiles"]  # one tile through the interpreter
+    assert tiles and all("error" not in r and r["ms"] > 0 and r["config"].startswith("BLOCK_M=") for r in tiles)
+
     e2e = {r["provider"]: r for r in rows if r["benchmark"] == "train_step"}
     assert set(e2e) == {"evo", "reference"}
     assert all("error" not in r and r["tokens_per_s"] > 0 and r["loss_vs_reference"] < 2e-2 for r in e2e.values())
     assert {p.name for p in tmp_path.glob("*.png")} == {f"smoke-{n}.png" for n in ("kernels", "attention",
                                                                                      "end_to_end")}
-    assert (tmp_path / "smoke.md").read_text().count("## ") == 4  # peaks, kernels, attention, train_step
+    assert (tmp_path / "smoke.md").read_text().count("## ") == 5  # peaks, kernels, attention, tiles, train_step
 
 
 def test_goals_met_missed_or_not_measured():
@@ -198,4 +201,24 @@ def test_goals_met_missed_or_not_measured():
     assert verdicts["fused linear cross-entropy memory <= 10% of naive"].startswith("met (-50%")
     assert verdicts["fused linear cross-entropy time <= 1.0x naive"].startswith("met (-10%")
     assert verdicts["end-to-end MFU >= 50% (Llama-style 1B, seq 4096, bf16)"] == "not measured"
-    assert goals.markdown(goals.evaluate(rows)).count("\n") == 9
+    assert goals.markdown(goals.evaluate(rows)).count("\n") == 9  # no kernel report rows: its goals not listed
+
+
+def test_compiler_goals_read_from_the_kernel_report_rows():
+    from bench import goals
+
+    def row(kernel, mask, ips, spills=0, default=False, wgmma=True, mma_sync=False):
+        return {"benchmark": "kernel_report", "kernel": kernel, "mask": mask, "head_dim": 128, "default": default,
+                "instructions_per_score": ips, "spill_bytes": spills, "wgmma": wgmma, "mma_sync": mma_sync,
+                "wgmma_serialized": False}
+
+    rows = [row("attention_fwd", "full", 0.24), row("attention_fwd", "full", 0.2, spills=8),  # spilling: not best
+            row("attention_fwd", "full", 0.3, default=True), row("attention_bwd_dkdv", "causal", 0.6, spills=80),
+            row("attention_bwd_dq", "causal", 0.3, wgmma=False, mma_sync=True),
+            row("attention_bwd_delta", "causal", 0.0, wgmma=False)]  # no dot: not counted
+    verdicts = {g["goal"]: (g["measured"], g["verdict"]) for g in goals.evaluate(rows)}
+    best = verdicts["attention fwd best non-causal tile <= 0.25 SASS instructions per score (sm_90a, no spills)"]
+    assert best[0] == 0.24 and best[1].startswith("met (-4%")
+    assert verdicts["attention fwd EVO_AUTOTUNE=0 tile <= 0.31 instructions per score"][1].startswith("met")
+    assert verdicts["attention backward candidates spill <= 64 bytes"] == (80, "missed (+25% against the goal)")
+    assert verdicts["every attention kernel with a dot on wgmma, none serialized, no mma.sync"] == (1, "missed (1 of 5)")

@@ -251,22 +251,27 @@ def test_gpu_backward_is_bit_identical_across_runs():
 
 
 def test_gpu_launcher_autotunes_unless_told_not_to(monkeypatch):
-    """On a GPU the kernels are autotuned over the candidate tiles; EVO_AUTOTUNE=0 (the GPU tests) takes
-    the smallest candidate instead. Checked without a GPU: only the launch plan is built."""
+    """On a GPU each kernel is autotuned over its own candidate tiles; EVO_AUTOTUNE=0 (the GPU tests) takes the
+    first candidate instead. Checked without a GPU: only the launch plan is built."""
     import triton
 
     from evo.kernels import attention
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("EVO_AUTOTUNE", raising=False)  # bench/gpu_check.sh sets it for the test run
-    tuned, opts = attention._launcher(attention._attn_fwd, 128)
-    assert isinstance(tuned, triton.runtime.Autotuner) and opts == {}
-    assert len(tuned.configs) == len(attention._gpu_configs(128)) > 1
-    monkeypatch.setenv("EVO_AUTOTUNE", "0")
-    kernel, opts = attention._launcher(attention._attn_fwd, 128)
-    assert kernel is attention._attn_fwd
-    sizes = [c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages for c in attention._gpu_configs(128)]
-    assert opts["BLOCK_M"] * opts["BLOCK_N"] * opts["num_stages"] == min(sizes)
+    for kernel in (attention._attn_fwd, attention._attn_bwd_dkdv, attention._attn_bwd_dq):
+        monkeypatch.delenv("EVO_AUTOTUNE", raising=False)
+        tuned, opts = attention._launcher(kernel, 128)
+        assert isinstance(tuned, triton.runtime.Autotuner) and opts == {} and tuned.fn is kernel
+        assert [c.all_kwargs() for c in tuned.configs] == [c.all_kwargs() for c in attention.gpu_configs(kernel, 128)]
+        assert len(tuned.configs) > 1
+        monkeypatch.setenv("EVO_AUTOTUNE", "0")
+        plain, opts = attention._launcher(kernel, 128)
+        first = attention.gpu_configs(kernel, 128)[0]
+        assert plain is kernel and opts == dict(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages)
+    # head-dim tiles map onto the lists by the smallest list that holds them
+    tiles = lambda d: [c.all_kwargs() for c in attention.gpu_configs(attention._attn_fwd, d)]  # noqa: E731
+    assert tiles(16) == tiles(64) and tiles(96) == tiles(128) != tiles(256)
 
 
 def test_attention_kernels_use_no_atomics():
@@ -281,15 +286,65 @@ def test_attention_kernels_use_no_atomics():
     assert "atomic" not in source.replace("No atomics", "").replace("no atomics", "")
 
 
-@pytest.mark.parametrize("d, causal, window, softcap", [(64, True, (-1, -1), 0.0), (40, False, (20, 5), 3.0)])
+@pytest.mark.parametrize("d, causal, window, softcap", [(64, True, (-1, -1), 0.0), (32, False, (20, 5), 3.0)])
 def test_tma_forward_matches(monkeypatch, d, causal, window, softcap):
-    """The opt-in Hopper path (EVO_ATTN_TMA=1: K and V through tensor descriptors, zero-filled past each
-    sequence and past head_dim), through the interpreter, on a varlen GQA batch."""
+    """The Hopper path (TMA: host-built descriptors of q, k, v and out as (total, heads * head_dim); rows past a
+    sequence are the next one's, masked out of the scores; the last, partial tile of a sequence stored through
+    masks, whole tiles through TMA), through the interpreter, on varlen GQA batches whose lengths make both kinds
+    of tile and tiles that run past the tensor's end."""
     from evo.kernels import attention
 
     monkeypatch.setenv("EVO_ATTN_TMA", "1")
     probe = torch.randn(8, 2, d, dtype=torch.bfloat16)
-    assert attention._use_tma(probe, probe, probe)
+    assert attention._use_tma(probe, probe, probe, probe)
     check([1, 7, 100, 33], [1, 7, 100, 33], 4, 2, d, torch.bfloat16, causal=causal, window=window, softcap=softcap)
-    odd = torch.randn(8, 2, 111, dtype=torch.bfloat16)  # rows of 222 bytes: TMA cannot, the pointer path does
-    assert not attention._use_tma(odd, odd, odd)
+    check([32, 5, 48], [40, 17, 48], 4, 1, d, torch.float32, causal=causal, window=window, softcap=softcap,
+          twin=False)
+    odd = torch.randn(8, 2, 40, dtype=torch.bfloat16)  # a tile of 64 columns would read the next head's
+    assert not attention._use_tma(odd, odd, odd, odd)
+    rows_apart = torch.randn(8, 3, d, dtype=torch.bfloat16)[:, :2]  # rows 3 heads apart: a descriptor's stride
+    assert attention._use_tma(probe, rows_apart, rows_apart, probe)
+    heads_apart = torch.randn(8, 2, 2 * d, dtype=torch.bfloat16)[..., :d]  # heads not side by side in a row
+    assert not attention._use_tma(probe, heads_apart, heads_apart, probe)
+    monkeypatch.setenv("EVO_ATTN_TMA", "0")
+    assert not attention._use_tma(probe, probe, probe, probe)
+
+
+def test_tma_compile_failure_falls_back_to_the_copy_path(monkeypatch, caplog):
+    """Triton 3.6's ptxas has crashed on TMA tiles: a fixed tile whose TMA forward fails to compile runs the copy
+    path instead, says so once, and later calls go straight to the copy path. Any other error is raised."""
+    from evo.kernels import attention
+
+    monkeypatch.setenv("EVO_ATTN_TMA", "1")
+    real = attention._launcher
+    launches = []
+
+    class CrashingTMA:  # the kernel as a launcher returns it, whose TMA specialization does not compile
+        def __init__(self, kernel, error):
+            self.kernel, self.error = kernel, error
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs["TMA"])
+                if kwargs["TMA"]:
+                    raise self.error
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    error = RuntimeError("PTXASError: `ptxas` raised SIGSEGV")
+    monkeypatch.setattr(attention, "_launcher", lambda k, d: (CrashingTMA(real(k, d)[0], error), real(k, d)[1]))
+    monkeypatch.setattr(attention, "_TUNED", {})
+    q = torch.randn(48, 2, 32, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 20, 48], dtype=torch.int32)
+    with caplog.at_level("WARNING", logger="evo.kernels.attention"):
+        out = attention.flash_attn_varlen_func(q, q, q, cu, cu, 28, 28, causal=True)
+        again = attention.flash_attn_varlen_func(q, q, q, cu, cu, 28, 28, causal=True)
+    assert launches == [True, False, False]  # tried once, then the copy path only
+    assert sum("did not compile" in r.getMessage() for r in caplog.records) == 1
+    expected = ref.flash_attn_varlen_func(q.float(), q.float(), q.float(), cu, cu, 28, 28, causal=True)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    assert torch.equal(out, again)
+    monkeypatch.setattr(attention, "_TUNED", {})
+    error = RuntimeError("an unrelated failure")
+    with pytest.raises(RuntimeError, match="unrelated"):
+        attention.flash_attn_varlen_func(q, q, q, cu, cu, 28, 28, causal=True)

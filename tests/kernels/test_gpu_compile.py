@@ -1,16 +1,24 @@
-"""Every Triton kernel compiles for an H100/H200 (sm_90), checked on any machine with Triton's NVIDIA
-toolchain (its wheel ships ptxas): the CPU twin of "it compiles on a GPU", which Triton's interpreter
-cannot show. See gpu_compile.py; it runs in a fresh process, where the kernels are not interpreted."""
+"""Every Triton kernel compiles for an H100/H200 (sm_90a) as a real launch specializes it, checked on any machine
+with Triton's NVIDIA toolchain (its wheel ships ptxas and nvdisasm): the CPU twin of "it compiles on a GPU", which
+Triton's interpreter cannot show. The compiles are bench/kernel_report.py's (launch functions called on meta
+tensors, each launch compiled with the divisibility attributes Triton's launcher gives it, so shared memory and
+pipelining are what a GPU gets), in a fresh process where the kernels are not interpreted; beside "compiles and
+fits", the report's own numbers are held where this change brought them."""
 
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
+from tests.helpers import ROOT
+
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
+KERNELS = {"rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "rotary_kernel", "ce_stats", "ce_grad",
+           "attention_fwd", "attention_fwd_kvcache", "attention_bwd_delta", "attention_bwd_dkdv", "attention_bwd_dq"}
 
 
 def _toolchain_missing() -> str | None:
@@ -21,49 +29,86 @@ def _toolchain_missing() -> str | None:
     return None
 
 
-def compile_all(full: bool) -> list[dict]:
+needs_toolchain = pytest.mark.skipif(_toolchain_missing() is not None, reason=str(_toolchain_missing()))
+
+
+def kernel_report(*args: str) -> tuple[list[dict], list[dict]]:
+    """(rows, failed) of ``python -m bench.kernel_report ARGS`` in a fresh process without the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default; silences its warning
-    result = subprocess.run([sys.executable, str(HERE / "gpu_compile.py"), *(["--full"] if full else [])], env=env,
-                            capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-3000:]
-    prefix = "gpu-compile: "
-    return [json.loads(line[len(prefix):]) for line in result.stdout.splitlines() if line.startswith(prefix)]
+    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default; silences a warning
+    with tempfile.TemporaryDirectory() as out:
+        result = subprocess.run([sys.executable, "-m", "bench.kernel_report", *args, "--out", out], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=1800)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return (json.loads(Path(out, "report.json").read_text()),
+                json.loads(Path(out, "failed.json").read_text()))
 
 
-def check(rows: list[dict], expected_kernels: set) -> None:
-    failed = [r for r in rows if not r["ok"]]
-    assert not failed, "\n".join(f"{r['kernel']} {r['dtype']} {r['constexprs']} warps={r['num_warps']}: "
-                                 f"{r.get('error') or 'shared memory %d > limit' % r['shared']}" for r in failed)
-    assert {r["kernel"] for r in rows} == expected_kernels
+def known_failures(failed: list[dict]) -> list[dict]:
+    """What may fail: Triton 3.6's ptxas crashes on some TMA tiles (its autotuner drops those candidates, and the
+    EVO_AUTOTUNE=0 launch falls back to the copy path); nothing else."""
+    import triton
+
+    if not triton.__version__.startswith("3.6."):
+        return []
+    return [r for r in failed if r.get("path") == "tma" and "ptxas" in r["error"].lower()]
 
 
-KERNELS = {"_rms_norm_fwd", "_rms_norm_bwd", "_swiglu_fwd", "_swiglu_bwd", "_rotary_kernel", "_ce_stats", "_ce_grad",
-           "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+def check_compiled(rows: list[dict], failed: list[dict]) -> None:
+    unexpected = [r for r in failed if r not in known_failures(failed)]
+    assert not unexpected, "\n".join(f"{r['kernel']} {r.get('config')}: {r['error'][:500]}" for r in unexpected)
+    too_big = [(r["kernel"], r["config"], r["shared_bytes"]) for r in rows if r["shared_bytes"] > SMEM_LIMIT]
+    assert not too_big
+    assert {r["kernel"] for r in rows} == KERNELS
+    for row in rows:  # every field numeric or boolean, never null
+        assert all(row[k] is not None for k in ("registers", "spill_bytes", "shared_bytes", "loop_instructions",
+                                                "instructions_per_score", "wgmma", "mma_sync", "tma"))
 
 
-@pytest.mark.skipif(_toolchain_missing() is not None, reason=str(_toolchain_missing()))
-def test_every_kernel_compiles_for_sm90():
-    """Each kernel in its main specializations; attention at head dims 64, 128 and 256 with the untuned
-    tile (the GPU tests' EVO_AUTOTUNE=0), causal with a window and softcap (the most code)."""
-    check(compile_all(full=False), KERNELS)
+def check_attention(rows: list[dict]) -> None:
+    """At head_dim 128, bf16: the default forward (EVO_AUTOTUNE=0's tile on Hopper's default path) within 0.31
+    SASS instructions per score without spills; every attention kernel with a dot on Hopper's warpgroup MMA and
+    none serialized; every backward without mma.sync and spilling at most 64 bytes."""
+    attention = [r for r in rows if r["kernel"].startswith("attention") and r["head_dim"] == 128]
+    default = [r for r in attention if r["default"]]
+    assert len(default) == 1 and default[0]["kernel"] == "attention_fwd" and not default[0]["causal"]
+    assert default[0]["instructions_per_score"] <= 0.31 and default[0]["spill_bytes"] == 0, default[0]
+    with_dot = [r for r in attention if r["kernel"] != "attention_bwd_delta"]
+    assert all(r["wgmma"] and not r["wgmma_serialized"] for r in with_dot), \
+        [(r["kernel"], r["config"]) for r in with_dot if not r["wgmma"] or r["wgmma_serialized"]]
+    backward = [r for r in with_dot if "bwd" in r["kernel"] and r["mask"] in ("causal", "full")]
+    assert backward and all(not r["mma_sync"] and r["spill_bytes"] <= 64 for r in backward), \
+        [(r["kernel"], r["config"], r["spill_bytes"]) for r in backward if r["mma_sync"] or r["spill_bytes"] > 64]
+
+
+@needs_toolchain
+def test_every_kernel_compiles_for_sm90_as_launched():
+    """Each kernel in the launches EVO_AUTOTUNE=0 makes: attention at head dim 128, causal, full and with a window
+    and softcap, through TMA and not, the KV-cache decode; fp32 at head dim 64 (the GPU tests'). Head dims 64 and
+    256 and every autotune candidate: the slow test below."""
+    rows, failed = kernel_report("--default-only", "--head-dim", "128")
+    check_compiled(rows, failed)
+    check_attention(rows)
+    fp32, failed32 = kernel_report("--default-only", "--head-dim", "64", "--dtype", "fp32")
+    check_compiled(fp32, failed32)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_toolchain_missing() is not None, reason=str(_toolchain_missing()))
+@needs_toolchain
 def test_every_attention_autotune_candidate_compiles_and_fits():
-    """Every autotune candidate of the three attention kernels compiles and fits in shared memory (the
-    autotuner would drop one that does not, but a candidate that never fits is a wasted compile),
-    plus the other mask kinds and fp32 inputs on the untuned tile."""
-    rows = compile_all(full=True)
-    import triton
-
-    if triton.__version__.startswith("3.6."):  # its ptxas crashes on some TMA tiles; the autotuner drops those
-        crashed = [r for r in rows if not r["ok"] and r["constexprs"].get("TMA") and "PTXAS" in (r.get("error") or "")]
-        assert len(crashed) <= 7, crashed  # the count evo/kernels/attention.py's docstring gives
-        rows = [r for r in rows if r not in crashed]
-    check(rows, KERNELS)
+    """Every autotune candidate of the attention kernels compiles and fits in shared memory (the autotuner would
+    drop one that does not, but a candidate that never fits is a wasted compile); at head_dim 128 the backward
+    candidates keep the key-major kernels' promises, and the best non-causal forward stays at the Triton tutorial's
+    level (0.254 instructions per score, compiled the same way)."""
+    rows, failed = kernel_report("--head-dim", "64", "128", "256")
+    check_compiled(rows, failed)
+    check_attention(rows)
     from evo.kernels import attention
 
-    attn = [r for r in rows if r["kernel"] == "_attn_fwd"]
-    assert len(attn) >= sum(len(attention._gpu_configs(d)) for d in (64, 128, 256))
+    tuned_fwd = {(r["head_dim"], json.dumps(r["config"])) for r in rows if r["kernel"] == "attention_fwd"
+                 and r["tuned"]}
+    assert len(tuned_fwd) + len(known_failures(failed)) >= sum(
+        len(attention.gpu_configs(attention._attn_fwd, d)) for d in (64, 128, 256))
+    best = min((r for r in rows if r["kernel"] == "attention_fwd" and r["head_dim"] == 128 and not r["causal"]
+                and r["spill_bytes"] == 0), key=lambda r: r["instructions_per_score"])
+    assert best["instructions_per_score"] <= 0.254, best
