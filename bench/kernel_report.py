@@ -334,7 +334,9 @@ def _file_name(row: dict) -> str:
 def report(head_dims=(128,), dtype: str = "bf16", arch: int = 90, default_only: bool = False,
            out_dir: str | None = None, workers: int | None = None) -> tuple[list[dict], list[dict]]:
     """(rows, failed) for every kernel and candidate; the files under ``out_dir`` when given."""
-    os.environ.pop("TRITON_INTERPRET", None)  # interpreted kernels are not compilable objects
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("the kernel report compiles kernels: unset TRITON_INTERPRET (interpreted kernels are not "
+                           "compilable objects)")
     jobs = [job for d in head_dims for job in jobs_for(d, dtype, arch, default_only)]
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -398,6 +400,8 @@ def markdown(rows: list[dict], failed: list[dict]) -> str:
 
 def run(quick: bool, device: str) -> list[dict]:
     """bench/run.py's entry: the report at head_dim 128, bf16, sm_90a, files under ``default_folder()``."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [{"kernel": "all", "skipped": "needs compilable kernels: run without TRITON_INTERPRET"}]
     rows, failed = report(out_dir=str(default_folder()))
     return [{**r, "config": cell_config(r["config"])} for r in rows] + \
            [{"kernel": r["kernel"], "error": r["error"].splitlines()[0][:200]} for r in failed]
@@ -419,6 +423,8 @@ def main() -> int:
     match = re.fullmatch(r"sm_(\d+)a?", args.arch)
     if not match:
         parser.error(f"--arch {args.arch!r}: expected sm_NN or sm_NNa, such as sm_90a")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     rows, failed = report(tuple(args.head_dim), args.dtype, int(match.group(1)), args.default_only, args.out)
     print(markdown(rows, failed), end="")
     print(f"{len(rows)} compiled, {len(failed)} failed; written to {args.out}/report.json, report.md, cubins/")
