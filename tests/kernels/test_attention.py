@@ -310,7 +310,7 @@ def test_tma_forward_matches(monkeypatch, d, causal, window, softcap):
     assert not attention._use_tma(probe, probe, probe, probe)
 
 
-def test_tma_compile_failure_falls_back_to_the_copy_path(monkeypatch, caplog):
+def test_tma_compile_failure_falls_back_to_the_copy_path(monkeypatch):
     """Triton 3.6's ptxas has crashed on TMA tiles: a fixed tile whose TMA forward fails to compile runs the copy
     path instead, says so once, and later calls go straight to the copy path. Any other error is raised."""
     from evo.kernels import attention
@@ -334,13 +334,14 @@ def test_tma_compile_failure_falls_back_to_the_copy_path(monkeypatch, caplog):
     error = RuntimeError("PTXASError: `ptxas` raised SIGSEGV")
     monkeypatch.setattr(attention, "_launcher", lambda k, d: (CrashingTMA(real(k, d)[0], error), real(k, d)[1]))
     monkeypatch.setattr(attention, "_TUNED", {})
+    warned = []  # the logger itself, whatever handlers an earlier test gave the "evo" logger
+    monkeypatch.setattr(attention.log, "warning", lambda msg, *args: warned.append(msg % args))
     q = torch.randn(48, 2, 32, dtype=torch.bfloat16)
     cu = torch.tensor([0, 20, 48], dtype=torch.int32)
-    with caplog.at_level("WARNING", logger="evo.kernels.attention"):
-        out = attention.flash_attn_varlen_func(q, q, q, cu, cu, 28, 28, causal=True)
-        again = attention.flash_attn_varlen_func(q, q, q, cu, cu, 28, 28, causal=True)
+    out = attention.flash_attn_varlen_func(q, q, q, cu, cu, 28, 28, causal=True)
+    again = attention.flash_attn_varlen_func(q, q, q, cu, cu, 28, 28, causal=True)
     assert launches == [True, False, False]  # tried once, then the copy path only
-    assert sum("did not compile" in r.getMessage() for r in caplog.records) == 1
+    assert len(warned) == 1 and "did not compile for head_dim 32" in warned[0] and "SIGSEGV" in warned[0]
     expected = ref.flash_attn_varlen_func(q.float(), q.float(), q.float(), cu, cu, 28, 28, causal=True)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
     assert torch.equal(out, again)
