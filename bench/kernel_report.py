@@ -93,9 +93,10 @@ def _meta(*shape, dtype):
 
 
 def attention_launches(head_dim: int, dtype, default_only: bool) -> list[dict]:
-    """(row fields, jit fn, args, kwargs, candidates) of every attention launch: forward and backward, causal and
-    not, autotuned and with EVO_AUTOTUNE=0's tile, with and without TMA; the KV-cache decode forward; the window +
-    softcap forward and backward (the most code)."""
+    """Every attention launch as a dict of its row's fields, jit function, args, kwargs and autotune candidates
+    (None when not autotuned): forward and backward, causal and not, autotuned and with EVO_AUTOTUNE=0's tile, the
+    forward through TMA and through copies; the KV-cache decode forward; the window + softcap forward and backward
+    (the most code)."""
     import torch
 
     from evo.kernels import attention
@@ -292,10 +293,9 @@ def compile_job(job: dict, out_dir: str | None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    spec, row = job["spec"], dict(job["row"])
     from triton.runtime.jit import JITFunction
 
+    spec, row = job["spec"], dict(job["row"])
     fn = getattr(importlib.import_module(spec["module"]), spec["name"])
     while not isinstance(fn, JITFunction):  # a module-level autotune or heuristics wrapper holds the kernel
         fn = fn.fn

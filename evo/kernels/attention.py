@@ -106,20 +106,18 @@ def _mask(offs_m, offs_n, seqlen_q, seqlen_k, left, right, CAUSAL: tl.constexpr,
     sequence's end and the window's right side make one bound per query (one compare per score); queries past
     seqlen_q are not checked: their output is never stored, and in backward their lse of +inf makes p zero."""
     diag = offs_m + (seqlen_k - seqlen_q)
-    if KEY_MAJOR:
-        if CAUSAL:
-            allowed = offs_n[:, None] <= tl.minimum(diag + right, seqlen_k - 1)[None, :]
-        else:
-            allowed = (offs_n < seqlen_k)[:, None]
-        if LOCAL:
-            allowed = allowed & (offs_n[:, None] >= (diag - left)[None, :])
+    last = tl.minimum(diag + right, seqlen_k - 1)  # per query: the last key it may see
+    first = diag - left  # and the first
+    if KEY_MAJOR:  # keys down the tile, queries across
+        keys, last, first = offs_n[:, None], last[None, :], first[None, :]
     else:
-        if CAUSAL:
-            allowed = offs_n[None, :] <= tl.minimum(diag + right, seqlen_k - 1)[:, None]
-        else:
-            allowed = (offs_n < seqlen_k)[None, :]
-        if LOCAL:
-            allowed = allowed & (offs_n[None, :] >= (diag - left)[:, None])
+        keys, last, first = offs_n[None, :], last[:, None], first[:, None]
+    if CAUSAL:
+        allowed = keys <= last
+    else:
+        allowed = keys < seqlen_k
+    if LOCAL:
+        allowed = allowed & (keys >= first)
     return allowed
 
 
