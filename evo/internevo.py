@@ -2,34 +2,48 @@
 content=("model",), ckpt_type="internevo")``.
 
 What InternEvo writes (``save_model_checkpoint`` in its ``internlm/checkpoint/components.py``): one ``torch.save``
-of a stage's ``state_dict()`` per tensor-parallel and pipeline rank, ``model_tp{t}_pp{p}.pt`` (tensor modes mtp,
-msp, fsp), or per tensor-, weight- and pipeline-parallel rank, ``model_tp{t}_wp{w}_pp{p}.pt`` (isp, where the
-savers cover every ``t`` and every ``w`` but not every pair). The sizes are known only from the file names. How
-each tensor is split:
+of a stage's ``state_dict()`` per saving rank, named by the ranks of the groups its tensors are split over:
 
-================================================  =========================  ============================
-tensor (InternLM2 / Llama names)                   mtp, msp, fsp              isp
-================================================  =========================  ============================
-``tok_embeddings.weight``                          hidden (dim 1) over tp     hidden (dim 1) over tp
-``tok_embeddings.word_embeddings.weight``          vocab (dim 0) over tp      vocab (dim 0) over tp
-``attention.wqkv`` / ``wq wk wv``, ``w1``, ``w3``  rows (dim 0) over tp       rows (dim 0) over wp
-``attention.wo``, ``feed_forward.w2``              columns (dim 1) over tp;   rows (dim 0) over wp
+- ``model_tp{t}_pp{p}.pt``: tensor modes mtp, msp, fsp (every tp rank saves);
+- ``model_wp{w}_pp{p}.pt``: isp since InternEvo's 2024-07 re-implementation of its embedding and head (#261);
+- ``model_tp{t}_wp{w}_pp{p}.pt``: isp before it (2024-02 to 2024-07; the savers cover every ``t`` and every
+  ``w`` but not every pair).
+
+The sizes are known only from the file names. How each tensor is split:
+
+================================================  ========================  =================  ==================
+tensor (InternLM2 / Llama names)                   mtp, msp, fsp             isp (model_wp)     isp (model_tp_wp)
+================================================  ========================  =================  ==================
+``tok_embeddings.weight``                          hidden (dim 1) over tp    hidden over wp     hidden over tp
+``tok_embeddings.word_embeddings.weight``          vocab (dim 0) over tp     vocab over wp      vocab over tp
+``attention.wqkv`` / ``wq wk wv``, ``w1``, ``w3``  rows (dim 0) over tp      rows over wp       rows over wp
+``attention.wo``, ``feed_forward.w2``              columns (dim 1) over tp;  rows over wp       rows over wp
                                                    a bias on tp rank 0 only
-``output.weight``                                  rows (dim 0) over tp       rows (dim 0) over tp
-norms                                              whole on every rank        whole on every rank
-================================================  =========================  ============================
+``output.weight``                                  rows (dim 0) over tp      rows over wp       rows over tp
+norms                                              whole on every rank       whole              whole
+================================================  ========================  =================  ==================
 
-A stage numbers its layers from 0; stage s of ``partition_uniform`` holds the next layers after stage s - 1's,
-and with ``num_chunks`` > 1 a rank's state dict holds its chunks as ``{c}.model.<name>``, chunk-major stages
-(chunk c of rank p is stage ``c * pp + p``). InternLM2's ``wqkv`` packs each kv head's query heads, key and value
-(``evo.model.hf.unpack_wqkv``). Rotary: with ``adapt_hf=False`` in the model section saved beside the weights
-(``model_config.pt``; InternLM2's default is True, Llama's False), the q and k rows are in GPT-J pairs, which
-InternEvo turns into halves at run time; they are reordered here when that differs from evo's ``qk_interleaved``.
-With ``norm_head`` the head is saved raw and normalised row by row in InternEvo's forward: it is loaded normalised
-(as InternEvo's Hugging Face converter writes it). Keys may sit under ``model.`` (the AMP wrapper).
+An embedding split by vocab under the name ``tok_embeddings.weight`` (``Embedding1D(vocab_parallel=True)``) is
+told from one split by hidden by its shards' width against the final norm's.
+
+Stages (``partition_uniform`` in ``internlm/core/parallel/shard.py``): each chunk's layers are split over the
+pipeline ranks in rank order, the remainder to the last ranks, and a stage numbers its layers from 0; with
+``num_chunks`` > 1 a rank's state dict holds its chunks as ``{c}.model.<name>``. Under the zero-bubble V schedule
+(``parallel.pipeline.mode="ZBV"``, two chunks) the second chunk runs down the ranks in reverse, so rank 0 holds the
+first and the last layers. Only the training config saved beside the weights (``config_file.pt``, the config
+file's text, read with ``ast`` and never run) says which schedule wrote a folder; without it, the stage sizes
+decide where they can, and a folder they cannot decide is refused on one line.
+
+InternLM2's ``wqkv`` packs each kv head's query heads, key and value (``evo.model.hf.unpack_wqkv``). Rotary: with
+``adapt_hf=False`` in the model section saved beside the weights (``model_config.pt``; InternLM2's default is True,
+Llama's False), the q and k rows are in GPT-J pairs, which InternEvo turns into halves at run time; they are
+reordered here when that differs from evo's ``qk_interleaved``. With ``norm_head`` the head is saved raw and
+normalised row by row in InternEvo's forward: it is loaded normalised (as InternEvo's Hugging Face converter writes
+it). Keys may sit under ``model.`` (the AMP wrapper).
 
 Each rank memory-maps the files and builds one whole tensor at a time, copying only its own part into the model.
-Not read: FSDP folders (``_dp`` files hold ShardedTensors) and MoE experts; both are refused on one line.
+Not read: FSDP folders (``_dp`` files of ShardedTensors, or DCP files) and MoE experts; both are refused on one
+line.
 """
 
 from __future__ import annotations
@@ -46,44 +60,127 @@ from evo.convert import _Whole, fill_parameter
 from evo.errors import CheckpointError
 from evo.model.hf import halves_to_interleaved, interleaved_to_halves, unpack_wqkv
 
-_FILE = re.compile(r"model_tp(\d+)(?:_wp(\d+))?_pp(\d+)\.pt")
+# (file name pattern, the layout it names): "isp-early" is isp as InternEvo saved it from 2024-02 to 2024-07
+_FILES = ((re.compile(r"model_tp(?P<tp>\d+)_pp(?P<pp>\d+)\.pt"), "tp"),
+          (re.compile(r"model_wp(?P<wp>\d+)_pp(?P<pp>\d+)\.pt"), "isp"),
+          (re.compile(r"model_tp(?P<tp>\d+)_wp(?P<wp>\d+)_pp(?P<pp>\d+)\.pt"), "isp-early"))
 _KEY = re.compile(r"(?:(\d+)\.)?(?:model\.)?(.*)")  # "{chunk}.model.<name>", "model.<name>" or "<name>"
 _LAYER = re.compile(r"layers\.(\d+)\.(.*)")
 _ROW_PARALLEL = ("attention.wo.", "feed_forward.w2.")  # split on dim 1 (mtp, msp, fsp); their bias on tp 0
 _NORMS = ("attention_norm.", "ffn_norm.", "norm.")
 
 
-def _shards(folder: Path) -> tuple[dict, bool]:
-    """{(pp, tp, wp): file} of the model files, and whether they are isp's; one line if they cannot be read."""
+def _match(name: str) -> tuple[str, tuple[int, int, int]] | None:
+    """(layout, (pp, tp, wp) ranks) of a model file's name, or None for another file."""
+    for pattern, layout in _FILES:
+        m = pattern.fullmatch(name)
+        if m:
+            ranks = m.groupdict()
+            return layout, (int(ranks["pp"]), int(ranks.get("tp") or 0), int(ranks.get("wp") or 0))
+    return None
+
+
+def _shards(folder: Path) -> tuple[dict, str]:
+    """{(pp, tp, wp): file} of the model files, and the layout their names give ("tp", "isp" or "isp-early",
+    ``_FILES``); one line if they cannot be read."""
     names = sorted(p.name for p in folder.iterdir() if p.name.startswith("model_"))
     if any(n.startswith("model_moe_") for n in names):
         raise CheckpointError(f"InternEvo folder '{folder}' holds MoE experts (model_moe_*.pt), which evo does not "
                               "read")
-    if any(_FILE.fullmatch(n) is None and re.fullmatch(r"model_tp\d+(_wp\d+)?_pp\d+_dp\d+\.pt", n) for n in names):
-        raise CheckpointError(f"InternEvo folder '{folder}' was saved with FSDP (model_tp*_pp*_dp*.pt, sharded "
-                              "tensors), which evo does not read; save it from InternEvo without FSDP")
-    files, isp = {}, False
-    for name in names:
-        m = _FILE.fullmatch(name)
-        if m:
-            files[(int(m[3]), int(m[1]), int(m[2] or 0))] = folder / name
-            isp = isp or m[2] is not None
-    if not files:
+    fsdp = any(re.fullmatch(r"model_(tp\d+_)?(wp\d+_)?pp\d+_dp\d+\.pt", n) for n in names)
+    if fsdp or (not names and (folder / ".metadata").is_file()):
+        raise CheckpointError(f"InternEvo folder '{folder}' was saved with FSDP ("
+                              + ("model_tp*_pp*_dp*.pt, sharded tensors" if fsdp else "DCP files")
+                              + "), which evo does not read; save it from InternEvo without FSDP")
+    found = {name: _match(name) for name in names}
+    found = {name: m for name, m in found.items() if m is not None}
+    if not found:
         raise CheckpointError(f"'{folder}' is not an InternEvo checkpoint folder: it has no model_tp*_pp*.pt "
-                              "(nor model_tp*_wp*_pp*.pt) files")
+                              "(nor model_wp*_pp*.pt) files")
+    layouts = {layout: name for name, (layout, _) in found.items()}
+    if len(layouts) > 1:
+        raise CheckpointError(f"InternEvo folder '{folder}' mixes model files of different layouts "
+                              f"({', '.join(sorted(layouts.values()))}): remove the ones another save left behind")
+    (layout,) = layouts
+    files = {ranks: folder / name for name, (_, ranks) in found.items()}
     pp, tp, wp = (1 + max(k[i] for k in files) for i in range(3))
     for p in range(pp):
         have = [k for k in files if k[0] == p]
         need_tp = {k[1] for k in have} == set(range(tp))
         need_wp = {k[2] for k in have} == set(range(wp))
-        if not (need_tp and need_wp and (isp or len(have) == tp)):
+        if not (need_tp and need_wp and (layout == "isp-early" or len(have) == tp * wp)):
+            lacks = {"tp": f"tp 0..{tp - 1}", "isp": f"wp 0..{wp - 1}",
+                     "isp-early": f"tp 0..{tp - 1} and wp 0..{wp - 1}"}[layout]
             raise CheckpointError(f"InternEvo folder '{folder}' is incomplete: pipeline rank {p} lacks some of "
-                                  f"tp 0..{tp - 1}" + (f" and wp 0..{wp - 1}" if isp else "") + " files")
-    return files, isp
+                                  f"{lacks} files")
+    return files, layout
+
+
+def _partition(num_layers: int, pp: int, chunks: int, zbv: bool) -> dict[tuple[int, int], tuple[int, int]]:
+    """InternEvo's ``partition_uniform``: {(chunk, pipeline rank): (first layer, layer count)}."""
+    out, per_chunk = {}, num_layers // chunks
+    for c in range(chunks):
+        base, size, left = c * per_chunk, per_chunk // pp, pp - per_chunk % pp
+        ranks = range(pp - 1, -1, -1) if zbv and c == 1 else range(pp)
+        for i, p in enumerate(ranks):  # the remainder to the ranks that come last in this chunk's order
+            n = size + (i >= left)
+            out[(c, p)] = (base, n)
+            base += n
+    return out
+
+
+def _pipeline_mode(folder: Path) -> str | None:
+    """``parallel.pipeline.mode`` of the training config saved beside the weights (``config_file.pt``, the config
+    file's text, parsed and never run); "1F1B" where the config leaves it out; None without the file or where the
+    text does not say it as a literal."""
+    import ast
+
+    path = folder / "config_file.pt"
+    if not path.is_file():
+        return None
+    try:
+        text = torch.load(path, map_location="cpu", weights_only=True)
+        tree = ast.parse(text)
+    except Exception as exc:  # noqa: BLE001: any failure to read is one line naming the file
+        raise CorruptCheckpointError(f"'{path}' cannot be read as InternEvo's saved config text: {exc}") from None
+    names = {}  # the config's top-level NAME = value assignments
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    names[target.id] = node.value
+
+    def field(node, key):
+        """``key`` of a ``dict(...)`` call or a ``{...}`` literal; ``...`` when absent; None when not literal."""
+        if isinstance(node, ast.Name):
+            node = names.get(node.id)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
+            if node.args or any(k.arg is None for k in node.keywords):  # dict(base) or dict(**base): not told here
+                return None
+            return next((k.value for k in node.keywords if k.arg == key), ...)
+        if isinstance(node, ast.Dict):
+            if any(k is None for k in node.keys):  # {**base}
+                return None
+            return next((v for k, v in zip(node.keys, node.values)
+                         if isinstance(k, ast.Constant) and k.value == key), ...)
+        return None
+
+    parallel = names.get("parallel", ...)
+    pipeline = ... if parallel is ... else field(parallel, "pipeline")
+    if pipeline is None:
+        return None
+    if pipeline is ... or isinstance(pipeline, ast.Constant):  # no pipeline section, or a bare size
+        return "1F1B"
+    mode = field(pipeline, "mode")
+    if mode is ...:
+        return "1F1B"
+    if isinstance(mode, ast.Name):
+        mode = names.get(mode.id)
+    return mode.value.upper() if isinstance(mode, ast.Constant) and isinstance(mode.value, str) else None
 
 
 def is_internevo_folder(folder: str | Path) -> bool:
-    return any(_FILE.fullmatch(p.name) for p in Path(folder).glob("model_tp*.pt"))
+    return any(_match(p.name) for p in Path(folder).glob("model_*.pt"))
 
 
 def _saved_section(folder: Path) -> dict | None:
@@ -158,21 +255,17 @@ class _Folder:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        files, self.isp = _shards(folder)
+        files, self.layout = _shards(folder)
         states = {key: self._load(path) for key, path in files.items()}
-        # layers per (chunk, pipeline rank); the stages run chunk-major, so (chunk, rank) order is layer order
-        counts: dict[tuple[int, int], int] = defaultdict(int)
+        counts: dict[tuple[int, int], int] = defaultdict(int)  # layers per (chunk, pipeline rank)
         for (p, _, _), state in states.items():
             for key in state:
                 chunk, name = _split(key)
                 m = _LAYER.fullmatch(name)
                 if m:
                     counts[(chunk, p)] = max(counts[(chunk, p)], int(m[1]) + 1)
-        offsets, total = {}, 0
-        for stage in sorted(counts):
-            offsets[stage] = total
-            total += counts[stage]
-        self.num_layers = total
+        self.num_layers = sum(counts.values())
+        offsets = {stage: first for stage, (first, _) in self._stages(counts).items()}
         # global name -> {(tp, wp): (state, key)}
         self.parts: dict[str, dict[tuple[int, int], tuple[dict, str]]] = defaultdict(dict)
         for (p, t, w), state in states.items():
@@ -182,6 +275,35 @@ class _Folder:
                 if m:
                     name = f"layers.{offsets[(chunk, p)] + int(m[1])}.{m[2]}"
                 self.parts[name][(t, w)] = (state, key)
+
+    def _stages(self, counts: dict[tuple[int, int], int]) -> dict[tuple[int, int], tuple[int, int]]:
+        """{(chunk, pipeline rank): (first layer, layer count)}: where each stage's layers sit in the model. The
+        chunks run in rank order, except the second chunk of the zero-bubble V schedule, which runs back down."""
+        pp = 1 + max((p for _, p in counts), default=0)
+        chunks = 1 + max((c for c, _ in counts), default=0)
+
+        def layout(zbv: bool) -> dict:
+            order = sorted(counts, key=lambda s: (s[0], -s[1] if zbv and s[0] == 1 else s[1]))
+            out, first = {}, 0
+            for stage in order:
+                out[stage] = (first, counts[stage])
+                first += counts[stage]
+            return out
+
+        if chunks != 2 or pp == 1:
+            return layout(False)
+        mode = _pipeline_mode(self.folder)
+        if mode is not None:
+            return layout(mode == "ZBV")
+        fits = [zbv for zbv in (False, True)
+                if {s: n for s, (_, n) in _partition(self.num_layers, pp, chunks, zbv).items()} == dict(counts)]
+        if len(fits) == 1:
+            return layout(fits[0])
+        raise CheckpointError(
+            f"InternEvo folder '{self.folder}' holds two chunks per pipeline rank, and neither its config_file.pt "
+            "(absent, or not stating parallel.pipeline.mode as a literal) nor the stage sizes say whether the "
+            "zero-bubble V schedule (mode \"ZBV\": the second chunk on the ranks in reverse) or the interleaved one "
+            "wrote it: put the run's config file text in config_file.pt (torch.save of a str, as InternEvo does)")
 
     def _load(self, path: Path) -> dict:
         try:
@@ -203,11 +325,15 @@ class _Folder:
     def whole(self, name: str) -> torch.Tensor:
         """The full tensor ``name``: its shards put together as the table in the module docstring says."""
         parts = self.parts[name]  # {(tp rank, wp rank): (state, key)}
-        if name.startswith(("tok_embeddings.", "output.")):  # split over tp in every mode
-            over, dim = 0, 1 if name == "tok_embeddings.weight" else 0
+        isp = self.layout != "tp"
+        if name.startswith(("tok_embeddings.", "output.")):  # over the group the file names give
+            over, dim = (1 if self.layout == "isp" else 0), 0
+            if name == "tok_embeddings.weight":  # hidden split, unless its shards are as wide as the model
+                (state, key), n = next(iter(parts.values())), len({i[over] for i in parts})
+                dim = 0 if n > 1 and state[key].shape[1] == self._hidden_size() else 1
         elif name.startswith("layers.") and not name.split(".", 2)[2].startswith(_NORMS):
-            row = name.split(".", 2)[2].startswith(_ROW_PARALLEL) and not self.isp
-            over, dim = (1, 0) if self.isp else (0, 1 if row else 0)
+            row = name.split(".", 2)[2].startswith(_ROW_PARALLEL) and not isp
+            over, dim = (1, 0) if isp else (0, 1 if row else 0)
             if row and name.endswith(".bias"):  # a row-parallel layer's bias lives on tp rank 0 only
                 state, key = parts[min(parts)]
                 return state[key]
@@ -218,6 +344,13 @@ class _Folder:
         for index, (state, key) in sorted(parts.items()):
             shards.setdefault(index[over], state[key])
         return torch.cat([shards[i] for i in sorted(shards)], dim=dim)
+
+    def _hidden_size(self) -> int | None:
+        norm = self.parts.get("norm.weight")
+        if not norm:
+            return None
+        state, key = next(iter(norm.values()))
+        return state[key].shape[0]
 
 
 def _is_internlm2(source: _Folder) -> bool:

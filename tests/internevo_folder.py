@@ -1,14 +1,21 @@
 """Write an InternEvo checkpoint folder from a transformers Llama state dict, as InternEvo's
-``save_model_checkpoint`` lays one out (read from its code, written here apart from evo's reader):
+``save_model_checkpoint`` lays one out. Read from InternEvo's code (DoorKickers/InternEvo at 58f723a, 2025-03,
+its develop branch; the names below are its), and written here apart from evo's reader:
 
-- one ``torch.save`` of a stage's ``state_dict()`` per rank that saves: ``model_tp{t}_pp{p}.pt`` for tensor modes
-  mtp/msp/fsp (every tp rank), ``model_tp{t}_wp{w}_pp{p}.pt`` for isp (ranks r < max(tp, wp) save, as tp rank
-  r % tp and weight rank r % wp); keys are bare names, or under ``model.`` when the AMP wrapper was not taken off;
-- ``partition_uniform``: each chunk's layers split over the pipeline ranks, the remainder to the last ranks; a
-  stage numbers its layers from 0; chunked models save as ``{chunk}.model.<name>``;
-- column-parallel linears (wqkv or wq/wk/wv, w1, w3) split by rows over tp, row-parallel ones (wo, w2) by
-  columns with their bias on tp rank 0; under isp every layer linear splits by rows over wp; the embedding
-  (``Embedding1D``) splits by hidden over tp, flash-attn's ``word_embeddings`` by vocab; the head by rows;
+- files (``internlm/checkpoint/components.py``): one ``torch.save`` of a stage's ``state_dict()`` per saving rank:
+  ``model_tp{t}_pp{p}.pt`` for tensor modes mtp/msp/fsp (every tp rank), ``model_wp{w}_pp{p}.pt`` for isp (the
+  rank of each weight-parallel group whose weight-data rank is 0); with ``early=True`` isp as saved from 2024-02
+  to 2024-07: ``model_tp{t}_wp{w}_pp{p}.pt`` from ranks r < max(tp, wp), as tp rank r % tp and weight rank
+  r % wp. Keys are bare names, or under ``model.`` when the AMP wrapper was not taken off; beside them
+  ``model_config.pt`` (the model section) and ``config_file.pt`` (the config file's text);
+- ``partition_uniform`` (``internlm/core/parallel/shard.py``): each chunk's layers split over the pipeline ranks,
+  the remainder to the ranks that come last, the second chunk running from the last rank down under
+  ``mode="ZBV"``; a stage numbers its layers from 0; chunked models save as ``{chunk}.model.<name>``;
+- the group a tensor is split over, ``get_tensor_split_parallel_mode``: the weight-parallel group under isp,
+  else the tensor group. ``get_parallel_strategies_split_mode``: wqkv/wq/wk/wv, w1, w3 are "column" (rows
+  split), wo and w2 "row" (columns split; each rank keeps the whole bias, tp rank 0's is written) but "column"
+  under isp; the head (``ScaleColumnParallelLinear``) splits rows; ``Embedding1D`` splits hidden (dim 1), the
+  early flash-attn ``word_embeddings`` the vocab; under ``early`` isp the embedding and head were split over tp;
 - InternLM2's wqkv rows are "(h gs d)": per kv head its query heads, key, value;
 - with ``adapt_hf=False`` q and k rows are stored for GPT-J pairs: the model turns them into halves at run time
   with ``torch.cat([q[..., ::2], q[..., 1::2]], dim=-1)``, so the halves layout of transformers is recovered.
@@ -59,51 +66,64 @@ def internevo_names(hf_state, config, internlm2, pairs, vocab_split=False):
     return out
 
 
-def stages(num_layers, pp, chunks):
+def stages(num_layers, pp, chunks, zbv=False):
     """partition_uniform: [(rank, chunk, first layer, layer count)] in the order the layers run."""
     out = []
     per_chunk = num_layers // chunks
     for c in range(chunks):
         base = c * per_chunk
         size, left = per_chunk // pp, pp - per_chunk % pp
-        for p in range(pp):
-            n = size + (p >= left)
-            out.append((p, c, base, n))
-            base += n
+        if zbv and c == 1:
+            for p in range(pp - 1, -1, -1):
+                n = size + ((pp - p - 1) >= left)
+                out.append((p, c, base, n))
+                base += n
+        else:
+            for p in range(pp):
+                n = size + (p >= left)
+                out.append((p, c, base, n))
+                base += n
     return out
 
 
-def shard(name, tensor, t, tp, w, wp, isp):
+def shard(name, tensor, t, tp, w, wp, isp, early):
     """This rank's part of one whole tensor; None where the rank holds none of it."""
     if name.endswith("norm.weight"):
         return tensor
+    rank, size = (w, wp) if isp else (t, tp)  # get_tensor_split_parallel_mode's group
     if name.startswith("tok_embeddings.") or name.startswith("output."):
+        if early:
+            rank, size = t, tp
         dim = 1 if name == "tok_embeddings.weight" else 0
-        return tensor.tensor_split(tp, dim)[t].clone()
-    if isp:
-        return tensor.tensor_split(wp, 0)[w].clone()
-    if ".attention.wo." in name or ".feed_forward.w2." in name:
+        return tensor.tensor_split(size, dim)[rank].clone()
+    if not isp and (".attention.wo." in name or ".feed_forward.w2." in name):  # "row"
         if name.endswith(".bias"):
             return tensor if t == 0 else None
-        return tensor.tensor_split(tp, 1)[t].clone()
-    return tensor.tensor_split(tp, 0)[t].clone()
+        return tensor.tensor_split(size, 1)[rank].clone()
+    return tensor.tensor_split(size, 0)[rank].clone()  # "column"
 
 
-def write_folder(folder, hf_state, config, *, tp=1, pp=1, wp=None, chunks=1, internlm2=True, adapt_hf=None,
-                 vocab_split=False, wrapped=False):
-    """An InternEvo folder of the transformers Llama weights ``hf_state``; ``wp`` set means isp. ``adapt_hf`` is
-    written into ``model_config.pt`` unless None (then the model's default holds: InternLM2 True, Llama False)."""
+def write_folder(folder, hf_state, config, *, tp=1, pp=1, wp=None, chunks=1, schedule="1F1B", internlm2=True,
+                 adapt_hf=None, vocab_split=False, wrapped=False, early=False, config_file=True):
+    """An InternEvo folder of the transformers Llama weights ``hf_state``; ``wp`` set means isp (``early``: as
+    saved before 2024-07). ``adapt_hf`` is written into ``model_config.pt`` unless None (then the model's default
+    holds: InternLM2 True, Llama False). ``config_file``: write ``config_file.pt``, the config text that names
+    the pipeline ``schedule``."""
     folder.mkdir(parents=True, exist_ok=True)
     pairs = not (internlm2 if adapt_hf is None else adapt_hf)
     whole = internevo_names(hf_state, config, internlm2, pairs, vocab_split)
     isp = wp is not None
-    plan = stages(config.num_hidden_layers, pp, chunks)
-    last = len(plan) - 1  # the plan runs in layer order: the last stage holds the norm and the head
-    savers = [(r % tp, r % wp) for r in range(max(tp, wp))] if isp else [(t, 0) for t in range(tp)]
+    plan = stages(config.num_hidden_layers, pp, chunks, zbv=schedule == "ZBV")
+    if not isp:
+        savers = [(t, 0) for t in range(tp)]
+    elif early:
+        savers = [(r % tp, r % wp) for r in range(max(tp, wp))]
+    else:
+        savers = [(0, w) for w in range(wp)]
     for p in range(pp):
         for t, w in savers:
             state = {}
-            for index, (rank, c, first, n) in enumerate(plan):
+            for rank, c, first, n in plan:
                 if rank != p:
                     continue
                 prefix = f"{c}.model." if chunks > 1 else "model." if wrapped else ""
@@ -113,20 +133,32 @@ def write_folder(folder, hf_state, config, *, tp=1, pp=1, wp=None, chunks=1, int
                         if not first <= i < first + n:
                             continue
                         local = f"layers.{i - first}.{name.split('.', 2)[2]}"
-                    elif name.startswith("tok_embeddings.") and (c, p) != (0, 0):
+                    elif name.startswith("tok_embeddings.") and first != 0:  # pipeline_parallel_sharding_wrapper
                         continue
-                    elif name.startswith(("norm.", "output.")) and index != last:
+                    elif name.startswith(("norm.", "output.")) and first + n != config.num_hidden_layers:
                         continue
                     else:
                         local = name
-                    part = shard(name, tensor, t, tp, w, wp, isp)
+                    part = shard(name, tensor, t, tp, w, wp, isp, early)
                     if part is not None:
                         state[prefix + local] = part
-            file = f"model_tp{t}_wp{w}_pp{p}.pt" if isp else f"model_tp{t}_pp{p}.pt"
+            file = (f"model_tp{t}_wp{w}_pp{p}.pt" if early else f"model_wp{w}_pp{p}.pt") if isp else \
+                f"model_tp{t}_pp{p}.pt"
             torch.save(state, folder / file)
     if adapt_hf is not None:
         save_model_section(folder / "model_config.pt", dict(num_layers=config.num_hidden_layers, adapt_hf=adapt_hf,
-                                                            dtype=torch.bfloat16))
+                                                            dtype=torch.bfloat16, num_chunks=chunks))
+    if config_file:  # the config file's text, as the trainer read it
+        mode = "isp" if isp else "mtp"
+        torch.save(f"""JOB_NAME = "tiny"
+model = dict(num_layers={config.num_hidden_layers}, num_chunks={chunks})
+parallel = dict(
+    zero1=dict(size=-1),
+    tensor=dict(size={tp}, mode="{mode}"),
+    pipeline=dict(size={pp}, interleaved_overlap=True, mode="{schedule}"),
+    weight=dict(size={wp or 1}, overlap=True),
+)
+""", folder / "config_file.pt")
     return folder
 
 

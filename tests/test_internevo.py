@@ -31,11 +31,15 @@ def llama():
 
 LAYOUTS = {  # name: (write_folder's layout, evo's model fields)
     "internlm2 tp2 pp2": (dict(tp=2, pp=2, adapt_hf=True), {}),
-    "internlm2 isp tp4 wp2, pairs": (dict(tp=4, wp=2, adapt_hf=False), {}),
-    "llama isp tp2 wp4 pp2, keys under model.": (dict(tp=2, wp=4, pp=2, internlm2=False, wrapped=True), {}),
+    "internlm2 isp wp2, pairs": (dict(wp=2, adapt_hf=False), {}),
+    "llama isp wp4 pp2, keys under model.": (dict(wp=4, pp=2, internlm2=False, wrapped=True), {}),
+    "internlm2 isp before 2024-07, tp4 wp2": (dict(tp=4, wp=2, early=True), {}),
+    "llama isp before 2024-07, tp2 wp4 pp2": (dict(tp=2, wp=4, pp=2, early=True, internlm2=False), {}),
     "llama pp3 (1+1+2 layers), pairs by default": (dict(pp=3, internlm2=False), {}),
     "llama tp2 pp2 two chunks, vocab-split embedding": (dict(tp=2, pp=2, chunks=2, internlm2=False, adapt_hf=True,
                                                             vocab_split=True), {}),
+    "internlm2 isp wp2 pp2 ZBV": (dict(wp=2, pp=2, chunks=2, schedule="ZBV"), {}),
+    "internlm2 tp2 pp2 ZBV": (dict(tp=2, pp=2, chunks=2, schedule="ZBV"), {}),
     "internlm2 tp2 into evo's pairs layout": (dict(tp=2, adapt_hf=True), dict(qk_interleaved=True)),
 }
 
@@ -54,7 +58,8 @@ def test_an_internevo_folder_gives_transformers_logits(tmp_path, llama, name):
 def test_what_cannot_be_read_is_one_line(tmp_path, llama):
     state, config = llama.state_dict(), llama.config
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match=r"is not an InternEvo checkpoint folder: it has no model_tp\*_pp\*.pt"):
+    with pytest.raises(CheckpointError, match=r"is not an InternEvo checkpoint folder: it has no model_tp\*_pp\*.pt "
+                                              r"\(nor model_wp\*_pp\*.pt\) files"):
         load_internevo_weights(evo_model(llama), tmp_path / "empty")
 
     folder = write_folder(tmp_path / "a", state, config, tp=2, pp=2)
@@ -62,10 +67,23 @@ def test_what_cannot_be_read_is_one_line(tmp_path, llama):
     with pytest.raises(CheckpointError, match=r"is incomplete: pipeline rank 1 lacks some of tp 0\.\.1 files"):
         load_internevo_weights(evo_model(llama), folder)
 
+    folder = write_folder(tmp_path / "a2", state, config, wp=2, pp=2)
+    (folder / "model_wp1_pp0.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"is incomplete: pipeline rank 0 lacks some of wp 0\.\.1 files"):
+        load_internevo_weights(evo_model(llama), folder)
+    write_folder(folder, state, config, tp=2, pp=2)  # another save's files beside these
+    with pytest.raises(CheckpointError, match=r"mixes model files of different layouts \(model_tp1_pp1.pt, "
+                                              r"model_wp1_pp1.pt\)"):
+        load_internevo_weights(evo_model(llama), folder)
+
     folder = write_folder(tmp_path / "b", state, config, tp=2)
     (folder / "model_tp0_pp0.pt").rename(folder / "model_tp0_pp0_dp0.pt")
     with pytest.raises(CheckpointError, match="was saved with FSDP"):
         load_internevo_weights(evo_model(llama), folder)
+    (tmp_path / "dcp").mkdir()
+    (tmp_path / "dcp" / ".metadata").write_bytes(b"")  # InternEvo's FSDP saves with DCP today
+    with pytest.raises(CheckpointError, match=r"was saved with FSDP \(DCP files\)"):
+        load_internevo_weights(evo_model(llama), tmp_path / "dcp")
 
     folder = write_folder(tmp_path / "c", state, config, tp=2)
     with pytest.raises(CheckpointError, match="it holds 4 layers and model.num_layers is 2"):
@@ -77,6 +95,41 @@ def test_what_cannot_be_read_is_one_line(tmp_path, llama):
     (folder / "model_tp1_pp0.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptCheckpointError, match=r"model_tp1_pp0.pt' cannot be read \(truncated or corrupt\?\)"):
         load_internevo_weights(evo_model(llama), folder)
+
+
+def test_zbv_stages_are_told_from_interleaved_ones_by_the_saved_config(tmp_path, llama):
+    """Under ZBV the second chunk runs down the ranks: with equal stage sizes only the saved config text tells the
+    folder from an interleaved one (read as interleaved, its layers would load permuted). Without the text, stage
+    sizes that differ between the two decide; sizes that do not are refused on one line."""
+    state, config = llama.state_dict(), llama.config
+    folder = write_folder(tmp_path / "zbv", state, config, pp=2, chunks=2, schedule="ZBV", config_file=False)
+    with pytest.raises(CheckpointError, match=r"neither its config_file.pt \(absent, or not stating "
+                                              r"parallel.pipeline.mode as a literal\) nor the stage sizes say"):
+        load_internevo_weights(evo_model(llama), folder)
+    (folder / "config_file.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CorruptCheckpointError, match=r"config_file.pt' cannot be read as InternEvo's saved config"):
+        load_internevo_weights(evo_model(llama), folder)
+    texts = {  # the ways a config names its pipeline mode
+        "ZBV": 'MODE = "ZBV"\nparallel = dict(pipeline=dict(size=2, mode=MODE))\n',
+        "zbv": 'parallel = {"pipeline": {"size": 2, "mode": "zbv"}}\n',
+        "1F1B": "parallel = dict(pipeline=dict(size=2))\n",
+    }
+    for mode, text in texts.items():
+        torch.save(text, folder / "config_file.pt")
+        model = evo_model(llama)
+        load_internevo_weights(model, folder)
+        error = (logits(model, IDS) - logits(llama, IDS)).abs().max()
+        assert (error <= TOL) == (mode != "1F1B"), (mode, error)  # read as interleaved: layers permuted
+    torch.save('BASE = dict(size=2, mode="ZBV")\nparallel = dict(pipeline=dict(**BASE))\n', folder / "config_file.pt")
+    with pytest.raises(CheckpointError, match="nor the stage sizes say whether the zero-bubble V schedule"):
+        load_internevo_weights(evo_model(llama), folder)  # a mode the text does not state as a literal
+    six = hf_model("llama", dtype=torch.float32, num_hidden_layers=6)  # chunk of 3: stages of 1 and 2 layers
+    for schedule in ("ZBV", "1F1B"):
+        folder = write_folder(tmp_path / f"six-{schedule}", six.state_dict(), six.config, pp=2, chunks=2,
+                              schedule=schedule, config_file=False)
+        model = evo_model(six)
+        load_internevo_weights(model, folder)
+        assert (logits(model, IDS) - logits(six, IDS)).abs().max() <= TOL, schedule
 
 
 class Boom:
