@@ -9,7 +9,8 @@
 #    forward tile of attention timed (bench/attention_tiles.py, non-causal), beside the compiler's ranking of them
 #    in the committed bench/results/kernel-report/report.json;
 # 2. the kernel tests on the GPU, untuned (EVO_AUTOTUNE=0: tuning every shape of the sweep costs minutes),
-#    the attention determinism check included, two processes at once;
+#    two processes at once; the attention backward's bit-for-bit determinism test (skipped everywhere else) among
+#    them, its outcome in steps.txt;
 # 3. the goals, met or missed, from the results of 1 (goals.md).
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu}
@@ -24,11 +25,15 @@ for step in "attention 90" "kernels 80" "train_step 95" "attention_tiles 35"; do
     timeout "$2" python bench/run.py --quick --only "$1" --out "$OUT/$1.json" > "$OUT/$1.txt" 2>&1
     echo "$1: exit $?" >> "$OUT/steps.txt"
 done
-EVO_AUTOTUNE=0 timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_attention.py \
+EVO_AUTOTUNE=0 timeout 60 python -m pytest -q -rA -p no:cacheprovider tests/kernels/test_attention.py \
     > "$OUT/gpu_tests_attention.txt" 2>&1 &
 EVO_AUTOTUNE=0 timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels \
     --ignore=tests/kernels/test_attention.py > "$OUT/gpu_tests_other.txt" 2>&1 &
 wait
+# the determinism test skips itself without a GPU: say whether it ran here, and how it ended
+DETERMINISM=tests/kernels/test_attention.py::test_gpu_backward_is_bit_identical_across_runs
+echo "determinism: $(grep -E "^(PASSED|FAILED|SKIPPED|ERROR).*${DETERMINISM#*::}" "$OUT/gpu_tests_attention.txt" \
+    | cut -d' ' -f1 || echo 'NOT RUN')" >> "$OUT/steps.txt"
 python bench/goals.py "$OUT"/attention.json "$OUT"/kernels.json "$OUT"/train_step.json > "$OUT/goals.md" 2>&1
 for f in device.txt steps.txt goals.md gpu_tests_attention.txt gpu_tests_other.txt attention.txt kernels.txt \
          train_step.txt attention_tiles.txt; do

@@ -247,7 +247,7 @@ def initialize_model_and_parallel_communicator() -> torch.nn.Module:
 
     state = launch_state()
     cfg = state.config.model
-    model = build_parallel_model(cfg, state.ctx, seed=state.seed)
+    model = build_parallel_model(cfg, state.ctx, seed=state.seed, for_training=True)
     with torch.device("meta"):  # the whole model's count, whatever part of it this rank holds (pipeline stages)
         total = count_parameters(DecoderModel(cfg))
     logger.info("model: %.2fM parameters, dtype %s", total / 1e6, cfg.dtype)

@@ -1,7 +1,8 @@
 """The kill test: training is SIGKILLed at 20 seeded random moments (at least 5 of them inside a checkpoint write,
 a temporary checkpoint folder present, and at least 2 inside a background save, ``ckpt.async_upload``), the same
-command resumes it each time, and the finished run's per-step losses, gradient norms and final weights equal
-those of a run never interrupted, bit for bit (fp32, CPU)."""
+command resumes it each time from the newest complete checkpoint (each start after the first proves it did:
+tests/resume.py), and the finished run's per-step losses, gradient norms and final weights equal those of a run
+never interrupted, bit for bit (fp32, CPU)."""
 
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, small_sections, write_config
+from tests.resume import assert_resumed, newest_complete, read_records
 
 KILLS, STEPS = 20, 400
 
@@ -33,11 +35,7 @@ def start(cfg):
 
 
 def steps_done(folder):
-    path = folder / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip().endswith("}")]
-    return max(steps, default=0)
+    return max((r["step"] for r in read_records(folder / "metrics.jsonl")), default=0)
 
 
 def saving(folder):
@@ -46,11 +44,11 @@ def saving(folder):
 
 
 def final_state(folder):
-    """Per-step (loss, grad_norm) from metrics.jsonl, and the final checkpoint's tensors."""
+    """Every record's (step, loss, grad_norm) from metrics.jsonl, in order, and the final checkpoint's tensors."""
     import torch.distributed.checkpoint as dcp
 
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    steps = {r["step"]: (r["loss"], r["grad_norm"]) for r in records if "loss" in r}
+    steps = [(r["step"], r.get("loss"), r.get("grad_norm")) for r in records]
     path = folder / "checkpoints" / str(STEPS)
     meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     tensors = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()}
@@ -70,6 +68,7 @@ def test_twenty_kills_at_random_moments_change_nothing(tmp_path):
     folder = tmp_path / "killed"
     survived = {"save": 0, "async": 0, "anywhere": 0}
     for kind in kinds:
+        checkpoint, before = newest_complete(folder / "checkpoints"), read_records(folder / "metrics.jsonl")
         run = start(config(tmp_path, "killed", async_upload=kind == "async"))
         begun = steps_done(folder)
         deadline = time.time() + 300
@@ -85,16 +84,20 @@ def test_twenty_kills_at_random_moments_change_nothing(tmp_path):
             caught = saving(folder)
         assert run.poll() is None, f"the run ended before its kill ({kind}): {run.stderr.read()[-2000:]}"
         run.kill()
-        run.communicate()
+        _, err = run.communicate()
         assert steps_done(folder) < STEPS, "the run finished before the kills did"
+        if checkpoint is not None:  # (the first start has none: it starts afresh)
+            assert_resumed(err, checkpoint, before, read_records(folder / "metrics.jsonl"))
         survived[kind] += caught or kind == "anywhere"
     assert survived["save"] >= 5 and survived["async"] >= 2, survived
+    checkpoint, before = newest_complete(folder / "checkpoints"), read_records(folder / "metrics.jsonl")
     last = start(config(tmp_path, "killed"))
     _, err = last.communicate(timeout=900)
     assert last.returncode == 0, err[-3000:]
+    assert_resumed(err, checkpoint, before, read_records(folder / "metrics.jsonl"))
     a_steps, a_tensors = final_state(tmp_path / "straight")
     b_steps, b_tensors = final_state(folder)
-    assert b_steps == a_steps  # every step, bit for bit
+    assert len(a_steps) >= STEPS and b_steps == a_steps  # every record, in order, bit for bit
     assert a_tensors.keys() == b_tensors.keys()
     assert all(torch.equal(a_tensors[k], b_tensors[k]) for k in a_tensors), "final weights differ"
     print(f"survived {len(kinds)} kills: {survived['save']} inside a checkpoint write, {survived['async']} inside a "

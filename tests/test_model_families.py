@@ -97,10 +97,27 @@ def test_dynamic_ntk_tables_follow_the_sequence_length():
             assert max_diff(model(ids[:, :length]), expected) < 1e-5, length
 
 
-def test_hf_names_round_trip():
+# transformers' name -> evo's, written out by hand (evo/model's modules; Qwen3: q and k norms), for layer 1
+HF_TO_EVO = {
+    "model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    **{f"model.layers.1.{theirs}.weight": f"layers.1.{ours}.weight" for theirs, ours in (
+        ("self_attn.q_proj", "attention.wq"), ("self_attn.k_proj", "attention.wk"),
+        ("self_attn.v_proj", "attention.wv"), ("self_attn.o_proj", "attention.wo"),
+        ("self_attn.q_norm", "attention.q_norm"), ("self_attn.k_norm", "attention.k_norm"),
+        ("mlp.gate_proj", "feed_forward.w1"), ("mlp.up_proj", "feed_forward.w3"), ("mlp.down_proj", "feed_forward.w2"),
+        ("input_layernorm", "attention_norm"), ("post_attention_layernorm", "ffn_norm"))},
+}
+
+
+def test_hf_names_map_as_written_out_and_round_trip():
     hf = hf_model("qwen3", head_dim=24)
     state = hf.state_dict()
-    back = state_dict_to_hf(state_dict_from_hf(state))
+    ours = state_dict_from_hf(state)
+    for theirs, name in HF_TO_EVO.items():
+        assert ours[name] is state[theirs], (theirs, name)
+    assert set(ours) == set(evo_twin(hf).state_dict())  # every name one evo's model has
+    back = state_dict_to_hf(ours)
     assert set(back) == set(state) and all(back[k] is state[k] for k in state)
 
 

@@ -2,7 +2,6 @@
 exit 3, and the same command continues as if never stopped; under two processes a signal to one rank stops both
 after the same step; InternEvo's stop file asks for a save (-N) or a save and a clean stop (N)."""
 
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +11,11 @@ import time
 import pytest
 
 from tests.helpers import ROOT, small_sections, write_config
+from tests.resume import assert_resumed, read_records
 from tests.test_launch import free_port
+
+TRAIN = ["scripts/train.py"]
+NO_SEARCH = ["-m", "tests.no_resume_search"]  # train.py with auto-resume's checkpoint search disabled
 
 
 def config(tmp_path, name, steps=40, **ckpt):
@@ -21,21 +24,18 @@ def config(tmp_path, name, steps=40, **ckpt):
     return write_config(tmp_path / f"{name}.py", sections)
 
 
-def start(cfg, world=1):
+def start(cfg, world=1, script=TRAIN):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if world == 1:
-        cmd = [sys.executable, "scripts/train.py", "--config", str(cfg)]
+        cmd = [sys.executable, *script, "--config", str(cfg)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-               str(free_port()), "scripts/train.py", "--config", str(cfg)]
+               str(free_port()), *script, "--config", str(cfg)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def records(folder):
-    path = folder / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+    return read_records(folder / "metrics.jsonl")
 
 
 def wait_for_step(folder, step, proc, timeout=120):
@@ -48,12 +48,14 @@ def wait_for_step(folder, step, proc, timeout=120):
 
 
 def losses(folder):
-    return {r["step"]: (r["loss"], r["grad_norm"]) for r in records(folder) if "loss" in r}
+    """Every step's (step, loss, gradient norm), in the order recorded."""
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in records(folder) if "loss" in r]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow),
-                                 pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
-def test_a_signal_saves_at_the_step_boundary_exits_3_and_the_same_command_continues(tmp_path, sig):
+def stop_by_signal_and_continue(tmp_path, sig, resume_script=TRAIN):
+    """Train 12 steps straight; train again, stopped by ``sig`` after step 2 or so, then continued by the same
+    command run with ``resume_script``: the continued run resumed from the stop's checkpoint, and every step's
+    loss and gradient norm equal the straight run's."""
     straight = start(config(tmp_path, "straight", steps=12))
     assert straight.wait(timeout=300) == 0
     cfg = config(tmp_path, "stopped", steps=12)
@@ -63,15 +65,30 @@ def test_a_signal_saves_at_the_step_boundary_exits_3_and_the_same_command_contin
     _, err = run.communicate(timeout=120)
     assert run.returncode == 3, err[-2000:]
     (line,) = [x for x in err.splitlines() if x.startswith("evo: stopped")]
-    step = max(losses(tmp_path / "stopped"))
+    step = losses(tmp_path / "stopped")[-1][0]
     checkpoint = tmp_path / "stopped" / "checkpoints" / str(step)
     assert line == (f"evo: stopped by {sig.name} after step {step}: checkpoint '{checkpoint}' saved; run the same "
                     "command to continue")
     assert 2 <= step < 12 and (checkpoint / "train_state.pt").is_file()
-    again = start(cfg)
+    before = records(tmp_path / "stopped")
+    again = start(cfg, script=resume_script)
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-2000:]
+    assert_resumed(err, checkpoint, before, records(tmp_path / "stopped"))
     assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")  # exact
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+                                 pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
+def test_a_signal_saves_at_the_step_boundary_exits_3_and_the_same_command_continues(tmp_path, sig):
+    stop_by_signal_and_continue(tmp_path, sig)
+
+
+def test_a_continuation_that_starts_afresh_fails_the_resume_check(tmp_path):
+    """The break the resume tests exist for: auto-resume finds no checkpoint, the run starts at step 1 and, being
+    deterministic, rewrites the same records; the test above must fail on it, and on the resume check."""
+    with pytest.raises(AssertionError, match="did not resume"):
+        stop_by_signal_and_continue(tmp_path, signal.SIGTERM, resume_script=NO_SEARCH)
 
 
 @pytest.mark.slow  # torchrun with two processes: about 10 s
@@ -85,7 +102,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     os.kill(max(workers), signal.SIGUSR1)  # rank 1 (started second) only
     _, err = run.communicate(timeout=120)
     assert run.returncode != 0 and "exitcode  : 3" in err and "exitcode  : 1" not in err, err[-3000:]
-    step = max(losses(tmp_path / "two"))
+    step = losses(tmp_path / "two")[-1][0]
     assert (tmp_path / "two" / "checkpoints" / str(step) / "train_state.pt").is_file() and step < 200
     assert f"evo: stopped by SIGUSR1 after step {step}" in err
 
@@ -95,11 +112,11 @@ def test_the_stop_file_asks_for_a_save_then_a_clean_stop(tmp_path):
     run = start(config(tmp_path, "file", steps=400, stop_file_path=str(stop_file)))
     wait_for_step(tmp_path / "file", 1, run)
     assert stop_file.read_text() == "0"  # written at start, as InternEvo does
-    now = max(losses(tmp_path / "file"))
+    now = losses(tmp_path / "file")[-1][0]
     stop_file.write_text(f"-{now + 3}")  # save after that step
     wait_for_step(tmp_path / "file", now + 5, run)
     stop_file.write_text(str(now + 8))  # save and stop after that step
     _, err = run.communicate(timeout=120)
     assert run.returncode == 0, err[-2000:]
     saved = sorted(int(p.name) for p in (tmp_path / "file" / "checkpoints").iterdir())
-    assert saved == [now + 3, now + 8] and max(losses(tmp_path / "file")) == now + 8
+    assert saved == [now + 3, now + 8] and [s for s, _, _ in losses(tmp_path / "file")] == list(range(1, now + 9))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, run_script
+from tests.resume import assert_resumed, newest_complete, read_records
 from evo.model import build_model
 
 STEP_KEYS = {"step", "loss", "lr", "grad_norm", "loss_scale", "tgs", "tflops", "num_consumed_tokens",
@@ -107,12 +108,13 @@ def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    killed_at = len(read_metrics(tmp_path / "killed"))
-    assert killed_at < 60, "the run finished before it could be killed"
+    before = read_records(metrics)
+    assert len(before) < 60, "the run finished before it could be killed"
 
+    checkpoint = newest_complete(tmp_path / "killed" / "ckpt")
     resumed = run_script("scripts/train.py", "--config", cfg)
     assert resumed.returncode == 0, resumed.stderr
-    assert "loaded model, optimizer, sampler, scheduler from checkpoint" in resumed.stderr
+    assert_resumed(resumed.stderr, checkpoint, before, read_records(metrics))
     records = [r for r in read_metrics(tmp_path / "killed") if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 61))  # cut back to the checkpoint, then continued
     assert {r["step"]: (r["loss"], r["grad_norm"]) for r in records} == expected  # exact float equality, every step

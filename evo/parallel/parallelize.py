@@ -87,9 +87,11 @@ def apply_fsdp(model: nn.Module, mesh, cfg: ModelConfig) -> None:
             module.set_force_sum_reduction_for_comms(True)
 
 
-def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int) -> nn.Module:
+def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int, for_training: bool = False) -> nn.Module:
     """The model of this rank: built on meta, parallelized, then materialized and initialized shard by shard on
-    ``ctx.device``. One process gets the model in ``cfg.dtype`` (its optimizer keeps fp32 masters); under FSDP2
+    ``ctx.device``. One process gets the model in ``cfg.dtype`` (its optimizer keeps fp32 masters; with
+    ``for_training`` they start from the fp32 values the model was initialized with, ``model.initial_masters``,
+    as FSDP2's do, rather than from their 16-bit rounding); under FSDP2
     the parameters are the fp32 master shards and compute runs in ``cfg.dtype``. With pipeline parallelism it is
     this rank's ``PipelineModel`` (``evo.parallel.pipeline``)."""
     from evo.model import DecoderModel
@@ -108,6 +110,8 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int) -> n
     if hasattr(model, "make_tied_group"):
         model.make_tied_group()
     if not ctx.distributed:
+        if for_training and cfg.torch_dtype != torch.float32:  # taken (and dropped) by MixedPrecisionOptimizer
+            model.initial_masters = {name: p.detach().clone() for name, p in model.named_parameters()}
         model.to(cfg.torch_dtype)
     return model
 

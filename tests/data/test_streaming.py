@@ -146,6 +146,7 @@ def test_the_bad_line_count_continues_across_a_resume(tmp_path):
 @pytest.mark.slow  # over 15 s on the 2-core machine; .ci/run runs it after `make test`
 def test_streaming_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path):
     from tests.helpers import run_script
+    from tests.resume import assert_resumed, read_records
 
     write_jsonl(tmp_path / "train" / "x.jsonl", texts(200, 4))
 
@@ -157,15 +158,16 @@ def test_streaming_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path
                           f"ckpt.save_ckpt_folder={tmp_path / name / 'ckpt'}", "monitor.sample_prompt=None")
 
     def losses(name):
-        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-        return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+        return [(r["step"], r["loss"]) for r in read_records(tmp_path / name / "metrics.jsonl") if "loss" in r]
 
     assert train("straight", 6).returncode == 0
     first = train("resumed", 3)
     assert first.returncode == 0, first.stderr
+    before = read_records(tmp_path / "resumed" / "metrics.jsonl")
     second = train("resumed", 6)
     assert second.returncode == 0, second.stderr
-    assert "loaded model, optimizer, sampler, scheduler" in second.stderr
+    assert_resumed(second.stderr, tmp_path / "resumed" / "ckpt" / "3", before,
+                   read_records(tmp_path / "resumed" / "metrics.jsonl"))
     # same batches after the resume: the same losses, bit for bit
     assert losses("resumed") == losses("straight")
 

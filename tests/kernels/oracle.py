@@ -11,7 +11,7 @@ Both bounds hold unwidened under Triton's interpreter too, although its bf16 sto
 rounds to nearest), which doubles the mean rounding error of a bf16 result: measured over every kernel test, the
 kernels' mean errors stay within 0.71 of the mean bound, their max errors within 0.64 of the max bound. Should a
 bound ever need widening for that, widen it under the interpreter only, with a comment, keeping flash-attn's
-bounds for GPU runs.
+bounds for GPU runs: bf16 RMSNorm's max bound takes one ulp (``max_slack``, tests/kernels/interpreter_bf16.py).
 """
 
 import torch
@@ -31,11 +31,12 @@ def mean_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def assert_oracle(name: str, kernel: torch.Tensor, same_dtype: torch.Tensor, exact: torch.Tensor, dtype,
-                  grad: bool = False) -> None:
+                  grad: bool = False, max_slack: float = 0.0) -> None:
+    """``max_slack``: added to the max bound only (tests/kernels/interpreter_bf16.py: the interpreter's rounding)."""
     assert kernel.shape == exact.shape, (name, kernel.shape, exact.shape)
     assert torch.isfinite(kernel).all(), f"{name}: non-finite values"
     torch_max = max_err(same_dtype, exact)
-    bound = (3 if grad else 2) * torch_max + FLOOR[dtype]
+    bound = (3 if grad else 2) * torch_max + FLOOR[dtype] + max_slack
     err = max_err(kernel, exact)
     assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g} (torch {dtype} error {torch_max:.3g})"
     torch_mean = mean_err(same_dtype, exact)

@@ -4,7 +4,6 @@ final weights gathered whole, and each rank's local parameter and optimizer-stat
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from tests.helpers import ROOT
+from tests.resume import captured_log, read_records
 
 STEPS = 8
 REL = 1e-5  # the acceptance tolerance: per-step loss and gradient norm, final weights (||diff|| / ||w||)
@@ -56,9 +56,11 @@ def train(rank: int, world_size: int, sections: dict, seed: int = 1024) -> dict:
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     state = initialize_distributed_env(config=sections, launcher="torch" if world_size > 1 else "local", seed=seed)
+    before = read_records(state.run_folder / "metrics.jsonl")  # what a resumed run must keep
     model = initialize_model_and_parallel_communicator()
     train_dl, types = build_train_loader_with_data_type()
-    trainer = TrainerBuilder(model, train_dl, build_valid_loader_with_data_type(), dataset_types=types)
+    with captured_log() as log:  # the trainer's own lines: which checkpoint it loaded
+        trainer = TrainerBuilder(model, train_dl, build_valid_loader_with_data_type(), dataset_types=types)
     loss_calls = []
     loss_fn = kernels.fused_linear_cross_entropy
 
@@ -83,10 +85,13 @@ def train(rank: int, world_size: int, sections: dict, seed: int = 1024) -> dict:
                        for n, p in model.named_parameters()},
            "local_numel": {n: _local(p).numel() for n, p in model.named_parameters()},
            "optimizer_numel": {n: _local(s).numel() for n, s in trainer.optimizer.state_dict()["exp_avg"].items()},
+           "masters": {n: (m.full_tensor() if isinstance(m, DTensor) else m).detach().clone()
+                       for n, m in trainer.optimizer.state_dict()["master"].items()},
            "loss_calls": loss_calls, "generated": generated, "packed_length": state.config.data.packed_length,
-           "layer_tokens": layer_tokens}
+           "layer_tokens": layer_tokens, "log": "\n".join(log), "records_before": before}
     if rank == 0:
-        records = [json.loads(line) for line in (state.run_folder / "metrics.jsonl").read_text().splitlines()]
+        records = read_records(state.run_folder / "metrics.jsonl")
+        out["records"] = records
         out["loss"] = [r["loss"] for r in records if "loss" in r]
         out["grad_norm"] = [r["grad_norm"] for r in records if "grad_norm" in r]
         out["val_loss"] = [r["val/python_loss"] for r in records if "val/python_loss" in r]
@@ -153,7 +158,7 @@ def family_gradients(rank: int, world_size: int, modes: list[str]) -> list[tuple
 def fp16_runs(rank: int, world_size: int, folder: str, pipeline: int = 1) -> list:
     """fp16 on a small model, 3 steps, the global batch of 4 rows split over the data-parallel ranks (world /
     ``pipeline``): with the default loss scale, and with one so large the first step overflows (hysteresis 1: the
-    scale halves at once). Returns rank 0's records."""
+    scale halves at once). Returns (rank 0's records, this rank's final fp32 master weights) of each."""
     from tests.helpers import small_sections
 
     out = []
@@ -163,20 +168,19 @@ def fp16_runs(rank: int, world_size: int, folder: str, pipeline: int = 1) -> lis
                                   grad_scaler=dict(fp16=dict(initial_scale=scale), hysteresis=1, max_scale=2**40),
                                   parallel=dict(pipeline=dict(size=pipeline)),
                                   ckpt=dict(enable_save_ckpt=False), monitor=dict(run_folder=f"{folder}/{name}"))
-        train(rank, world_size, sections)
-        if rank == 0:
-            out.append([json.loads(line) for line in Path(f"{folder}/{name}/metrics.jsonl").read_text().splitlines()])
+        weights = train(rank, world_size, sections)["masters"]
+        out.append((read_records(Path(f"{folder}/{name}/metrics.jsonl")) if rank == 0 else None, weights))
     return out
 
 
-def compiled_losses(rank: int, world_size: int, folder: str, layout: dict) -> list:
-    """``layout``, 3 steps, eager then with ``model.compile=True``: rank 0's losses of each."""
+def compiled_runs(rank: int, world_size: int, folder: str, layout: dict) -> list:
+    """``layout``, 3 steps, eager then with ``model.compile=True``: what ``train`` reports of each."""
     out = []
     for compile_ in (False, True):
         sections = tiny_sections(Path(folder) / f"compile{compile_}", **layout)
         sections["data"]["total_steps"] = 3
         sections["model"]["compile"] = compile_
-        out.append(train(rank, world_size, sections).get("loss"))
+        out.append(train(rank, world_size, sections))
     return out
 
 
@@ -195,11 +199,23 @@ def generations(rank: int, world_size: int, dtype: str) -> list:
     return [generate_ids(model, list(range(60, 75)), 12, temperature=0.0, use_cache=cache) for cache in (True, False)]
 
 
-def assert_same_training(run: dict, ref: dict, what: str) -> None:
-    assert len(run["loss"]) == len(ref["loss"]) == STEPS
-    for key in ("loss", "grad_norm", "val_loss"):
+def merged(ranks: list, i: int) -> dict:
+    """Run ``i`` of ``ranks`` (each rank's list of ``train`` results) as rank 0 logged it, with every rank's
+    gathered weights together (a pipeline stage's rank holds only its stage's)."""
+    run = dict(ranks[0][i])
+    run["weights"] = {name: w for r in ranks for name, w in r[i]["weights"].items()}
+    return run
+
+
+def assert_same_training(run: dict, ref: dict, what: str, steps: int = STEPS, evaluations: int = 2,
+                         weights_rel: float = REL) -> None:
+    """``run`` trained as ``ref`` did: the same ``steps`` losses and gradient norms, ``evaluations`` validation
+    losses (each within ``REL`` relative), and final weights (every parameter, within ``weights_rel``)."""
+    for key, count in (("loss", steps), ("grad_norm", steps), ("val_loss", evaluations)):
+        assert len(run[key]) == len(ref[key]) == count, f"{what}: {len(run[key])} and {len(ref[key])} {key} records"
         for step, (a, b) in enumerate(zip(run[key], ref[key]), 1):
             assert math.isclose(a, b, rel_tol=REL), f"{what}: {key} at step {step}: {a} against {b}"
+    assert run["weights"].keys() == ref["weights"].keys(), what
     for name, w in ref["weights"].items():
         diff = float((run["weights"][name] - w).norm() / w.norm())
-        assert diff <= REL, f"{what}: final {name} differs by {diff:.2e} relative"
+        assert diff <= weights_rel, f"{what}: final {name} differs by {diff:.2e} relative"

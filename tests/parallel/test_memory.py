@@ -50,6 +50,16 @@ def test_zero_and_tensor_parallel_shares_of_a_7b():
     one = bench.computed_memory(cfg)
     zero8 = bench.computed_memory(cfg, world=8, zero1=-1)
     tp2 = bench.computed_memory(cfg, world=2, tp=2)
+    # by hand, InternLM2-7B (hidden 4096, 32 layers, 8 kv heads of 128, ffn 14336, vocab 92544, untied head):
+    # a layer holds q 4096^2 + k, v 2 x 1024 x 4096 + o 4096^2 + three 4096 x 14336 + two norms of 4096
+    # = 218,112,000; the model 32 x that + embedding and head 2 x 92544 x 4096 + the final norm 4096
+    assert one["params"] == 7_737_708_544
+    # ZeRO over 8: fp32 masters, gradients and two moments (16 bytes a parameter) / 8, plus the whole bf16 copy
+    # a forward gathers (2 bytes): 4 bytes a parameter, 30,950,834,176
+    assert zero8["total"] == 30_950_834_176
+    # tp=2: fp32 masters of half of everything but the 32 x 2 + 1 norms (266,240 weights, whole on both ranks):
+    # (7,737,708,544 - 266,240) / 2 + 266,240 = 3,868,987,392 weights, 4 bytes each
+    assert tp2["master_weights"] == 15_475_949_568
     assert one["master_weights"] == 4 * one["params"]
     assert zero8["optimizer_state"] * 8 == one["optimizer_state"]  # every dim 0 of this model divides by 8
     norms = cfg.num_layers * 2 * cfg.hidden_size * 4  # fp32 norm weights: replicated over tensor ranks

@@ -10,7 +10,7 @@ import torch
 
 from tests.dist import run_distributed
 from tests.helpers import run_script, small_sections
-from tests.parallel.layouts import assert_same_training, train_layouts
+from tests.parallel.layouts import assert_same_training, merged, train_layouts
 from tests.test_launch import free_port
 from evo.config import config_from_dict
 from evo.errors import ConfigError
@@ -84,13 +84,6 @@ def single(tmp_path_factory):
     folder = tmp_path_factory.mktemp("single")
     refs = train_layouts(0, 1, str(folder), [dict(micro_num=2), dict(micro_num=4), dict(micro_num=2, tied=True)])
     return {"plain": refs[0], "dp2": refs[1], "tied": refs[2]}
-
-
-def merged(ranks: list, i: int) -> dict:
-    """Layout ``i``'s run as rank 0 logged it, with every rank's gathered weights together."""
-    run = dict(ranks[0][i])
-    run["weights"] = {name: w for r in ranks for name, w in r[i]["weights"].items()}
-    return run
 
 
 def expected_names(layers: list[int], first: bool, last: bool) -> set[str]:

@@ -2,17 +2,19 @@
 killed mid-run (SIGKILL to torchrun and its workers) and resumed by the same command: every step's loss and
 gradient norm equal those of the run that was never interrupted, bit for bit."""
 
-import json
+import contextlib
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import ROOT
+from tests.resume import LOADED, assert_resumed, newest_complete, read_records
 from tests.test_launch import free_port
 
 STEPS, EVERY = 40, 4
@@ -60,8 +62,8 @@ def descendants(pid: int) -> list[int]:
 
 
 def records(folder):
-    return [{k: v for k, v in json.loads(line).items() if k in ("step", "loss", "grad_norm")}
-            for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k in ("step", "loss", "grad_norm")}
+            for r in read_records(folder / "metrics.jsonl")]
 
 
 @pytest.mark.slow  # over 15 s on the 2-core machine; .ci/run runs it after `make test`
@@ -83,28 +85,47 @@ def test_bf16_zero_run_killed_and_resumed_matches_an_uninterrupted_run(tmp_path)
     done = [int(p.name) for p in first.parent.parent.iterdir() if p.name.isdigit()]
     assert max(done) < STEPS, "the run ended before it was killed: nothing was tested"
 
+    checkpoint = newest_complete(first.parent.parent)
+    before = read_records(tmp_path / "killed" / "metrics.jsonl")
     resumed = torchrun(killed_cfg)  # the same command: auto-resume from the newest complete checkpoint
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    assert "loaded model, optimizer, sampler, scheduler from checkpoint" in err
+    assert_resumed(err, checkpoint, before, read_records(tmp_path / "killed" / "metrics.jsonl"))
+    assert len(records(tmp_path / "straight")) == STEPS
     assert records(tmp_path / "killed") == records(tmp_path / "straight")  # exact
 
 
-def stop_and_resume(rank, world_size, folder, layout):
+def stop_and_resume(rank, world_size, folder, layout, search=True):
     """``layout`` (tests/parallel/layouts.py's keys): 6 steps straight, and 3 steps then (a new invocation) on to
-    6 from the step-3 checkpoint."""
-    from pathlib import Path
-
+    6 from the step-3 checkpoint (with ``search=False``, auto-resume's search for it disabled). Returns what
+    each of the three runs reported (tests/parallel/layouts.py's ``train``)."""
     from tests.parallel.layouts import tiny_sections, train
+    from tests.resume import no_resume_search
 
-    losses = []
+    runs = []
     for name, steps in (("straight", 6), ("stopped", 3), ("stopped", 6)):
         sections = tiny_sections(Path(folder) / name, **layout)
         sections["data"]["total_steps"] = steps
         sections["lr_scheduler"]["total_steps"] = 6
         sections["ckpt"] = dict(checkpoint_every=3)
-        losses.append(train(rank, world_size, sections).get("loss"))
-    return losses
+        with no_resume_search() if not search and len(runs) == 2 else contextlib.nullcontext():
+            runs.append(train(rank, world_size, sections))
+    return runs
+
+
+def assert_stopped_and_resumed(runs: list[dict], folder) -> None:
+    """``stop_and_resume``'s runs: the third resumed from the second's checkpoint, and the training records of
+    the second and third together are the straight run's, in order and exact (the stopped run's evaluation at
+    its last step, step 3, is its own)."""
+    straight, first, resumed = runs
+    assert len(straight["loss"]) == 6 and first["loss"] == straight["loss"][:3]
+    assert_resumed(resumed["log"], folder / "stopped" / "checkpoints" / "3", resumed["records_before"],
+                   resumed["records"])
+
+    def steps(run):
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in run["records"] if "loss" in r]
+
+    assert steps(resumed) == steps(straight)
 
 
 @pytest.mark.slow  # over 25 s each on the 2-core machine; .ci/run runs it after `make test`
@@ -115,17 +136,23 @@ def stop_and_resume(rank, world_size, folder, layout):
 def test_parallel_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path, world, layout):
     from tests.dist import run_distributed
 
-    straight, first, resumed = run_distributed(stop_and_resume, world, str(tmp_path), layout)[0]
-    assert len(straight) == 6 and first == straight[:3]
-    assert resumed == straight  # metrics.jsonl of the resumed run: steps 1-3 kept, 4-6 appended
+    assert_stopped_and_resumed(run_distributed(stop_and_resume, world, str(tmp_path), layout)[0], tmp_path)
+
+
+@pytest.mark.slow  # about 30 s; tests/test_stopping.py keeps a fast one of these in `make test`
+def test_a_resume_that_finds_no_checkpoint_fails_the_resume_check(tmp_path):
+    """The break: with auto-resume's search disabled, the third run of ``stop_and_resume`` (one process) starts
+    afresh and rewrites the same records; the check above must say it did not resume."""
+    runs = stop_and_resume(0, 1, str(tmp_path), {}, search=False)
+    with pytest.raises(AssertionError, match="did not resume"):
+        assert_stopped_and_resumed(runs, tmp_path)
+    assert_stopped_and_resumed(stop_and_resume(0, 1, str(tmp_path / "real"), {}), tmp_path / "real")
 
 
 def train_part(rank, world_size, folder, layout, steps, total, load=None):
     """``layout`` (tests/parallel/layouts.py's keys) trained to step ``steps`` of a ``total``-step schedule: from
     the start, saving a checkpoint at ``steps`` (in the background); or from checkpoint ``load`` (all content).
     Returns what rank 0 logged (the records of this part's run folder)."""
-    from pathlib import Path
-
     from tests.parallel.layouts import tiny_sections, train
 
     sections = tiny_sections(Path(folder), **layout)
@@ -137,10 +164,16 @@ def train_part(rank, world_size, folder, layout, steps, total, load=None):
     return train(rank, world_size, sections)
 
 
-def part(world: int, *args):
+def part(world: int, folder, layout, steps, total, load=None):
+    """``train_part`` on ``world`` processes; a part that loads a checkpoint proves it loaded it."""
     from tests.dist import run_distributed
 
-    return run_distributed(train_part, world, *args)[0] if world > 1 else train_part(0, 1, *args)
+    args = (folder, layout, steps, total, load)
+    out = run_distributed(train_part, world, *args)[0] if world > 1 else train_part(0, 1, *args)
+    if load is not None:
+        line = LOADED.format(path=load, step=int(Path(load).name))
+        assert line in out["log"], f"no '{line}' in the log of the part that loads it"
+    return out
 
 
 def assert_continues(first: dict, second: dict, straight: dict, what: str) -> None:
@@ -154,8 +187,6 @@ def assert_continues(first: dict, second: dict, straight: dict, what: str) -> No
 
 def validation_of(rank, world_size, checkpoint, folder):
     """One process: the validation loss of the checkpoint's weights (``ckpt.load_ckpt_info``, model only)."""
-    from pathlib import Path
-
     from tests.parallel.layouts import tiny_sections, train
 
     sections = tiny_sections(Path(folder), micro_num=4)
