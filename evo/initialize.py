@@ -241,7 +241,9 @@ def launch_state() -> LaunchState:
 
 
 def initialize_model_and_parallel_communicator() -> torch.nn.Module:
-    """Build the model from the launch config, on the launch device, initialized from the launch seed."""
+    """Build the model from the launch config, on the launch device, initialized from the launch seed. In one
+    process a 16-bit model also keeps its fp32 initial values for the optimizer's masters (``TrainerBuilder``
+    takes them over); a model that is not trained holds them until it is dropped."""
     from evo.model import DecoderModel, count_parameters
     from evo.parallel import build_parallel_model, format_bytes, memory_estimate
 

@@ -70,6 +70,11 @@ _ROW_PARALLEL = ("attention.wo.", "feed_forward.w2.")  # split on dim 1 (mtp, ms
 _NORMS = ("attention_norm.", "ffn_norm.", "norm.")
 
 
+def _first_line(exc: Exception) -> str:
+    """An exception's message for a one-line error: its first line (torch's load errors run to several)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _match(name: str) -> tuple[str, tuple[int, int, int]] | None:
     """(layout, (pp, tp, wp) ranks) of a model file's name, or None for another file."""
     for pattern, layout in _FILES:
@@ -88,7 +93,7 @@ def _shards(folder: Path) -> tuple[dict, str]:
         raise CheckpointError(f"InternEvo folder '{folder}' holds MoE experts (model_moe_*.pt), which evo does not "
                               "read")
     fsdp = any(re.fullmatch(r"model_(tp\d+_)?(wp\d+_)?pp\d+_dp\d+\.pt", n) for n in names)
-    if fsdp or (not names and (folder / ".metadata").is_file()):
+    if fsdp or (not any(_match(n) for n in names) and (folder / ".metadata").is_file()):
         raise CheckpointError(f"InternEvo folder '{folder}' was saved with FSDP ("
                               + ("model_tp*_pp*_dp*.pt, sharded tensors" if fsdp else "DCP files")
                               + "), which evo does not read; save it from InternEvo without FSDP")
@@ -131,8 +136,10 @@ def _partition(num_layers: int, pp: int, chunks: int, zbv: bool) -> dict[tuple[i
 
 def _pipeline_mode(folder: Path) -> str | None:
     """``parallel.pipeline.mode`` of the training config saved beside the weights (``config_file.pt``, the config
-    file's text, parsed and never run); "1F1B" where the config leaves it out; None without the file or where the
-    text does not say it as a literal."""
+    file's text, parsed and never run) of a pipelined folder: "1F1B" where the pipeline section leaves it out
+    (InternEvo's default); None without the file, or where the text does not state it plainly: ``parallel``
+    assigned once, at the top, as ``dict(...)`` or ``{...}`` with a ``pipeline`` entry of the same kind, its mode a
+    string literal or a top-level name bound to one (no star imports, no later changes to ``parallel``)."""
     import ast
 
     path = folder / "config_file.pt"
@@ -140,18 +147,30 @@ def _pipeline_mode(folder: Path) -> str | None:
         return None
     try:
         text = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(text, str):
+            raise ValueError(f"it holds a {type(text).__name__}, not the config file's text")
         tree = ast.parse(text)
     except Exception as exc:  # noqa: BLE001: any failure to read is one line naming the file
-        raise CorruptCheckpointError(f"'{path}' cannot be read as InternEvo's saved config text: {exc}") from None
+        raise CorruptCheckpointError(f"'{path}' cannot be read as InternEvo's saved config text: "
+                                     f"{_first_line(exc)}") from None
     names = {}  # the config's top-level NAME = value assignments
     for node in tree.body:
         if isinstance(node, ast.Assign):
             for target in node.targets:
                 if isinstance(target, ast.Name):
                     names[target.id] = node.value
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and any(alias.name == "*" for alias in node.names):
+            return None  # names from elsewhere
+    stores = [node for node in ast.walk(tree) if isinstance(node, (ast.Name, ast.Subscript, ast.Attribute))
+              and isinstance(node.ctx, ast.Store)
+              and "parallel" in (getattr(node, "id", None), getattr(getattr(node, "value", None), "id", None))]
+    top = [t for node in tree.body if isinstance(node, ast.Assign) for t in node.targets]
+    if len(stores) != 1 or stores[0] not in top:
+        return None  # parallel assigned more than once, in part, or below the top level
 
     def field(node, key):
-        """``key`` of a ``dict(...)`` call or a ``{...}`` literal; ``...`` when absent; None when not literal."""
+        """``key`` of a ``dict(...)`` call or a ``{...}`` literal; ``...`` when absent; None when not told."""
         if isinstance(node, ast.Name):
             node = names.get(node.id)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
@@ -165,12 +184,9 @@ def _pipeline_mode(folder: Path) -> str | None:
                          if isinstance(k, ast.Constant) and k.value == key), ...)
         return None
 
-    parallel = names.get("parallel", ...)
-    pipeline = ... if parallel is ... else field(parallel, "pipeline")
-    if pipeline is None:
+    pipeline = field(names["parallel"], "pipeline")
+    if pipeline is None or pipeline is ...:  # the folder is pipelined: a config without a pipeline is not its own
         return None
-    if pipeline is ... or isinstance(pipeline, ast.Constant):  # no pipeline section, or a bare size
-        return "1F1B"
     mode = field(pipeline, "mode")
     if mode is ...:
         return "1F1B"
@@ -191,7 +207,7 @@ def _saved_section(folder: Path) -> dict | None:
     try:
         section = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_ConfigPickle)
     except Exception as exc:  # noqa: BLE001: any failure to read is one line naming the file
-        raise CorruptCheckpointError(f"'{path}' cannot be read: {exc}") from None
+        raise CorruptCheckpointError(f"'{path}' cannot be read: {_first_line(exc)}") from None
     if not isinstance(section, dict):
         raise CorruptCheckpointError(f"'{path}' holds a {type(section).__name__}, not a model section")
     return dict(section)
@@ -292,11 +308,18 @@ class _Folder:
 
         if chunks != 2 or pp == 1:
             return layout(False)
-        mode = _pipeline_mode(self.folder)
-        if mode is not None:
-            return layout(mode == "ZBV")
         fits = [zbv for zbv in (False, True)
                 if {s: n for s, (_, n) in _partition(self.num_layers, pp, chunks, zbv).items()} == dict(counts)]
+        if not fits:
+            raise CheckpointError(f"InternEvo folder '{self.folder}' holds stages of {dict(sorted(counts.items()))} "
+                                  "layers per (chunk, pipeline rank), which InternEvo's partition_uniform gives to "
+                                  "neither the interleaved nor the zero-bubble V schedule: evo cannot place them")
+        mode = _pipeline_mode(self.folder)
+        if mode is not None:
+            if (mode == "ZBV") not in fits:
+                raise CheckpointError(f"InternEvo folder '{self.folder}': its config_file.pt says pipeline mode "
+                                      f"{mode!r}, and its stage sizes are those of the other schedule")
+            return layout(mode == "ZBV")
         if len(fits) == 1:
             return layout(fits[0])
         raise CheckpointError(
@@ -314,7 +337,8 @@ class _Folder:
                     raise
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001: any failure to read is one line naming the file
-            raise CorruptCheckpointError(f"'{path}' cannot be read (truncated or corrupt?): {exc}") from None
+            raise CorruptCheckpointError(f"'{path}' cannot be read (truncated or corrupt?): "
+                                         f"{_first_line(exc)}") from None
         if not isinstance(state, dict):
             raise CorruptCheckpointError(f"'{path}' holds a {type(state).__name__}, not a model state dict")
         return state
@@ -329,8 +353,9 @@ class _Folder:
         if name.startswith(("tok_embeddings.", "output.")):  # over the group the file names give
             over, dim = (1 if self.layout == "isp" else 0), 0
             if name == "tok_embeddings.weight":  # hidden split, unless its shards are as wide as the model
-                (state, key), n = next(iter(parts.values())), len({i[over] for i in parts})
-                dim = 0 if n > 1 and state[key].shape[1] == self._hidden_size() else 1
+                state, key = next(iter(parts.values()))
+                split = len({index[over] for index in parts}) > 1
+                dim = 0 if split and state[key].shape[1] == self._hidden_size() else 1
         elif name.startswith("layers.") and not name.split(".", 2)[2].startswith(_NORMS):
             row = name.split(".", 2)[2].startswith(_ROW_PARALLEL) and not isp
             over, dim = (1, 0) if isp else (0, 1 if row else 0)

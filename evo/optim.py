@@ -2,9 +2,9 @@
 
 ``MixedPrecisionOptimizer`` runs AdamW on fp32 master weights, in one of two settings:
 - one process: the masters are fp32 copies of the bf16/fp16 model parameters (the parameters
-  themselves for an fp32 model), started from the fp32 values the model was initialized with where
-  the model keeps them (``initial_masters``, as every layout's masters start); micro-batch gradients are accumulated into the masters' fp32
-  ``.grad`` after each backward, so accumulation never rounds to 16 bits;
+  themselves for an fp32 model), started from the fp32 values a model was initialized with when it
+  keeps them (``initial_masters``), as FSDP2's masters start; micro-batch gradients are accumulated
+  into the masters' fp32 ``.grad`` after each backward, so accumulation never rounds to 16 bits;
 - more processes: FSDP2 (``evo.parallel.parallelize``) holds the fp32 masters as the parameters'
   shards and reduce-scatters fp32 gradients into them; this class then sees DTensors and leaves the
   communication to FSDP2.
@@ -113,11 +113,11 @@ class MixedPrecisionOptimizer:
         self.model, self.clip_grad_norm, self.scaler, self.ctx = model, clip_grad_norm, scaler, ctx
         self.params: dict[str, nn.Parameter] = dict(model.named_parameters())  # FQN -> model param (tied: once)
         self.masters: dict[str, torch.Tensor] = {}
-        initial = getattr(model, "initial_masters", None) or {}  # the fp32 values a 16-bit model was rounded from
-        if hasattr(model, "initial_masters"):
-            del model.initial_masters
+        initial = model.__dict__.pop("initial_masters", None) or {}  # the fp32 values the 16-bit model rounds
         for name, p in self.params.items():
-            start = initial.get(name, p)
+            start = initial.get(name)
+            if start is None or not torch.equal(start.to(p.dtype), p):  # absent, or the model changed since
+                start = p
             self.masters[name] = p if p.dtype == torch.float32 else start.detach().float().requires_grad_(True)
         self.separate_masters = any(m is not self.params[n] for n, m in self.masters.items())
         # a pipeline's tied head: a copy whose gradient the embedding's copy also holds, counted once in the norm

@@ -8,7 +8,7 @@ from pathlib import Path
 if __name__ == "__main__":
     # train.py's module-level setup first (its deterministic-math environment is set before torch loads)
     script = runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "train.py"), run_name="train")
-    import evo.trainer
+    from tests.resume import no_resume_search
 
-    evo.trainer.complete_checkpoints = lambda folder: []
-    script["run"](script["main"])
+    with no_resume_search():
+        script["run"](script["main"])

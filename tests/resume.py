@@ -28,25 +28,29 @@ def newest_complete(save_folder: Path) -> Path | None:
 
 
 def read_records(path: Path) -> list[dict]:
-    """metrics.jsonl's records in order, without a last line cut short by a kill."""
+    """metrics.jsonl's records in order, without a last line cut short by a kill (or being written); any other
+    line that is not JSON is an error."""
     path = Path(path)
     if not path.is_file():
         return []
+    lines = path.read_text().splitlines()
     out = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, 1):
         try:
             out.append(json.loads(line))
         except ValueError:
-            pass
+            assert number == len(lines), f"{path}:{number} is not JSON: {line[:200]!r}"
     return out
 
 
 def assert_resumed(log: str, checkpoint: Path, before: list[dict], after: list[dict]) -> None:
     """The run whose log is ``log`` resumed from ``checkpoint``: it says so, it kept the records up to that step
     of ``before`` (metrics.jsonl before it started), and its first record of its own is the next step."""
+    assert checkpoint is not None, "there was no complete checkpoint to resume from: nothing to check"
     step = int(Path(checkpoint).name)
     line = LOADED.format(path=checkpoint, step=step)
-    assert line in log, f"the run did not resume from '{checkpoint}': its log has no line '{line}'"
+    assert line in log, (f"the run did not resume from '{checkpoint}': its log has no line '{line}'; its log "
+                         f"ends:\n{log[-1500:]}")
     kept = [r for r in before if r["step"] <= step]
     assert after[:len(kept)] == kept, f"the resumed run changed the records up to step {step}"
     assert len(after) > len(kept), f"the resumed run recorded no step after {step}"

@@ -81,7 +81,8 @@ def test_what_cannot_be_read_is_one_line(tmp_path, llama):
     with pytest.raises(CheckpointError, match="was saved with FSDP"):
         load_internevo_weights(evo_model(llama), folder)
     (tmp_path / "dcp").mkdir()
-    (tmp_path / "dcp" / ".metadata").write_bytes(b"")  # InternEvo's FSDP saves with DCP today
+    (tmp_path / "dcp" / ".metadata").write_bytes(b"")  # InternEvo's FSDP saves with DCP today, beside the
+    save_model_section(tmp_path / "dcp" / "model_config.pt", dict(num_layers=4))  # manager's model_config.pt
     with pytest.raises(CheckpointError, match=r"was saved with FSDP \(DCP files\)"):
         load_internevo_weights(evo_model(llama), tmp_path / "dcp")
 
@@ -120,9 +121,16 @@ def test_zbv_stages_are_told_from_interleaved_ones_by_the_saved_config(tmp_path,
         load_internevo_weights(model, folder)
         error = (logits(model, IDS) - logits(llama, IDS)).abs().max()
         assert (error <= TOL) == (mode != "1F1B"), (mode, error)  # read as interleaved: layers permuted
-    torch.save('BASE = dict(size=2, mode="ZBV")\nparallel = dict(pipeline=dict(**BASE))\n', folder / "config_file.pt")
-    with pytest.raises(CheckpointError, match="nor the stage sizes say whether the zero-bubble V schedule"):
-        load_internevo_weights(evo_model(llama), folder)  # a mode the text does not state as a literal
+    for text in ('BASE = dict(size=2, mode="ZBV")\nparallel = dict(pipeline=dict(**BASE))\n',  # not stated plainly
+                 'from base import *\nparallel = dict(pipeline=dict(size=2))\n',  # names from elsewhere
+                 'parallel = dict(pipeline=dict(size=2))\nparallel["pipeline"] = dict(size=2, mode="ZBV")\n',
+                 'parallel = dict(tensor=dict(size=2))\n',  # no pipeline: not this pipelined folder's config
+                 b'parallel = dict(pipeline=dict(size=2))'):  # bytes, not text
+        torch.save(text, folder / "config_file.pt")
+        error = CorruptCheckpointError if isinstance(text, bytes) else CheckpointError
+        match = "holds a bytes, not the config file's text" if isinstance(text, bytes) else "nor the stage sizes say"
+        with pytest.raises(error, match=match):
+            load_internevo_weights(evo_model(llama), folder)
     six = hf_model("llama", dtype=torch.float32, num_hidden_layers=6)  # chunk of 3: stages of 1 and 2 layers
     for schedule in ("ZBV", "1F1B"):
         folder = write_folder(tmp_path / f"six-{schedule}", six.state_dict(), six.config, pp=2, chunks=2,
@@ -130,6 +138,18 @@ def test_zbv_stages_are_told_from_interleaved_ones_by_the_saved_config(tmp_path,
         model = evo_model(six)
         load_internevo_weights(model, folder)
         assert (logits(model, IDS) - logits(six, IDS)).abs().max() <= TOL, schedule
+    torch.save("parallel = dict(pipeline=dict(size=2))\n", folder / "config_file.pt")  # 1F1B, as written
+    load_internevo_weights(evo_model(six), folder)
+    torch.save('parallel = dict(pipeline=dict(size=2, mode="ZBV"))\n', folder / "config_file.pt")
+    with pytest.raises(CheckpointError, match="config_file.pt says pipeline mode 'ZBV', and its stage sizes are "
+                                              "those of the other schedule"):
+        load_internevo_weights(evo_model(six), folder)
+    (folder / "model_tp0_pp1.pt").rename(folder / "model_tp0_pp2.pt")  # three stages' sizes from two
+    write_folder(tmp_path / "pp1", six.state_dict(), six.config, chunks=2)
+    (tmp_path / "pp1" / "model_tp0_pp0.pt").rename(folder / "model_tp0_pp1.pt")
+    with pytest.raises(CheckpointError, match=r"holds stages of .* layers per \(chunk, pipeline rank\), which "
+                                              "InternEvo's partition_uniform gives to neither"):
+        load_internevo_weights(evo_model(six, num_layers=12), folder)
 
 
 class Boom:

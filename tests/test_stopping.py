@@ -86,7 +86,8 @@ def test_a_signal_saves_at_the_step_boundary_exits_3_and_the_same_command_contin
 
 def test_a_continuation_that_starts_afresh_fails_the_resume_check(tmp_path):
     """The break the resume tests exist for: auto-resume finds no checkpoint, the run starts at step 1 and, being
-    deterministic, rewrites the same records; the test above must fail on it, and on the resume check."""
+    deterministic, rewrites the same records, so comparing them with the straight run's passes; the resume check
+    is what fails."""
     with pytest.raises(AssertionError, match="did not resume"):
         stop_by_signal_and_continue(tmp_path, signal.SIGTERM, resume_script=NO_SEARCH)
 

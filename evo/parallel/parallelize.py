@@ -111,7 +111,8 @@ def build_parallel_model(cfg: ModelConfig, ctx: ParallelContext, seed: int, for_
         model.make_tied_group()
     if not ctx.distributed:
         if for_training and cfg.torch_dtype != torch.float32:  # taken (and dropped) by MixedPrecisionOptimizer
-            model.initial_masters = {name: p.detach().clone() for name, p in model.named_parameters()}
+            # the fp32 tensors themselves: .to() gives the parameters new 16-bit storage, leaving these alone
+            model.initial_masters = {name: p.detach() for name, p in model.named_parameters()}
         model.to(cfg.torch_dtype)
     return model
 
