@@ -45,7 +45,7 @@ _ACCEPTED_NO_EFFECT = {
 }
 _TOP_LEVEL_NO_EFFECT = {"DO_ALERT", "model_type", "cudnn_deterministic", "cudnn_benchmark", "use_fp32_norm",
                         "beta2_scheduler", "generation"}
-_DTYPES = ("torch.float32", "torch.float", "torch.tf32", "torch.bfloat16", "torch.float16", "torch.half")
+DTYPES = ("torch.float32", "torch.float", "torch.tf32", "torch.bfloat16", "torch.float16", "torch.half")
 MODEL_TYPES = ("INTERNLM2_PUBLIC", "INTERNLM2", "INTERNLM", "LLAMA2", "LLAMA")
 
 
@@ -368,11 +368,11 @@ def config_from_dict(raw: dict) -> Config:
         elif name == "source":  # a saved config's (to_dict) record of its file
             kwargs[name] = _check_type(value, Optional[str], name)
         elif name == "model_type":
-            kwargs[name] = _check_choice(_check_type(value, str, name), MODEL_TYPES, name)
+            kwargs[name] = check_choice(_check_type(value, str, name), MODEL_TYPES, name)
         elif name.isupper() or name in _TOP_LEVEL_NO_EFFECT:
             continue  # constants such as SEQ_LEN, and InternEvo switches evo has no use for
         else:
-            _warn_unknown(name)
+            warn_unknown(name)
     if "model" not in kwargs:
         raise ConfigError("'model' is required: a dict with num_layers, hidden_size, num_attention_heads, vocab_size")
     cfg = Config(**kwargs)
@@ -392,7 +392,8 @@ def _deepcopy_dicts(obj):
     return obj
 
 
-def _warn_unknown(key: str) -> None:
+def warn_unknown(key: str) -> None:
+    """A config key evo does not know: a warning naming it (InternEvo configs carry keys of its own machinery)."""
     warnings.warn(f"unknown config key '{key}' (ignored)", UserWarning, stacklevel=3)
 
 
@@ -406,7 +407,7 @@ def _build(cls, raw: dict, where: str):
         path = f"{where}.{key}"
         if key not in known:
             if key not in _ACCEPTED_NO_EFFECT.get(section, ()):
-                _warn_unknown(path)
+                warn_unknown(path)
             continue
         kwargs[key] = _convert(value, hints[key], path)
     for f in dataclasses.fields(cls):
@@ -457,13 +458,15 @@ def _type_name(annotation) -> str:
             dict: "a dict"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
-def _check_choice(value, choices, path: str):
+def check_choice(value, choices, path: str):
+    """``value`` if it is one of ``choices``, else a ConfigError naming ``path`` and the choices."""
     if value not in choices:
         raise ConfigError(f"'{path}' must be one of {', '.join(map(str, choices))}; got {value!r}")
     return value
 
 
-def _require(cond: bool, message: str) -> None:
+def require(cond: bool, message: str) -> None:
+    """A ConfigError with ``message`` unless ``cond``."""
     if not cond:
         raise ConfigError(message)
 

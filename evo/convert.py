@@ -27,9 +27,10 @@ import torch
 
 from evo.checkpoint import latest_checkpoint, replace_folder
 from evo.errors import CheckpointError, ConfigError
-from evo.model.hf import (FAMILIES, INTERNLM2, _LAYER_NAMES, _TOP_NAMES, _rename, hf_config_from_model, hf_family,
-                          internlm2_config_from_model, internlm2_name, interleaved_to_halves, model_config_from_hf,
-                          model_config_from_internlm2, pack_wqkv, unpack_wqkv)
+from evo.model.hf import (FAMILIES, INTERNLM2, hf_config_from_model, hf_family, hf_name, internlm2_config_from_model,
+                          internlm2_name, interleaved_to_halves, model_config_from_hf, model_config_from_internlm2,
+                          pack_wqkv, unpack_wqkv)
+from evo.parallel.shards import WholeTensor, fill_parameter
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
 _DTYPES = {"float32": "torch.float32", "bfloat16": "torch.bfloat16", "float16": "torch.float16"}
@@ -163,7 +164,7 @@ def _hf_tensors(tensors, cfg, internlm2: bool):
         elif internlm2:
             yield internlm2_name(name), tensor
         else:
-            yield _rename(name, _LAYER_NAMES, _TOP_NAMES, ("layers.", "model.layers.")), tensor
+            yield hf_name(name), tensor
 
 
 def _write_safetensors(folder: Path, tensors, max_shard_bytes: int) -> None:
@@ -243,23 +244,10 @@ def _hf_files(hf_dir: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-class _Whole:
-    """A tensor already read, behind safetensors' slice interface (``get_shape``, indexing)."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
-
-    def get_shape(self) -> list[int]:
-        return list(self.tensor.shape)
-
-    def __getitem__(self, index):
-        return self.tensor[index]
-
-
 def _hf_name(evo_name: str, tied: bool) -> str:
     if tied and evo_name == "output.weight":
         evo_name = "tok_embeddings.weight"
-    return _rename(evo_name, _LAYER_NAMES, _TOP_NAMES, ("layers.", "model.layers."))
+    return hf_name(evo_name)
 
 
 @torch.no_grad()
@@ -294,7 +282,7 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
                 if key not in unpacked:
                     unpacked = {key: unpack_wqkv(open_slice(key, name)[:], cfg.num_attention_heads, cfg.kv_heads,
                                                  cfg.head_dim)}
-                source = _Whole(unpacked[key][("wq", "wk", "wv").index(module)])
+                source = WholeTensor(unpacked[key][("wq", "wk", "wv").index(module)])
             else:
                 if internlm2:
                     key = internlm2_name("tok_embeddings.weight" if tied and name == "output.weight" else name)
@@ -304,28 +292,6 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
             fill_parameter(p, source, f"Hugging Face folder '{hf_dir}'", key)
     finally:
         handles.clear()
-
-
-@torch.no_grad()
-def fill_parameter(p: torch.Tensor, source, where: str, key: str) -> None:
-    """Copy into parameter ``p`` (plain, or a DTensor: only this rank's part) from ``source``, the whole tensor
-    behind safetensors' slice interface (``get_shape``, indexing), which only the rank's part is read from. A
-    source of another shape is one line naming ``key`` in ``where`` and both shapes."""
-    from torch.distributed.tensor import DTensor
-
-    if tuple(source.get_shape()) != tuple(p.shape):
-        raise CheckpointError(f"{where} does not fit this model: '{key}' is {tuple(source.get_shape())} there and "
-                              f"{tuple(p.shape)} here")
-    if isinstance(p, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-        local = p.to_local()
-        if local.numel():
-            part = source[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
-            local.copy_(part.reshape(local.shape))
-    else:
-        p.copy_(source[tuple(slice(0, n) for n in p.shape)] if p.dim() else source[()])
 
 
 def from_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:

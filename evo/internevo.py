@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 from evo.checkpoint import CorruptCheckpointError
-from evo.convert import _Whole, fill_parameter
+from evo.parallel.shards import WholeTensor, fill_parameter
 from evo.errors import CheckpointError
 from evo.model.hf import halves_to_interleaved, interleaved_to_halves, unpack_wqkv
 
@@ -453,4 +453,4 @@ def load_internevo_weights(model: torch.nn.Module, folder: str | Path) -> None:
     not fit is one line (``internevo_tensors``)."""
     params = dict(model.named_parameters())
     for name, key, tensor in internevo_tensors(folder, model.cfg, list(params)):
-        fill_parameter(params[name], _Whole(tensor), f"InternEvo folder '{folder}'", key)
+        fill_parameter(params[name], WholeTensor(tensor), f"InternEvo folder '{folder}'", key)

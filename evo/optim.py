@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 
 from evo.config import AdamConfig, GradScalerConfig, LrSchedulerConfig
 from evo.parallel.context import ParallelContext
-from evo.parallel.parallelize import local
+from evo.parallel.shards import local
 
 
 class DynamicLossScaler:

@@ -14,29 +14,14 @@ import warnings
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from evo.config import DataConfig, parse_skip_batches
 from evo.data.builtin import builtin_corpus, dummy_corpus
-from evo.data.packing import PackedRows, UnpackedRows
+from evo.data.packing import Batch, PackedRows, UnpackedRows, collate
 from evo.data.tokenized import find_types, tokenized_corpus
 from evo.data.tokenizer import load_tokenizer
 from evo.errors import ConfigError, DataError
 from evo.parallel.context import ParallelContext
-
-Batch = tuple[dict, torch.Tensor]
-
-
-def collate(rows: list[dict]) -> Batch:
-    """Rows -> InternEvo's packed batch: ({input_ids, cu_seqlens, indexes, type_ids}, labels).
-
-    input_ids, indexes, type_ids and labels are (rows, L) int64; cu_seqlens is a list of int32 (n_i + 1,).
-    """
-    stack = lambda key: torch.from_numpy(np.stack([r[key] for r in rows]))  # noqa: E731
-    batch = {"input_ids": stack("input_ids"), "cu_seqlens": [torch.from_numpy(r["cu_seqlens"]) for r in rows],
-             "indexes": stack("indexes"), "type_ids": stack("type_ids")}
-    return batch, stack("labels")
-
 
 class TrainLoader:
     """Endless iterator of this rank's share of each global batch, resumable through ``state_dict``."""

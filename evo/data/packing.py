@@ -15,8 +15,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 IGNORE_INDEX = -100
+
+Batch = tuple[dict, torch.Tensor]  # ({input_ids, cu_seqlens, indexes, type_ids}, labels): what collate makes
+
+
+def collate(rows: list[dict]) -> Batch:
+    """Rows -> InternEvo's packed batch: ({input_ids, cu_seqlens, indexes, type_ids}, labels).
+
+    input_ids, indexes, type_ids and labels are (rows, L) int64; cu_seqlens is a list of int32 (n_i + 1,).
+    """
+    stack = lambda key: torch.from_numpy(np.stack([r[key] for r in rows]))  # noqa: E731
+    batch = {"input_ids": stack("input_ids"), "cu_seqlens": [torch.from_numpy(r["cu_seqlens"]) for r in rows],
+             "indexes": stack("indexes"), "type_ids": stack("type_ids")}
+    return batch, stack("labels")
 
 
 @dataclass

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from evo.config import DataConfig, parse_skip_batches
-from evo.data.loader import Batch, collate
-from evo.data.packing import Corpus, PackedRows
+from evo.data.packing import Batch, Corpus, PackedRows, collate
 from evo.data.tokenized import find_types
 from evo.errors import DataError
 from evo.monitor import logger

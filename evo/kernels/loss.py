@@ -40,7 +40,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from evo.kernels.reference import _check_reduction, _reduce, check_labels  # the reference's own rules
+from evo.kernels.reference import check_reduction, reduce_loss, check_labels  # the reference's own rules
 from evo.kernels.triton_utils import OpaqueOp
 
 BLOCK_V = 2048
@@ -194,7 +194,7 @@ def _shard(process_group, vocab_local):
 
 
 def _check(reduction, labels, rows, ignore_index, vocab_total, logit_scale):
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if labels.shape != (rows,):
         raise ValueError(f"labels must have shape ({rows},), got {tuple(labels.shape)}")
     if not logit_scale > 0:
@@ -227,9 +227,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         loss, z_part, valid = _finish(lse, target, total, labels, ignore_index, vocab_total, smoothing, z_loss)
         ctx.save_for_backward(logits, labels, lse, valid)
         ctx.args = (offset, vocab_total, smoothing, z_loss, reduction, logit_scale)
-        z_reduced = _reduce(z_part, valid, reduction)
+        z_reduced = reduce_loss(z_part, valid, reduction)
         ctx.mark_non_differentiable(z_reduced)
-        return _reduce(loss, valid, reduction), z_reduced
+        return reduce_loss(loss, valid, reduction), z_reduced
 
     @staticmethod
     def backward(ctx, grad_out, _grad_z_loss):  # the z-loss output is for logging: no gradient (flash-attn's)
@@ -284,7 +284,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, labels, lse, valid)
         ctx.args = (offset, vocab_total, smoothing, z_loss, reduction, chunks, process_group, logit_scale)
         ctx.mark_non_differentiable(correct)
-        return _reduce(loss, valid, reduction), correct
+        return reduce_loss(loss, valid, reduction), correct
 
     @staticmethod
     def backward(ctx, grad_out, _grad_correct):

@@ -80,7 +80,7 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
         pos = (pos + offsets).expand(x.shape[0], seqlen)
         c, s = _acc(cos[pos][:, :, None, :]), _acc(sin[pos][:, :, None, :])  # (batch, seqlen, 1, rot/2)
     out = _rotate(x, c, s, interleaved)
-    return _write_in_place(x, out) if inplace else out
+    return write_in_place(x, out) if inplace else out
 
 
 def autograd_refuses_in_place(x) -> bool:
@@ -89,7 +89,7 @@ def autograd_refuses_in_place(x) -> bool:
     return any(t is not None and t.is_leaf and t.requires_grad for t in (x, x._base))
 
 
-def _write_in_place(x, out):
+def write_in_place(x, out):
     """flash-attn's in-place contract: x holds ``out`` afterwards. Where autograd forbids changing x in place
     (``autograd_refuses_in_place``) x is written outside autograd and ``out``, which carries the graph back to x,
     is returned; elsewhere the copy is tracked by autograd and x itself returned."""
@@ -116,14 +116,14 @@ def apply_rotary_emb_qkv_(qkv, cos, sin, cos_k=None, sin_k=None, interleaved=Fal
     q = apply_rotary_emb(q, cos, sin, interleaved, seqlen_offsets=seqlen_offsets)
     k = apply_rotary_emb(k, cos_k, sin_k, interleaved, seqlen_offsets=seqlen_offsets)
     rotated = torch.stack((q, k, v), dim=2) if qkv.dim() == 5 else torch.cat((q, k, v), dim=2)
-    return _write_in_place(qkv, rotated)
+    return write_in_place(qkv, rotated)
 
 
 def apply_rotary_emb_kv_(kv, cos, sin, interleaved=False, seqlen_offsets=0):
     """flash-attn's in-place rotary of packed k and v: kv (batch, seqlen, 2, heads, d); k rotated, v left."""
     k, v = kv.unbind(2)
     rotated = torch.stack((apply_rotary_emb(k, cos, sin, interleaved, seqlen_offsets=seqlen_offsets), v), dim=2)
-    return _write_in_place(kv, rotated)
+    return write_in_place(kv, rotated)
 
 
 # ------------------------------------------------------------------------------------ SwiGLU
@@ -145,7 +145,7 @@ def cross_entropy(logits, labels, ignore_index=-100, label_smoothing=0.0, z_loss
     precomputed_lse (tokens,) is used as lse only where flash-attn uses it (label_smoothing 0, logit_scale 1;
     otherwise ignored); it gets no gradient, and the logits' gradient is flash-attn's, exp(x - lse) - onehot.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if process_group is not None:
         if precomputed_lse is not None:
             raise NotImplementedError("cross_entropy with both process_group and precomputed_lse needs the Triton "
@@ -154,8 +154,8 @@ def cross_entropy(logits, labels, ignore_index=-100, label_smoothing=0.0, z_loss
                                                z_loss, process_group)
         valid = labels != ignore_index
         if not return_z_loss:
-            return _reduce(loss, valid, reduction)
-        return _reduce(loss, valid, reduction), _reduce(z_part, valid, reduction)
+            return reduce_loss(loss, valid, reduction)
+        return reduce_loss(loss, valid, reduction), reduce_loss(z_part, valid, reduction)
     if not torch.compiler.is_compiling():
         check_labels(labels, ignore_index, logits.shape[-1])
     x = _acc(logits) * logit_scale if logit_scale != 1.0 else _acc(logits)
@@ -172,9 +172,9 @@ def cross_entropy(logits, labels, ignore_index=-100, label_smoothing=0.0, z_loss
     z_part = z_loss * lse.square() if z_loss else torch.zeros_like(lse)
     loss = torch.where(valid, loss + z_part, torch.zeros_like(loss))
     if not return_z_loss:
-        return _reduce(loss, valid, reduction)
+        return reduce_loss(loss, valid, reduction)
     z_part = torch.where(valid, z_part, torch.zeros_like(z_part)).detach()
-    return _reduce(loss, valid, reduction), _reduce(z_part, valid, reduction)
+    return reduce_loss(loss, valid, reduction), reduce_loss(z_part, valid, reduction)
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100, label_smoothing=0.0,
@@ -189,7 +189,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
         logits = F.linear(_ReduceGrad.apply(hidden, process_group), weight, bias)
         loss, correct, _ = _vocab_parallel_loss(_acc(logits) * logit_scale, labels, ignore_index, label_smoothing,
                                                 z_loss, process_group)
-        loss = _reduce(loss, labels != ignore_index, reduction)
+        loss = reduce_loss(loss, labels != ignore_index, reduction)
         return (loss, correct) if return_accuracy else loss
     logits = F.linear(hidden, weight, bias)
     loss = cross_entropy(logits, labels, ignore_index, label_smoothing, z_loss, reduction, process_group,
@@ -269,12 +269,14 @@ def check_labels(labels: torch.Tensor, ignore_index: int, vocab: int) -> None:
                          f"{vocab}: labels must be in [0, {vocab}) or ignore_index ({ignore_index})")
 
 
-def _check_reduction(reduction: str) -> None:
+def check_reduction(reduction: str) -> None:
+    """The reductions the losses take (Triton's and this file's alike)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def _reduce(loss, valid, reduction):
+def reduce_loss(loss, valid, reduction):
+    """Per-token ``loss`` reduced: "none" as is, "sum", or "mean" over the ``valid`` tokens (0 when none is)."""
     if reduction == "none":
         return loss
     if reduction == "sum":

@@ -22,7 +22,7 @@ the returned tensor is an alias of x carrying the rotation's graph (flash-attn's
 returns x without marking it dirty); anywhere else x is marked dirty, so autograd tracks the change
 as for any in-place op. The backward writes a fresh gradient (flash-attn rotates the incoming one in
 place). Inside torch.compile the in-place forms rotate out of place and write x back by the reference's
-rule (``reference._write_in_place``): a compiled graph holds no in-place kernels of its own, and
+rule (``reference.write_in_place``): a compiled graph holds no in-place kernels of its own, and
 AOTAutograd mishandles a Function that marks a graph input dirty (torch 2.13: the gradient came back
 unrotated).
 """
@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from evo.kernels.reference import _write_in_place, autograd_refuses_in_place  # the reference's in-place rules
+from evo.kernels.reference import write_in_place, autograd_refuses_in_place  # the reference's in-place rules
 from evo.kernels.triton_utils import OpaqueOp
 
 BLOCK_M = 16
@@ -234,7 +234,7 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
     cos, sin (table_len, rotary_dim / 2); fp32/fp16/bf16. Returns the rotated tensor in x.dtype; with
     ``inplace=True`` x is rotated in place and returned (see the module docstring)."""
     if inplace and torch.compiler.is_compiling():
-        return _write_in_place(x, RotaryFunction.apply(x, cos, sin, interleaved, False, seqlen_offsets, cu_seqlens,
+        return write_in_place(x, RotaryFunction.apply(x, cos, sin, interleaved, False, seqlen_offsets, cu_seqlens,
                                                        max_seqlen))
     return RotaryFunction.apply(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen)
 
@@ -248,7 +248,7 @@ def apply_rotary_emb_qkv_(qkv, cos, sin, cos_k=None, sin_k=None, interleaved=Fal
     cos_k, sin_k = (cos, sin) if cos_k is None else (cos_k, sin_k)
     args = (cos, sin, cos_k, sin_k, interleaved, seqlen_offsets, num_heads_q, False)
     if torch.compiler.is_compiling():
-        return _write_in_place(qkv, _packed_rotated_copy(qkv, *args))
+        return write_in_place(qkv, _packed_rotated_copy(qkv, *args))
     return RotaryPackedFunction.apply(qkv, *args)
 
 
@@ -257,5 +257,5 @@ def apply_rotary_emb_kv_(kv, cos, sin, interleaved=False, seqlen_offsets=0):
     rotates k (kv[:, :, 0]) in place, leaves v, and returns kv."""
     args = (cos, sin, cos, sin, interleaved, seqlen_offsets, None, True)
     if torch.compiler.is_compiling():
-        return _write_in_place(kv, _packed_rotated_copy(kv, *args))
+        return write_in_place(kv, _packed_rotated_copy(kv, *args))
     return RotaryPackedFunction.apply(kv, *args)

@@ -287,6 +287,12 @@ class DecoderModel(nn.Module):
         return self.output(self.norm(x))
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a ``DecoderModel`` (a list) or of a pipeline rank's part (a dict by layer index)."""
+    layers = model.layers
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+
+
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> DecoderModel:
     """The decoder for one process on ``device`` in ``cfg.dtype``: built on the meta device, then materialized
     and initialized in fp32 (``init_weights(seed)``), so one seed gives the same weights whatever the dtype. On

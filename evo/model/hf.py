@@ -96,12 +96,24 @@ def _rename(name: str, layer_names: dict, top_names: dict, layer_prefix: tuple[s
     raise KeyError(f"no counterpart for parameter {name!r}")
 
 
+def hf_name(name: str) -> str:
+    """transformers' name of evo's parameter ``name`` ("layers.3.attention.wq.weight" ->
+    "model.layers.3.self_attn.q_proj.weight"); KeyError for a name it has no counterpart for."""
+    return _rename(name, _LAYER_NAMES, _TOP_NAMES, ("layers.", "model.layers."))
+
+
+def evo_name(name: str) -> str:
+    """evo's name of transformers' parameter ``name``, the inverse of ``hf_name``."""
+    return _rename(name, _EVO_LAYER_NAMES, _EVO_TOP_NAMES, ("model.layers.", "layers."))
+
+
+_EVO_LAYER_NAMES = {v: k for k, v in _LAYER_NAMES.items()}
+_EVO_TOP_NAMES = {v: k for k, v in _TOP_NAMES.items()}
+
+
 def state_dict_from_hf(hf_state: dict[str, torch.Tensor], tie_word_embeddings: bool = False) -> dict:
     """evo's state dict (same tensors, evo's names) from a transformers one; rotary buffers are dropped."""
-    layer_names = {v: k for k, v in _LAYER_NAMES.items()}
-    top_names = {v: k for k, v in _TOP_NAMES.items()}
-    out = {_rename(k, layer_names, top_names, ("model.layers.", "layers.")): v for k, v in hf_state.items()
-           if not k.endswith("rotary_emb.inv_freq")}
+    out = {evo_name(k): v for k, v in hf_state.items() if not k.endswith("rotary_emb.inv_freq")}
     if tie_word_embeddings:
         out["output.weight"] = out["tok_embeddings.weight"]
     return out
@@ -109,8 +121,7 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], tie_word_embeddings: b
 
 def state_dict_to_hf(state: dict[str, torch.Tensor], tie_word_embeddings: bool = False) -> dict:
     """A transformers state dict (Hugging Face's names) from evo's; a tied head is left out, as transformers saves it."""
-    return {_rename(k, _LAYER_NAMES, _TOP_NAMES, ("layers.", "model.layers.")): v for k, v in state.items()
-            if not (tie_word_embeddings and k == "output.weight")}
+    return {hf_name(k): v for k, v in state.items() if not (tie_word_embeddings and k == "output.weight")}
 
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",

@@ -24,16 +24,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 
 from evo.config import ModelConfig
+from evo.model.decoder import decoder_layers
 from evo.parallel.context import ParallelContext
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a ``DecoderModel`` (a list) or of a pipeline rank's part (a dict by layer index)."""
-    layers = model.layers
-    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+from evo.parallel.shards import local_numel, tp_local_numel
 
 
 def fsdp_parts(model: nn.Module) -> list[nn.Module]:
@@ -129,15 +124,6 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of ``t``: a DTensor's local shard, a plain tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def local_numel(p: torch.Tensor) -> int:
-    return local(p).numel()
-
-
 def memory_estimate(model: nn.Module, ctx: ParallelContext, cfg: ModelConfig) -> dict[str, int]:
     """Bytes this rank holds for the model's state: fp32 master weights, fp32 gradients, AdamW's two fp32 moments
     (all sharded as the parameters are), and the compute copy of the weights. Under FSDP2 that copy is gathered
@@ -156,18 +142,6 @@ def memory_estimate(model: nn.Module, ctx: ParallelContext, cfg: ModelConfig) ->
         out["compute_weights"] = size * local
     out["total"] = sum(out.values())
     return out
-
-
-def tp_local_numel(p: torch.Tensor) -> int:
-    """Elements of this rank's tensor-parallel part of ``p`` (all of it when it is not split over "tp")."""
-    if not isinstance(p, DTensor):
-        return p.numel()
-    names = p.device_mesh.mesh_dim_names or ()
-    n = p.numel()
-    for name, placement in zip(names, p.placements):
-        if name == "tp" and placement.is_shard():
-            n //= p.device_mesh.size(names.index("tp"))
-    return n
 
 
 def format_bytes(n: float) -> str:

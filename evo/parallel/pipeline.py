@@ -218,7 +218,7 @@ class PipelineModel(nn.Module):
         """Sum the two tied copies' gradients into both (after the step's backward, before the optimizer)."""
         if not self.tied or self.ctx.pp_size == 1:
             return
-        from evo.parallel.parallelize import local
+        from evo.parallel.shards import local
 
         grads = [local(m.weight.grad) for m in (self.tok_embeddings, self.output)
                  if m is not None and m.weight.grad is not None]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from evo.parallel.parallelize import decoder_layers
+from evo.model.decoder import decoder_layers
 from evo.parallel.tensor import gather_rows
 
 _all_to_all_single = dist.all_to_all_single

@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from evo import kernels
-from evo.parallel.parallelize import decoder_layers
+from evo.model.decoder import decoder_layers
 
 MODES = ("mtp", "msp", "fsp")
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from evo.data.loader import TrainLoader, collate
+from evo.data.loader import TrainLoader
 from evo.data.packing import IGNORE_INDEX as X
-from evo.data.packing import Corpus, PackedRows
+from evo.data.packing import Corpus, PackedRows, collate
 from evo.parallel.context import ParallelContext
 
 

@@ -1,0 +1,65 @@
+"""A rank's part of a tensor: what a parameter holds here (a DTensor's local shard, a plain tensor itself), how
+many elements that is, and filling a parameter of any layout from a whole tensor that only this rank's part is
+read from (the Hugging Face and InternEvo readers, evo/convert.py and evo/internevo.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from evo.errors import CheckpointError
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: a DTensor's local shard, a plain tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_numel(p: torch.Tensor) -> int:
+    return local(p).numel()
+
+
+def tp_local_numel(p: torch.Tensor) -> int:
+    """Elements of this rank's tensor-parallel part of ``p`` (all of it when it is not split over "tp")."""
+    if not isinstance(p, DTensor):
+        return p.numel()
+    names = p.device_mesh.mesh_dim_names or ()
+    n = p.numel()
+    for name, placement in zip(names, p.placements):
+        if name == "tp" and placement.is_shard():
+            n //= p.device_mesh.size(names.index("tp"))
+    return n
+
+
+class WholeTensor:
+    """A tensor already read, behind safetensors' slice interface (``get_shape``, indexing), for
+    ``fill_parameter``."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def get_shape(self) -> list[int]:
+        return list(self.tensor.shape)
+
+    def __getitem__(self, index):
+        return self.tensor[index]
+
+
+@torch.no_grad()
+def fill_parameter(p: torch.Tensor, source, where: str, key: str) -> None:
+    """Copy into parameter ``p`` (plain, or a DTensor: only this rank's part) from ``source``, the whole tensor
+    behind safetensors' slice interface (``get_shape``, indexing: a safetensors slice, or a ``WholeTensor``),
+    which only the rank's part is read from. A source of another shape is one line naming ``key`` in ``where``
+    and both shapes."""
+    if tuple(source.get_shape()) != tuple(p.shape):
+        raise CheckpointError(f"{where} does not fit this model: '{key}' is {tuple(source.get_shape())} there and "
+                              f"{tuple(p.shape)} here")
+    if isinstance(p, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        part = p.to_local()
+        if part.numel():
+            part.copy_(source[tuple(slice(o, o + n) for o, n in zip(offset, shape))].reshape(part.shape))
+    else:
+        p.copy_(source[tuple(slice(0, n) for n in p.shape)] if p.dim() else source[()])

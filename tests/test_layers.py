@@ -1,0 +1,54 @@
+"""DESIGN.md's layer rules, read from evo's source with ``ast`` so that they stay kept: a name starting with ``_``
+is never imported from another module, neither by ``from m import _x`` nor as ``m._x`` on an imported module (a
+rule two modules share is public in its owner). Import circles are the next rule to keep here (issue 23)."""
+
+import ast
+from pathlib import Path
+
+from tests.helpers import ROOT
+
+EVO = ROOT / "evo"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def private_imports(source: str, here: str) -> list[str]:
+    """Every private name of another evo module that module ``here`` (its text ``source``) imports or reads off
+    an imported module, as "line: what"."""
+    tree = ast.parse(source)
+    found, modules = [], {}  # local name -> the evo module it is bound to
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "evo":
+            for alias in node.names:
+                if alias.name.startswith("_") and node.module != here:
+                    found.append(f"{node.lineno}: from {node.module} import {alias.name}")
+                elif (EVO.parent / (node.module.replace(".", "/") + f"/{alias.name}.py")).is_file():
+                    modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "evo" and alias.asname:
+                    modules[alias.asname] = alias.name
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                and node.attr.startswith("_") and not node.attr.startswith("__") and modules[node.value.id] != here):
+            found.append(f"{node.lineno}: {modules[node.value.id]}.{node.attr}")
+    return found
+
+
+def test_no_module_of_evo_imports_a_private_name_of_another():
+    found = [f"{path.relative_to(ROOT)}:{hit}" for path in sorted(EVO.rglob("*.py"))
+             for hit in private_imports(path.read_text(), module_name(path))]
+    assert not found, "private names imported across modules:\n" + "\n".join(found)
+
+
+def test_the_check_sees_both_ways_of_reaching_a_private_name():
+    source = ("from evo.kernels.reference import _probe\nfrom evo.kernels import attention\nx = attention._TUNED\n"
+              "from evo.model.decoder import DecoderModel\nfrom evo.model import _own\n")
+    assert private_imports(source, "evo.model.probe") == ["1: from evo.kernels.reference import _probe",
+                                                         "5: from evo.model import _own",
+                                                         "3: evo.kernels.attention._TUNED"]
+    assert private_imports(source, "evo.model") == ["1: from evo.kernels.reference import _probe",
+                                                   "3: evo.kernels.attention._TUNED"]  # its own name
