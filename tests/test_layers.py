@@ -1,6 +1,10 @@
-"""DESIGN.md's layer rules, read from evo's source with ``ast`` so that they stay kept: a name starting with ``_``
-is never imported from another module, neither by ``from m import _x`` nor as ``m._x`` on an imported module (a
-rule two modules share is public in its owner). Import circles are the next rule to keep here (issue 23)."""
+"""DESIGN.md's layer rules, read from evo's source with ``ast`` so that they stay kept:
+
+- no import circle among evo's modules, imports inside functions and under ``if TYPE_CHECKING:`` included, a
+  package's ``__init__`` counting as a module (so nothing in evo/config/ imports ``evo.config``, and no kernel file
+  ``evo.kernels``);
+- a name starting with ``_`` is never imported from another module, neither by ``from m import _x`` nor as
+  ``m._x`` on an imported module (a rule two modules share is public in its owner)."""
 
 import ast
 from pathlib import Path
@@ -13,6 +17,67 @@ EVO = ROOT / "evo"
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(source: str, modules: set[str]) -> set[str]:
+    """The modules of ``modules`` that a module's ``source`` imports, wherever the import statement stands."""
+    out = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:  # "from evo.kernels import attention" is the module; "from evo.config import X" the package
+            while name not in modules and "." in name:
+                name = name.rsplit(".", 1)[0]
+            if name in modules:
+                out.add(name)
+    return out
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of ``graph`` (module -> the modules it imports): each set of modules that reach one
+    another, sorted."""
+    order, low, stack, found, counter = {}, {}, [], [], [0]
+
+    def visit(node):
+        order[node] = low[node] = counter[0]
+        counter[0] += 1
+        stack.append(node)
+        for other in graph[node]:
+            if other not in order:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], order[other])
+        if low[node] == order[node]:
+            group = []
+            while not group or group[-1] != node:
+                group.append(stack.pop())
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in order:
+            visit(node)
+    return found
+
+
+def test_evo_has_no_import_circle():
+    files = {module_name(path): path for path in EVO.rglob("*.py")}
+    graph = {name: imports(path.read_text(), set(files)) - {name} for name, path in files.items()}
+    assert circles(graph) == []
+
+
+def test_the_check_sees_a_circle_through_a_package_and_a_lazy_import():
+    sources = {"evo.config": "from evo.config.load import load_config\n",
+               "evo.config.load": "def f():\n    from evo.parallel.tensor import rule\n",
+               "evo.parallel.tensor": "from evo.config import ModelConfig\n",
+               "evo.errors": ""}
+    graph = {name: imports(text, set(sources)) - {name} for name, text in sources.items()}
+    assert circles(graph) == [["evo.config", "evo.config.load", "evo.parallel.tensor"]]
 
 
 def private_imports(source: str, here: str) -> list[str]:

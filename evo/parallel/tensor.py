@@ -40,7 +40,6 @@ from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 from evo import kernels
 from evo.model.decoder import decoder_layers
 
-MODES = ("mtp", "msp", "fsp")
 
 
 class SequenceState:
@@ -206,17 +205,6 @@ class VocabParallelHead(_Style):
 
         module.forward = forward
         return module
-
-
-def check_tensor_parallel(cfg, tp: int, mode: str = "mtp") -> str | None:
-    """Why a model config cannot be split over ``tp`` ranks in ``mode``, or None (isp splits only the heads)."""
-    split = (("num_attention_heads", cfg.num_attention_heads), ("num_kv_attention_heads", cfg.kv_heads))
-    if mode != "isp":
-        split += (("vocab_size", cfg.vocab_size), ("intermediate_size", cfg.intermediate_size))
-    for key, value in split:
-        if value % tp:
-            return f"'parallel.tensor.size' ({tp}) must divide 'model.{key}' ({value})"
-    return None
 
 
 def apply_tensor_parallel(model: nn.Module, ctx) -> None:

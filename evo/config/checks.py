@@ -6,10 +6,12 @@ checkpoint folders, ``tensor.mode`` from ``sequence_parallel``, ``pipeline.mode`
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
-from evo.config import (CKPT_CONTENTS, DTYPES, Config, DataConfig, ModelConfig, check_choice, require,
-                        warn_unknown, parse_skip_batches)
+from evo.config.layout import TENSOR_MODES, check_pipeline, check_tensor_parallel
+from evo.config.sections import CKPT_CONTENTS, DTYPES, Config, DataConfig, ModelConfig
+from evo.errors import ConfigError
 
 ROPE_TYPES = {  # rope_type -> the keys it needs besides factor (Hugging Face's names)
     "default": (), "linear": ("factor",), "dynamic": ("factor",),
@@ -151,10 +153,8 @@ def _validate_parallel(cfg: Config) -> None:
         size = getattr(p, name).size
         require(size >= 1, f"'parallel.{name}.size' must be >= 1, got {size}")
     p.tensor.mode = p.tensor.mode or ("msp" if p.sequence_parallel else "mtp")  # InternEvo's older configs: the switch
-    check_choice(p.tensor.mode, ("mtp", "msp", "fsp", "isp"), "parallel.tensor.mode")
+    check_choice(p.tensor.mode, TENSOR_MODES, "parallel.tensor.mode")
     p.pipeline.mode = p.pipeline.mode or "1F1B"
-    from evo.parallel.pipeline import check_pipeline
-
     problem = check_pipeline(m, p.pipeline.size, p.pipeline.mode, cfg.data.micro_num)
     require(problem is None, str(problem))
     isp = p.tensor.mode == "isp"
@@ -171,8 +171,6 @@ def _validate_parallel(cfg: Config) -> None:
     require(p.timeout_s > 0, f"'parallel.timeout_s' must be > 0 seconds, got {p.timeout_s}")
     tp = p.tensor.size
     if tp > 1:
-        from evo.parallel.tensor import check_tensor_parallel
-
         problem = check_tensor_parallel(m, tp, p.tensor.mode)
         require(problem is None, str(problem))
         if p.tensor.mode in ("msp", "fsp", "isp"):
@@ -213,3 +211,45 @@ def _resolve_folders(cfg: Config) -> None:
         cfg.monitor.run_folder = str(Path("runs") / name)
     if cfg.ckpt.save_ckpt_folder is None:
         cfg.ckpt.save_ckpt_folder = str(Path(cfg.monitor.run_folder) / "checkpoints")
+
+
+def warn_unknown(key: str) -> None:
+    """A config key evo does not know: a warning naming it (InternEvo configs carry keys of its own machinery)."""
+    warnings.warn(f"unknown config key '{key}' (ignored)", UserWarning, stacklevel=3)
+
+
+def check_choice(value, choices, path: str):
+    """``value`` if it is one of ``choices``, else a ConfigError naming ``path`` and the choices."""
+    if value not in choices:
+        raise ConfigError(f"'{path}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return value
+
+
+def require(cond: bool, message: str) -> None:
+    """A ConfigError with ``message`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(message)
+
+
+def parse_skip_batches(spec: str) -> set[int]:
+    """InternEvo's ``data.skip_batches``: "10-20,30" -> {10, ..., 20, 30} (inclusive ranges)."""
+    out: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, sep, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise ConfigError(f"'data.skip_batches' must look like \"10-20,30\", got {spec!r}") from None
+        if a > b or a < 0:
+            raise ConfigError(f"'data.skip_batches' range '{part}' is empty or negative")
+        out.update(range(a, b + 1))
+    return out
+
+
+def strip_folder_prefix(path: str) -> str:
+    """InternEvo writes local paths as 'local:/x'; other backends (boto3:, volc:) are not supported."""
+    if path.startswith("local:"):
+        return path[len("local:"):]
+    if ":" in path.split("/")[0] and not path[1:3] == ":\\":
+        raise ConfigError(f"storage '{path.split(':')[0]}:' in '{path}' is not supported; use a local path or 'local:'")
+    return path

@@ -1,0 +1,26 @@
+"""Python config files -> typed, validated config objects (``load_config``, ``config_from_dict``), in four
+modules, each importing only the ones before it:
+
+- ``sections.py``: the dataclasses, with InternEvo's section and field names (a leaf);
+- ``layout.py``: the parallel layout's rules (tensor and pipeline modes, what a model must satisfy to be split);
+- ``checks.py``: validation beyond types, one ``ConfigError`` line per problem;
+- ``load.py``: executing a config file, ``KEY=VALUE`` overrides, building the dataclasses.
+
+Every public name is re-exported here: ``from evo.config import X`` is the way in."""
+
+from evo.config.checks import (ROPE_TYPES, check_choice, parse_skip_batches, require, strip_folder_prefix, validate,
+                               warn_unknown)
+from evo.config.layout import PIPELINE_MODES, TENSOR_MODES, check_pipeline, check_tensor_parallel
+from evo.config.load import apply_overrides, config_from_dict, load_config, parse_value, read_config_file
+from evo.config.sections import (CKPT_CONTENTS, DTYPES, MODEL_TYPES, REQUIRED, SECTIONS, AdamConfig, CkptConfig,
+                                 Config, DataConfig, Fp16ScalerConfig, GradScalerConfig, HybridZeroConfig,
+                                 LossConfig, LrSchedulerConfig, ModelConfig, MonitorConfig, ParallelConfig,
+                                 ParallelDim)
+from evo.errors import ConfigError
+
+__all__ = ["ROPE_TYPES", "check_choice", "parse_skip_batches", "require", "strip_folder_prefix", "validate",
+           "warn_unknown", "PIPELINE_MODES", "TENSOR_MODES", "check_pipeline", "check_tensor_parallel",
+           "apply_overrides", "config_from_dict", "load_config", "parse_value", "read_config_file", "CKPT_CONTENTS",
+           "DTYPES", "MODEL_TYPES", "REQUIRED", "SECTIONS", "AdamConfig", "CkptConfig", "Config", "DataConfig",
+           "Fp16ScalerConfig", "GradScalerConfig", "HybridZeroConfig", "LossConfig", "LrSchedulerConfig",
+           "ModelConfig", "MonitorConfig", "ParallelConfig", "ParallelDim", "ConfigError"]

@@ -1,0 +1,207 @@
+"""Python config files -> typed, validated config objects.
+
+A config is a Python file whose module-level names are the config, with InternEvo's sections and
+field names (``JOB_NAME``, ``model``, ``data``, ``parallel``, ``adam``, ``lr_scheduler``,
+``grad_scaler``, ``hybrid_zero_optimizer``, ``loss``, ``ckpt``, ``monitor``). A config may import
+names from another config file in its folder (``from base import *``), as InternEvo's do.
+
+Loading happens once, at start: ``load_config(path, overrides)`` executes the file, applies
+``KEY=VALUE`` overrides (dotted paths into the nested dicts), and validates everything into the
+dataclasses of evo/config/sections.py (the checks that types alone cannot make live in evo/config/checks.py). Errors are
+``ConfigError`` with one line naming the key and what is allowed; unknown keys are ignored with a warning
+naming them.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import runpy
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from evo.config.checks import check_choice, validate, warn_unknown
+from evo.config.sections import MODEL_TYPES, REQUIRED, SECTIONS, Config
+from evo.errors import ConfigError
+
+# InternEvo keys that evo accepts without a warning but that change nothing here (they tune
+# InternEvo's own machinery: alerting, upload queues, communication overlap, ...).
+_ACCEPTED_NO_EFFECT = {
+    "model": {"embed_split_hidden", "embed_grad_scale", "parallel_output", "use_flash_attn",
+              "adapt_hf", "mlp_layer_fusion", "use_scaled_init", "use_swiglu",
+              "deepnorm", "residual_in_fp32", "fused_dropout_add_ln", "moe_use_residual", "num_experts"},
+    "data": {"rampup_batch_size", "empty_cache_and_diag_interval", "diag_outlier_ratio", "num_worker",
+             "fixed_random_dataset_seqlen", "gradient_accumulation"},
+    "hybrid_zero_optimizer": {"overlap_sync_grad", "overlap_sync_param", "reduce_bucket_size",
+                              "zero_overlap_communication", "cpu_offload"},
+    "ckpt": {"async_upload_tmp_folder", "oss_snapshot_freq",
+             "snapshot_ckpt_folder", "load_optimizer"},
+    "monitor": {"alert"},
+}
+_TOP_LEVEL_NO_EFFECT = {"DO_ALERT", "model_type", "cudnn_deterministic", "cudnn_benchmark", "use_fp32_norm",
+                        "beta2_scheduler", "generation"}
+
+def parse_value(text: str) -> Any:
+    """A command-line VALUE: a Python literal when it is one, else the plain string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> None:
+    """Apply ``KEY=VALUE`` strings (dotted KEY into nested dicts) to the raw config namespace."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. data.total_steps=20")
+        *parents, leaf = key.split(".")
+        node = raw
+        for i, part in enumerate(parents):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(parents[: i + 1])
+                raise ConfigError(f"override '{item}': '{where}' is a {type(child).__name__}, not a section")
+            node = child
+        node[leaf] = parse_value(value)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Execute a config file and return its public module-level names (sections and constants).
+
+    The file's folder is put on ``sys.path`` while it runs, so it can import a base config beside it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found")
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    before = set(sys.modules)
+    try:
+        namespace = runpy.run_path(str(path), run_name="__evo_config__")
+    except ConfigError:
+        raise
+    except Exception as exc:  # a config that does not execute is bad input, not an evo bug
+        raise ConfigError(f"config file '{path}' failed to execute: {type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.path.remove(folder)
+        # base configs imported by this file must not leak into the next load (overrides mutate them)
+        for name in set(sys.modules) - before:
+            mod = sys.modules[name]
+            if getattr(mod, "__file__", None) and str(Path(mod.__file__).resolve().parent) == folder:
+                del sys.modules[name]
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a config file into a :class:`Config`."""
+    raw = read_config_file(path)
+    raw = _deepcopy_dicts(raw)
+    apply_overrides(raw, list(overrides or []))
+    cfg = config_from_dict(raw)
+    cfg.source = str(path)
+    return cfg
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Validate a config namespace (sections as dicts) into a :class:`Config`."""
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name in SECTIONS or name == "model":
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{name}' must be a dict, got {type(value).__name__}")
+            kwargs[name] = _build(_section_type(name), value, name)
+        elif name == "JOB_NAME":
+            kwargs[name] = _check_type(value, str, name)
+        elif name == "source":  # a saved config's (to_dict) record of its file
+            kwargs[name] = _check_type(value, Optional[str], name)
+        elif name == "model_type":
+            kwargs[name] = check_choice(_check_type(value, str, name), MODEL_TYPES, name)
+        elif name.isupper() or name in _TOP_LEVEL_NO_EFFECT:
+            continue  # constants such as SEQ_LEN, and InternEvo switches evo has no use for
+        else:
+            warn_unknown(name)
+    if "model" not in kwargs:
+        raise ConfigError("'model' is required: a dict with num_layers, hidden_size, num_attention_heads, vocab_size")
+    cfg = Config(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def _section_type(name: str):
+    return typing.get_type_hints(Config)[name]
+
+
+def _deepcopy_dicts(obj):
+    if isinstance(obj, dict):
+        return {k: _deepcopy_dicts(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deepcopy_dicts(v) for v in obj]
+    return obj
+
+
+def _build(cls, raw: dict, where: str):
+    """Build dataclass ``cls`` from dict ``raw``, checking every value against its annotation."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    section = where.split(".")[0]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}"
+        if key not in known:
+            if key not in _ACCEPTED_NO_EFFECT.get(section, ()):
+                warn_unknown(path)
+            continue
+        kwargs[key] = _convert(value, hints[key], path)
+    for f in dataclasses.fields(cls):
+        if f.default is REQUIRED and f.name not in kwargs:
+            raise ConfigError(f"'{where}.{f.name}' is required ({_type_name(hints[f.name])})")
+    return cls(**kwargs)
+
+
+def _convert(value, annotation, path: str):
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, int) and not isinstance(value, bool) and "size" in {f.name for f in dataclasses.fields(annotation)}:
+            value = {"size": value}  # InternEvo allows parallel=dict(tensor=2) for dict(size=2)
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{path}' must be a dict, got {value!r}")
+        return _build(annotation, value, path)
+    return _check_type(value, annotation, path)
+
+
+def _check_type(value, annotation, path: str):
+    origin = typing.get_origin(annotation)
+    if origin is Union:
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"'{path}' must be {_type_name(annotation)}, got {value!r}")
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, float) and value.is_integer() and not isinstance(value, bool):
+        return int(value)
+    if annotation is dict and isinstance(value, dict):
+        return value
+    if annotation in (int, str, bool) and type(value) is annotation:
+        return value
+    raise ConfigError(f"'{path}' must be {_type_name(annotation)}, got {value!r}")
+
+
+def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    return {type(None): "None", int: "an int", float: "a number", str: "a string", bool: "True or False",
+            dict: "a dict"}.get(annotation, getattr(annotation, "__name__", str(annotation)))

@@ -1,0 +1,254 @@
+"""The config's sections as typed dataclasses, with InternEvo's section and field names (``JOB_NAME``,
+``model``, ``data``, ``parallel``, ``adam``, ``lr_scheduler``, ``grad_scaler``, ``hybrid_zero_optimizer``,
+``loss``, ``ckpt``, ``monitor``) and its defaults where it has one. A leaf: evo/config/load.py builds these from a
+config file, evo/config/checks.py validates them, evo/config/layout.py holds the parallel layout's rules."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+REQUIRED = object()  # marker default: the key must be given
+
+DTYPES = ("torch.float32", "torch.float", "torch.tf32", "torch.bfloat16", "torch.float16", "torch.half")
+MODEL_TYPES = ("INTERNLM2_PUBLIC", "INTERNLM2", "INTERNLM", "LLAMA2", "LLAMA")
+CKPT_CONTENTS = ("model", "optimizer", "scheduler", "sampler", "all")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections. Field names are InternEvo's; defaults are InternEvo's where it has one.
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    num_layers: int = REQUIRED
+    hidden_size: int = REQUIRED
+    num_attention_heads: int = REQUIRED
+    vocab_size: int = REQUIRED
+    num_kv_attention_heads: Optional[int] = None  # None: as many as query heads (MHA)
+    head_dim: Optional[int] = None  # None: hidden_size / num_attention_heads (Qwen3 and others set it apart)
+    mlp_ratio: float = 8 / 3
+    multiple_of: int = 256  # the MLP width is mlp_ratio * hidden_size rounded up to this
+    intermediate_size: Optional[int] = None  # evo: the MLP width itself (Hugging Face's key); wins over mlp_ratio
+    dtype: str = "torch.bfloat16"
+    norm_type: str = "rmsnorm"
+    layer_norm_epsilon: float = 1e-5
+    rope_base: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Hugging Face's dict: rope_type linear | dynamic | llama3, factor, ...
+    max_position_embeddings: int = 2048  # the trained context: dynamic NTK scaling starts past it
+    use_dynamic_ntk_rope: bool = False  # InternEvo's switch: rope_scaling=dict(rope_type="dynamic", factor=1.0)
+    qk_interleaved: bool = False  # rotary layout: False = GPT-NeoX halves, True = GPT-J pairs
+    no_bias: bool = True  # the default for every bias below
+    qkv_bias: Optional[bool] = None  # None: not no_bias (Qwen2: True)
+    o_bias: Optional[bool] = None  # None: not no_bias
+    mlp_bias: Optional[bool] = None  # None: not no_bias
+    qk_norm: bool = False  # RMSNorm over head_dim on each query and key head, before rotary (Qwen3)
+    sliding_window: Optional[int] = None  # each token attends to itself and the sliding_window - 1 before it (Mistral)
+    tie_word_embeddings: bool = False
+    norm_head: bool = False
+    apply_post_layer_norm: bool = False
+    checkpoint: Union[bool, float] = False  # fraction of layers with activation checkpointing
+    compile: bool = False  # evo: torch.compile each decoder layer (evo.parallel.parallelize)
+    num_chunks: int = 1  # pipeline stages per pipeline rank (interleaved 1F1B; ZBV: 2)
+    init_type: str = "normal"
+    embedding_init_std: float = 0.02
+    attn_wqkv_init_std: float = 0.02
+    attn_other_init_std: float = 0.02
+    ffn_uplayer_init_std: float = 0.02
+    ffn_other_init_std: float = 0.02
+    out_head_init_std: float = 0.02
+
+    def __post_init__(self):
+        self.derived: frozenset[str] = frozenset()  # the fields resolve() filled in (not a dataclass field)
+        self.resolve()
+
+    def resolve(self) -> None:
+        """Fill the fields left None that follow from others: head_dim (hidden / heads), intermediate_size
+        (mlp_ratio, multiple_of), the biases (no_bias), rope_scaling (use_dynamic_ntk_rope: dynamic, factor 1).
+        ``derived`` names them, and ``Config.to_dict`` writes them as None again, so a saved config whose
+        hidden_size is edited derives a new head_dim rather than keeping the old one."""
+        filled = set()
+        if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(self.num_attention_heads, int):
+            if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0:
+                self.head_dim = self.hidden_size // self.num_attention_heads
+                filled.add("head_dim")
+        if self.intermediate_size is None and isinstance(self.hidden_size, int):
+            m = self.multiple_of
+            if isinstance(m, int) and m >= 1 and isinstance(self.mlp_ratio, (int, float)):
+                self.intermediate_size = m * ((int(self.hidden_size * self.mlp_ratio) + m - 1) // m)
+                filled.add("intermediate_size")
+        for key in ("qkv_bias", "o_bias", "mlp_bias"):
+            if getattr(self, key) is None:
+                setattr(self, key, not self.no_bias)
+                filled.add(key)
+        if self.rope_scaling is None and self.use_dynamic_ntk_rope:
+            self.rope_scaling = {"rope_type": "dynamic", "factor": 1.0}  # InternEvo's dynamic NTK has factor 1
+            filled.add("rope_scaling")
+        self.derived = self.derived | filled
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_attention_heads or self.num_attention_heads
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16}.get(
+            self.dtype.split(".")[-1], torch.float32)
+
+    @property
+    def num_checkpoint_layers(self) -> int:
+        frac = float(self.checkpoint)
+        return int(round(frac * self.num_layers))
+
+    @property
+    def attention_window(self) -> tuple[int, int]:
+        """flash-attn's (left, right) window of the causal attention: (sliding_window - 1, 0), or (-1, -1)."""
+        return (self.sliding_window - 1, 0) if self.sliding_window else (-1, -1)
+
+    @property
+    def rope(self) -> dict:
+        """The rotary scaling in force as one dict: rope_type default | linear | dynamic | llama3 and its fields."""
+        scaling = dict(self.rope_scaling or {})
+        kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+        return dict(scaling, rope_type=kind, base=self.rope_base, max_position_embeddings=self.max_position_embeddings)
+
+
+@dataclass
+class DataConfig:
+    seq_len: int = 2048
+    micro_num: int = 1
+    micro_bsz: int = 1
+    valid_micro_num: int = 1
+    valid_every: int = 0  # 0: never evaluate during training (still at the end if there are val sets)
+    valid_max_batches: Optional[int] = None  # evo: cap on batches per validation set (None: all)
+    total_steps: int = 50000
+    pack_sample_into_one: bool = False
+    use_packed_dataset: bool = True
+    skip_batches: str = ""
+    min_length: int = 0
+    type: Optional[str] = None  # None: "tokenized" with train_folder, else "dummy"
+    train_folder: Optional[str] = None
+    valid_folder: Optional[str] = None
+    tokenizer_path: Optional[str] = None
+    seed: int = 1024
+    num_dummy_samples: int = 10000  # evo: size of the random dummy dataset (documents)
+    max_bad_lines: int = 0  # evo: malformed .jsonl lines a streaming run may skip (0: the first one is an error)
+
+    @property
+    def packed_length(self) -> int:
+        return self.seq_len * self.micro_bsz
+
+
+@dataclass
+class ParallelDim:
+    size: int = 1
+    mode: Optional[str] = None
+    interleaved_overlap: bool = True
+    overlap: bool = False
+    memory_pool: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    zero1: ParallelDim = field(default_factory=lambda: ParallelDim(size=-1))  # <= 0: the whole data group; 1: off
+    tensor: ParallelDim = field(default_factory=lambda: ParallelDim(mode="mtp"))
+    pipeline: ParallelDim = field(default_factory=ParallelDim)
+    weight: ParallelDim = field(default_factory=ParallelDim)
+    sequence_parallel: Optional[bool] = None  # InternEvo's switch: True needs tensor.mode msp or fsp
+    timeout_s: float = 1800.0  # evo: collective timeout in seconds
+
+
+@dataclass
+class AdamConfig:
+    lr: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_beta2_c: float = 0.0
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.01
+
+
+@dataclass
+class LrSchedulerConfig:
+    total_steps: Optional[int] = None  # None: data.total_steps
+    init_steps: int = 0
+    warmup_ratio: float = 0.01
+    eta_min: float = 1e-5
+    last_epoch: int = -1
+
+
+@dataclass
+class Fp16ScalerConfig:
+    initial_scale: float = 2.0**16
+    min_scale: float = 1.0
+    growth_interval: int = 1000
+
+
+@dataclass
+class GradScalerConfig:
+    fp16: Fp16ScalerConfig = field(default_factory=Fp16ScalerConfig)
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    max_scale: float = 2.0**24
+    hysteresis: int = 2
+
+
+@dataclass
+class HybridZeroConfig:
+    clip_grad_norm: float = 1.0  # <= 0: no clipping (inf/NaN steps are still skipped)
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class CkptConfig:
+    enable_save_ckpt: bool = True
+    save_ckpt_folder: Optional[str] = None  # None: <run folder>/checkpoints
+    checkpoint_every: int = 0  # 0: only at the end
+    auto_resume: bool = True
+    load_ckpt_folder: Optional[str] = None
+    load_ckpt_info: Optional[dict] = None  # dict(path=..., content=("model", ...), ckpt_type="evo")
+    keep_latest: int = 0  # evo: keep only this many complete checkpoints (0: all), removing older ones after a save
+    stop_file_path: Optional[str] = None  # InternEvo's: write -N (save after step N) or N (save and stop) into it
+    async_upload: bool = False  # write checkpoints in the background (dcp.async_save); InternEvo: remote uploads
+
+
+@dataclass
+class MonitorConfig:
+    run_folder: Optional[str] = None  # None: runs/<JOB_NAME>
+    tensorboard: dict = field(default_factory=dict)
+    log_every: int = 1  # evo: console/metrics cadence in steps
+    sample_prompt: Optional[str] = None  # evo: at the end of fit(), print a sample generated from this
+    sample_tokens: int = 64
+    peak_tflops: Optional[float] = None  # evo: the device's peak for MFU (None: the table of known GPUs)
+
+
+@dataclass
+class Config:
+    JOB_NAME: str = "evo"
+    model: ModelConfig = REQUIRED
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    adam: AdamConfig = field(default_factory=AdamConfig)
+    lr_scheduler: LrSchedulerConfig = field(default_factory=LrSchedulerConfig)
+    grad_scaler: GradScalerConfig = field(default_factory=GradScalerConfig)
+    hybrid_zero_optimizer: HybridZeroConfig = field(default_factory=HybridZeroConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    model_type: str = "INTERNLM2_PUBLIC"
+    source: Optional[str] = None  # the file this config came from
+
+    def to_dict(self) -> dict:
+        """The config as nested dicts (what config.json holds); model fields derived from others are None."""
+        out = dataclasses.asdict(self)
+        out["model"].update(dict.fromkeys(self.model.derived))
+        return out
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name not in ("JOB_NAME", "model_type", "source")]
