@@ -41,8 +41,9 @@ def tiny_sections(folder: Path, micro_num: int = 2, **parallel) -> dict:
     return raw
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` gathered whole (a DTensor's full tensor, a plain tensor itself), detached and copied."""
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
 def train(rank: int, world_size: int, sections: dict, seed: int = 1024) -> dict:
@@ -50,6 +51,7 @@ def train(rank: int, world_size: int, sections: dict, seed: int = 1024) -> dict:
     rank's structure (local sizes, the calls the loss received) and a greedy generation on this rank."""
     from evo import kernels
     from evo.generate import generate_ids
+    from evo.parallel.shards import local_numel
     from evo.initialize import (build_train_loader_with_data_type, build_valid_loader_with_data_type,
                                 initialize_distributed_env, initialize_model_and_parallel_communicator)
     from evo.trainer import TrainerBuilder
@@ -81,12 +83,11 @@ def train(rank: int, world_size: int, sections: dict, seed: int = 1024) -> dict:
         hook.remove()
     prompt = list(range(40, 52))
     generated = [generate_ids(model, prompt, 10, temperature=0.0, use_cache=cache) for cache in (True, False)]
-    out = {"weights": {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-                       for n, p in model.named_parameters()},
-           "local_numel": {n: _local(p).numel() for n, p in model.named_parameters()},
-           "optimizer_numel": {n: _local(s).numel() for n, s in trainer.optimizer.state_dict()["exp_avg"].items()},
-           "masters": {n: (m.full_tensor() if isinstance(m, DTensor) else m).detach().clone()
-                       for n, m in trainer.optimizer.state_dict()["master"].items()},
+    optimizer_state = trainer.optimizer.state_dict()
+    out = {"weights": {n: whole(p) for n, p in model.named_parameters()},
+           "local_numel": {n: local_numel(p) for n, p in model.named_parameters()},
+           "optimizer_numel": {n: local_numel(s) for n, s in optimizer_state["exp_avg"].items()},
+           "masters": {n: whole(m) for n, m in optimizer_state["master"].items()},
            "loss_calls": loss_calls, "generated": generated, "packed_length": state.config.data.packed_length,
            "layer_tokens": layer_tokens, "log": "\n".join(log), "records_before": before}
     if rank == 0:
