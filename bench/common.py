@@ -31,7 +31,7 @@ VENDOR = Path(__file__).resolve().parent / "vendor"  # bench/fetch_liger.sh unpa
 # reference computed in fp32 on the same inputs; a wrong kernel is off by O(1), a bf16 rounding by < 1e-2
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
-# vendors' peaks (dense, no sparsity): HBM bandwidth in GB/s; the 16-bit FLOP/s are evo.trainer.PEAK_TFLOPS
+# vendors' peaks (dense, no sparsity): HBM bandwidth in GB/s; the 16-bit FLOP/s are evo.monitor.PEAK_TFLOPS
 VENDOR_GB_S = {"H200": 4800, "H100 80GB HBM3": 3350, "H100 NVL": 3900, "H100 PCIe": 2000,
                "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555}
 
@@ -230,7 +230,7 @@ def run_case(case: Case, providers: dict[str, Callable | str], device: str, quic
 def device_peaks(device: str, quick: bool, smoke: bool = False) -> list[dict]:
     """The device's own peaks, measured now: a device-to-device copy (GB/s, bytes read + written) and a
     square bf16 matmul (TFLOP/s; fp32 on a CPU), with the vendor's numbers where the GPU is known."""
-    from evo.trainer import peak_tflops
+    from evo.monitor import peak_tflops
 
     nbytes = (1 << 20) if smoke else (1 << 30) if device == "cuda" else (1 << 27)
     n = 256 if smoke else 8192 if device == "cuda" else 2048

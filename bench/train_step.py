@@ -4,13 +4,13 @@ and against ``torch.compile`` (``model.compile=True``: each decoder layer compil
 Each provider runs ``Trainer.train()`` (as scripts/train.py does: loader, forward and backward over the step's
 micro-batches, fp32 master weights, AdamW, metrics) in a fresh process on InternEvo's random dummy data, and the
 row reports the medians over the steps after the warm-up of what the trainer logs: tokens/s per device
-(``tgs``), model TFLOP/s, MFU against the vendor's peak (GPU; ``evo.trainer.PEAK_TFLOPS``) and the share of the
+(``tgs``), model TFLOP/s, MFU against the vendor's peak (GPU; ``evo.monitor.PEAK_TFLOPS``) and the share of the
 bf16 matmul peak measured in the same run (bench/common.py's ``device_peaks``), and the peak memory allocated.
 
 Cases: on a GPU a Llama-3.2-1B-shaped model (16 layers, hidden 2048, 32 query / 8 KV heads, MLP 8192, vocab
 128256, tied embeddings), bf16, 4096-token rows, 4 micro-batches a step (16k tokens); on a CPU configs/tiny.py's
 model in fp32 on 512-token rows, the reference ops only (evo's kernels are Triton: a GPU's). The model FLOPs are
-``evo.trainer.step_flops``: 6 N tokens + the attention term (docs/performance.md).
+``evo.model.flops.step_flops``: 6 N tokens + the attention term (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -46,6 +46,15 @@ class LaunchState:
     ctx: ParallelContext
     run_folder: Path
     seed: int
+    sizes: tuple[int, int] | None = None  # the whole model's (parameters, matmul parameters), counted once
+
+    def model_sizes(self) -> tuple[int, int]:
+        """``evo.model.flops.whole_model_sizes`` of the config's model, counted on the first call."""
+        if self.sizes is None:
+            from evo.model.flops import whole_model_sizes
+
+            self.sizes = whole_model_sizes(self.config.model)
+        return self.sizes
 
 
 _LAUNCH: LaunchState | None = None
@@ -244,14 +253,12 @@ def initialize_model_and_parallel_communicator() -> torch.nn.Module:
     """Build the model from the launch config, on the launch device, initialized from the launch seed. In one
     process a 16-bit model also keeps its fp32 initial values for the optimizer's masters (``TrainerBuilder``
     takes them over); a model that is not trained holds them until it is dropped."""
-    from evo.model import DecoderModel, count_parameters
     from evo.parallel import build_parallel_model, format_bytes, memory_estimate
 
     state = launch_state()
     cfg = state.config.model
     model = build_parallel_model(cfg, state.ctx, seed=state.seed, for_training=True)
-    with torch.device("meta"):  # the whole model's count, whatever part of it this rank holds (pipeline stages)
-        total = count_parameters(DecoderModel(cfg))
+    total, _ = state.model_sizes()  # the whole model's, whatever part of it this rank holds
     logger.info("model: %.2fM parameters, dtype %s", total / 1e6, cfg.dtype)
     mem = memory_estimate(model, state.ctx, cfg)
     logger.info("memory per rank (estimate): %s", ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}"

@@ -1,4 +1,5 @@
-"""Metrics out of a run: a console progress bar or step lines, ``metrics.jsonl``, TensorBoard, a log file.
+"""Metrics out of a run: a console progress bar or step lines, ``metrics.jsonl``, TensorBoard, a log file; and
+the GPU peak table that MFU divides by.
 
 Only the main rank writes. ``metrics.jsonl`` holds one JSON object per logged training step and per
 evaluation, with InternEvo's key names (``loss``, ``lr``, ``grad_norm``, ``tgs``, ``val/<name>_loss``,
@@ -20,9 +21,27 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 logger = logging.getLogger("evo")
+
+# Dense peak TFLOP/s per GPU as published (NVIDIA's data sheets, without sparsity): 16-bit tensor cores, and TF32
+# for torch.tf32. The first key found in torch.cuda.get_device_name() wins, so the PCIe and NVL parts come before
+# the plain "H100" (the SXM part). MFU = the step's model TFLOP/s per device (evo.model.flops) / this; no entry, no
+# MFU (CPUs, other GPUs: set monitor.peak_tflops).
+PEAK_TFLOPS = {"H200": {"16-bit": 989.4, "tf32": 494.7}, "H100 PCIe": {"16-bit": 756.0, "tf32": 378.0},
+               "H100 NVL": {"16-bit": 835.5, "tf32": 417.5}, "H100": {"16-bit": 989.4, "tf32": 494.7},
+               "A100": {"16-bit": 312.0, "tf32": 156.0}}
+
+
+def peak_tflops(device: torch.device, dtype: str) -> float | None:
+    """The peak of ``device`` for compute in ``dtype`` (a ``model.dtype`` string) from ``PEAK_TFLOPS``, or None."""
+    kind = {"torch.bfloat16": "16-bit", "torch.float16": "16-bit", "torch.half": "16-bit", "torch.tf32": "tf32"}.get(dtype)
+    if device.type != "cuda" or kind is None:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peaks[kind] for gpu, peaks in PEAK_TFLOPS.items() if gpu in name), None)
 
 _STEP_LINE = "evo_step_line"  # LogRecord attribute marking a step line
 

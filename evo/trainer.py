@@ -33,8 +33,8 @@ from evo.checkpoint import (CorruptCheckpointError, complete_checkpoints, load_c
 from evo.config import Config, strip_folder_prefix
 from evo.data.packing import IGNORE_INDEX
 from evo.errors import CheckpointError
-from evo.model.decoder import DecoderModel, matmul_parameters
-from evo.monitor import Monitor, logger
+from evo.model.flops import seqlen_sq, step_flops
+from evo.monitor import Monitor, logger, peak_tflops
 from evo.optim import DynamicLossScaler, MixedPrecisionOptimizer, lr_factor
 from evo.parallel.context import ParallelContext
 from evo.parallel.parallelize import reshard
@@ -42,53 +42,10 @@ from evo.parallel.schedule import build_schedule
 from evo.stopping import StopRequests, TrainingStopped
 
 
-def step_flops(model_cfg, num_matmul_params: int, tokens: float, attention_pairs: float) -> float:
-    """Model FLOPs of one forward+backward over ``tokens`` tokens (docs/training.md states the formula).
-
-    ``6 * N * tokens`` for the weight matmuls (N: ``matmul_parameters``, the input embedding excluded as a
-    lookup), plus attention's ``6 * num_layers * heads * head_dim * attention_pairs``, where
-    ``attention_pairs`` (``attention_pair_sum``) is sum_i s_i^2 over the packed sequences of lengths s_i
-    (Q K^T and P V: 4 * s^2 * heads * head_dim forward for a full square, halved for causal, x3 for
-    forward + backward), less what a sliding window leaves out.
-    """
-    width = model_cfg.num_attention_heads * model_cfg.head_dim
-    return 6.0 * num_matmul_params * tokens + 6.0 * model_cfg.num_layers * width * attention_pairs
-
-
-def attention_pair_sum(cu_seqlens: torch.Tensor, sliding_window: int | None = None) -> float:
-    """The attention term of ``step_flops`` for one packed row: sum over its sequences of s^2, which stands for
-    twice the s (s + 1) / 2 causal (query, key) pairs; with a window of W keys, the pairs a query past the
-    first W cannot see are taken off: s^2 - (s - W) (s - W + 1) when s > W."""
-    s = (cu_seqlens[1:] - cu_seqlens[:-1]).double()
-    total = s.square()
-    if sliding_window:
-        cut = (s - sliding_window).clamp(min=0)
-        total = total - cut * (cut + 1)
-    return float(total.sum())
-
-
-# Dense peak TFLOP/s per GPU as published (NVIDIA's data sheets, without sparsity): 16-bit tensor cores, and TF32
-# for torch.tf32. The first key found in torch.cuda.get_device_name() wins, so the PCIe and NVL parts come before
-# the plain "H100" (the SXM part). MFU = the step's model TFLOP/s per device / this; no entry, no MFU (CPUs, other
-# GPUs: set monitor.peak_tflops).
-PEAK_TFLOPS = {"H200": {"16-bit": 989.4, "tf32": 494.7}, "H100 PCIe": {"16-bit": 756.0, "tf32": 378.0},
-               "H100 NVL": {"16-bit": 835.5, "tf32": 417.5}, "H100": {"16-bit": 989.4, "tf32": 494.7},
-               "A100": {"16-bit": 312.0, "tf32": 156.0}}
-
-
-def peak_tflops(device: torch.device, dtype: str) -> float | None:
-    """The peak of ``device`` for compute in ``dtype`` (a ``model.dtype`` string) from ``PEAK_TFLOPS``, or None."""
-    kind = {"torch.bfloat16": "16-bit", "torch.float16": "16-bit", "torch.half": "16-bit", "torch.tf32": "tf32"}.get(dtype)
-    if device.type != "cuda" or kind is None:
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peaks[kind] for gpu, peaks in PEAK_TFLOPS.items() if gpu in name), None)
-
-
 class Trainer:
     def __init__(self, model: nn.Module, train_dl, val_dls: dict, cfg: Config, ctx: ParallelContext,
                  dataset_types: list[str], optimizer: MixedPrecisionOptimizer, scheduler, run_folder: Path,
-                 profiling: bool = False, monitor: Monitor | None = None):
+                 matmul_params: int, profiling: bool = False, monitor: Monitor | None = None):
         self.model, self.train_dl, self.val_dls = model, train_dl, val_dls
         self.cfg, self.ctx, self.dataset_types = cfg, ctx, dataset_types
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, optimizer.scaler
@@ -105,8 +62,7 @@ class Trainer:
             ctx.distributed else None
         self.stopped: str | None = None  # why training stopped early (evo.stopping), else None
         self._train_iter = iter(train_dl)
-        with torch.device("meta"):  # the whole model's count, whatever part of it this rank holds
-            self._matmul_params = matmul_parameters(DecoderModel(model.cfg))
+        self._matmul_params = matmul_params  # the whole model's (evo.model.flops), for the tflops metric
         # for MFU: the config's peak, else the table's for this GPU; None (no MFU) where unknown, as on a CPU
         self._peak_tflops = cfg.monitor.peak_tflops or peak_tflops(ctx.device, cfg.model.dtype)
         self.schedule = build_schedule(model, ctx, cfg.data.micro_num)
@@ -185,15 +141,15 @@ class Trainer:
         n_types = len(self.dataset_types)
         type_ids = inputs["type_ids"]
         labelled = labels != IGNORE_INDEX
-        # [label count, real tokens, attention s^2 sum, per-type label counts, per-type token counts]
+        # [label count, real tokens, seqlen_sq (evo.model.flops), per-type label counts, per-type token counts]
         counts = torch.zeros(3 + 2 * n_types, dtype=torch.float64)
         counts[0] = labelled.sum()
         real = type_ids >= 0  # padding carries type id -1
         counts[1] = real.sum()
-        counts[2] = sum(attention_pair_sum(c, self.model.cfg.sliding_window) for c in inputs["cu_seqlens"])
+        counts[2] = sum(seqlen_sq(c, self.model.cfg.sliding_window) for c in inputs["cu_seqlens"])
         counts[3:3 + n_types] = torch.bincount(type_ids[labelled].clamp(min=0), minlength=n_types)[:n_types]
         counts[3 + n_types:] = torch.bincount(type_ids[real], minlength=n_types)[:n_types]
-        local_tokens, local_sq = float(counts[1]), float(counts[2])
+        local_tokens, local_seqlen_sq = float(counts[1]), float(counts[2])
         counts = self.ctx.all_reduce_dp(counts.to(self.ctx.device)).cpu()
         denom = max(float(counts[0]), 1.0)
         loss_sums = torch.zeros(n_types, dtype=torch.float64, device=self.ctx.device)
@@ -207,7 +163,7 @@ class Trainer:
         loss_sums = self.ctx.all_reduce_dp(self.ctx.all_reduce_pp(loss_sums)).cpu()
         return {"loss_sums": loss_sums, "label_count": counts[0].item(), "type_labels": counts[3:3 + n_types],
                 "type_tokens": counts[3 + n_types:], "tokens": counts[1].item(), "local_tokens": local_tokens,
-                "local_seqlens_sq": local_sq}
+                "local_seqlen_sq": local_seqlen_sq}
 
     def forward_backward_step(self, micro_batches: list[tuple[dict, torch.Tensor]],
                               denom: float) -> list[torch.Tensor]:
@@ -363,7 +319,7 @@ class Trainer:
         self.num_consumed_tokens += int(out["tokens"])
         # per device: a data-parallel rank's tokens are shared by its tp x pp devices, and so is their work
         share = self.ctx.tp_size * self.ctx.pp_size
-        flops = step_flops(self.model.cfg, self._matmul_params, out["local_tokens"], out["local_seqlens_sq"]) / share
+        flops = step_flops(self.model.cfg, self._matmul_params, out["local_tokens"], out["local_seqlen_sq"]) / share
         record = {"step": self.step_count, "loss": float(out["loss_sums"].sum()) / max(out["label_count"], 1.0),
                   "lr": self.last_lr, "grad_norm": grad_norm,
                   "loss_scale": self.scaler.scale, "tgs": out["local_tokens"] / share / seconds,
@@ -429,7 +385,7 @@ class TrainerBuilder(Trainer):
         factor = lr_factor(cfg.lr_scheduler, cfg.adam.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, [factor] * len(optimizer.param_groups))
         super().__init__(model, train_dl, val_dls, cfg, ctx, list(dataset_types or ["default"]), optimizer, scheduler,
-                         state.run_folder, profiling=profiling)
+                         state.run_folder, state.model_sizes()[1], profiling=profiling)
         self._auto_load()
 
     def _auto_load(self) -> None:

@@ -384,7 +384,7 @@ def test_metrics_stay_strict_json_when_a_type_has_no_tokens_and_a_step_is_skippe
 
 
 def test_mfu_uses_the_gpu_peak_for_the_compute_dtype(monkeypatch):
-    from evo.trainer import peak_tflops
+    from evo.monitor import peak_tflops
 
     assert peak_tflops(torch.device("cpu"), "torch.bfloat16") is None
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")

@@ -316,9 +316,3 @@ def count_parameters(model: nn.Module, exclude_embedding: bool = False) -> int:
         seen.add(id(p))
         total += p.numel()
     return total
-
-
-def matmul_parameters(model: nn.Module) -> int:
-    """Weights that multiply activations (every nn.Linear's, the output head's even when tied to the
-    embedding): the N of the FLOPs formula. Not the input embedding (a lookup), norms or biases."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
