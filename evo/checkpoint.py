@@ -1,4 +1,4 @@
-"""Checkpoints: save, find the newest complete one, load what is asked for.
+"""Checkpoints: save, find the newest complete one, load what is asked for; ``CheckpointManager`` decides when.
 
 A checkpoint is a folder ``<save_ckpt_folder>/<step>/`` holding
 - the model and optimizer tensors, written with ``torch.distributed.checkpoint`` (DCP) under fully
@@ -9,12 +9,26 @@ A checkpoint is a folder ``<save_ckpt_folder>/<step>/`` holding
 - ``config.json``: the resolved config the run used.
 It is written under ``.tmp-<step>-...`` and renamed into place only once complete, so a crash never
 leaves a half checkpoint that looks complete: a folder named by an integer is complete.
+
+The parts of a run that a checkpoint holds are Stateful (``state_dict`` / ``load_state_dict``), each under the key
+it has always had, so a checkpoint written by any earlier evo still loads:
+
+    part                      where                        key(s)
+    model                     DCP, loaded in place         model/<fqn>
+    optimizer (fp32 masters,  DCP, loaded in place, then   optimizer/{master,exp_avg,exp_avg_sq,step}/<fqn>
+      AdamW's moments)        ``load_state_dict``
+    loss scaler               train_state.pt               scaler
+    lr schedule               train_state.pt               scheduler
+    loader (per dp rank)      train_state.pt               sampler (a list, one per data-parallel rank)
+    trainer counters          train_state.pt               step, num_consumed_tokens, inf_nan_skip_batches
+    random generators         train_state.pt               rng
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import random
 import shutil
@@ -27,6 +41,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from evo.errors import CheckpointError
+from evo.monitor import logger
 
 TRAIN_STATE = "train_state.pt"
 
@@ -243,3 +258,129 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+COUNTERS = ("step", "num_consumed_tokens", "inf_nan_skip_batches")  # the trainer's, at the top of train_state.pt
+
+
+class CheckpointManager:
+    """What to save and when, resuming, damaged checkpoints and background saves: the trainer's one door to
+    checkpoints. ``parts``: the run's Stateful parts by role, ``model``, ``optimizer`` (whose ``scaler`` is saved
+    with it), ``scheduler``, ``loader`` and ``counters`` (the table in this module's docstring).
+
+    cfg: the run's ``Config`` (its ``ckpt`` section says what and when; the whole is saved as config.json);
+    ctx: the ``ParallelContext`` (collectives that keep every rank's decision the same)."""
+
+    def __init__(self, cfg, ctx, save_folder: Path, **parts):
+        self.cfg, self.ctx, self.save_folder = cfg, ctx, Path(save_folder)
+        self.model, self.optimizer, self.scheduler = parts["model"], parts["optimizer"], parts["scheduler"]
+        self.loader, self.counters = parts["loader"], parts["counters"]
+        self.last_save_step: int | None = None
+        self.last_path: Path | None = None  # the newest checkpoint this run completed
+        self._pending: PendingSave | None = None  # a checkpoint being written in the background (ckpt.async_upload)
+        # the background writes' own process group: their collectives never interleave with training's
+        self._group = torch.distributed.new_group(backend="gloo") if cfg.ckpt.async_upload and \
+            ctx.distributed else None
+
+    # ------------------------------------------------------------------ saving
+    def save_if_due(self, step: int, force: bool = False, background: bool = True) -> Path | None:
+        """Save every ``ckpt.checkpoint_every`` steps, or now with ``force`` (once per step). With
+        ``ckpt.async_upload`` (and ``background``) the tensors are written in the background and the checkpoint
+        appears when ``finish_pending`` completes it; returns its path, or None when nothing was due."""
+        c = self.cfg.ckpt
+        due = force or (c.checkpoint_every > 0 and step % c.checkpoint_every == 0)
+        if not c.enable_save_ckpt or not due or self.last_save_step == step:
+            return None
+        self.finish_pending(wait=True)  # one save at a time
+        train_state = {**self.counters.state_dict(), "scheduler": self.scheduler.state_dict(),
+                       "scaler": self.optimizer.scaler.state_dict(), "sampler": self._loader_states(),
+                       "rng": rng_state()}
+        tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        self.last_save_step = step
+        if c.async_upload and background:
+            self._pending = start_async_save(self.save_folder, step, tensors, train_state, self.cfg.to_dict(),
+                                             self.ctx.is_main, self._group, self.ctx.barrier, c.keep_latest)
+            return self._pending.final
+        self.last_path = save_checkpoint(self.save_folder, step, tensors, train_state, self.cfg.to_dict(),
+                                         self.ctx.is_main, self.ctx.barrier, self.ctx.all_true, c.keep_latest)
+        logger.info("saved checkpoint %s", self.last_path)
+        return self.last_path
+
+    def finish_pending(self, wait: bool = False) -> None:
+        """Complete the background save in progress: when every rank's writes are done (a collective), or with
+        ``wait``, after waiting for them."""
+        pending = self._pending
+        if pending is None or not self.ctx.all_true(wait or pending.future is None or pending.future.done()):
+            return
+        self._pending = None
+        self.last_path = pending.finish(self.ctx.barrier, self.ctx.all_true)
+        logger.info("saved checkpoint %s (written in the background)", self.last_path)
+
+    def _loader_states(self) -> list:
+        """Every data-parallel rank's loader state, in rank order."""
+        state = self.loader.state_dict()
+        if self.ctx.dp_size == 1:
+            return [state]
+        states = [None] * self.ctx.dp_size
+        torch.distributed.all_gather_object(states, state, group=self.ctx.dp_group)
+        return states
+
+    # ------------------------------------------------------------------ loading
+    def load(self, path: str | Path, content=("all",)) -> dict:
+        """Load from checkpoint ``path`` what ``content`` names (InternEvo's ``load_ckpt_info`` contents); returns
+        the checkpoint's train state.
+
+        - ``model``: the weights (the fp32 masters are taken from them);
+        - ``optimizer``: the fp32 masters (the model is taken from them), AdamW's moments, the fp16 loss scaler;
+        - ``scheduler``: the run's position: the trainer's counters and the lr schedule at that step, so the run
+          continues to ``data.total_steps`` (InternEvo positions its scheduler from the step count it loads
+          with it);
+        - ``sampler``: the data position and the random number generator states;
+        - ``all``: everything (what auto-resume loads).
+        """
+        content = set(content)
+        if "all" in content:
+            content = {"model", "optimizer", "scheduler", "sampler"}
+        tensors = {part: getattr(self, part).state_dict() for part in ("model", "optimizer") if part in content}
+        state = load_checkpoint(path, tensors)
+        if "optimizer" in content:
+            self.optimizer.load_state_dict(tensors["optimizer"])  # loaded in place: the model follows the masters
+            self.optimizer.scaler.load_state_dict(state["scaler"])
+        elif "model" in content:
+            self.optimizer.sync_masters_from_model()
+        if "scheduler" in content:
+            self.counters.load_state_dict({key: state[key] for key in COUNTERS})
+            self.last_save_step = state["step"]
+            self._continue_schedule(state)
+        if "sampler" in content:
+            states = state["sampler"]  # one per data-parallel rank (a streaming loader's differ)
+            self.loader.load_state_dict(states[self.ctx.dp_rank] if len(states) == self.ctx.dp_size else states[0])
+            set_rng_state(state["rng"])
+        logger.info("loaded %s from checkpoint %s (step %d)", ", ".join(sorted(content)), path, state["step"])
+        return state
+
+    def _continue_schedule(self, state: dict) -> None:
+        """The lr schedule at the checkpoint's step, in this config's shape (``LrSchedule.load_state_dict``); a
+        warning when that lr differs from the one the checkpoint's schedule had."""
+        saved_lr = self.scheduler.load_state_dict(state["scheduler"])
+        now = self.optimizer.param_groups[0]["lr"]
+        if self.ctx.is_main and not math.isclose(now, saved_lr, rel_tol=1e-6):
+            cfg = self.cfg
+            logger.warning("step %d runs at lr %.4g where the checkpoint's schedule had %.4g: this config's "
+                           "schedule differs (adam.lr %g, lr_scheduler.total_steps %d, warmup_ratio %g)",
+                           state["step"] + 1, now, saved_lr, cfg.adam.lr, cfg.lr_scheduler.total_steps,
+                           cfg.lr_scheduler.warmup_ratio)
+
+    def resume_newest(self) -> Path | None:
+        """Load everything from the newest complete checkpoint in the save folder that can be read; a damaged one
+        is named and passed over. Returns the checkpoint loaded, or None when the folder holds none."""
+        found = complete_checkpoints(self.save_folder)
+        for i, path in enumerate(found):
+            try:
+                self.load(path)
+                return path
+            except CorruptCheckpointError as exc:
+                if i + 1 == len(found):
+                    raise
+                logger.warning("%s; resuming from the previous complete checkpoint, '%s'", exc, found[i + 1])
+        return None

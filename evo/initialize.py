@@ -9,7 +9,6 @@ it needs as arguments.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import subprocess
@@ -21,9 +20,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from evo.config import Config, ConfigError, load_config, strip_folder_prefix, validate
+from evo.config import Config, ConfigError, load_config, validate
 from evo.monitor import logger, setup_logging
 from evo.parallel.context import ParallelContext, build_context, layout_error, zero_size
+from evo.run_folder import check_run_folder
 
 LAUNCHERS = ("local", "torch", "slurm")
 
@@ -176,71 +176,6 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
     logger.info("layout: %s", ctx.describe())
     _LAUNCH = LaunchState(cfg, ctx, run_folder, seed)
     return _LAUNCH
-
-
-# What may change between the invocations of one run (a resume), everything else in the saved config
-# being what the run computes: names and folders, how long it trains (data.total_steps, and the
-# lr_scheduler.total_steps that follows it), evaluation, data.skip_batches (InternEvo's way past a bad
-# batch on a resume), data.max_bad_lines, the parallel layout (checkpoints reshard), activation
-# checkpointing (the same math), checkpointing and monitoring, keys that change nothing in evo, and adam.lr
-# (a resume continues the schedule with the new lr, as InternEvo's load_scheduler does; Trainer.resume).
-SAME_RUN_MAY_CHANGE = ("JOB_NAME", "source", "model_type", "model.checkpoint", "model.compile", "model.num_chunks",
-                       "data.total_steps", "adam.lr",
-                       "lr_scheduler.total_steps", "lr_scheduler.last_epoch", "adam.adam_beta2_c", "data.valid_every",
-                       "data.valid_max_batches", "data.valid_micro_num", "data.valid_folder", "data.skip_batches",
-                       "data.max_bad_lines", "parallel", "ckpt", "monitor")
-
-
-def run_differences(saved: dict, current: dict) -> list[str]:
-    """The training-relevant differences between a run's saved config (config.json) and ``current``
-    (``Config.to_dict()``), as 'key: A there, B here' strings; keys only one side has are not compared (a
-    newer evo may add fields)."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            if any(key == p or key.startswith(p + ".") for p in SAME_RUN_MAY_CHANGE):
-                continue
-            if isinstance(v, dict) and v and k != "rope_scaling":
-                out.update(flat(v, key + "."))
-            else:
-                out[key] = v
-        return out
-
-    old, new = flat(saved), flat(json.loads(json.dumps(current, default=str)))
-    return [f"{k}: {old[k]!r} there, {new[k]!r} here" for k in old if k in new and old[k] != new[k]]
-
-
-def check_run_folder(cfg: Config, run_folder: Path) -> None:
-    """Refuse a run folder (or checkpoint folder) that holds another run: one trained with a config whose
-    training-relevant content differs (``config.run_differences``). The reference is the config of the newest
-    checkpoint, else the run folder's config.json when its metrics.jsonl has records; a folder with neither
-    holds nothing to lose."""
-    from evo.checkpoint import latest_checkpoint
-
-    save = Path(strip_folder_prefix(cfg.ckpt.save_ckpt_folder))
-    latest = latest_checkpoint(save)
-    saved_file = latest / "config.json" if latest is not None else run_folder / "config.json"
-    if latest is None and not _has_records(run_folder / "metrics.jsonl"):
-        return
-    try:
-        saved = json.loads(saved_file.read_text())
-    except (OSError, ValueError):
-        return  # no readable config to compare with (a foreign folder): the checkpoint loader speaks for it
-    diffs = run_differences(saved, cfg.to_dict())
-    if diffs:
-        more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
-        raise ConfigError(f"run folder '{run_folder}' holds another run ('{saved_file}' differs from this config: "
-                          f"{'; '.join(diffs[:3])}{more}): use another JOB_NAME (or monitor.run_folder) for this "
-                          f"config, or remove '{run_folder}' to start afresh")
-
-
-def _has_records(path: Path) -> bool:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return any(line.strip() for line in f)
-    except OSError:
-        return False
 
 
 def launch_state() -> LaunchState:

@@ -88,6 +88,27 @@ def lr_factor(cfg: LrSchedulerConfig, base_lr: float):
     return factor
 
 
+class LrSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """The lr of every step (``lr_factor`` times ``adam.lr``) over a ``MixedPrecisionOptimizer``'s groups.
+
+    ``load_state_dict`` continues from a checkpoint's step with this schedule (this config's ``adam.lr``,
+    ``lr_scheduler.*`` and ``data.total_steps``), which may differ from the one the checkpoint ran, as InternEvo's
+    load_scheduler does. Its state is LambdaLR's, so checkpoints of either load into the other."""
+
+    def __init__(self, optimizer: "MixedPrecisionOptimizer", cfg: LrSchedulerConfig, lr: float):
+        super().__init__(optimizer.optimizer, [lr_factor(cfg, lr)] * len(optimizer.param_groups))
+
+    def load_state_dict(self, state: dict) -> float:
+        """Position the schedule at ``state``'s step; returns the lr the saved schedule had for the next step."""
+        base_lrs = list(self.base_lrs)  # this config's adam.lr, one per group
+        super().load_state_dict(state)
+        saved_lr = self.get_last_lr()[0]
+        self.base_lrs = base_lrs
+        for group, base, factor in zip(self.optimizer.param_groups, base_lrs, self.lr_lambdas):
+            group["lr"] = base * factor(self.last_epoch)
+        return saved_lr
+
+
 def global_grad_norm(grads: list[torch.Tensor], distributed: bool = False) -> torch.Tensor:
     """The 2-norm of all gradients together (fp64), the same on every rank: each rank's sum of squares of its
     local tensors in fp64, a DTensor's replicated copies counted once, all-reduced over the world when
@@ -217,6 +238,20 @@ class MixedPrecisionOptimizer:
                 twin, state = self.optimizer.state[self.masters[key]], self.optimizer.state[self.masters[name]]
                 for part in ("exp_avg", "exp_avg_sq", "step"):
                     state[part].copy_(twin[part])
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Take ``state`` (the form ``state_dict`` returns): its tensors are copied into the masters and AdamW's
+        state, unless they are those very tensors (DCP loads into ``state_dict()``'s in place); then a tied copy
+        takes its twin's state and the model its masters."""
+        own = self.state_dict()
+        for part, tensors in state.items():
+            for key, tensor in tensors.items():
+                target = own[part][key]
+                if local(target).data_ptr() != local(tensor).data_ptr():
+                    target.copy_(tensor)
+        self.copy_tied_state()
+        self.sync_model_from_masters()  # the fp32 masters are the more precise copy
 
     @torch.no_grad()
     def sync_model_from_masters(self) -> None:

@@ -19,7 +19,6 @@ gives exactly the gradient of one big batch.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 import warnings
@@ -28,17 +27,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from evo.checkpoint import (CorruptCheckpointError, complete_checkpoints, load_checkpoint, rng_state, save_checkpoint,
-                            set_rng_state, start_async_save)
+from evo.checkpoint import CheckpointManager
 from evo.config import Config, strip_folder_prefix
 from evo.data.packing import IGNORE_INDEX
 from evo.errors import CheckpointError
 from evo.model.flops import seqlen_sq, step_flops
 from evo.monitor import Monitor, logger, peak_tflops
-from evo.optim import DynamicLossScaler, MixedPrecisionOptimizer, lr_factor
+from evo.optim import DynamicLossScaler, LrSchedule, MixedPrecisionOptimizer
 from evo.parallel.context import ParallelContext
 from evo.parallel.parallelize import reshard
 from evo.parallel.schedule import build_schedule
+from evo.run_folder import check_not_behind, write_run_config
 from evo.stopping import StopRequests, TrainingStopped
 
 
@@ -55,11 +54,10 @@ class Trainer:
         self.num_consumed_tokens = 0
         self.inf_nan_skip_batches = 0
         self.last_lr = float("nan")  # the lr the last step used
-        self._last_eval_step = self._last_save_step = self._last_save_path = None
-        self._pending_save = None  # a checkpoint being written in the background (ckpt.async_upload)
-        # the background writes' own process group: their collectives never interleave with training's
-        self._save_group = torch.distributed.new_group(backend="gloo") if cfg.ckpt.async_upload and \
-            ctx.distributed else None
+        self._last_eval_step = None
+        self.checkpoints = CheckpointManager(cfg, ctx, Path(strip_folder_prefix(cfg.ckpt.save_ckpt_folder)),
+                                             model=model, optimizer=optimizer, scheduler=scheduler, loader=train_dl,
+                                             counters=self)
         self.stopped: str | None = None  # why training stopped early (evo.stopping), else None
         self._train_iter = iter(train_dl)
         self._matmul_params = matmul_params  # the whole model's (evo.model.flops), for the tflops metric
@@ -90,7 +88,7 @@ class Trainer:
             if self.stopped == "stop file":
                 logger.info("stopped after step %d as '%s' asked", self.step_count, self.cfg.ckpt.stop_file_path)
                 return last
-            raise TrainingStopped(self.stopped, self.step_count, self._last_save_path)
+            raise TrainingStopped(self.stopped, self.step_count, self.checkpoints.last_path)
         if self.val_dls and self._last_eval_step != self.step_count:
             last.update(self.evaluate_on_val_dls())
         self.try_save_checkpoint(force=True, background=False)
@@ -101,9 +99,7 @@ class Trainer:
 
     def train(self) -> dict:
         total = self.cfg.data.total_steps
-        if self.ctx.is_main:  # written when training starts: a run folder's config is the one that trained in it
-            self.run_folder.mkdir(parents=True, exist_ok=True)
-            (self.run_folder / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
+        write_run_config(self.run_folder, self.cfg, self.ctx.is_main)
         if self.monitor is None:
             self.monitor = Monitor(self.run_folder, self.ctx.is_main, total, self.step_count)
         profiler = self._profiler()
@@ -214,107 +210,34 @@ class Trainer:
             self.monitor.log_eval(record)
         return record
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (evo.checkpoint)
     @property
     def save_folder(self) -> Path:
-        return Path(strip_folder_prefix(self.cfg.ckpt.save_ckpt_folder))  # resolved by validation
+        return self.checkpoints.save_folder
 
     def try_save_checkpoint(self, force: bool = False, background: bool = True) -> Path | None:
-        """Save every ``ckpt.checkpoint_every`` steps, or now with ``force`` (once per step). With
-        ``ckpt.async_upload`` (and ``background``) the tensors are written in the background and the checkpoint
-        appears when ``finish_pending_save`` completes it; returns its path, or None when nothing was due."""
-        c = self.cfg.ckpt
-        due = force or (c.checkpoint_every > 0 and self.step_count % c.checkpoint_every == 0)
-        if not c.enable_save_ckpt or not due or self._last_save_step == self.step_count:
-            return None
-        self.finish_pending_save(wait=True)  # one save at a time
-        train_state = {"step": self.step_count, "num_consumed_tokens": self.num_consumed_tokens,
-                       "inf_nan_skip_batches": self.inf_nan_skip_batches, "scheduler": self.scheduler.state_dict(),
-                       "scaler": self.scaler.state_dict(), "sampler": self._sampler_states(), "rng": rng_state()}
-        tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-        self._last_save_step = self.step_count
-        if c.async_upload and background:
-            self._pending_save = start_async_save(self.save_folder, self.step_count, tensors, train_state,
-                                                  self.cfg.to_dict(), self.ctx.is_main, self._save_group,
-                                                  self.ctx.barrier, c.keep_latest)
-            return self._pending_save.final
-        path = save_checkpoint(self.save_folder, self.step_count, tensors, train_state, self.cfg.to_dict(),
-                               self.ctx.is_main, self.ctx.barrier, self.ctx.all_true, c.keep_latest)
-        self._last_save_path = path
-        logger.info("saved checkpoint %s", path)
-        return path
+        """Save every ``ckpt.checkpoint_every`` steps, or now with ``force``: ``CheckpointManager.save_if_due``."""
+        return self.checkpoints.save_if_due(self.step_count, force, background)
 
     def finish_pending_save(self, wait: bool = False) -> None:
-        """Complete the background save in progress: when every rank's writes are done (a collective), or with
-        ``wait``, after waiting for them."""
-        pending = self._pending_save
-        if pending is None or not self.ctx.all_true(wait or pending.future is None or pending.future.done()):
-            return
-        self._pending_save = None
-        self._last_save_path = pending.finish(self.ctx.barrier, self.ctx.all_true)
-        logger.info("saved checkpoint %s (written in the background)", self._last_save_path)
+        """Complete a background save: ``CheckpointManager.finish_pending``."""
+        self.checkpoints.finish_pending(wait)
 
     def resume(self, path: str | Path, content=("all",)) -> None:
-        """Load from checkpoint ``path`` what ``content`` names (InternEvo's ``load_ckpt_info`` contents):
+        """Load what ``content`` names from checkpoint ``path``: ``CheckpointManager.load``."""
+        self.checkpoints.load(path, content)
 
-        - ``model``: the weights (the fp32 masters are taken from them);
-        - ``optimizer``: the fp32 masters (the model is taken from them), AdamW's moments, the fp16 loss scaler;
-        - ``scheduler``: the run's position: the step counters (step, consumed tokens, skipped steps) and the
-          lr schedule at that step, so the run continues to ``data.total_steps`` (InternEvo positions its
-          scheduler from the step count it loads with it);
-        - ``sampler``: the data position and the random number generator states;
-        - ``all``: everything (what auto-resume loads).
-        """
-        content = set(content)
-        if "all" in content:
-            content = {"model", "optimizer", "scheduler", "sampler"}
-        tensors = {}
-        if "model" in content:
-            tensors["model"] = self.model.state_dict()
-        if "optimizer" in content:
-            tensors["optimizer"] = self.optimizer.state_dict()
-        state = load_checkpoint(path, tensors)
-        if "optimizer" in content:
-            self.optimizer.copy_tied_state()
-            self.optimizer.sync_model_from_masters()  # the fp32 masters are the more precise copy
-            self.scaler.load_state_dict(state["scaler"])
-        elif "model" in content:
-            self.optimizer.sync_masters_from_model()
-        if "scheduler" in content:
-            self.step_count = state["step"]
-            self.num_consumed_tokens = state["num_consumed_tokens"]
-            self.inf_nan_skip_batches = state["inf_nan_skip_batches"]
-            self._last_save_step = self.step_count
-            self.scheduler.load_state_dict(state["scheduler"])  # the schedule's position: its step
-            # as InternEvo's load_scheduler: continue from the checkpoint's step with this config's schedule
-            # (adam.lr, lr_scheduler.*, data.total_steps), which may differ from the one the checkpoint ran
-            saved_lr = self.scheduler.get_last_lr()[0]  # the checkpoint's schedule at its next step
-            lr = self.cfg.adam.lr
-            self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
-            for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
-                group["lr"] = lr * factor(self.scheduler.last_epoch)
-            now = self.optimizer.param_groups[0]["lr"]
-            if self.ctx.is_main and not math.isclose(now, saved_lr, rel_tol=1e-6):
-                logger.warning("step %d runs at lr %.4g where the checkpoint's schedule had %.4g: this config's "
-                               "schedule differs (adam.lr %g, lr_scheduler.total_steps %d, warmup_ratio %g)",
-                               self.step_count + 1, now, saved_lr, lr, self.cfg.lr_scheduler.total_steps,
-                               self.cfg.lr_scheduler.warmup_ratio)
-        if "sampler" in content:
-            states = state["sampler"]  # one per data-parallel rank (a streaming loader's differ)
-            self.train_dl.load_state_dict(states[self.ctx.dp_rank] if len(states) == self.ctx.dp_size else states[0])
-            set_rng_state(state["rng"])
-        logger.info("loaded %s from checkpoint %s (step %d)", ", ".join(sorted(content)), path, state["step"])
+    def state_dict(self) -> dict:
+        """The trainer's counters, saved with every checkpoint (``evo.checkpoint.COUNTERS``)."""
+        return {"step": self.step_count, "num_consumed_tokens": self.num_consumed_tokens,
+                "inf_nan_skip_batches": self.inf_nan_skip_batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = state["step"]
+        self.num_consumed_tokens = state["num_consumed_tokens"]
+        self.inf_nan_skip_batches = state["inf_nan_skip_batches"]
 
     # ------------------------------------------------------------------ helpers
-    def _sampler_states(self) -> list:
-        """Every data-parallel rank's loader state, in rank order."""
-        state = self.train_dl.state_dict()
-        if self.ctx.dp_size == 1:
-            return [state]
-        states = [None] * self.ctx.dp_size
-        torch.distributed.all_gather_object(states, state, group=self.ctx.dp_group)
-        return states
-
     def _step_record(self, out: dict, grad_norm: float, seconds: float) -> dict:
         self.num_consumed_tokens += int(out["tokens"])
         # per device: a data-parallel rank's tokens are shared by its tp x pp devices, and so is their work
@@ -382,28 +305,17 @@ class TrainerBuilder(Trainer):
         cfg, ctx = state.config, state.ctx
         scaler = DynamicLossScaler(cfg.grad_scaler, enabled=cfg.model.torch_dtype == torch.float16)
         optimizer = MixedPrecisionOptimizer(model, cfg.adam, cfg.hybrid_zero_optimizer.clip_grad_norm, scaler, ctx)
-        factor = lr_factor(cfg.lr_scheduler, cfg.adam.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, [factor] * len(optimizer.param_groups))
+        scheduler = LrSchedule(optimizer, cfg.lr_scheduler, cfg.adam.lr)
         super().__init__(model, train_dl, val_dls, cfg, ctx, list(dataset_types or ["default"]), optimizer, scheduler,
                          state.run_folder, state.model_sizes()[1], profiling=profiling)
         self._auto_load()
 
     def _auto_load(self) -> None:
         """Resume: the save folder's newest checkpoint (with ``ckpt.auto_resume``) wins over
-        ``ckpt.load_ckpt_info``. A run never starts behind checkpoints already in its save folder: they would be
-        overwritten one by one, and a later auto-resume would pick the old run's newest."""
+        ``ckpt.load_ckpt_info``; a run never starts behind checkpoints already in its save folder
+        (``evo.run_folder.check_not_behind``)."""
         c = self.cfg.ckpt
-        found = complete_checkpoints(self.save_folder)
-        latest = found[0] if found else None
-        if latest is not None and c.auto_resume:
-            for i, path in enumerate(found):  # the newest that can be read: a damaged one is named and passed over
-                try:
-                    self.resume(path)
-                    break
-                except CorruptCheckpointError as exc:
-                    if i + 1 == len(found):
-                        raise
-                    logger.warning("%s; resuming from the previous complete checkpoint, '%s'", exc, found[i + 1])
+        if c.auto_resume and self.checkpoints.resume_newest() is not None:
             return
         if c.load_ckpt_info is not None:
             path = strip_folder_prefix(str(c.load_ckpt_info["path"]))
@@ -421,9 +333,4 @@ class TrainerBuilder(Trainer):
                             path)
             else:
                 self.resume(path, c.load_ckpt_info["content"])
-        if latest is not None and int(latest.name) > self.step_count:
-            raise CheckpointError(
-                f"'{self.save_folder}' holds checkpoints up to step {latest.name} and ckpt.auto_resume is False: this "
-                f"run would start at step {self.step_count + 1} and overwrite them. To continue that run, set "
-                "ckpt.auto_resume=True (the default); to start afresh, use another JOB_NAME (or monitor.run_folder) "
-                f"or remove '{self.save_folder}'")
+        check_not_behind(self.save_folder, self.step_count)

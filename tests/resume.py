@@ -62,14 +62,14 @@ def assert_resumed(log: str, checkpoint: Path, before: list[dict], after: list[d
 @contextlib.contextmanager
 def no_resume_search():
     """In this process, auto-resume finds no checkpoint in the save folder (the search is what is disabled)."""
-    import evo.trainer
+    import evo.checkpoint
 
-    saved = evo.trainer.complete_checkpoints
-    evo.trainer.complete_checkpoints = lambda folder: []
+    saved = evo.checkpoint.complete_checkpoints
+    evo.checkpoint.complete_checkpoints = lambda folder: []
     try:
         yield
     finally:
-        evo.trainer.complete_checkpoints = saved
+        evo.checkpoint.complete_checkpoints = saved
 
 
 @contextlib.contextmanager

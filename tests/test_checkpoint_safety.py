@@ -141,11 +141,11 @@ def checkpoint_contents(path):
 
 
 def test_background_saves_write_the_checkpoints_a_blocking_save_writes(tmp_path, monkeypatch):
-    import evo.trainer
+    import evo.checkpoint
 
     started = []
-    start = evo.trainer.start_async_save
-    monkeypatch.setattr(evo.trainer, "start_async_save", lambda *a, **k: started.append(a[1]) or start(*a, **k))
+    start = evo.checkpoint.start_async_save
+    monkeypatch.setattr(evo.checkpoint, "start_async_save", lambda *a, **k: started.append(a[1]) or start(*a, **k))
     blocking = trained(tmp_path, "blocking", data=dict(total_steps=6))
     background = trained(tmp_path, "background", data=dict(total_steps=6), ckpt=dict(checkpoint_every=2,
                                                                                           async_upload=True))

@@ -188,7 +188,7 @@ def test_the_lr_schedule_follows_data_total_steps():
 
 
 def test_run_differences_compare_what_the_run_computes():
-    from evo.initialize import run_differences
+    from evo.run_folder import run_differences
 
     base = config_from_dict(small_sections()).to_dict()
     same = config_from_dict(small_sections(data=dict(total_steps=9, valid_every=3, skip_batches="2"),
