@@ -319,12 +319,11 @@ def _fsdp_model(cfg, device: torch.device, seed: int):
     from torch.distributed.device_mesh import init_device_mesh
 
     from evo.model import DecoderModel
-    from evo.parallel.parallelize import apply_fsdp
+    from evo.parallel.parallelize import apply_fsdp, mark_checkpointed
 
     with torch.device("meta"):
         model = DecoderModel(cfg)
-    for i, layer in enumerate(model.layers):
-        layer.checkpointed = i < cfg.num_checkpoint_layers
+    mark_checkpointed(list(model.layers), cfg.checkpoint)
     apply_fsdp(model, init_device_mesh(device.type, (1,)), cfg)
     model.to_empty(device=device)
     model.tie_weights()

@@ -84,6 +84,35 @@ def test_unknown_keys_warn_by_name_and_known_internevo_keys_do_not():
     assert messages == ["unknown config key 'data.my_typo' (ignored)", "unknown config key 'surprise' (ignored)"]
 
 
+def test_internevo_settings_evo_does_not_have_are_accepted_with_a_warning_naming_them(config_file):
+    raw = small_sections(adam=dict(lr=1e-3, adam_beta2_c=0),
+                         parallel=dict(pipeline=dict(size=1, interleaved_overlap=True),
+                                       weight=dict(size=1, overlap=True, memory_pool=True)))
+    with pytest.warns(UserWarning) as record:
+        cfg = config_from_dict(raw)
+    assert sorted(str(w.message) for w in record) == [
+        f"config key '{key}' has no effect in evo (InternEvo's; accepted and ignored)"
+        for key in ("adam.adam_beta2_c", "parallel.pipeline.interleaved_overlap", "parallel.weight.memory_pool",
+                    "parallel.weight.overlap")]
+    assert not hasattr(cfg.parallel.pipeline, "interleaved_overlap") and not hasattr(cfg.adam, "adam_beta2_c")
+    path = config_file("model = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=100)\n")
+    with pytest.warns(UserWarning, match="'parallel.pipeline.interleaved_overlap' has no effect"):
+        load_config(path, ["parallel.pipeline.interleaved_overlap=True"])  # an override stays accepted
+
+
+def test_experts_are_refused_until_evo_has_them(tmp_path):
+    assert config_from_dict(small_sections(model=dict(num_experts=1))).model.num_layers == 2  # dense: accepted
+    with pytest.raises(ConfigError, match=r"^'model.num_experts' is 4: evo has no mixture-of-experts layers yet"):
+        config_from_dict(small_sections(model=dict(num_experts=4)))
+    result = run_script("scripts/train.py", "--config", "configs/tiny.py", "model.num_experts=4",
+                        f"monitor.run_folder={tmp_path}/run")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line == ("evo: error: 'model.num_experts' is 4: evo has no mixture-of-experts layers yet; use 1 (a dense "
+                    "model) or leave it out")
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_overrides(config_file):
     path = config_file("model = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=100)\n")
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):

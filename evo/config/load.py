@@ -20,6 +20,7 @@ import runpy
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -28,11 +29,11 @@ from evo.config.sections import MODEL_TYPES, REQUIRED, SECTIONS, Config
 from evo.errors import ConfigError
 
 # InternEvo keys that evo accepts without a warning but that change nothing here (they tune
-# InternEvo's own machinery: alerting, upload queues, communication overlap, ...).
+# InternEvo's own machinery: alerting, upload queues, ...).
 _ACCEPTED_NO_EFFECT = {
     "model": {"embed_split_hidden", "embed_grad_scale", "parallel_output", "use_flash_attn",
               "adapt_hf", "mlp_layer_fusion", "use_scaled_init", "use_swiglu",
-              "deepnorm", "residual_in_fp32", "fused_dropout_add_ln", "moe_use_residual", "num_experts"},
+              "deepnorm", "residual_in_fp32", "fused_dropout_add_ln", "moe_use_residual"},
     "data": {"rampup_batch_size", "empty_cache_and_diag_interval", "diag_outlier_ratio", "num_worker",
              "fixed_random_dataset_seqlen", "gradient_accumulation"},
     "hybrid_zero_optimizer": {"overlap_sync_grad", "overlap_sync_param", "reduce_bucket_size",
@@ -41,6 +42,9 @@ _ACCEPTED_NO_EFFECT = {
              "snapshot_ckpt_folder", "load_optimizer"},
     "monitor": {"alert"},
 }
+# InternEvo keys of settings a reader could expect to work, accepted with a warning that names them: evo has no
+# communication overlap or memory pool to tune (parallel.*), and AdamW's beta2 does not follow a schedule here.
+_ACCEPTED_WITH_WARNING = {"parallel": {"interleaved_overlap", "overlap", "memory_pool"}, "adam": {"adam_beta2_c"}}
 _TOP_LEVEL_NO_EFFECT = {"DO_ALERT", "model_type", "cudnn_deterministic", "cudnn_benchmark", "use_fp32_norm",
                         "beta2_scheduler", "generation"}
 
@@ -155,14 +159,26 @@ def _build(cls, raw: dict, where: str):
     for key, value in raw.items():
         path = f"{where}.{key}"
         if key not in known:
-            if key not in _ACCEPTED_NO_EFFECT.get(section, ()):
-                warn_unknown(path)
+            _not_a_field(section, key, path, value)
             continue
         kwargs[key] = _convert(value, hints[key], path)
     for f in dataclasses.fields(cls):
         if f.default is REQUIRED and f.name not in kwargs:
             raise ConfigError(f"'{where}.{f.name}' is required ({_type_name(hints[f.name])})")
     return cls(**kwargs)
+
+
+def _not_a_field(section: str, key: str, path: str, value) -> None:
+    """A key with no field in its section: accepted silently, with a warning naming it, or refused."""
+    if path == "model.num_experts":
+        if not isinstance(value, int) or isinstance(value, bool) or value > 1:
+            raise ConfigError(f"'model.num_experts' is {value!r}: evo has no mixture-of-experts layers yet; use 1 (a "
+                              "dense model) or leave it out")
+    elif key in _ACCEPTED_WITH_WARNING.get(section, ()):
+        warnings.warn(f"config key '{path}' has no effect in evo (InternEvo's; accepted and ignored)", UserWarning,
+                      stacklevel=4)
+    elif key not in _ACCEPTED_NO_EFFECT.get(section, ()):
+        warn_unknown(path)
 
 
 def _convert(value, annotation, path: str):

@@ -98,11 +98,6 @@ class ModelConfig:
             self.dtype.split(".")[-1], torch.float32)
 
     @property
-    def num_checkpoint_layers(self) -> int:
-        frac = float(self.checkpoint)
-        return int(round(frac * self.num_layers))
-
-    @property
     def attention_window(self) -> tuple[int, int]:
         """flash-attn's (left, right) window of the causal attention: (sliding_window - 1, 0), or (-1, -1)."""
         return (self.sliding_window - 1, 0) if self.sliding_window else (-1, -1)
@@ -145,9 +140,6 @@ class DataConfig:
 class ParallelDim:
     size: int = 1
     mode: Optional[str] = None
-    interleaved_overlap: bool = True
-    overlap: bool = False
-    memory_pool: bool = False
 
 
 @dataclass
@@ -165,7 +157,6 @@ class AdamConfig:
     lr: float = 1e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
-    adam_beta2_c: float = 0.0
     adam_eps: float = 1e-8
     weight_decay: float = 0.01
 

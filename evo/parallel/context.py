@@ -116,11 +116,6 @@ class ParallelContext:
             dist.all_reduce(tensor, op=op, group=self.pp_group)
         return tensor
 
-    def all_reduce_world(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(tensor, op=op)
-        return tensor
-
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` is True on every rank (a collective; in one process, ``flag``)."""
         if not self.distributed:

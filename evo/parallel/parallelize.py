@@ -52,14 +52,20 @@ def parallelize(model: nn.Module, ctx: ParallelContext, cfg: ModelConfig) -> nn.
         model.make_stages()
     for part in fsdp_parts(model):
         layers = decoder_layers(part)
-        n_ckpt = round(float(cfg.checkpoint) * len(layers))  # the first layers of each pipeline stage
-        for i, layer in enumerate(layers):
-            layer.checkpointed = i < n_ckpt
-            if cfg.compile:
-                layer.compile()
+        mark_checkpointed(layers, cfg.checkpoint)  # the first layers of each pipeline stage
+        for layer in layers if cfg.compile else ():
+            layer.compile()
         if ctx.distributed:
             apply_fsdp(part, ctx.fsdp_mesh, cfg)
     return model
+
+
+def mark_checkpointed(layers: list[nn.Module], fraction) -> None:
+    """Activation checkpointing (``model.checkpoint``): the first ``round(fraction * len(layers))`` layers recompute
+    their forward in backward, the others keep their activations."""
+    n_ckpt = round(float(fraction) * len(layers))
+    for i, layer in enumerate(layers):
+        layer.checkpointed = i < n_ckpt
 
 
 def apply_fsdp(model: nn.Module, mesh, cfg: ModelConfig) -> None:
