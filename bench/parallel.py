@@ -115,7 +115,7 @@ def computed_memory(model_cfg, world: int = 1, tp: int = 1, zero1: int = 1, meta
 
 def computed_rows(configs=CONFIGS_7B, layouts=LAYOUTS_7B) -> list[dict]:
     from evo.model import build_model
-    from evo.parallel.context import layout_error, zero_size
+    from evo.config import layout_error, zero_size
     from evo.config.layout import check_tensor_parallel
 
     rows = []

@@ -27,6 +27,7 @@ import torch
 
 from evo.checkpoint import latest_checkpoint, replace_folder
 from evo.errors import CheckpointError, ConfigError
+from evo.model.decoder import tied_name
 from evo.model.hf import (FAMILIES, INTERNLM2, hf_config_from_model, hf_family, hf_name, internlm2_config_from_model,
                           internlm2_name, interleaved_to_halves, model_config_from_hf, model_config_from_internlm2,
                           pack_wqkv, unpack_wqkv)
@@ -245,9 +246,7 @@ def _hf_files(hf_dir: Path) -> dict[str, Path]:
 
 
 def _hf_name(evo_name: str, tied: bool) -> str:
-    if tied and evo_name == "output.weight":
-        evo_name = "tok_embeddings.weight"
-    return hf_name(evo_name)
+    return hf_name(tied_name(evo_name, tied))
 
 
 @torch.no_grad()
@@ -285,7 +284,7 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
                 source = WholeTensor(unpacked[key][("wq", "wk", "wv").index(module)])
             else:
                 if internlm2:
-                    key = internlm2_name("tok_embeddings.weight" if tied and name == "output.weight" else name)
+                    key = internlm2_name(tied_name(name, tied))
                 else:
                     key = _hf_name(name, tied)
                 source = open_slice(key, name)

@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from evo.config import Config, ConfigError, load_config, validate
 from evo.monitor import logger, setup_logging
-from evo.parallel.context import ParallelContext, build_context, layout_error, zero_size
+from evo.config.layout import layout_error, zero_size
+from evo.parallel.context import ParallelContext, build_context
 from evo.run_folder import check_run_folder
 
 LAUNCHERS = ("local", "torch", "slurm")

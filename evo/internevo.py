@@ -56,9 +56,11 @@ from pathlib import Path
 import torch
 
 from evo.checkpoint import CorruptCheckpointError
-from evo.parallel.shards import WholeTensor, fill_parameter
+from evo.config.layout import PIPELINE_MODE
 from evo.errors import CheckpointError
+from evo.model.decoder import tied_name
 from evo.model.hf import halves_to_interleaved, interleaved_to_halves, unpack_wqkv
+from evo.parallel.shards import WholeTensor, fill_parameter
 
 # (file name pattern, the layout it names): "isp-early" is isp as InternEvo saved it from 2024-02 to 2024-07
 _FILES = ((re.compile(r"model_tp(?P<tp>\d+)_pp(?P<pp>\d+)\.pt"), "tp"),
@@ -316,10 +318,11 @@ class _Folder:
                                   "neither the interleaved nor the zero-bubble V schedule: evo cannot place them")
         mode = _pipeline_mode(self.folder)
         if mode is not None:
-            if (mode == "ZBV") not in fits:
+            v_shape = mode in PIPELINE_MODE and PIPELINE_MODE[mode].v_shape  # InternEvo's other modes: not a V
+            if v_shape not in fits:
                 raise CheckpointError(f"InternEvo folder '{self.folder}': its config_file.pt says pipeline mode "
                                       f"{mode!r}, and its stage sizes are those of the other schedule")
-            return layout(mode == "ZBV")
+            return layout(v_shape)
         if len(fits) == 1:
             return layout(fits[0])
         raise CheckpointError(
@@ -391,8 +394,7 @@ def _split(key: str) -> tuple[int, str]:
 def _source_key(name: str, cfg, internlm2: bool, source: _Folder) -> str:
     """The folder's name of the tensor evo's parameter ``name`` is read from."""
     module, kind = name.rsplit(".", 2)[-2:]
-    if cfg.tie_word_embeddings and name == "output.weight":
-        name = "tok_embeddings.weight"
+    name = tied_name(name, cfg.tie_word_embeddings)
     if internlm2 and module in ("wq", "wk", "wv"):
         return f"{name.rsplit('.', 2)[0]}.wqkv.{kind}"
     if name == "tok_embeddings.weight" and name not in source:

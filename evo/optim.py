@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from evo.config import AdamConfig, GradScalerConfig, LrSchedulerConfig
+from evo.model.decoder import tied_name
 from evo.parallel.context import ParallelContext
 from evo.parallel.shards import local
 
@@ -144,7 +145,7 @@ class MixedPrecisionOptimizer:
         # a pipeline's tied head: a copy whose gradient the embedding's copy also holds, counted once in the norm
         self.duplicates = set(model.duplicate_parameters()) if hasattr(model, "duplicate_parameters") else set()
         # ... saved under the name of the weight it copies (the name one process uses for the one tied tensor)
-        self.aliases = {name: "tok_embeddings.weight" for name in self.duplicates}
+        self.aliases = {name: tied_name(name, True) for name in self.duplicates}
         decay = [m for n, m in self.masters.items() if m.ndim >= 2]
         no_decay = [m for n, m in self.masters.items() if m.ndim < 2]  # norms and biases
         self.optimizer = torch.optim.AdamW(

@@ -31,6 +31,7 @@ from evo.checkpoint import CheckpointManager
 from evo.config import Config, strip_folder_prefix
 from evo.data.packing import IGNORE_INDEX
 from evo.errors import CheckpointError
+from evo.model.decoder import max_seqlen_of
 from evo.model.flops import seqlen_sq, step_flops
 from evo.monitor import Monitor, logger, peak_tflops
 from evo.optim import DynamicLossScaler, LrSchedule, MixedPrecisionOptimizer
@@ -195,7 +196,7 @@ class Trainer:
             for inputs, labels in loader:
                 for i in range(labels.shape[0]):
                     cu = inputs["cu_seqlens"][i]
-                    loss, correct = self.model(inputs["input_ids"][i].to(dev), cu.to(dev), int((cu[1:] - cu[:-1]).max()),
+                    loss, correct = self.model(inputs["input_ids"][i].to(dev), cu.to(dev), max_seqlen_of(cu),
                                                labels=labels[i].to(dev), return_accuracy=True)
                     totals += torch.stack([loss.double().sum(), (labels[i] != IGNORE_INDEX).sum().to(dev).double(),
                                            correct.double()])

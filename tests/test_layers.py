@@ -117,3 +117,51 @@ def test_the_check_sees_both_ways_of_reaching_a_private_name():
                                                          "3: evo.kernels.attention._TUNED"]
     assert private_imports(source, "evo.model") == ["1: from evo.kernels.reference import _probe",
                                                    "3: evo.kernels.attention._TUNED"]  # its own name
+
+
+MODE_NAMES = {"mtp", "msp", "fsp", "isp", "1F1B", "ZBH1", "ZBV"}
+
+
+def mode_comparisons(source: str) -> list[str]:
+    """Where ``source`` compares something with a tensor or pipeline mode's name, as "line: text"."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            consts = [c for side in sides for c in ([side] if not isinstance(side, (ast.Tuple, ast.List, ast.Set))
+                                                   else side.elts)]
+            if any(isinstance(c, ast.Constant) and c.value in MODE_NAMES for c in consts):
+                found.append(f"{node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Dict) and any(isinstance(k, ast.Constant) and k.value in MODE_NAMES
+                                                for k in node.keys):
+            found.append(f"{node.lineno}: {ast.unparse(node)[:60]}")
+    return found
+
+
+def test_the_code_asks_the_mode_tables_instead_of_comparing_mode_names():
+    """DESIGN.md: a mode is a table entry (evo/config/layout.py), not a string compared in several files.
+    evo/internevo.py is left out: its "isp" and "tp" name InternEvo's kinds of folder files, not modes."""
+    skip = {EVO / "config" / "layout.py", EVO / "internevo.py"}
+    found = [f"{path.relative_to(ROOT)}:{hit}" for path in sorted(EVO.rglob("*.py")) if path not in skip
+             for hit in mode_comparisons(path.read_text())]
+    assert not found, "mode names compared outside evo/config/layout.py:\n" + "\n".join(found)
+    assert mode_comparisons('if ctx.tp_mode == "isp": pass\nx = m in ("msp", "fsp")\n') == [
+        "1: ctx.tp_mode == 'isp'", "2: m in ('msp', 'fsp')"]
+
+
+def forward_assignments(source: str) -> list[str]:
+    """Where ``source`` assigns a module's ``forward`` (``m.forward = ...``), as "line: text"."""
+    return [f"{node.lineno}: {ast.unparse(node)[:60]}" for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+            and any(isinstance(t, ast.Attribute) and t.attr == "forward"
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))]
+
+
+def test_parallel_code_changes_modules_through_a_declared_mechanism():
+    """DESIGN.md: a class swap or a hook that the model's docstring names, never ``module.forward = ...``."""
+    found = [f"{path.relative_to(ROOT)}:{hit}" for path in sorted(EVO.rglob("*.py"))
+             for hit in forward_assignments(path.read_text())]
+    assert not found, "forward assigned at run time:\n" + "\n".join(found)
+    assert forward_assignments("head.forward = run\nx = 1\n") == ["1: head.forward = run"]
+    decoder = (EVO / "model" / "decoder.py").read_text()
+    assert "swap_class" in decoder and "sequence_shards" in decoder  # the model's docstring names the mechanism

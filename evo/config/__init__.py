@@ -2,7 +2,8 @@
 modules, each importing only the ones before it:
 
 - ``sections.py``: the dataclasses, with InternEvo's section and field names (a leaf);
-- ``layout.py``: the parallel layout's rules (tensor and pipeline modes, what a model must satisfy to be split);
+- ``layout.py``: the parallel layout's rules (the tensor-mode table, pipeline modes, zero and weight groups, what a
+  model and a world size must satisfy to be split);
 - ``checks.py``: validation beyond types, one ``ConfigError`` line per problem;
 - ``load.py``: executing a config file, ``KEY=VALUE`` overrides, building the dataclasses.
 
@@ -10,7 +11,8 @@ Every public name is re-exported here: ``from evo.config import X`` is the way i
 
 from evo.config.checks import (ROPE_TYPES, check_choice, parse_skip_batches, require, strip_folder_prefix, validate,
                                warn_unknown)
-from evo.config.layout import PIPELINE_MODES, TENSOR_MODES, check_pipeline, check_tensor_parallel
+from evo.config.layout import (PIPELINE_MODE, PIPELINE_MODES, TENSOR_MODE, TENSOR_MODES, PipelineMode, TensorMode,
+                               check_pipeline, check_tensor_parallel, layout_error, zero_size)
 from evo.config.load import apply_overrides, config_from_dict, load_config, parse_value, read_config_file
 from evo.config.sections import (CKPT_CONTENTS, DTYPES, MODEL_TYPES, REQUIRED, SECTIONS, AdamConfig, CkptConfig,
                                  Config, DataConfig, Fp16ScalerConfig, GradScalerConfig, HybridZeroConfig,
@@ -19,8 +21,9 @@ from evo.config.sections import (CKPT_CONTENTS, DTYPES, MODEL_TYPES, REQUIRED, S
 from evo.errors import ConfigError
 
 __all__ = ["ROPE_TYPES", "check_choice", "parse_skip_batches", "require", "strip_folder_prefix", "validate",
-           "warn_unknown", "PIPELINE_MODES", "TENSOR_MODES", "check_pipeline", "check_tensor_parallel",
-           "apply_overrides", "config_from_dict", "load_config", "parse_value", "read_config_file", "CKPT_CONTENTS",
-           "DTYPES", "MODEL_TYPES", "REQUIRED", "SECTIONS", "AdamConfig", "CkptConfig", "Config", "DataConfig",
+           "warn_unknown", "PIPELINE_MODE", "PIPELINE_MODES", "TENSOR_MODE", "TENSOR_MODES", "TensorMode",
+           "PipelineMode", "check_pipeline", "check_tensor_parallel", "layout_error", "zero_size", "apply_overrides",
+           "config_from_dict", "load_config", "parse_value", "read_config_file", "CKPT_CONTENTS", "DTYPES",
+           "MODEL_TYPES", "REQUIRED", "SECTIONS", "AdamConfig", "CkptConfig", "Config", "DataConfig",
            "Fp16ScalerConfig", "GradScalerConfig", "HybridZeroConfig", "LossConfig", "LrSchedulerConfig",
            "ModelConfig", "MonitorConfig", "ParallelConfig", "ParallelDim", "ConfigError"]

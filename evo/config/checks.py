@@ -9,7 +9,7 @@ import math
 import warnings
 from pathlib import Path
 
-from evo.config.layout import TENSOR_MODES, check_pipeline, check_tensor_parallel
+from evo.config.layout import TENSOR_MODE, TENSOR_MODES, check_pipeline, check_tensor_parallel
 from evo.config.sections import CKPT_CONTENTS, DTYPES, Config, DataConfig, ModelConfig
 from evo.errors import ConfigError
 
@@ -147,7 +147,7 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_parallel(cfg: Config) -> None:
-    """The layout keys on their own (the world size is checked at launch, ``evo.parallel.context.layout_error``)."""
+    """The layout keys on their own (the world size is checked at launch, ``evo.config.layout.layout_error``)."""
     p, m = cfg.parallel, cfg.model
     for name in ("tensor", "pipeline", "weight"):
         size = getattr(p, name).size
@@ -157,15 +157,14 @@ def _validate_parallel(cfg: Config) -> None:
     p.pipeline.mode = p.pipeline.mode or "1F1B"
     problem = check_pipeline(m, p.pipeline.size, p.pipeline.mode, cfg.data.micro_num)
     require(problem is None, str(problem))
-    isp = p.tensor.mode == "isp"
-    require(p.weight.size == 1 or isp, f"'parallel.weight.size' = {p.weight.size} needs 'parallel.tensor.mode' "
+    mode = TENSOR_MODE[p.tensor.mode]
+    require(p.weight.size == 1 or mode.weight_parallel, f"'parallel.weight.size' = {p.weight.size} needs 'parallel.tensor.mode' "
              f"'isp' (weight parallelism is isp's); got '{p.tensor.mode}'")
-    require(not isp or p.zero1.size in (-1, 0, 1),
+    require(not mode.weight_parallel or p.zero1.size in (-1, 0, 1),
              f"'parallel.zero1.size' = {p.zero1.size} with tensor.mode 'isp': evo shards the weights, gradients and "
              "optimizer state over the weight group ('parallel.weight.size'); leave zero1 at -1")
     if p.sequence_parallel is not None:
-        sp = p.tensor.mode in ("msp", "fsp", "isp")
-        require(bool(p.sequence_parallel) == sp or p.tensor.size == 1,
+        require(bool(p.sequence_parallel) == mode.sequence_parallel or p.tensor.size == 1,
                  f"'parallel.sequence_parallel' = {p.sequence_parallel} contradicts 'parallel.tensor.mode' "
                  f"'{p.tensor.mode}' (msp and fsp are sequence parallel, mtp is not): leave it out, or make them agree")
     require(p.timeout_s > 0, f"'parallel.timeout_s' must be > 0 seconds, got {p.timeout_s}")
@@ -173,7 +172,7 @@ def _validate_parallel(cfg: Config) -> None:
     if tp > 1:
         problem = check_tensor_parallel(m, tp, p.tensor.mode)
         require(problem is None, str(problem))
-        if p.tensor.mode in ("msp", "fsp", "isp"):
+        if mode.sequence_parallel:
             require(cfg.data.packed_length % tp == 0,
                      f"'data.seq_len' x 'data.micro_bsz' ({cfg.data.packed_length} tokens a row) must be divisible by "
                      f"'parallel.tensor.size' ({tp}) for tensor.mode '{p.tensor.mode}' (rows are split into sequence "

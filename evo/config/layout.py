@@ -1,22 +1,93 @@
-"""The parallel layout's rules, checked with the config before any process group exists: the tensor modes, the
-pipeline modes, and what a model must satisfy to be split by them (``check_tensor_parallel``,
-``check_pipeline``: the reason it cannot, or None). evo/config/checks.py asks them; evo/parallel runs the
-layouts they allow."""
+"""The parallel layout's rules, checked with the config before any process group exists: the tensor modes (one
+table, ``TENSOR_MODE``, that the code asks), the pipeline modes, the zero and weight group sizes, and what a model
+and a world size must satisfy to be split by them (``check_tensor_parallel``, ``check_pipeline``,
+``layout_error``: the reason it cannot, or None). evo/config/checks.py asks them with the config,
+evo.parallel.context at launch; evo/parallel runs the layouts they allow."""
 
 from __future__ import annotations
 
-TENSOR_MODES = ("mtp", "msp", "fsp", "isp")  # InternEvo's: megatron, + sequence parallel, + full sequence, intern
-PIPELINE_MODES = ("1F1B", "ZBH1", "ZBV")
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TensorMode:
+    """What one ``parallel.tensor.mode`` shards and gathers over the tensor group (of ``parallel.tensor.size``)."""
+
+    name: str
+    splits_matrices: bool  # Megatron's column/row split of every linear weight and the vocabulary (evo.parallel.tensor)
+    sequence_parallel: bool  # norms and residuals run on sequence shards of the tensor group (msp, fsp, isp)
+    regathers_in_backward: bool  # fsp: the gathered sequence is gathered again in backward instead of kept
+    weight_parallel: bool  # isp: weights sharded over weight groups, gathered for use (evo.parallel.sequence); ZeRO
+    # is the weight group's
+    splits: tuple[str, ...]  # the ModelConfig sizes the tensor size must divide
+
+
+_HEADS = ("num_attention_heads", "kv_heads")
+TENSOR_MODE = {m.name: m for m in (
+    TensorMode("mtp", True, False, False, False, _HEADS + ("vocab_size", "intermediate_size")),
+    TensorMode("msp", True, True, False, False, _HEADS + ("vocab_size", "intermediate_size")),
+    TensorMode("fsp", True, True, True, False, _HEADS + ("vocab_size", "intermediate_size")),
+    # intern sequence parallelism: Ulysses all-to-alls around attention (heads split), weights whole in compute
+    TensorMode("isp", False, True, False, True, _HEADS),
+)}
+TENSOR_MODES = tuple(TENSOR_MODE)  # InternEvo's: megatron, + sequence parallel, + full sequence, intern
+
+
+@dataclass(frozen=True)
+class PipelineMode:
+    """What one ``parallel.pipeline.mode`` runs (evo.parallel.pipeline, on torch.distributed.pipelining)."""
+
+    name: str
+    chunks: int | None  # the chunks a rank must hold (``model.num_chunks``), or None: any
+    v_shape: bool  # chunk 1 runs down the ranks in reverse: rank 0 holds the first and the last stage
+    zero_bubble: bool  # weight gradients apart from input gradients: a compiled layer cannot be split so
+    schedule: str  # torch's schedule class (one chunk under 1F1B: Schedule1F1B)
+
+
+PIPELINE_MODE = {m.name: m for m in (
+    PipelineMode("1F1B", None, False, False, "ScheduleInterleaved1F1B"),
+    PipelineMode("ZBH1", None, False, True, "ScheduleInterleavedZeroBubble"),
+    PipelineMode("ZBV", 2, True, True, "ScheduleZBVZeroBubble"),
+)}
+PIPELINE_MODES = tuple(PIPELINE_MODE)
+_WORDS = {2: "two"}
 
 
 def check_tensor_parallel(cfg, tp: int, mode: str = "mtp") -> str | None:
     """Why a model config cannot be split over ``tp`` ranks in ``mode``, or None (isp splits only the heads)."""
-    split = (("num_attention_heads", cfg.num_attention_heads), ("num_kv_attention_heads", cfg.kv_heads))
-    if mode != "isp":
-        split += (("vocab_size", cfg.vocab_size), ("intermediate_size", cfg.intermediate_size))
-    for key, value in split:
+    for attr in TENSOR_MODE[mode].splits:
+        value = getattr(cfg, attr)
         if value % tp:
+            key = "num_kv_attention_heads" if attr == "kv_heads" else attr
             return f"'parallel.tensor.size' ({tp}) must divide 'model.{key}' ({value})"
+    return None
+
+
+def zero_size(zero1: int, dp: int, tp_mode: str = "mtp") -> int:
+    """InternEvo's zero1.size: <= 0 the whole data group, 1 off, else a divisor of dp. Under isp there are no
+    zero groups (1): the weight group is what shards."""
+    if TENSOR_MODE[tp_mode].weight_parallel:
+        return 1
+    return dp if zero1 <= 0 else zero1
+
+
+def layout_error(world_size: int, pp: int, dp: int | None, tp: int, zero: int, weight: int = 1) -> str | None:
+    """Why (pp, tp, zero, isp's weight) cannot be laid over ``world_size`` ranks, or None (dp: None = what is
+    left)."""
+    procs = f"{world_size} process{'es' if world_size != 1 else ''}"
+    if world_size % (pp * tp):
+        return (f"'parallel.tensor.size' ({tp}) x 'parallel.pipeline.size' ({pp}) must divide the world size "
+                f"({procs})")
+    dp = world_size // (pp * tp) if dp is None else dp
+    if dp * tp * pp != world_size:
+        return (f"data ({dp}) x 'parallel.tensor.size' ({tp}) x 'parallel.pipeline.size' ({pp}) must equal the "
+                f"world size ({procs})")
+    if dp % zero:
+        return (f"'parallel.zero1.size' ({zero}) must divide the data-parallel size ({dp} = {procs} "
+                f"/ tensor {tp} / pipeline {pp}); -1 or 0 shards over the whole data group, 1 turns ZeRO off")
+    if (dp * tp) % weight:
+        return (f"'parallel.weight.size' ({weight}) must divide a pipeline stage's ranks ({dp * tp} = data {dp} x "
+                f"'parallel.tensor.size' {tp})")
     return None
 
 
@@ -28,9 +99,10 @@ def check_pipeline(model_cfg, pp: int, mode: str, micro_num: int) -> str | None:
         return f"'parallel.pipeline.mode' must be one of {', '.join(PIPELINE_MODES)}; got {mode!r}"
     if v < 1:
         return f"'model.num_chunks' must be >= 1, got {v}"
-    if mode == "ZBV" and v != 2:
-        return (f"'parallel.pipeline.mode' 'ZBV' runs exactly two chunks per rank (the V): set 'model.num_chunks' to 2, "
-                f"got {v}")
+    need = PIPELINE_MODE[mode].chunks
+    if need is not None and v != need:
+        return (f"'parallel.pipeline.mode' '{mode}' runs exactly {_WORDS.get(need, need)} chunks per rank (the V): "
+                f"set 'model.num_chunks' to {need}, got {v}")
     if layers % v:
         return (f"'model.num_chunks' ({v}) must divide 'model.num_layers' ({layers}): each chunk of a rank holds "
                 "num_layers / num_chunks layers' share")
@@ -46,7 +118,7 @@ def check_pipeline(model_cfg, pp: int, mode: str, micro_num: int) -> str | None:
             return (f"'data.micro_num' ({micro_num}) must be a multiple of micro_num // 'parallel.pipeline.size' "
                     f"({rounds}) for the interleaved and zero-bubble schedules (torch's rounds of pipeline.size "
                     f"micro-batches): a multiple of {pp} always is")
-    if pp > 1 and mode in ("ZBH1", "ZBV") and model_cfg.compile:
+    if pp > 1 and PIPELINE_MODE[mode].zero_bubble and model_cfg.compile:
         return (f"'model.compile' = True with 'parallel.pipeline.mode' '{mode}': torch's zero-bubble schedules "
                 "cannot split a compiled layer's backward; use mode '1F1B' or compile=False")
     return None

@@ -17,6 +17,18 @@ Three ways in:
   keys and values to the cache and attends to everything cached (``flash_attn_with_kvcache``).
 Parameter names follow InternLM2 (``tok_embeddings``, ``layers.N.attention.wq``,
 ``layers.N.feed_forward.w1``, ``norm``, ``output``).
+
+What a parallel layout changes in these modules, it changes in two declared ways, never by assigning
+``module.forward``:
+- a class swap: tensor parallelism (``evo.parallel.tensor``: ``ColumnParallel``, ``RowParallel``,
+  ``VocabParallel``, ``ReplicatedWeight``, ``VocabParallelLoss``) and isp's output head
+  (``evo.parallel.sequence.SequenceParallelLoss``) make a module an instance of a subclass of its class with a
+  parallel forward (``evo.parallel.tensor.swap_class``, as FSDP2's ``fully_shard`` makes ``FSDP<class>``):
+  ``type(module).__name__`` says which, e.g. ``ColumnParallelLinear``;
+- forward hooks: isp's exchanges around attention (``evo.parallel.sequence``), and FSDP2's gathers.
+Both read ``DecoderModel.sequence_shards`` (``evo.parallel.shards.SequenceShards``): whether the forward in
+progress runs on sequence shards of the tensor group. Pipeline parallelism wraps the model instead
+(``evo.parallel.pipeline.PipelineModel``); activation checkpointing is ``DecoderLayer.checkpointed``.
 """
 
 from __future__ import annotations
@@ -160,6 +172,35 @@ class OutputHead(nn.Linear):
                                                   reduction="none", return_accuracy=return_accuracy)
 
 
+TIED_HEAD = "tok_embeddings.weight"  # the name a tied output head's weight goes by
+
+
+def tied_name(name: str, tied: bool) -> str:
+    """The name parameter ``name`` is initialized, saved and loaded under: with tied word embeddings (``tied``)
+    the output head's weight is the embedding's, ``tok_embeddings.weight`` (a pipeline's last stage holds a copy
+    of it under ``output.weight``); every other name is itself."""
+    return TIED_HEAD if tied and name == "output.weight" else name
+
+
+def head_is_tied(model: nn.Module) -> bool:
+    """Whether ``model``'s output head holds the embedding's very tensor (one process, tensor parallelism), as
+    opposed to a copy (a pipeline rank) or a weight of its own."""
+    return model.tok_embeddings is not None and model.output is not None and \
+        model.output.weight is model.tok_embeddings.weight
+
+
+def cu_seqlens_of(input_ids: torch.Tensor) -> torch.Tensor:
+    """The cu_seqlens that ``input_ids`` given without them stands for: a (batch, seqlen) batch is one sequence
+    per row, (tokens,) one sequence (so is (1, tokens))."""
+    batch, seqlen = input_ids.shape if input_ids.ndim == 2 else (1, input_ids.numel())
+    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=input_ids.device)
+
+
+def max_seqlen_of(cu_seqlens: torch.Tensor) -> int:
+    """The longest sequence ``cu_seqlens`` delimits (attention's ``max_seqlen``; a host sync on a GPU)."""
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
 def init_seed(seed: int, name: str) -> int:
     """The generator seed of parameter ``name`` in a run seeded ``seed``: every layout draws the same values."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
@@ -178,6 +219,9 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.output = OutputHead(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
+        # set by tensor or sequence parallelism (evo.parallel): the SequenceShards its modules share; None in a
+        # layout without them
+        self.sequence_shards = None
 
     def tie_weights(self) -> None:
         """With ``tie_word_embeddings``, the output head's weight is the embedding's (again, after ``to_empty``,
@@ -205,8 +249,7 @@ class DecoderModel(nn.Module):
         part), so any parallel layout holds the values one process would, and at most one full tensor exists at
         a time. The rotary tables are rebuilt (a model built on the meta device has none)."""
         for name, p in self.named_parameters():
-            if name == "output.weight" and self.cfg.tie_word_embeddings:  # a pipeline's separate copy of the table
-                name = "tok_embeddings.weight"
+            name = tied_name(name, self.cfg.tie_word_embeddings)  # a pipeline's separate copy: the table's values
             std = self.init_std(name)
             if std is None:  # biases 0, norms 1
                 full = torch.full(p.shape, 0.0 if name.endswith(".bias") else 1.0, device=p.device)
@@ -225,9 +268,9 @@ class DecoderModel(nn.Module):
         """input_ids (tokens,) or (1, tokens) -> final-norm hidden states (tokens, hidden)."""
         ids = input_ids.reshape(-1)
         if cu_seqlens is None:
-            cu_seqlens = torch.tensor([0, ids.numel()], dtype=torch.int32, device=ids.device)
+            cu_seqlens = cu_seqlens_of(ids)
         if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            max_seqlen = max_seqlen_of(cu_seqlens)
         x = self.tok_embeddings(ids)
         for layer in self.layers:
             x = layer(x, cu_seqlens, max_seqlen)
@@ -251,9 +294,7 @@ class DecoderModel(nn.Module):
             return self._forward_cached(input_ids, kv_cache)
         batched = input_ids.ndim == 2 and cu_seqlens is None
         if batched:
-            batch, seqlen = input_ids.shape
-            cu_seqlens = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=input_ids.device)
-            max_seqlen = seqlen
+            cu_seqlens, max_seqlen = cu_seqlens_of(input_ids), input_ids.shape[1]
         h = self.hidden_states(input_ids, cu_seqlens, max_seqlen)
         if labels is None:
             logits = self.output(h)

@@ -14,6 +14,8 @@ import re
 
 import torch
 
+from evo.model.decoder import tied_name
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 # evo name -> Hugging Face name, per layer (``{}`` is the layer index)
@@ -115,7 +117,7 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], tie_word_embeddings: b
     """evo's state dict (same tensors, evo's names) from a transformers one; rotary buffers are dropped."""
     out = {evo_name(k): v for k, v in hf_state.items() if not k.endswith("rotary_emb.inv_freq")}
     if tie_word_embeddings:
-        out["output.weight"] = out["tok_embeddings.weight"]
+        out["output.weight"] = out[tied_name("output.weight", True)]
     return out
 
 

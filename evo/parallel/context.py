@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from evo.config.layout import TENSOR_MODE, TensorMode, zero_size
+
 
 @dataclass
 class ParallelContext:
@@ -70,9 +72,14 @@ class ParallelContext:
         return self.world_size > 1
 
     @property
+    def tensor_mode(self) -> TensorMode:
+        """What ``tp_mode`` shards and gathers (``evo.config.layout.TENSOR_MODE``)."""
+        return TENSOR_MODE[self.tp_mode]
+
+    @property
     def sequence_parallel(self) -> bool:
         """msp, fsp and isp keep norms and residuals on sequence shards of the tensor group."""
-        return self.tp_size > 1 and self.tp_mode in ("msp", "fsp", "isp")
+        return self.tp_size > 1 and self.tensor_mode.sequence_parallel
 
     # ------------------------------------------------------------------ groups
     @property
@@ -100,7 +107,7 @@ class ParallelContext:
         "zero" when there is one zero group."""
         if self.mesh is None:
             return None
-        if self.tp_mode == "isp":  # every rank of a stage sees its own tokens: shard over wp, replicate over wdp
+        if self.tensor_mode.weight_parallel:  # every rank of a stage sees its own tokens: shard over wp, replicate over wdp
             return self.weight_mesh
         return self.mesh["zero"] if self.dp_size == self.zero_size else self.mesh["dp_replicate", "zero"]
 
@@ -136,34 +143,6 @@ class ParallelContext:
                 f"pp {self.pp_rank} dp {self.dp_rank} tp {self.tp_rank} zero {self.zero_rank}")
 
 
-def layout_error(world_size: int, pp: int, dp: int | None, tp: int, zero: int, weight: int = 1) -> str | None:
-    """Why (pp, tp, zero, isp's weight) cannot be laid over ``world_size`` ranks, or None (dp: None = what is
-    left)."""
-    procs = f"{world_size} process{'es' if world_size != 1 else ''}"
-    if world_size % (pp * tp):
-        return (f"'parallel.tensor.size' ({tp}) x 'parallel.pipeline.size' ({pp}) must divide the world size "
-                f"({procs})")
-    dp = world_size // (pp * tp) if dp is None else dp
-    if dp * tp * pp != world_size:
-        return (f"data ({dp}) x 'parallel.tensor.size' ({tp}) x 'parallel.pipeline.size' ({pp}) must equal the "
-                f"world size ({procs})")
-    if dp % zero:
-        return (f"'parallel.zero1.size' ({zero}) must divide the data-parallel size ({dp} = {procs} "
-                f"/ tensor {tp} / pipeline {pp}); -1 or 0 shards over the whole data group, 1 turns ZeRO off")
-    if (dp * tp) % weight:
-        return (f"'parallel.weight.size' ({weight}) must divide a pipeline stage's ranks ({dp * tp} = data {dp} x "
-                f"'parallel.tensor.size' {tp})")
-    return None
-
-
-def zero_size(zero1: int, dp: int, tp_mode: str = "mtp") -> int:
-    """InternEvo's zero1.size: <= 0 the whole data group, 1 off, else a divisor of dp. Under isp there are no
-    zero groups (1): the weight group is what shards."""
-    if tp_mode == "isp":
-        return 1
-    return dp if zero1 <= 0 else zero1
-
-
 def build_context(world_size: int, rank: int, local_rank: int, device: torch.device, pp: int, tp: int, zero1: int,
                   tp_mode: str, weight: int = 1, pp_mode: str = "1F1B") -> ParallelContext:
     """The context of this rank; with more than one process, the mesh too (a collective: every rank calls it).
@@ -180,7 +159,7 @@ def build_context(world_size: int, rank: int, local_rank: int, device: torch.dev
         ctx.mesh = init_device_mesh(device.type, (pp, dp // zero, zero, tp),
                                     mesh_dim_names=("pp", "dp_replicate", "zero", "tp"))
         ctx.dp_mesh = ctx.mesh["dp_replicate", "zero"]._flatten("dp")
-        if tp_mode == "isp":  # InternEvo's weight groups [0, 1] [2, 3], weight-data groups [0, 2] [1, 3] (w = 2)
+        if ctx.tensor_mode.weight_parallel:  # InternEvo's weight groups [0, 1] [2, 3], weight-data groups [0, 2] [1, 3] (w = 2)
             stage = ctx.mesh["dp_replicate", "zero", "tp"]._flatten("dp_tp")
             ctx.weight_mesh = stage._unflatten(0, (dp * tp // weight, weight), ("wdp", "wp"))
     return ctx

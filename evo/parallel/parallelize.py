@@ -40,14 +40,14 @@ def parallelize(model: nn.Module, ctx: ParallelContext, cfg: ModelConfig) -> nn.
     """Apply TP, activation checkpointing, compile and FSDP2 to ``model`` (an ``evo.model.DecoderModel``, or a
     pipeline rank's ``PipelineModel``, whose stages are each wrapped), in that order, in place; returns it. The
     trainer and model code never branch on the layout."""
-    if ctx.tp_size > 1 and ctx.tp_mode == "isp":
-        from evo.parallel.sequence import apply_intern_sequence_parallel
-
-        apply_intern_sequence_parallel(model, ctx)
-    elif ctx.tp_size > 1:
+    if ctx.tp_size > 1 and ctx.tensor_mode.splits_matrices:
         from evo.parallel.tensor import apply_tensor_parallel
 
         apply_tensor_parallel(model, ctx)
+    elif ctx.tp_size > 1:  # isp: the weights stay whole in compute; heads split around attention
+        from evo.parallel.sequence import apply_intern_sequence_parallel
+
+        apply_intern_sequence_parallel(model, ctx)
     if hasattr(model, "make_stages"):
         model.make_stages()
     for part in fsdp_parts(model):

@@ -43,7 +43,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from evo.model.decoder import DecoderModel, KVCache
+from evo.config.layout import PIPELINE_MODE
+from evo.model.decoder import DecoderModel, KVCache, cu_seqlens_of, max_seqlen_of
 
 
 
@@ -66,7 +67,7 @@ def split_layers(num_layers: int, pp: int, chunks: int = 1) -> list[list[int]]:
 
 def rank_stages(pp_rank: int, pp: int, chunks: int, mode: str) -> list[int]:
     """The stage indices pipeline rank ``pp_rank`` holds, in the order its schedule lists them."""
-    if mode == "ZBV":
+    if PIPELINE_MODE[mode].v_shape:
         return [pp_rank, 2 * pp - 1 - pp_rank]
     return [pp_rank + k * pp for k in range(chunks)]
 
@@ -88,7 +89,7 @@ class PipelineStageModule(nn.Module):
         self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
         self.norm = model.norm if last else None
         self.output = model.output if last else None
-        self._state = getattr(model, "sequence_state", None)  # tensor / sequence parallel: decided per call
+        self._shards = model.sequence_shards  # tensor / sequence parallel: decided per call
         self.label_smoothing = 0.0
 
     def forward(self, x, cu_seqlens=None, num_docs=None, labels=None, return_accuracy=False,
@@ -97,11 +98,11 @@ class PipelineStageModule(nn.Module):
             return self._forward_cached(x, cache)
         if num_docs is not None:  # a schedule's micro-batch: strip the padding
             cu_seqlens = cu_seqlens[0, :int(num_docs[0]) + 1]
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        max_seqlen = max_seqlen_of(cu_seqlens)
         if self.tok_embeddings is not None:
             x = self.tok_embeddings(x.reshape(-1))
-        elif self._state is not None:  # what the embedding decides on the first stage
-            self._state.decide(int(cu_seqlens[-1]), packed=True)
+        elif self._shards is not None:  # what the embedding decides on the first stage
+            self._shards.decide(int(cu_seqlens[-1]), packed=True)
         for layer in self.layers.values():
             x = layer(x, cu_seqlens, max_seqlen)
         if self.output is None:
@@ -116,8 +117,8 @@ class PipelineStageModule(nn.Module):
         """(batch, new) ids or (batch, new, hidden) states continuing the cached positions."""
         if self.tok_embeddings is not None:
             x = self.tok_embeddings(x)
-        elif self._state is not None:
-            self._state.decide(0, packed=False)
+        elif self._shards is not None:
+            self._shards.decide(0, packed=False)
         for i, layer in self.layers.items():
             x = layer(x, cache=cache, layer=int(i))
         return x if self.output is None else self.output(self.norm(x))
@@ -151,10 +152,11 @@ class PipelineModel(nn.Module):
         if last and cfg.tie_word_embeddings:  # its own copy: a module of another stage (another FSDP root)
             self.output.weight = nn.Parameter(torch.empty_like(full.output.weight))
         self._tied_group = None
+        self.sequence_shards = None  # set by tensor or sequence parallelism (before make_stages)
         self.stages: list[PipelineStageModule] = []  # a plain list: outside the module tree; make_stages fills it
 
     def make_stages(self) -> None:
-        """The stage modules (after tensor or sequence parallelism: they read ``sequence_state``)."""
+        """The stage modules (after tensor or sequence parallelism: they read ``sequence_shards``)."""
         self.stages = [PipelineStageModule(self, s, self.stage_layers[s], s == self.num_stages - 1)
                        for s in self.stage_ids]
 
@@ -220,11 +222,8 @@ class PipelineModel(nn.Module):
         if kv_cache is not None:
             input_ids = input_ids if input_ids.ndim == 2 else input_ids[None]
             kv_cache.check_room(input_ids.shape[1])
-        elif batched:
-            batch, seqlen = input_ids.shape
-            cu_seqlens = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=input_ids.device)
-        elif cu_seqlens is None:
-            cu_seqlens = torch.tensor([0, input_ids.numel()], dtype=torch.int32, device=input_ids.device)
+        elif cu_seqlens is None:  # batched rows, or one sequence
+            cu_seqlens = cu_seqlens_of(input_ids)
         chunks = dict(zip(self.stage_ids, self.stages))
         x = out = None
         for s in range(self.num_stages):
@@ -316,9 +315,9 @@ class PipelineSchedule:
         self.loss_scale = 1.0
         self.stages = [_stage_class()(chunk, s, model.num_stages, ctx.device, group=ctx.pp_group)
                        for s, chunk in zip(model.stage_ids, model.stages)]
-        multi = len(self.stages) > 1 or model.mode != "1F1B"
-        cls = {"1F1B": S.ScheduleInterleaved1F1B if multi else S.Schedule1F1B,
-               "ZBH1": S.ScheduleInterleavedZeroBubble, "ZBV": S.ScheduleZBVZeroBubble}[model.mode]
+        mode = PIPELINE_MODE[model.mode]
+        multi = len(self.stages) > 1 or mode.zero_bubble
+        cls = getattr(S, mode.schedule) if multi else S.Schedule1F1B
         self.schedule = cls(self.stages if multi else self.stages[0], n_microbatches=micro_num, loss_fn=self._loss,
                             scale_grads=False)
         self.timeline: list[tuple] | None = None  # set to a list to record (stage, micro, kind, start, end)

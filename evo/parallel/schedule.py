@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from evo.model.decoder import max_seqlen_of
+
 
 class AccumulationSchedule:
     """Each micro-batch forward then backward, in order; gradients accumulate (FSDP2 reduces them after each
@@ -27,7 +29,7 @@ class AccumulationSchedule:
         dev = next(model.parameters()).device
         for micro, labels in micro_batches:
             cu = micro["cu_seqlens"].reshape(-1)
-            max_seqlen = int((cu[1:] - cu[:-1]).max())
+            max_seqlen = max_seqlen_of(cu)
             token_loss = model(micro["input_ids"].to(dev), cu.to(dev), max_seqlen, labels=labels.to(dev),
                                label_smoothing=label_smoothing)
             (token_loss.sum() * loss_scale).backward()

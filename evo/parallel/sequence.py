@@ -11,11 +11,12 @@ j's tokens of head group r; the received blocks, in rank order, are the whole ro
 then runs on the full row with ``cu_seqlens`` and rotary positions of the full row, on heads / s heads
 (query and key/value heads must both divide by s). Each exchange is the other's backward.
 
-``apply_intern_sequence_parallel`` wires it into a model: the embedding's output keeps this rank's
-tokens / s of a packed row (when they divide; any other forward, e.g. generation, runs whole on every
-rank), q/k/v projections hand their output through seq_to_head, the attention output projection
-takes its input through head_to_seq, and the output head computes the loss of this rank's tokens and
-gathers the per-token losses of the row. The weights are whole on every rank of a sequence group
+``apply_intern_sequence_parallel`` wires it into a model with forward hooks and one class swap, sharing one
+``SequenceShards`` (``model.sequence_shards``): the embedding's output keeps this rank's tokens / s of a packed
+row (when they divide; any other forward, e.g. generation, runs whole on every rank), q/k/v projections hand
+their output through seq_to_head, the attention output projection takes its input through head_to_seq, and the
+output head (``SequenceParallelLoss``) computes the loss of this rank's tokens and gathers the per-token losses
+of the row. The weights are whole on every rank of a sequence group
 (each sees other tokens: FSDP2 sums their gradients over every rank of the stage, and shards them over
 the weight group, ``parallel.weight.size``).
 """
@@ -25,8 +26,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from evo import kernels
 from evo.model.decoder import decoder_layers
-from evo.parallel.tensor import gather_rows
+from evo.parallel.shards import SequenceShards
+from evo.parallel.tensor import gather_rows, swap_class
 
 _all_to_all_single = dist.all_to_all_single
 
@@ -79,60 +82,50 @@ def head_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     return _Swap.apply(x, group, False)
 
 
-class _IspState:
-    """Whether the forward in progress runs on sequence shards (decided by the embedding, read by the rest)."""
+class SequenceParallelLoss:
+    """isp's output head (swapped in by ``apply_intern_sequence_parallel``, ``evo.parallel.tensor.swap_class``): on
+    sequence shards, the loss of this rank's tokens, with the per-token losses of the whole row gathered; any
+    other forward runs the head's own."""
 
-    def __init__(self, size: int, rank: int, group):
-        self.size, self.rank, self.group = size, rank, group
-        self.sharded = False
-
-    def decide(self, tokens: int, packed: bool) -> None:
-        """A packed row that splits evenly runs on sequence shards (as ``tensor.SequenceState.decide``)."""
-        self.sharded = packed and tokens % self.size == 0
-
-    def mine(self, n: int) -> slice:
-        return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
-
-
-def apply_intern_sequence_parallel(model, ctx) -> None:
-    """isp over ``ctx``'s tensor group (the sequence group) for an ``evo.model.DecoderModel``."""
-    from evo import kernels
-
-    state = _IspState(ctx.tp_size, ctx.tp_rank, ctx.tp_group)
-
-    def embedded(module, inputs, out):
-        state.decide(out.shape[0], packed=out.ndim == 2)
-        return out[state.mine(out.shape[0])] if state.sharded else out
-
-    def heads_out(module, inputs, out):  # (tokens / s, heads * d) -> (tokens, heads / s * d)
-        if not state.sharded:
-            return out
-        d = module.head_dim
-        return seq_to_head(out.view(out.shape[0], -1, d), state.group).flatten(1)
-
-    def heads_in(module, inputs):  # (tokens, heads / s * d) -> (tokens / s, heads * d)
-        if not state.sharded:
-            return inputs
-        (x,) = inputs
-        return (head_to_seq(x.view(x.shape[0], -1, module.head_dim), state.group).flatten(1),)
-
-    head = model.output
-
-    def head_forward(h, labels=None, label_smoothing=0.0, return_accuracy=False):
-        if not state.sharded:
-            return type(head).forward(head, h, labels, label_smoothing, return_accuracy)
+    def forward(self, h, labels=None, label_smoothing=0.0, return_accuracy=False):
+        shards = self.shards
+        if not shards.sharded:
+            return super().forward(h, labels, label_smoothing, return_accuracy)
         if labels is None:  # logits of the whole row (a forward without labels: evaluation by logits, generation)
-            return gather_rows(type(head).forward(head, h), state.group)
-        out = kernels.fused_linear_cross_entropy(h, head.weight, labels[state.mine(labels.shape[0])],
+            return gather_rows(super().forward(h), shards.group)
+        out = kernels.fused_linear_cross_entropy(h, self.weight, labels[shards.mine(labels.shape[0])],
                                                  label_smoothing=label_smoothing, reduction="none",
                                                  return_accuracy=return_accuracy)
         loss, correct = out if return_accuracy else (out, None)
-        loss = gather_rows(loss, state.group)  # the row's per-token losses, each rank's own differentiable
+        loss = gather_rows(loss, shards.group)  # the row's per-token losses, each rank's own differentiable
         if not return_accuracy:
             return loss
         correct = correct.clone()
-        dist.all_reduce(correct, group=state.group)
+        dist.all_reduce(correct, group=shards.group)
         return loss, correct
+
+
+def apply_intern_sequence_parallel(model, ctx) -> None:
+    """isp over ``ctx``'s tensor group (the sequence group) for an ``evo.model.DecoderModel``: forward hooks on
+    the embedding (keep this rank's tokens) and around attention (the exchanges), and the output head's class
+    swapped for ``SequenceParallelLoss``."""
+    shards = SequenceShards(ctx.tp_size, ctx.tp_rank, ctx.tp_group)
+
+    def embedded(module, inputs, out):
+        shards.decide(out.shape[0], packed=out.ndim == 2)
+        return out[shards.mine(out.shape[0])] if shards.sharded else out
+
+    def heads_out(module, inputs, out):  # (tokens / s, heads * d) -> (tokens, heads / s * d)
+        if not shards.sharded:
+            return out
+        d = module.head_dim
+        return seq_to_head(out.view(out.shape[0], -1, d), shards.group).flatten(1)
+
+    def heads_in(module, inputs):  # (tokens, heads / s * d) -> (tokens / s, heads * d)
+        if not shards.sharded:
+            return inputs
+        (x,) = inputs
+        return (head_to_seq(x.view(x.shape[0], -1, module.head_dim), shards.group).flatten(1),)
 
     if model.tok_embeddings is not None:  # a pipeline stage without it decides in its forward
         model.tok_embeddings.register_forward_hook(embedded)
@@ -143,6 +136,7 @@ def apply_intern_sequence_parallel(model, ctx) -> None:
             proj.register_forward_hook(heads_out)
         attention.wo.head_dim = attention.head_dim
         attention.wo.register_forward_pre_hook(heads_in)
-    if head is not None:
-        head.forward = head_forward
-    model.sequence_state = state
+    if model.output is not None:
+        model.output.shards = shards
+        swap_class(model.output, SequenceParallelLoss)
+    model.sequence_shards = shards

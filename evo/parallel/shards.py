@@ -1,6 +1,7 @@
 """A rank's part of a tensor: what a parameter holds here (a DTensor's local shard, a plain tensor itself), how
 many elements that is, and filling a parameter of any layout from a whole tensor that only this rank's part is
-read from (the Hugging Face and InternEvo readers, evo/convert.py and evo/internevo.py)."""
+read from (the Hugging Face and InternEvo readers, evo/convert.py and evo/internevo.py); and a rank's part of a
+packed row, ``SequenceShards``, the one object that sequence-parallel modules share."""
 
 from __future__ import annotations
 
@@ -63,3 +64,27 @@ def fill_parameter(p: torch.Tensor, source, where: str, key: str) -> None:
             part.copy_(source[tuple(slice(o, o + n) for o, n in zip(offset, shape))].reshape(part.shape))
     else:
         p.copy_(source[tuple(slice(0, n) for n in p.shape)] if p.dim() else source[()])
+
+
+class SequenceShards:
+    """Whether the forward in progress runs on sequence shards of the tensor group (this rank holding tokens
+    ``mine(tokens)`` of the packed row), shared by every module that tensor or sequence parallelism changed
+    (``DecoderModel.sequence_shards``). The embedding decides per call, a pipeline stage without it from the row
+    it receives; the other modules read ``sharded``. A forward over a packed row whose tokens split evenly runs
+    sharded when the mode shards sequences (``enabled``: msp, fsp, isp); any other (batched rows, generation)
+    runs whole on every rank, so one model serves training, evaluation and generation.
+
+    ``regather_in_backward`` (fsp): a gathered input is gathered again in backward instead of kept."""
+
+    def __init__(self, size: int, rank: int, group, enabled: bool = True, regather_in_backward: bool = False):
+        self.size, self.rank, self.group = size, rank, group
+        self.enabled, self.regather_in_backward = enabled, regather_in_backward
+        self.sharded = False
+
+    def decide(self, tokens: int, packed: bool) -> None:
+        """The forward starting now covers ``tokens`` tokens, of a packed row (``packed``) or batched rows."""
+        self.sharded = self.enabled and packed and tokens % self.size == 0
+
+    def mine(self, n: int) -> slice:
+        """This rank's part of ``n`` tokens."""
+        return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)

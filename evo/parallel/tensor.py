@@ -38,28 +38,13 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from evo import kernels
-from evo.model.decoder import decoder_layers
+from evo.model.decoder import decoder_layers, head_is_tied
+from evo.parallel.shards import SequenceShards
 
-
-
-class SequenceState:
-    """Whether the activations of the forward in progress are sequence shards (decided by the embedding)."""
-
-    def __init__(self, mode: str, tp: int):
-        self.enabled = mode in ("msp", "fsp")
-        self.recompute_gather = mode == "fsp"
-        self.tp = tp
-        self.sharded = False
-
-    def decide(self, tokens: int, packed: bool) -> None:
-        """A forward over a packed row of ``tokens`` tokens (or batched rows: ``packed`` False) runs sharded when
-        sequence parallelism is on and the row splits evenly. The embedding decides; a pipeline stage without
-        it decides from the row it receives."""
-        self.sharded = self.enabled and packed and tokens % self.tp == 0
 
 
 def _param(module: nn.Module, name: str, mesh, placement) -> None:
-    p = getattr(module, name)
+    p = getattr(module, name, None)
     if p is not None:
         module.register_parameter(name, nn.Parameter(distribute_tensor(p, mesh, [placement], src_data_rank=None)))
 
@@ -93,151 +78,167 @@ def gather_rows(x: torch.Tensor, group) -> torch.Tensor:
     return _GatherRows.apply(x, group)
 
 
-class _Style(ParallelStyle):
-    def __init__(self, state: SequenceState):
-        super().__init__()
-        self.state = state
-
-    def _input(self, x: torch.Tensor, mesh) -> DTensor:
-        """A replicated DTensor of the whole input: gathered from sequence shards when they are."""
-        if self.state.sharded:
-            return DTensor.from_local(x, mesh, [Shard(0)], run_check=False).redistribute(mesh, [Replicate()])
-        return DTensor.from_local(x, mesh, [Replicate()], run_check=False)
-
-    def _output(self, out: DTensor, mesh) -> torch.Tensor:
-        """A partial-sum output reduced: scattered over sequence shards, or all-reduced."""
-        return out.redistribute(mesh, [Shard(0) if self.state.sharded else Replicate()]).to_local()
+# ---------------------------------------------------------------------------------------------- the modules
+# What tensor parallelism changes in a module is its class: ``swap_class`` makes the module an instance of a
+# subclass of its own class and a parallel forward below (as FSDP2's fully_shard makes an ``FSDP<class>``), so
+# ``type(module).__name__`` says what runs (``ColumnParallelLinear``, ``VocabParallelOutputHead``, ...). Each reads
+# its mesh (``tp_mesh``) and the row's ``SequenceShards`` (``shards``) from attributes the style sets.
+def swap_class(module: nn.Module, forward_cls: type) -> None:
+    """Make ``module`` an instance of ``forward_cls`` + its own class (one class per pair, made once)."""
+    base = type(module)
+    key = (forward_cls, base)
+    if key not in _SWAPPED:
+        _SWAPPED[key] = type(f"{forward_cls.__name__}{base.__name__}", (forward_cls, base), {})
+    module.__class__ = _SWAPPED[key]
 
 
-class VocabParallelEmbedding(_Style):
-    """Rows of the table split across ranks; decides whether this forward runs on sequence shards."""
-
-    def _apply(self, module, mesh):
-        _param(module, "weight", mesh, Shard(0))
-        state = self.state
-
-        def forward(ids):
-            out = F.embedding(DTensor.from_local(ids, mesh, [Replicate()], run_check=False), module.weight)
-            state.decide(out.shape[0], packed=out.ndim == 2)
-            return self._output(out, mesh)
-
-        module.forward = forward
-        return module
+_SWAPPED: dict[tuple[type, type], type] = {}  # made once per (forward, module class): a fixed set, never grows
 
 
-class ColwiseLinear(_Style):
-    """Output features split: y_local = x W_local^T (+ b_local); x gathered first under sequence parallelism."""
-
-    def _apply(self, module, mesh):
-        _param(module, "weight", mesh, Shard(0))
-        _param(module, "bias", mesh, Shard(0))
-        state = self.state
-
-        def run(x):
-            return F.linear(self._input(x, mesh), module.weight, module.bias).to_local()
-
-        def forward(x):
-            if state.sharded and state.recompute_gather and torch.is_grad_enabled():
-                return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)  # fsp: gather again in backward
-            return run(x)
-
-        module.forward = forward
-        return module
+def _replicated_input(x: torch.Tensor, mesh, shards: SequenceShards) -> DTensor:
+    """A replicated DTensor of the whole input: gathered from sequence shards when they are."""
+    if shards.sharded:
+        return DTensor.from_local(x, mesh, [Shard(0)], run_check=False).redistribute(mesh, [Replicate()])
+    return DTensor.from_local(x, mesh, [Replicate()], run_check=False)
 
 
-class RowwiseLinear(_Style):
-    """Input features split: y = sum over ranks of x_local W_local^T, reduced (+ b once)."""
-
-    def _apply(self, module, mesh):
-        _param(module, "weight", mesh, Shard(1))
-        _param(module, "bias", mesh, Replicate())
-
-        def forward(x):
-            out = F.linear(DTensor.from_local(x, mesh, [Shard(-1)], run_check=False), module.weight, module.bias)
-            return self._output(out, mesh)
-
-        module.forward = forward
-        return module
+def _reduced_output(out: DTensor, mesh, shards: SequenceShards) -> torch.Tensor:
+    """A partial-sum output reduced: scattered over sequence shards, or all-reduced."""
+    return out.redistribute(mesh, [Shard(0) if shards.sharded else Replicate()]).to_local()
 
 
-class ReplicatedNorm(_Style):
+class VocabParallel:
+    """An embedding with the rows of its table split across ranks; decides whether this forward runs on sequence
+    shards."""
+
+    def forward(self, ids):
+        out = F.embedding(DTensor.from_local(ids, self.tp_mesh, [Replicate()], run_check=False), self.weight)
+        self.shards.decide(out.shape[0], packed=out.ndim == 2)
+        return _reduced_output(out, self.tp_mesh, self.shards)
+
+
+class ColumnParallel:
+    """A linear layer with its output features split: y_local = x W_local^T (+ b_local); x gathered first under
+    sequence parallelism."""
+
+    def _column(self, x):
+        return F.linear(_replicated_input(x, self.tp_mesh, self.shards), self.weight, self.bias).to_local()
+
+    def forward(self, x):
+        shards = self.shards
+        if shards.sharded and shards.regather_in_backward and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._column, x, use_reentrant=False)  # fsp: gather again
+        return self._column(x)
+
+
+class RowParallel:
+    """A linear layer with its input features split: y = sum over ranks of x_local W_local^T, reduced (+ b once)."""
+
+    def forward(self, x):
+        out = F.linear(DTensor.from_local(x, self.tp_mesh, [Shard(-1)], run_check=False), self.weight, self.bias)
+        return _reduced_output(out, self.tp_mesh, self.shards)
+
+
+class ReplicatedWeight:
     """An RMSNorm with its weight replicated. Its gradient is a partial sum over the group when each rank saw
     part of the rows (sequence shards) or part of the heads (``per_head``: q/k norms), else complete."""
 
-    def __init__(self, state: SequenceState, per_head: bool = False):
-        super().__init__(state)
-        self.per_head = per_head
-
-    def _apply(self, module, mesh):
-        _param(module, "weight", mesh, Replicate())
-        state, per_head = self.state, self.per_head
-
-        def forward(x):
-            partial = per_head or state.sharded
-            w = module.weight.to_local(grad_placements=[Partial() if partial else Replicate()])
-            return kernels.rms_norm(x, w, module.eps)
-
-        module.forward = forward
-        return module
+    def forward(self, x):
+        partial = self.per_head or self.shards.sharded
+        w = self.weight.to_local(grad_placements=[Partial() if partial else Replicate()])
+        return kernels.rms_norm(x, w, self.eps)
 
 
-class VocabParallelHead(_Style):
+class VocabParallelLoss:
     """The output head, rows (vocab) split: with labels the local weight goes to the vocab-parallel loss; without,
     logits are gathered whole (generation)."""
 
-    def __init__(self, state: SequenceState, group):
-        super().__init__(state)
-        self.group = group
+    def forward(self, h, labels=None, label_smoothing=0.0, return_accuracy=False):
+        mesh, shards = self.tp_mesh, self.shards
+        if labels is None:
+            logits = F.linear(_replicated_input(h, mesh, shards), self.weight)
+            return logits.redistribute(mesh, [Replicate()]).to_local()
+        if shards.sharded:
+            h = gather_rows(h, shards.group)
+        return kernels.fused_linear_cross_entropy(h, self.weight.to_local(), labels, label_smoothing=label_smoothing,
+                                                  reduction="none", return_accuracy=return_accuracy,
+                                                  process_group=shards.group)
 
-    def _apply(self, module, mesh):
-        _param(module, "weight", mesh, Shard(0))
-        state, group = self.state, self.group
 
-        def forward(h, labels=None, label_smoothing=0.0, return_accuracy=False):
-            if labels is None:
-                logits = F.linear(self._input(h, mesh), module.weight)
-                return logits.redistribute(mesh, [Replicate()]).to_local()
-            if state.sharded:
-                h = gather_rows(h, group)
-            return kernels.fused_linear_cross_entropy(h, module.weight.to_local(), labels, label_smoothing=label_smoothing,
-                                                      reduction="none", return_accuracy=return_accuracy,
-                                                      process_group=group)
+# ---------------------------------------------------------------------------------------------- the plan
+# How each module is split over the tensor group, by its path in the model (a decoder layer's below it): "rows" of
+# its weight (a linear layer's output features, an embedding's vocabulary), "cols" (a linear layer's input
+# features), or "replicated" (a norm). The one table that apply_tensor_parallel (the styles) and
+# tensor_parallel_plan (memory estimates, by parameter) read.
+TP_PLAN = {"tok_embeddings": "rows", "norm": "replicated", "output": "rows"}
+TP_LAYER_PLAN = {"attention_norm": "replicated", "ffn_norm": "replicated",
+                 "attention.wq": "rows", "attention.wk": "rows", "attention.wv": "rows", "attention.wo": "cols",
+                 "attention.q_norm": "replicated", "attention.k_norm": "replicated",
+                 "feed_forward.w1": "rows", "feed_forward.w3": "rows", "feed_forward.w2": "cols"}
+_FORWARD = {"tok_embeddings": VocabParallel, "output": VocabParallelLoss}  # the rest by split
+_BY_SPLIT = {"rows": ColumnParallel, "cols": RowParallel, "replicated": ReplicatedWeight}
+# the placements of a module's weight and bias over the tensor mesh (a bias of a row-split layer is added once)
+_PLACEMENTS = {"rows": (Shard(0), Shard(0)), "cols": (Shard(1), Replicate()), "replicated": (Replicate(), None)}
 
-        module.forward = forward
+
+class TensorParallelStyle(ParallelStyle):
+    """How ``parallelize_module`` applies one entry of the plan: distribute the module's parameters over the tensor
+    mesh as its split says, set the attributes the parallel forward reads, and swap its class."""
+
+    def __init__(self, path: str, split: str, shards: SequenceShards):
+        super().__init__()
+        self.split, self.shards = split, shards
+        self.forward_cls = _FORWARD.get(path, _BY_SPLIT[split])
+        self.per_head = path.endswith(("q_norm", "k_norm"))
+
+    def _apply(self, module: nn.Module, mesh) -> nn.Module:
+        weight, bias = _PLACEMENTS[self.split]
+        _param(module, "weight", mesh, weight)
+        if bias is not None:
+            _param(module, "bias", mesh, bias)
+        module.tp_mesh, module.shards, module.per_head = mesh, self.shards, self.per_head
+        swap_class(module, self.forward_cls)
         return module
 
 
 def apply_tensor_parallel(model: nn.Module, ctx) -> None:
     """Shard ``model`` (an ``evo.model.DecoderModel``, on any device, meta included) over ``ctx``'s tensor group in
     ``ctx.tp_mode``; the attention modules' head counts become the local ones."""
-    mesh, tp = ctx.tp_mesh, ctx.tp_size
-    state = SequenceState(ctx.tp_mode, tp)
-    plan = {"tok_embeddings": VocabParallelEmbedding(state), "norm": ReplicatedNorm(state),
-            "output": VocabParallelHead(state, ctx.tp_group)}
-    layer_plan = {"attention_norm": ReplicatedNorm(state), "ffn_norm": ReplicatedNorm(state),
-                  "attention.wq": ColwiseLinear(state), "attention.wk": ColwiseLinear(state),
-                  "attention.wv": ColwiseLinear(state), "attention.wo": RowwiseLinear(state),
-                  "feed_forward.w1": ColwiseLinear(state), "feed_forward.w3": ColwiseLinear(state),
-                  "feed_forward.w2": RowwiseLinear(state)}
-    tied = model.tok_embeddings is not None and model.output is not None and \
-        model.output.weight is model.tok_embeddings.weight
-    parallelize_module(model, mesh, {name: style for name, style in plan.items() if getattr(model, name) is not None})
+    mesh, tp, mode = ctx.tp_mesh, ctx.tp_size, ctx.tensor_mode
+    shards = SequenceShards(tp, ctx.tp_rank, ctx.tp_group, enabled=mode.sequence_parallel,
+                            regather_in_backward=mode.regathers_in_backward)
+    tied = head_is_tied(model)
+    plan = {path: TensorParallelStyle(path, split, shards) for path, split in TP_PLAN.items()
+            if getattr(model, path) is not None}
+    parallelize_module(model, mesh, plan)
     for layer in decoder_layers(model):
-        plan = dict(layer_plan)
-        if layer.attention.q_norm is not None:
-            plan.update({"attention.q_norm": ReplicatedNorm(state, per_head=True),
-                         "attention.k_norm": ReplicatedNorm(state, per_head=True)})
+        plan = {path: TensorParallelStyle(path, split, shards) for path, split in TP_LAYER_PLAN.items()
+                if _has(layer, path)}
         parallelize_module(layer, mesh, plan)
         layer.attention.num_heads //= tp
         layer.attention.num_kv_heads //= tp
-    if tied:
-        model.output.weight = model.tok_embeddings.weight
-    model.sequence_state = state
+    if tied:  # parallelize_module gave each its own DTensor
+        model.tie_weights()
+    model.sequence_shards = shards
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    """Whether ``module`` has a submodule at ``path`` (q/k norms exist only with ``qk_norm``)."""
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return False
+    return True
 
 
 def tensor_parallel_plan() -> dict[str, str]:
-    """How each parameter is split across tensor-parallel ranks, by name suffix: 'rows', 'cols' or 'replicated'
-    (for memory estimates computed without building anything)."""
-    return {"tok_embeddings.weight": "rows", "output.weight": "rows", "wq.weight": "rows", "wk.weight": "rows",
-            "wv.weight": "rows", "w1.weight": "rows", "w3.weight": "rows", "wq.bias": "rows", "wk.bias": "rows",
-            "wv.bias": "rows", "w1.bias": "rows", "w3.bias": "rows", "wo.weight": "cols", "w2.weight": "cols"}
+    """How each parameter is split across tensor-parallel ranks, by name suffix: 'rows' or 'cols' (the rest is
+    replicated), from ``TP_PLAN`` and ``TP_LAYER_PLAN``, for memory estimates computed without building anything."""
+    out = {}
+    for path, split in {**TP_PLAN, **TP_LAYER_PLAN}.items():
+        name = path.rsplit(".", 1)[-1]
+        if split != "replicated":
+            out[f"{name}.weight"] = split
+        if split == "rows" and name not in TP_PLAN:  # a linear layer's bias follows its output features
+            out[f"{name}.bias"] = split
+    return out

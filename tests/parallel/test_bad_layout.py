@@ -9,7 +9,7 @@ from tests.helpers import run_script, small_sections
 from tests.test_launch import free_port
 from evo.config import config_from_dict
 from evo.errors import ConfigError
-from evo.parallel.context import layout_error
+from evo.config import layout_error
 
 
 @pytest.mark.parametrize("world, pp, tp, zero, line", [
