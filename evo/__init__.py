@@ -13,7 +13,7 @@ The documented flow (InternEvo's):
 
 from evo.initialize import (build_train_loader_with_data_type, build_valid_loader_with_data_type,
                             initialize_distributed_env, initialize_model_and_parallel_communicator, parse_args)
-from evo.generate import load_model
+from evo.weights import load_model
 from evo.trainer import Trainer, TrainerBuilder
 
 __version__ = "0.1.0"

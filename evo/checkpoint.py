@@ -40,6 +40,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from evo.config import config_from_dict
 from evo.errors import CheckpointError
 from evo.monitor import logger
 
@@ -238,10 +239,32 @@ def _cause(exc: BaseException) -> str:
 
 
 def read_config(path: str | Path) -> dict:
+    """The config.json of checkpoint ``path`` (the run's resolved config), as a dict."""
     file = Path(path) / "config.json"
     if not file.is_file():
         raise CheckpointError(f"'{path}' has no config.json: not an evo checkpoint folder")
     return json.loads(file.read_text())
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or the newest complete checkpoint in a folder of them."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    if (path / "config.json").is_file() and (path / ".metadata").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"'{path}' is neither an evo checkpoint nor a folder holding one")
+    return latest
+
+
+def checkpoint_model_config(path: Path):
+    """(evo ModelConfig, the run's tokenizer_path) from a checkpoint's config.json."""
+    raw = read_config(path)
+    if not isinstance(raw.get("model"), dict):
+        raise CheckpointError(f"'{path}/config.json' has no model section")
+    return config_from_dict({"model": raw["model"]}).model, (raw.get("data") or {}).get("tokenizer_path")
 
 
 def _fsync_tree(root: Path) -> None:

@@ -1,4 +1,5 @@
-"""Hugging Face folders in and out (``scripts/convert.py``), and loading one into a model of any layout.
+"""Hugging Face folders in and out (``scripts/convert.py``); reading one into a model of any layout is
+``evo.weights``'.
 
 - ``to_hf(ckpt, out)``: an evo checkpoint (any layout) as a transformers folder: ``config.json`` with every
   field written out (``evo.model.hf.hf_config_from_model``), the weights as safetensors (split into
@@ -7,9 +8,8 @@
   the checkpoint one at a time, and a shard is written as soon as it is full.
 - ``from_hf(hf_dir, out)``: a transformers folder as an evo checkpoint holding the model (``load_ckpt_info``
   content ``("model",)``). It holds the whole model in its stored dtype in memory while it writes.
-- ``load_hf_weights(model, hf_dir)``: ``ckpt.load_ckpt_info=dict(path=HF_DIR, content=("model",),
-  ckpt_type="hf")``: each rank reads from the safetensors files only the part of each tensor it holds
-  (``safe_open(...).get_slice``), so no process ever holds the whole model.
+- reading a transformers folder into a model of any layout (``ckpt.load_ckpt_info=dict(path=HF_DIR,
+  content=("model",), ckpt_type="hf")``) is ``evo.weights.load_weights``: each rank reads only its part.
 
 The families are ``evo.model.hf.FAMILIES``; a model written with evo's GPT-J rotary layout
 (``qk_interleaved=True``) has its q and k rows reordered for transformers' halves layout on the way out.
@@ -25,40 +25,13 @@ from pathlib import Path
 
 import torch
 
-from evo.checkpoint import latest_checkpoint, replace_folder
+from evo.checkpoint import replace_folder
 from evo.errors import CheckpointError, ConfigError
-from evo.model.decoder import tied_name
-from evo.model.hf import (FAMILIES, INTERNLM2, hf_config_from_model, hf_family, hf_name, internlm2_config_from_model,
-                          internlm2_name, interleaved_to_halves, model_config_from_hf, model_config_from_internlm2,
-                          pack_wqkv, unpack_wqkv)
-from evo.parallel.shards import WholeTensor, fill_parameter
+from evo.model.hf import (INTERNLM2, hf_config_from_model, hf_family, hf_name, internlm2_config_from_model,
+                          internlm2_name, interleaved_to_halves, pack_wqkv)
+from evo.weights import folder_kind, load_hf_weights, open_folder, read_hf_config
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
-_DTYPES = {"float32": "torch.float32", "bfloat16": "torch.bfloat16", "float16": "torch.float16"}
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or the newest complete checkpoint in a folder of them."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
-    if (path / "config.json").is_file() and (path / ".metadata").is_file():
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise CheckpointError(f"'{path}' is neither an evo checkpoint nor a folder holding one")
-    return latest
-
-
-def checkpoint_model_config(path: Path):
-    """(evo ModelConfig, the run's tokenizer_path) from a checkpoint's config.json."""
-    from evo.checkpoint import read_config
-    from evo.config import config_from_dict
-
-    raw = read_config(path)
-    if not isinstance(raw.get("model"), dict):
-        raise CheckpointError(f"'{path}/config.json' has no model section")
-    return config_from_dict({"model": raw["model"]}).model, (raw.get("data") or {}).get("tokenizer_path")
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -76,18 +49,12 @@ def to_hf(ckpt: str | Path, out: str | Path, force: bool = False, max_shard_byte
     for InternLM2's own layout (packed ``wqkv``; its modeling code comes from InternLM's repositories)."""
     from evo.data.tokenizer import load_tokenizer
 
-    from evo.internevo import is_internevo_folder
-    from evo.internevo import model_section as internevo_model_section
-
-    internevo = Path(ckpt).is_dir() and is_internevo_folder(ckpt)
-    path, out = (Path(ckpt) if internevo else resolve_checkpoint(ckpt)), Path(out)
+    # a transformers folder is not converted to itself: it is refused as no evo checkpoint
+    folder = open_folder(ckpt, "evo" if folder_kind(ckpt) == "hf" else None)
+    path, cfg, out = folder.path, folder.model, Path(out)
+    internevo = folder.kind == "internevo"
+    tokenizer_path = None if internevo else folder.tokenizer_path
     _check_out(out, force)
-    if internevo:
-        from evo.config import config_from_dict
-
-        cfg, tokenizer_path = config_from_dict({"model": internevo_model_section(path)}).model, None
-    else:
-        cfg, tokenizer_path = checkpoint_model_config(path)
     try:  # an InternEvo folder does not say which tokenizer it was trained with
         tokenizer = None if internevo else load_tokenizer(tokenizer_path)
     except Exception:  # noqa: BLE001 - the tokenizer only adds ids and files; the weights are what is converted
@@ -210,89 +177,6 @@ def _hf_order(name: str):
 
 
 # ---------------------------------------------------------------------------------------------- from Hugging Face
-def read_hf_config(hf_dir: str | Path) -> tuple[dict, dict]:
-    """(transformers config.json, evo's model section for it), or one line saying why the folder cannot be used."""
-    hf_dir = Path(hf_dir)
-    if not (hf_dir / "config.json").is_file():
-        raise CheckpointError(f"'{hf_dir}' is not a Hugging Face model folder: it has no config.json")
-    config = json.loads((hf_dir / "config.json").read_text())
-    family = config.get("model_type")
-    if family not in (*FAMILIES, INTERNLM2):
-        arch = ", ".join(config.get("architectures") or []) or "no architectures"
-        raise CheckpointError(f"'{hf_dir}' holds a '{family}' model ({arch}); evo reads {', '.join(FAMILIES)} and "
-                              f"{INTERNLM2} (Llama 2 and 3, Mistral, Qwen2, Qwen3, InternLM2)")
-    try:
-        section = model_config_from_internlm2(config) if family == INTERNLM2 else model_config_from_hf(config)
-    except ValueError as exc:
-        raise CheckpointError(f"'{hf_dir}': {exc}") from None
-    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-    section["dtype"] = _DTYPES.get(str(dtype).replace("torch.", ""), "torch.float32")
-    return config, section
-
-
-def _hf_files(hf_dir: Path) -> dict[str, Path]:
-    """Hugging Face tensor name -> the safetensors file holding it."""
-    index = hf_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: hf_dir / file for name, file in weight_map.items()}
-    single = hf_dir / "model.safetensors"
-    if not single.is_file():
-        raise CheckpointError(f"'{hf_dir}' has no model.safetensors (nor model.safetensors.index.json)")
-    from safetensors import safe_open
-
-    with safe_open(str(single), "pt") as f:
-        return {name: single for name in f.keys()}
-
-
-def _hf_name(evo_name: str, tied: bool) -> str:
-    return hf_name(tied_name(evo_name, tied))
-
-
-@torch.no_grad()
-def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
-    """Fill ``model``'s parameters (a plain model, or any layout's: DTensor shards, pipeline stages) from the
-    transformers folder ``hf_dir``, each rank reading only its part of each tensor. The folder must describe the
-    model's own shapes: the first tensor that is missing or shaped otherwise is named on one line."""
-    from safetensors import safe_open
-
-    hf_dir = Path(hf_dir)
-    config, _ = read_hf_config(hf_dir)
-    internlm2 = config["model_type"] == INTERNLM2
-    files = _hf_files(hf_dir)
-    cfg = model.cfg
-    tied = bool(cfg.tie_word_embeddings)
-    handles: dict[Path, object] = {}
-
-    def open_slice(key: str, name: str):
-        if key not in files:
-            raise CheckpointError(f"Hugging Face folder '{hf_dir}' does not fit this model: it has no '{key}' "
-                                  f"(for '{name}')")
-        if files[key] not in handles:
-            handles[files[key]] = safe_open(str(files[key]), "pt")
-        return handles[files[key]].get_slice(key)
-
-    unpacked: dict[str, tuple] = {}  # InternLM2: the wqkv being read, split into its q, k, v parts
-    try:
-        for name, p in model.named_parameters():
-            module, kind = name.rsplit(".", 2)[-2:]
-            if internlm2 and module in ("wq", "wk", "wv"):  # one part of the layer's packed wqkv, whole
-                key = f"model.{name.rsplit('.', 2)[0]}.wqkv.{kind}"
-                if key not in unpacked:
-                    unpacked = {key: unpack_wqkv(open_slice(key, name)[:], cfg.num_attention_heads, cfg.kv_heads,
-                                                 cfg.head_dim)}
-                source = WholeTensor(unpacked[key][("wq", "wk", "wv").index(module)])
-            else:
-                if internlm2:
-                    key = internlm2_name(tied_name(name, tied))
-                else:
-                    key = _hf_name(name, tied)
-                source = open_slice(key, name)
-            fill_parameter(p, source, f"Hugging Face folder '{hf_dir}'", key)
-    finally:
-        handles.clear()
-
-
 def from_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write the transformers folder ``hf_dir`` as an evo checkpoint ``out`` holding the model (load it with
     ``ckpt.load_ckpt_info=dict(path=out, content=("model",))``); returns ``out``."""

@@ -1,9 +1,7 @@
 """Sampling text from a model: a KV cache (the prompt runs once, then one token per step), temperature,
-top-k and top-p (nucleus) sampling."""
+top-k and top-p (nucleus) sampling. Loading a model from a folder is ``evo.weights`` (``evo.load_model``)."""
 
 from __future__ import annotations
-
-import json
 
 import torch
 import torch.distributed as dist
@@ -78,57 +76,3 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
     new = generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eos_id,
                        tokenizer.vocab_size, use_cache)
     return tokenizer.decode(new)
-
-
-def load_model(path, device: torch.device | str = "cpu", dtype=None):
-    """The model of an evo checkpoint (any layout; a folder of checkpoints: the newest), of a Hugging Face folder
-    (``evo.model.hf.FAMILIES``) or of an InternEvo checkpoint folder holding ``model_config.pt``
-    (``evo.internevo``), in one process on ``device``, in eval mode; ``dtype`` (a torch dtype or a
-    ``model.dtype`` string) overrides the saved one. ``model(input_ids)`` with ``(batch, seqlen)`` ids, one
-    sequence per row, returns ``(batch, seqlen, vocab)`` logits."""
-    return load_model_and_tokenizer(path, device, dtype)[0]
-
-
-def load_model_and_tokenizer(path, device: torch.device | str | None = None, dtype=None):
-    """(``load_model``'s model, the tokenizer path it was trained with or ships: None when unknown). ``device``
-    None: the GPU when there is one."""
-    from pathlib import Path
-
-    from evo.checkpoint import load_checkpoint
-    from evo.config import config_from_dict
-    from evo.convert import checkpoint_model_config, load_hf_weights, read_hf_config, resolve_checkpoint
-    from evo.internevo import is_internevo_folder, load_internevo_weights
-    from evo.internevo import model_section as internevo_model_section
-    from evo.model import build_model
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    folder = Path(path)
-    hf = (folder / "config.json").is_file() and not (folder / ".metadata").is_file() and \
-        "model_type" in json.loads((folder / "config.json").read_text())
-    internevo = not hf and is_internevo_folder(folder)
-    if hf or internevo:
-        section = read_hf_config(folder)[1] if hf else internevo_model_section(folder)
-        cfg = config_from_dict({"model": section}).model
-        tokenizer_path = str(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
-    else:
-        folder = resolve_checkpoint(folder)
-        cfg, tokenizer_path = checkpoint_model_config(folder)
-    if dtype is not None:
-        cfg = config_from_dict({"model": {**_model_fields(cfg), "dtype": str(dtype) if not isinstance(dtype, str)
-                                          else dtype}}).model
-    model = build_model(cfg, device)
-    if hf:
-        load_hf_weights(model, folder)
-    elif internevo:
-        load_internevo_weights(model, folder)
-    else:
-        load_checkpoint(folder, {"model": model.state_dict()})
-    return model.eval(), tokenizer_path
-
-
-def _model_fields(cfg) -> dict:
-    """A ModelConfig's fields as a ``model`` section again (the derived ones left to be derived)."""
-    from dataclasses import fields
-
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in cfg.derived}

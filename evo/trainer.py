@@ -40,6 +40,7 @@ from evo.parallel.parallelize import reshard
 from evo.parallel.schedule import build_schedule
 from evo.run_folder import check_not_behind, write_run_config
 from evo.stopping import StopRequests, TrainingStopped
+from evo.weights import load_weights
 
 
 class Trainer:
@@ -324,11 +325,7 @@ class TrainerBuilder(Trainer):
                 raise CheckpointError(f"'ckpt.load_ckpt_info.path' '{path}' is not a folder")
             kind = c.load_ckpt_info.get("ckpt_type")
             if kind in ("hf", "internevo"):
-                from evo.convert import load_hf_weights
-                from evo.internevo import load_internevo_weights
-
-                load = load_hf_weights if kind == "hf" else load_internevo_weights
-                load(self.model, path)  # each rank copies only its part of each tensor
+                load_weights(self.model, path, kind)  # each rank copies only its part of each tensor
                 self.optimizer.sync_masters_from_model()
                 logger.info("loaded the model from %s folder %s", "Hugging Face" if kind == "hf" else "InternEvo",
                             path)

@@ -13,7 +13,8 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from evo.cli import run  # noqa: E402
 from evo.data.tokenizer import load_tokenizer  # noqa: E402
 from evo.errors import ConfigError  # noqa: E402
-from evo.generate import generate_ids, load_model_and_tokenizer  # noqa: E402
+from evo.generate import generate_ids  # noqa: E402
+from evo.weights import load_model_and_tokenizer  # noqa: E402
 
 
 def main():

@@ -54,7 +54,7 @@ def test_tiny_job_smoke_with_profiling_then_generate(tmp_path):
     # and its loader gives the logits of the checkpoint's tensors read back independently of evo
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from evo.generate import load_model_and_tokenizer
+    from evo.weights import load_model_and_tokenizer
 
     model, tokenizer_path = load_model_and_tokenizer(str(ckpt), "cpu")
     assert tokenizer_path == "byte"
