@@ -13,17 +13,14 @@ import os
 import random
 import subprocess
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from evo.config import Config, ConfigError, load_config, validate
+from evo.config import Config, ConfigError, config_from_dict, load_config, validate
 from evo.monitor import logger, setup_logging
-from evo.config.layout import layout_error, zero_size
-from evo.parallel.context import ParallelContext, build_context
+from evo.parallel.context import ParallelContext
 from evo.run_folder import check_run_folder
 
 LAUNCHERS = ("local", "torch", "slurm")
@@ -129,45 +126,16 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
     ``Config``. launcher: local, torch or slurm; None detects it from the environment.
     """
     global _LAUNCH
-    if isinstance(config, Config):
-        cfg = config
-        validate(cfg)  # a Config made by hand: checked, and its folders resolved, as a loaded one's are
-    elif isinstance(config, dict):
-        from evo.config import config_from_dict
-
-        cfg = config_from_dict(config)
-    else:
-        overrides = list(overrides if overrides is not None else getattr(config, "overrides", ()))
-        cfg = load_config(str(config), overrides)
+    cfg = resolve_config(config, overrides)
     launcher = launcher or detect_launcher()
     if launcher not in LAUNCHERS:
         raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}; got {launcher!r}")
     rank, world_size, local_rank = _ranks(launcher, master_port)
-    p = cfg.parallel
-    dp = max(1, world_size // (p.pipeline.size * p.tensor.size))
-    problem = layout_error(world_size, p.pipeline.size, None, p.tensor.size,
-                           zero_size(p.zero1.size, dp, p.tensor.mode), p.weight.size)
-    if problem:  # before any collective: every rank fails alike, with the same line
-        raise ConfigError(problem)
-    if torch.cuda.is_available():
-        gpus = torch.cuda.device_count()
-        if local_rank >= gpus:  # one process per GPU: more processes on a node than GPUs is a launch mistake
-            raise ConfigError(f"this process is local rank {local_rank} of its node, which has {gpus} GPU"
-                              f"{'s' if gpus != 1 else ''}: start at most {gpus} process{'es' if gpus != 1 else ''} "
-                              f"per node (torchrun --nproc_per_node {gpus}; srun --ntasks-per-node {gpus})")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")  # scripts/train.py flushes denormals to zero before any thread starts
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=p.timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+    device = select_device(local_rank)
+    ctx = ParallelContext.from_config(cfg.parallel, world_size, rank, local_rank, device)  # checks, then groups
     if cfg.model.dtype == "torch.tf32" and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ctx = build_context(world_size, rank, local_rank, device, p.pipeline.size, p.tensor.size, p.zero1.size,
-                        p.tensor.mode, p.weight.size, p.pipeline.mode)
     run_folder = Path(cfg.monitor.run_folder)  # resolved by validation: runs/<JOB_NAME> unless set
     check_run_folder(cfg, run_folder)  # every rank: each must fail alike, before anything is written
     setup_logging(run_folder, ctx.is_main)
@@ -177,6 +145,33 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
     logger.info("layout: %s", ctx.describe())
     _LAUNCH = LaunchState(cfg, ctx, run_folder, seed)
     return _LAUNCH
+
+
+def resolve_config(config, overrides=None) -> Config:
+    """The validated ``Config`` of ``initialize_distributed_env``'s ``config``: a file path (with the command
+    line's overrides, or ``overrides``), a dict of sections, or a ``Config`` made by hand (checked, and its folders
+    resolved, as a loaded one's are)."""
+    if isinstance(config, Config):
+        validate(config)
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    overrides = list(overrides if overrides is not None else getattr(config, "overrides", ()))
+    return load_config(str(config), overrides)
+
+
+def select_device(local_rank: int) -> torch.device:
+    """This process's device: GPU ``local_rank`` when there are GPUs (made current), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")  # scripts/train.py flushes denormals to zero before any thread starts
+    gpus = torch.cuda.device_count()
+    if local_rank >= gpus:  # one process per GPU: more processes on a node than GPUs is a launch mistake
+        raise ConfigError(f"this process is local rank {local_rank} of its node, which has {gpus} GPU"
+                          f"{'s' if gpus != 1 else ''}: start at most {gpus} process{'es' if gpus != 1 else ''} "
+                          f"per node (torchrun --nproc_per_node {gpus}; srun --ntasks-per-node {gpus})")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
 
 
 def launch_state() -> LaunchState:

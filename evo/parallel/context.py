@@ -1,14 +1,14 @@
 """ParallelContext: who this process is, and its groups, as a view over one DeviceMesh.
 
-The mesh is built once at launch (``evo.initialize``) in InternEvo's rank order: tensor groups are
-contiguous, data groups strided by tp, pipeline groups strided by tp * dp,
+The mesh is built once at launch (``ParallelContext.from_config``, called by ``evo.initialize``) in InternEvo's
+rank order: tensor groups are contiguous, data groups strided by tp, pipeline groups strided by tp * dp,
 
     rank = tp_rank + tp * dp_rank + tp * dp * pp_rank        mesh dims ("pp", "dp", "tp"),
 
 with the data dimension split in two, ("dp_replicate", "zero"): zero groups are contiguous runs
 of ``zero1.size`` ranks inside each data group (InternEvo's Initializer_Zero1: [0, 2], [4, 6] for
-tp=2, zero=2, dp=4), replicated across the runs (HSDP); "dp" is the two flattened. The next issue's intern sequence
-parallelism reuses this mesh: its weight groups (contiguous runs of w ranks within a pipeline stage,
+tp=2, zero=2, dp=4), replicated across the runs (HSDP); "dp" is the two flattened. Intern sequence
+parallelism (isp) reuses this mesh: its weight groups (contiguous runs of w ranks within a pipeline stage,
 crossing sequence and data groups) and weight-data groups (strided by w, zero inside them) are the
 ("dp", "tp") dimensions flattened to one and unflattened into ("wdp", "wp"): ``DeviceMesh._flatten``
 and ``_unflatten``, the same process set, nothing rebuilt.
@@ -20,11 +20,14 @@ A world of one process has no mesh and no groups: every collective here is then 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from evo.config.layout import TENSOR_MODE, TensorMode, zero_size
+from evo.config.layout import TENSOR_MODE, TensorMode, layout_error, zero_size
+from evo.config.sections import ParallelConfig, ParallelDim
+from evo.errors import ConfigError
 
 
 @dataclass
@@ -44,6 +47,42 @@ class ParallelContext:
     mesh: object = field(default=None, repr=False)  # DeviceMesh ("pp", "dp_replicate", "zero", "tp"), or None
     dp_mesh: object = field(default=None, repr=False)  # ("dp_replicate", "zero") flattened to "dp"
     weight_mesh: object = field(default=None, repr=False)  # isp: ("wdp", "wp"), the (dp, tp) ranks regrouped
+
+    @classmethod
+    def from_config(cls, parallel: ParallelConfig, world_size: int = 1, rank: int = 0, local_rank: int = 0,
+                    device: torch.device = torch.device("cpu")) -> "ParallelContext":
+        """This rank's context for the layout ``parallel`` (a validated ``parallel`` section) over ``world_size``
+        processes. The layout is checked first (``evo.config.layout.layout_error``: a ``ConfigError`` naming the
+        keys, the same on every rank, before any collective) and the data, zero and weight sizes are worked out
+        here, once; then, with more than one process, the process group is started (``start_process_group``)
+        and the one mesh that every group comes from is built (a collective: every rank calls this). Under isp
+        (tp the sequence group) ZeRO is the weight group's (zero1 is not used) and the weight mesh regroups each
+        stage's (dp, tp) ranks into contiguous weight groups of ``parallel.weight.size`` ranks."""
+        pp, tp, weight = parallel.pipeline.size, parallel.tensor.size, parallel.weight.size
+        tp_mode, pp_mode = parallel.tensor.mode or "mtp", parallel.pipeline.mode or "1F1B"
+        dp = max(1, world_size // (pp * tp))
+        zero = zero_size(parallel.zero1.size, dp, tp_mode)
+        problem = layout_error(world_size, pp, None, tp, zero, weight)
+        if problem:
+            raise ConfigError(problem)
+        ctx = cls(world_size=world_size, rank=rank, local_rank=local_rank, device=device, pp_size=pp, dp_size=dp,
+                  tp_size=tp, zero_size=zero, tp_mode=tp_mode, weight_size=weight, pp_mode=pp_mode)
+        if world_size > 1:
+            start_process_group(world_size, rank, device, parallel.timeout_s)
+            ctx._build_mesh()
+        return ctx
+
+    def _build_mesh(self) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        pp, dp, zero, tp = self.pp_size, self.dp_size, self.zero_size, self.tp_size
+        self.mesh = init_device_mesh(self.device.type, (pp, dp // zero, zero, tp),
+                                     mesh_dim_names=("pp", "dp_replicate", "zero", "tp"))
+        self.dp_mesh = self.mesh["dp_replicate", "zero"]._flatten("dp")
+        if self.tensor_mode.weight_parallel:  # InternEvo's weight groups [0, 1] [2, 3], weight-data groups [0, 2]
+            # [1, 3] (w = 2)
+            stage = self.mesh["dp_replicate", "zero", "tp"]._flatten("dp_tp")
+            self.weight_mesh = stage._unflatten(0, (dp * tp // self.weight_size, self.weight_size), ("wdp", "wp"))
 
     # ------------------------------------------------------------------ coordinates
     @property
@@ -143,23 +182,19 @@ class ParallelContext:
                 f"pp {self.pp_rank} dp {self.dp_rank} tp {self.tp_rank} zero {self.zero_rank}")
 
 
+def start_process_group(world_size: int, rank: int, device: torch.device, timeout_s: float = 1800.0) -> None:
+    """The default process group of ``world_size`` processes, unless one exists: nccl for CUDA devices, gloo
+    otherwise; rendezvous from the launcher's environment (MASTER_ADDR, MASTER_PORT)."""
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+
+
 def build_context(world_size: int, rank: int, local_rank: int, device: torch.device, pp: int, tp: int, zero1: int,
                   tp_mode: str, weight: int = 1, pp_mode: str = "1F1B") -> ParallelContext:
-    """The context of this rank; with more than one process, the mesh too (a collective: every rank calls it).
-    Under isp (``tp_mode`` "isp", tp the sequence group) ZeRO is the weight group's (zero1 is not used) and the
-    weight mesh regroups each stage's (dp, tp) ranks into contiguous weight groups of ``weight`` ranks."""
-    dp = world_size // (pp * tp)
-    zero = zero_size(zero1, dp, tp_mode)
-    ctx = ParallelContext(world_size=world_size, rank=rank, local_rank=local_rank, device=device, pp_size=pp,
-                          dp_size=dp, tp_size=tp, zero_size=zero, tp_mode=tp_mode, weight_size=weight,
-                          pp_mode=pp_mode)
-    if world_size > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        ctx.mesh = init_device_mesh(device.type, (pp, dp // zero, zero, tp),
-                                    mesh_dim_names=("pp", "dp_replicate", "zero", "tp"))
-        ctx.dp_mesh = ctx.mesh["dp_replicate", "zero"]._flatten("dp")
-        if ctx.tensor_mode.weight_parallel:  # InternEvo's weight groups [0, 1] [2, 3], weight-data groups [0, 2] [1, 3] (w = 2)
-            stage = ctx.mesh["dp_replicate", "zero", "tp"]._flatten("dp_tp")
-            ctx.weight_mesh = stage._unflatten(0, (dp * tp // weight, weight), ("wdp", "wp"))
-    return ctx
+    """``ParallelContext.from_config`` for a layout given by its sizes rather than a config section (tests and
+    benchmarks): pipeline ``pp``, tensor ``tp`` in ``tp_mode``, InternEvo's ``zero1``, isp's ``weight``."""
+    parallel = ParallelConfig(zero1=ParallelDim(size=zero1), tensor=ParallelDim(size=tp, mode=tp_mode),
+                              pipeline=ParallelDim(size=pp, mode=pp_mode), weight=ParallelDim(size=weight))
+    return ParallelContext.from_config(parallel, world_size, rank, local_rank, device)
