@@ -1,5 +1,5 @@
-"""Metrics out of a run: a console progress bar or step lines, ``metrics.jsonl``, TensorBoard, a log file; and
-the GPU peak table that MFU divides by.
+"""Metrics out of a run: a console progress bar or step lines, ``metrics.jsonl``, TensorBoard, a log file, a
+profiler trace (``step_profiler``); and the GPU peak table that MFU divides by.
 
 Only the main rank writes. ``metrics.jsonl`` holds one JSON object per logged training step and per
 evaluation, with InternEvo's key names (``loss``, ``lr``, ``grad_norm``, ``tgs``, ``val/<name>_loss``,
@@ -165,6 +165,23 @@ class Monitor:
             self._tb.close()
         if self._metrics is not None:
             self._metrics.close()
+
+
+def step_profiler(folder: Path, rank: int, device: torch.device, step):
+    """A ``torch.profiler`` over steps 2 to 4 of those it sees (``profiler.step()`` after each), CUDA activity
+    included on a GPU, writing ``folder/trace_rank<rank>_step<step()>.json`` (Chrome's trace format)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+
+    def export(prof):
+        path = folder / f"trace_rank{rank}_step{step()}.json"
+        prof.export_chrome_trace(str(path))
+        logger.info("profiler trace written to %s", path)
+
+    return torch.profiler.profile(activities=activities, on_trace_ready=export, record_shapes=True,
+                                  schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1))
 
 
 def _step_text(record: dict) -> str:

@@ -3,9 +3,10 @@
 ``Trainer.fit()`` = ``train()`` and then a final evaluation, checkpoint and sample. Each step:
 ``load_new_batch`` -> ``execute_schedule`` (token counts, then ``forward_backward_step``: the step's
 ``data.micro_num`` micro-batches through the layout's schedule object, ``evo.parallel.schedule``, plain
-accumulation or a pipeline schedule) ->
-``step`` -> ``evaluate_on_val_dls`` (every ``data.valid_every``) ->
-``try_save_checkpoint``.
+accumulation or a pipeline schedule) -> ``step`` -> ``evaluate_on_val_dls`` (every ``data.valid_every``) ->
+``try_save_checkpoint``. The loop only: what to save and when, and resuming, is ``evo.checkpoint``'s
+``CheckpointManager``; FLOPs ``evo.model.flops``; what one run is ``evo.run_folder``; folders of weights
+``evo.weights``.
 
 The loss of a step is the mean over every labelled token of the step, across its micro-batches and
 data-parallel ranks (InternEvo averages per-micro-batch means instead): each micro-batch's summed
@@ -33,7 +34,7 @@ from evo.data.packing import IGNORE_INDEX
 from evo.errors import CheckpointError
 from evo.model.decoder import max_seqlen_of
 from evo.model.flops import seqlen_sq, step_flops
-from evo.monitor import Monitor, logger, peak_tflops
+from evo.monitor import Monitor, logger, peak_tflops, step_profiler
 from evo.optim import DynamicLossScaler, LrSchedule, MixedPrecisionOptimizer
 from evo.parallel.context import ParallelContext
 from evo.parallel.parallelize import reshard
@@ -104,7 +105,9 @@ class Trainer:
         write_run_config(self.run_folder, self.cfg, self.ctx.is_main)
         if self.monitor is None:
             self.monitor = Monitor(self.run_folder, self.ctx.is_main, total, self.step_count)
-        profiler = self._profiler()
+        # a torch.profiler trace of a few steps (--profiling), named by the step it ends at
+        profiler = step_profiler(self.run_folder / "profile", self.ctx.rank, self.ctx.device,
+                                 lambda: self.step_count) if self.profiling else None
         record: dict = {}
         stops = StopRequests(self.ctx, self.cfg.ckpt.stop_file_path)
         with profiler or contextlib.nullcontext(), stops:
@@ -260,23 +263,6 @@ class Trainer:
         if self.ctx.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
         return record
-
-    def _profiler(self):
-        if not self.profiling:
-            return None
-        folder = self.run_folder / "profile"
-        folder.mkdir(parents=True, exist_ok=True)
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if self.ctx.device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-
-        def export(prof):
-            path = folder / f"trace_rank{self.ctx.rank}_step{self.step_count}.json"
-            prof.export_chrome_trace(str(path))
-            logger.info("profiler trace written to %s", path)
-
-        return torch.profiler.profile(activities=activities, on_trace_ready=export, record_shapes=True,
-                                      schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1))
 
     def _print_sample(self) -> None:
         prompt = self.cfg.monitor.sample_prompt

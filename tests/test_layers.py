@@ -165,3 +165,19 @@ def test_parallel_code_changes_modules_through_a_declared_mechanism():
     assert forward_assignments("head.forward = run\nx = 1\n") == ["1: head.forward = run"]
     decoder = (EVO / "model" / "decoder.py").read_text()
     assert "swap_class" in decoder and "sequence_shards" in decoder  # the model's docstring names the mechanism
+
+
+def test_sizes_stay_readable():
+    """Issue 23's limits: the trainer is the loop only (at most 320 lines), no function outside evo/kernels/ is
+    over 80 lines, no file over 650."""
+    assert len((EVO / "trainer.py").read_text().splitlines()) <= 320
+    long_files, long_functions = [], []
+    for path in sorted(EVO.rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > 650 and "kernels" not in path.parts:
+            long_files.append(str(path.relative_to(ROOT)))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "kernels" not in path.parts \
+                    and node.end_lineno - node.lineno + 1 > 80:
+                long_functions.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not long_files and not long_functions, (long_files, long_functions)

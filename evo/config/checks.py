@@ -47,7 +47,21 @@ def _validate_rope_scaling(m: ModelConfig) -> None:
 
 
 def validate(cfg: Config) -> None:
-    m, d = cfg.model, cfg.data
+    """Check every section beyond its types, in order, raising one ``ConfigError`` line for the first problem, and
+    fill what is derived (``tensor.mode``, ``pipeline.mode``, ``data.type``, ``lr_scheduler.total_steps``,
+    ``load_ckpt_info``'s defaults, the folders)."""
+    _validate_model(cfg.model)
+    _validate_data(cfg.data)
+    _validate_parallel(cfg)
+    _validate_optimizer(cfg)
+    _validate_ckpt(cfg.ckpt)
+    require(cfg.monitor.log_every >= 1, f"'monitor.log_every' must be >= 1, got {cfg.monitor.log_every}")
+    peak = cfg.monitor.peak_tflops
+    require(peak is None or peak > 0, f"'monitor.peak_tflops' must be > 0 (TFLOP/s of one device), got {peak}")
+    _resolve_folders(cfg)
+
+
+def _validate_model(m) -> None:
     for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
         require(getattr(m, key) >= 1, f"'model.{key}' must be >= 1, got {getattr(m, key)}")
     require(m.head_dim is not None,
@@ -78,6 +92,8 @@ def validate(cfg: Config) -> None:
                 "ffn_other_init_std", "out_head_init_std"):
         require(getattr(m, key) >= 0, f"'model.{key}' must be >= 0")
 
+
+def _validate_data(d) -> None:
     for key in ("seq_len", "micro_num", "micro_bsz", "valid_micro_num", "total_steps"):
         require(getattr(d, key) >= 1, f"'data.{key}' must be >= 1, got {getattr(d, key)}")
     require(d.valid_every >= 0, f"'data.valid_every' must be >= 0, got {d.valid_every}")
@@ -95,8 +111,9 @@ def validate(cfg: Config) -> None:
     _check_data_conflicts(d)
     parse_skip_batches(d.skip_batches)
 
-    _validate_parallel(cfg)
 
+def _validate_optimizer(cfg: Config) -> None:
+    """adam, lr_scheduler, grad_scaler, hybrid_zero_optimizer, loss."""
     a = cfg.adam
     require(a.lr >= 0, f"'adam.lr' must be >= 0, got {a.lr}")
     require(0 <= a.adam_beta1 < 1 and 0 <= a.adam_beta2 < 1, "'adam.adam_beta1' and 'adam.adam_beta2' must be in [0, 1)")
@@ -105,7 +122,7 @@ def validate(cfg: Config) -> None:
 
     s = cfg.lr_scheduler
     if s.total_steps is None:
-        s.total_steps = d.total_steps
+        s.total_steps = cfg.data.total_steps
     require(s.total_steps >= 1, f"'lr_scheduler.total_steps' must be >= 1, got {s.total_steps}")
     require(0 <= s.init_steps < s.total_steps, "'lr_scheduler.init_steps' must be in [0, total_steps)")
     require(0 <= s.warmup_ratio <= 1, f"'lr_scheduler.warmup_ratio' must be in [0, 1], got {s.warmup_ratio}")
@@ -122,10 +139,13 @@ def validate(cfg: Config) -> None:
     require(math.isfinite(cfg.hybrid_zero_optimizer.clip_grad_norm),
              "'hybrid_zero_optimizer.clip_grad_norm' must be a finite number (<= 0 turns clipping off)")
     require(0 <= cfg.loss.label_smoothing < 1, f"'loss.label_smoothing' must be in [0, 1), got {cfg.loss.label_smoothing}")
-    require(cfg.ckpt.checkpoint_every >= 0, f"'ckpt.checkpoint_every' must be >= 0, got {cfg.ckpt.checkpoint_every}")
-    require(cfg.ckpt.keep_latest >= 0, f"'ckpt.keep_latest' must be >= 0 (0 keeps every checkpoint), got "
-             f"{cfg.ckpt.keep_latest}")
-    info = cfg.ckpt.load_ckpt_info
+
+
+
+def _validate_ckpt(c) -> None:
+    require(c.checkpoint_every >= 0, f"'ckpt.checkpoint_every' must be >= 0, got {c.checkpoint_every}")
+    require(c.keep_latest >= 0, f"'ckpt.keep_latest' must be >= 0 (0 keeps every checkpoint), got {c.keep_latest}")
+    info = c.load_ckpt_info
     if info is not None:
         require("path" in info, "'ckpt.load_ckpt_info' needs a 'path'")
         content = info.get("content", ("all",))
@@ -140,10 +160,6 @@ def validate(cfg: Config) -> None:
         require(kind != "internevo" or content == ("model",), "'ckpt.load_ckpt_info.ckpt_type' 'internevo': evo "
                  f"reads the model from an InternEvo folder, not its optimizer or data state; set "
                  f"content=('model',), got {content}")
-    require(cfg.monitor.log_every >= 1, f"'monitor.log_every' must be >= 1, got {cfg.monitor.log_every}")
-    peak = cfg.monitor.peak_tflops
-    require(peak is None or peak > 0, f"'monitor.peak_tflops' must be > 0 (TFLOP/s of one device), got {peak}")
-    _resolve_folders(cfg)
 
 
 def _validate_parallel(cfg: Config) -> None:
