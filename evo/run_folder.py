@@ -27,7 +27,7 @@ from evo.errors import CheckpointError
 # (a resume continues the schedule with the new lr, as InternEvo's load_scheduler does; evo.optim.LrSchedule).
 SAME_RUN_MAY_CHANGE = ("JOB_NAME", "source", "model_type", "model.checkpoint", "model.compile", "model.num_chunks",
                        "data.total_steps", "adam.lr",
-                       "lr_scheduler.total_steps", "lr_scheduler.last_epoch", "data.valid_every",
+                       "lr_scheduler.total_steps", "data.valid_every",
                        "data.valid_max_batches", "data.valid_micro_num", "data.valid_folder", "data.skip_batches",
                        "data.max_bad_lines", "parallel", "ckpt", "monitor")
 

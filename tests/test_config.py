@@ -87,13 +87,15 @@ def test_unknown_keys_warn_by_name_and_known_internevo_keys_do_not():
 def test_internevo_settings_evo_does_not_have_are_accepted_with_a_warning_naming_them(config_file):
     raw = small_sections(adam=dict(lr=1e-3, adam_beta2_c=0),
                          parallel=dict(pipeline=dict(size=1, interleaved_overlap=True),
-                                       weight=dict(size=1, overlap=True, memory_pool=True)))
+                                       weight=dict(size=1, overlap=True, memory_pool=True)),
+                         lr_scheduler=dict(last_epoch=-1), ckpt=dict(load_ckpt_folder="old/run"),
+                         monitor=dict(tensorboard=dict(queue_max_length=10)))
     with pytest.warns(UserWarning) as record:
         cfg = config_from_dict(raw)
     assert sorted(str(w.message) for w in record) == [
         f"config key '{key}' has no effect in evo (InternEvo's; accepted and ignored)"
-        for key in ("adam.adam_beta2_c", "parallel.pipeline.interleaved_overlap", "parallel.weight.memory_pool",
-                    "parallel.weight.overlap")]
+        for key in ("adam.adam_beta2_c", "ckpt.load_ckpt_folder", "lr_scheduler.last_epoch", "monitor.tensorboard",
+                    "parallel.pipeline.interleaved_overlap", "parallel.weight.memory_pool", "parallel.weight.overlap")]
     assert not hasattr(cfg.parallel.pipeline, "interleaved_overlap") and not hasattr(cfg.adam, "adam_beta2_c")
     path = config_file("model = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=100)\n")
     with pytest.warns(UserWarning, match="'parallel.pipeline.interleaved_overlap' has no effect"):

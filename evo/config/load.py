@@ -43,8 +43,11 @@ _ACCEPTED_NO_EFFECT = {
     "monitor": {"alert"},
 }
 # InternEvo keys of settings a reader could expect to work, accepted with a warning that names them: evo has no
-# communication overlap or memory pool to tune (parallel.*), and AdamW's beta2 does not follow a schedule here.
-_ACCEPTED_WITH_WARNING = {"parallel": {"interleaved_overlap", "overlap", "memory_pool"}, "adam": {"adam_beta2_c"}}
+# communication overlap or memory pool to tune (parallel.*); AdamW's beta2 does not follow a schedule here; the
+# lr schedule starts where the checkpoint's counters say (lr_scheduler.last_epoch); checkpoints load through
+# ckpt.load_ckpt_info (ckpt.load_ckpt_folder); TensorBoard is always written, untuned (monitor.tensorboard).
+_ACCEPTED_WITH_WARNING = {"parallel": {"interleaved_overlap", "overlap", "memory_pool"}, "adam": {"adam_beta2_c"},
+                          "lr_scheduler": {"last_epoch"}, "ckpt": {"load_ckpt_folder"}, "monitor": {"tensorboard"}}
 _TOP_LEVEL_NO_EFFECT = {"DO_ALERT", "model_type", "cudnn_deterministic", "cudnn_benchmark", "use_fp32_norm",
                         "beta2_scheduler", "generation"}
 

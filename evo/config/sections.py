@@ -21,19 +21,19 @@ CKPT_CONTENTS = ("model", "optimizer", "scheduler", "sampler", "all")
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
-    num_layers: int = REQUIRED
-    hidden_size: int = REQUIRED
-    num_attention_heads: int = REQUIRED
-    vocab_size: int = REQUIRED
+    num_layers: int = REQUIRED  # decoder layers
+    hidden_size: int = REQUIRED  # the residual stream's width
+    num_attention_heads: int = REQUIRED  # query heads
+    vocab_size: int = REQUIRED  # rows of the embedding and of the output head
     num_kv_attention_heads: Optional[int] = None  # None: as many as query heads (MHA)
     head_dim: Optional[int] = None  # None: hidden_size / num_attention_heads (Qwen3 and others set it apart)
-    mlp_ratio: float = 8 / 3
+    mlp_ratio: float = 8 / 3  # the SwiGLU width over hidden_size (before rounding up to multiple_of)
     multiple_of: int = 256  # the MLP width is mlp_ratio * hidden_size rounded up to this
     intermediate_size: Optional[int] = None  # evo: the MLP width itself (Hugging Face's key); wins over mlp_ratio
-    dtype: str = "torch.bfloat16"
-    norm_type: str = "rmsnorm"
-    layer_norm_epsilon: float = 1e-5
-    rope_base: float = 10000.0
+    dtype: str = "torch.bfloat16"  # compute dtype (DTYPES); masters and optimizer state are fp32 regardless
+    norm_type: str = "rmsnorm"  # InternEvo's choice of norm; evo has RMSNorm only
+    layer_norm_epsilon: float = 1e-5  # RMSNorm's epsilon (the q/k norms' too)
+    rope_base: float = 10000.0  # rotary base (Hugging Face's rope_theta)
     rope_scaling: Optional[dict] = None  # Hugging Face's dict: rope_type linear | dynamic | llama3, factor, ...
     max_position_embeddings: int = 2048  # the trained context: dynamic NTK scaling starts past it
     use_dynamic_ntk_rope: bool = False  # InternEvo's switch: rope_scaling=dict(rope_type="dynamic", factor=1.0)
@@ -44,19 +44,19 @@ class ModelConfig:
     mlp_bias: Optional[bool] = None  # None: not no_bias
     qk_norm: bool = False  # RMSNorm over head_dim on each query and key head, before rotary (Qwen3)
     sliding_window: Optional[int] = None  # each token attends to itself and the sliding_window - 1 before it (Mistral)
-    tie_word_embeddings: bool = False
-    norm_head: bool = False
-    apply_post_layer_norm: bool = False
-    checkpoint: Union[bool, float] = False  # fraction of layers with activation checkpointing
+    tie_word_embeddings: bool = False  # the output head uses the embedding's weight
+    norm_head: bool = False  # InternEvo's normalised head: True is refused (not supported)
+    apply_post_layer_norm: bool = False  # InternEvo's post-norm: True is refused (pre-norm only)
+    checkpoint: Union[bool, float] = False  # activation checkpointing: True, or the fraction of (each stage's) layers
     compile: bool = False  # evo: torch.compile each decoder layer (evo.parallel.parallelize)
     num_chunks: int = 1  # pipeline stages per pipeline rank (interleaved 1F1B; ZBV: 2)
-    init_type: str = "normal"
-    embedding_init_std: float = 0.02
-    attn_wqkv_init_std: float = 0.02
-    attn_other_init_std: float = 0.02
-    ffn_uplayer_init_std: float = 0.02
-    ffn_other_init_std: float = 0.02
-    out_head_init_std: float = 0.02
+    init_type: str = "normal"  # InternEvo's choice of init; evo has the normal init only (the *_init_std below)
+    embedding_init_std: float = 0.02  # normal-init std of the embedding
+    attn_wqkv_init_std: float = 0.02  # ... of wq, wk, wv
+    attn_other_init_std: float = 0.02  # ... of wo
+    ffn_uplayer_init_std: float = 0.02  # ... of w1, w3
+    ffn_other_init_std: float = 0.02  # ... of w2
+    out_head_init_std: float = 0.02  # ... of the output head (untied)
 
     def __post_init__(self):
         self.derived: frozenset[str] = frozenset()  # the fields resolve() filled in (not a dataclass field)
@@ -112,22 +112,22 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    seq_len: int = 2048
-    micro_num: int = 1
-    micro_bsz: int = 1
-    valid_micro_num: int = 1
+    seq_len: int = 2048  # the longest attention span; a packed row holds seq_len * micro_bsz tokens
+    micro_num: int = 1  # micro-batches (packed rows) per step and per data-parallel rank
+    micro_bsz: int = 1  # seq_len slots per packed row
+    valid_micro_num: int = 1  # rows per validation batch
     valid_every: int = 0  # 0: never evaluate during training (still at the end if there are val sets)
     valid_max_batches: Optional[int] = None  # evo: cap on batches per validation set (None: all)
-    total_steps: int = 50000
-    pack_sample_into_one: bool = False
-    use_packed_dataset: bool = True
-    skip_batches: str = ""
-    min_length: int = 0
+    total_steps: int = 50000  # training steps
+    pack_sample_into_one: bool = False  # attention boundaries every seq_len, ignoring documents
+    use_packed_dataset: bool = True  # False: one document per seq_len slot, truncated and padded
+    skip_batches: str = ""  # batch indices to skip, "10-20,30" (InternEvo's way past a bad batch)
+    min_length: int = 0  # documents shorter than this are dropped
     type: Optional[str] = None  # None: "tokenized" with train_folder, else "dummy"
-    train_folder: Optional[str] = None
-    valid_folder: Optional[str] = None
-    tokenizer_path: Optional[str] = None
-    seed: int = 1024
+    train_folder: Optional[str] = None  # the training data (docs/data.md)
+    valid_folder: Optional[str] = None  # validation sets, one per subfolder (or one)
+    tokenizer_path: Optional[str] = None  # a tokenizer.json (streaming; the sample at the end of fit)
+    seed: int = 1024  # the data order's seed (the model's is --seed)
     num_dummy_samples: int = 10000  # evo: size of the random dummy dataset (documents)
     max_bad_lines: int = 0  # evo: malformed .jsonl lines a streaming run may skip (0: the first one is an error)
 
@@ -138,52 +138,51 @@ class DataConfig:
 
 @dataclass
 class ParallelDim:
-    size: int = 1
-    mode: Optional[str] = None
+    size: int = 1  # ranks in this dimension's groups
+    mode: Optional[str] = None  # tensor: TENSOR_MODES; pipeline: PIPELINE_MODES (evo/config/layout.py)
 
 
 @dataclass
 class ParallelConfig:
     zero1: ParallelDim = field(default_factory=lambda: ParallelDim(size=-1))  # <= 0: the whole data group; 1: off
-    tensor: ParallelDim = field(default_factory=lambda: ParallelDim(mode="mtp"))
-    pipeline: ParallelDim = field(default_factory=ParallelDim)
-    weight: ParallelDim = field(default_factory=ParallelDim)
+    tensor: ParallelDim = field(default_factory=lambda: ParallelDim(mode="mtp"))  # tensor (or isp's sequence) groups
+    pipeline: ParallelDim = field(default_factory=ParallelDim)  # pipeline stages and their schedule
+    weight: ParallelDim = field(default_factory=ParallelDim)  # isp: weight groups that shard the weights
     sequence_parallel: Optional[bool] = None  # InternEvo's switch: True needs tensor.mode msp or fsp
     timeout_s: float = 1800.0  # evo: collective timeout in seconds
 
 
 @dataclass
 class AdamConfig:
-    lr: float = 1e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.01
+    lr: float = 1e-4  # peak learning rate
+    adam_beta1: float = 0.9  # AdamW's beta1
+    adam_beta2: float = 0.95  # AdamW's beta2
+    adam_eps: float = 1e-8  # AdamW's epsilon
+    weight_decay: float = 0.01  # decoupled weight decay, on matrices only (not norms and biases)
 
 
 @dataclass
 class LrSchedulerConfig:
     total_steps: Optional[int] = None  # None: data.total_steps
-    init_steps: int = 0
-    warmup_ratio: float = 0.01
-    eta_min: float = 1e-5
-    last_epoch: int = -1
+    init_steps: int = 0  # the schedule starts as if this many steps had run
+    warmup_ratio: float = 0.01  # linear warmup over ceil(warmup_ratio * total_steps) steps, then cosine decay
+    eta_min: float = 1e-5  # the lr the cosine decays to
 
 
 @dataclass
 class Fp16ScalerConfig:
-    initial_scale: float = 2.0**16
-    min_scale: float = 1.0
-    growth_interval: int = 1000
+    initial_scale: float = 2.0**16  # the first loss scale
+    min_scale: float = 1.0  # the scale never backs off below this
+    growth_interval: int = 1000  # steps without overflow before the scale grows
 
 
 @dataclass
 class GradScalerConfig:
-    fp16: Fp16ScalerConfig = field(default_factory=Fp16ScalerConfig)
-    growth_factor: float = 2.0
-    backoff_factor: float = 0.5
-    max_scale: float = 2.0**24
-    hysteresis: int = 2
+    fp16: Fp16ScalerConfig = field(default_factory=Fp16ScalerConfig)  # the scale's start, floor and growth interval
+    growth_factor: float = 2.0  # the scale is multiplied by this when it grows
+    backoff_factor: float = 0.5  # ... and by this on an overflow
+    max_scale: float = 2.0**24  # the scale never grows past this
+    hysteresis: int = 2  # overflows tolerated before backing off
 
 
 @dataclass
@@ -193,16 +192,15 @@ class HybridZeroConfig:
 
 @dataclass
 class LossConfig:
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # cross-entropy's label smoothing
 
 
 @dataclass
 class CkptConfig:
-    enable_save_ckpt: bool = True
+    enable_save_ckpt: bool = True  # save checkpoints
     save_ckpt_folder: Optional[str] = None  # None: <run folder>/checkpoints
     checkpoint_every: int = 0  # 0: only at the end
-    auto_resume: bool = True
-    load_ckpt_folder: Optional[str] = None
+    auto_resume: bool = True  # continue from the newest complete checkpoint in save_ckpt_folder
     load_ckpt_info: Optional[dict] = None  # dict(path=..., content=("model", ...), ckpt_type="evo")
     keep_latest: int = 0  # evo: keep only this many complete checkpoints (0: all), removing older ones after a save
     stop_file_path: Optional[str] = None  # InternEvo's: write -N (save after step N) or N (save and stop) into it
@@ -212,27 +210,26 @@ class CkptConfig:
 @dataclass
 class MonitorConfig:
     run_folder: Optional[str] = None  # None: runs/<JOB_NAME>
-    tensorboard: dict = field(default_factory=dict)
     log_every: int = 1  # evo: console/metrics cadence in steps
     sample_prompt: Optional[str] = None  # evo: at the end of fit(), print a sample generated from this
-    sample_tokens: int = 64
+    sample_tokens: int = 64  # tokens of that sample
     peak_tflops: Optional[float] = None  # evo: the device's peak for MFU (None: the table of known GPUs)
 
 
 @dataclass
 class Config:
-    JOB_NAME: str = "evo"
-    model: ModelConfig = REQUIRED
-    data: DataConfig = field(default_factory=DataConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    adam: AdamConfig = field(default_factory=AdamConfig)
-    lr_scheduler: LrSchedulerConfig = field(default_factory=LrSchedulerConfig)
-    grad_scaler: GradScalerConfig = field(default_factory=GradScalerConfig)
-    hybrid_zero_optimizer: HybridZeroConfig = field(default_factory=HybridZeroConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    ckpt: CkptConfig = field(default_factory=CkptConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    model_type: str = "INTERNLM2_PUBLIC"
+    JOB_NAME: str = "evo"  # names the run folder, runs/<JOB_NAME>
+    model: ModelConfig = REQUIRED  # the decoder (the sections below are documented in docs/config.md)
+    data: DataConfig = field(default_factory=DataConfig)  # what is read, packed and how long
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the layout over the processes
+    adam: AdamConfig = field(default_factory=AdamConfig)  # the optimizer
+    lr_scheduler: LrSchedulerConfig = field(default_factory=LrSchedulerConfig)  # the lr of each step
+    grad_scaler: GradScalerConfig = field(default_factory=GradScalerConfig)  # fp16's dynamic loss scale
+    hybrid_zero_optimizer: HybridZeroConfig = field(default_factory=HybridZeroConfig)  # gradient clipping
+    loss: LossConfig = field(default_factory=LossConfig)  # the training loss
+    ckpt: CkptConfig = field(default_factory=CkptConfig)  # saving, resuming, loading
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # the run folder, metrics, logs
+    model_type: str = "INTERNLM2_PUBLIC"  # InternEvo's model registry name (MODEL_TYPES): one decoder for all
     source: Optional[str] = None  # the file this config came from
 
     def to_dict(self) -> dict:
