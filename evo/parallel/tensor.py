@@ -1,10 +1,13 @@
 """Tensor parallelism (``parallel.tensor.mode``): mtp, msp and fsp, on DTensor.
 
-Parameters become DTensors on the tensor-parallel mesh (``parallelize_module`` with the styles below),
-so FSDP2 composes with them (2-D parameters) and DCP saves them under their full names. The
-computation stays on local tensors: each style replaces its module's forward with one that turns the
-local input into a DTensor, lets DTensor run the matmul and its collectives, and hands the next
-module a local tensor again; the Triton kernels never see a DTensor.
+Parameters become DTensors on the tensor-parallel mesh (``parallelize_module`` with one
+``TensorParallelStyle`` per entry of ``TP_PLAN`` / ``TP_LAYER_PLAN``, the one table of what is split how), so
+FSDP2 composes with them (2-D parameters) and DCP saves them under their full names. The computation stays on
+local tensors: each style swaps its module's class for a parallel subclass (``swap_class``: the module becomes a
+``ColumnParallelLinear``, ``RowParallelLinear``, ``VocabParallelEmbedding``, ``ReplicatedWeightRMSNorm`` or
+``VocabParallelLossOutputHead``) whose forward turns the local input into a DTensor, lets DTensor run the
+matmul and its collectives, and hands the next module a local tensor again; the Triton kernels never see a
+DTensor.
 
 - ``mtp`` (Megatron's tensor parallelism): column-parallel wq, wk, wv, w1, w3 (output features split,
   so heads and kv heads split across ranks); row-parallel wo, w2 (input features split, outputs
@@ -22,7 +25,8 @@ module a local tensor again; the Triton kernels never see a DTensor.
 Sequence sharding applies to a forward whose token count divides by tp (training's packed rows
 always do: validation checks ``seq_len * micro_bsz``); any other forward, e.g. a generation step,
 runs that call as mtp. The embedding decides per call and the other styles read the decision
-(``SequenceState``), so one model serves training, evaluation and generation. Packed rows keep
+(``evo.parallel.shards.SequenceShards``, ``model.sequence_shards``), so one model serves training, evaluation
+and generation. Packed rows keep
 working: attention runs after the column-parallel gather, on every token of the row with local heads,
 so ``cu_seqlens`` and positions are those of the full row.
 """
