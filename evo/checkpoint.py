@@ -30,6 +30,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from evo.config import config_from_dict
 from evo.errors import CheckpointError
@@ -60,6 +62,86 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose reading would run code (a pickle naming a function or class that a checkpoint does not
+    hold): refused before anything from it runs, and never passed over for an older one."""
+
+
+# What a checkpoint's pickles may name. train_state.pt: torch's own safe types (weights_only=True) and numpy's RNG
+# state (an array of uint32); .metadata: DCP's metadata classes and the torch and pathlib types they hold.
+def _numpy_state_types() -> list:
+    import numpy as np
+
+    reconstruct = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
+    return [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"),
+            (reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+_METADATA_TYPES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size", "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
+              "bool", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "strided", "contiguous_format",
+              "channels_last", "preserve_format"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name not in _METADATA_TYPES.get(module, ()):
+            raise UnsafeCheckpointError(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_train_state(path: Path) -> dict:
+    """A checkpoint's train_state.pt, read with ``weights_only=True`` (plus numpy's RNG state types): a file that
+    names anything else is refused (``UnsafeCheckpointError``) before it runs; one that cannot be read is
+    ``CorruptCheckpointError``."""
+    try:
+        named = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception as exc:  # noqa: BLE001 - any failure to read the archive is a damaged file
+        raise CorruptCheckpointError(f"'{path}' cannot be read (truncated or corrupt?): {_cause(exc)}") from None
+    allowed = _numpy_state_types()
+    names = {f"{t.__module__}.{t.__qualname__}" for t in allowed if not isinstance(t, tuple)}
+    names |= {t[1] for t in allowed if isinstance(t, tuple)}
+    if named - names:
+        raise UnsafeCheckpointError(f"'{path}' would run code when read (it names {', '.join(sorted(named - names))}"
+                                    ", which a train state does not hold): refused; nothing from it has run")
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptCheckpointError(f"'{path}' cannot be read (truncated or corrupt?): {_cause(exc)}") from None
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader with ``.metadata`` read by an unpickler that admits only DCP's metadata classes and the
+    torch, pathlib and builtin types they hold (torch's own reader unpickles it with plain ``pickle.load``)."""
+
+    def read_metadata(self, *args, **kwargs):
+        file = Path(self.path) / ".metadata"
+        try:
+            with open(file, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except UnsafeCheckpointError as exc:
+            raise UnsafeCheckpointError(f"'{file}' would run code when read (it names {exc}, which DCP's metadata "
+                                        "does not hold): refused; nothing from it has run") from None
+        except Exception as exc:  # noqa: BLE001
+            raise CorruptCheckpointError(f"'{file}' cannot be read (truncated or corrupt?): {_cause(exc)}") from None
+        if not isinstance(metadata, Metadata):
+            raise CorruptCheckpointError(f"'{file}' holds a {type(metadata).__name__}, not DCP's metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -192,21 +274,14 @@ def load_checkpoint(path: str | Path, tensors: dict) -> dict:
     for name in (TRAIN_STATE, ".metadata"):
         if not (path / name).is_file():
             raise CorruptCheckpointError(f"checkpoint '{path}' is incomplete: it has no {name}")
-    try:
-        state = torch.load(path / TRAIN_STATE, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any failure to unpickle is a damaged file
-        raise CorruptCheckpointError(f"'{path / TRAIN_STATE}' cannot be read (truncated or corrupt?): "
-                                     f"{_cause(exc)}") from None
-    try:
-        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception as exc:  # noqa: BLE001
-        raise CorruptCheckpointError(f"'{path / '.metadata'}' cannot be read (truncated or corrupt?): "
-                                     f"{_cause(exc)}") from None
+    state = read_train_state(path / TRAIN_STATE)
+    reader = SafeReader(path)
+    stored = reader.read_metadata().state_dict_metadata
     _check_fits(path, tensors, stored)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(tensors, checkpoint_id=str(path))
+            dcp.load(tensors, storage_reader=reader)
     except (Exception, CheckpointException) as exc:  # names and shapes fit: a shard is missing or damaged
         raise CorruptCheckpointError(f"checkpoint '{path}' could not be read (a shard file missing, truncated or "
                                      f"corrupt?): {_cause(exc)}") from None
@@ -226,6 +301,9 @@ def _check_fits(path: Path, tensors: dict, stored: dict) -> None:
         meta = stored.get(key)
         if meta is None:
             raise CheckpointError(f"checkpoint '{path}' does not fit this model/optimizer: it has no '{key}'")
+        if not isinstance(meta, TensorStorageMetadata):  # DCP would unpickle its bytes, running what they say
+            raise UnsafeCheckpointError(f"checkpoint '{path}' holds '{key}' as bytes, not a tensor: refused (reading "
+                                        "it could run code); nothing from it has run")
         size = getattr(meta, "size", None)
         if size is not None and tuple(size) != tuple(tensor.shape):
             raise CheckpointError(f"checkpoint '{path}' does not fit this model/optimizer: '{key}' is "

@@ -24,8 +24,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from evo.checkpoint import replace_folder
+from evo.checkpoint import SafeReader, UnsafeCheckpointError, replace_folder
 from evo.errors import CheckpointError, ConfigError
 from evo.model.hf import (INTERNLM2, hf_config_from_model, hf_family, hf_name, internlm2_config_from_model,
                           internlm2_name, interleaved_to_halves, pack_wqkv)
@@ -89,16 +90,20 @@ def _checkpoint_tensors(path: Path, cfg):
     order (the head left out when tied: transformers ties it to the embedding)."""
     import torch.distributed.checkpoint as dcp
 
-    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    reader = SafeReader(path)  # .metadata unpickled with DCP's own types only
+    stored = reader.read_metadata().state_dict_metadata
     names = [key[len("model."):] for key in stored if key.startswith("model.")]
     if cfg.tie_word_embeddings:
         names = [n for n in names if n != "output.weight"]
     for name in sorted(names, key=_hf_order):
         meta = stored[f"model.{name}"]
+        if not isinstance(meta, TensorStorageMetadata):  # DCP would unpickle its bytes
+            raise UnsafeCheckpointError(f"checkpoint '{path}' holds 'model.{name}' as bytes, not a tensor: refused "
+                                        "(reading it could run code); nothing from it has run")
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"model": {name: tensor}}, checkpoint_id=str(path))
+            dcp.load({"model": {name: tensor}}, storage_reader=reader)
         yield name, tensor
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from evo.checkpoint import checkpoint_model_config, load_checkpoint, resolve_checkpoint
+from evo.checkpoint import (TRAIN_STATE, SafeReader, checkpoint_model_config, load_checkpoint, read_train_state,
+                            resolve_checkpoint)
 from evo.config import ModelConfig, config_from_dict
 from evo.errors import CheckpointError
 from evo.internevo import is_internevo_folder, load_internevo_weights
@@ -63,6 +64,8 @@ def open_folder(path: str | Path, kind: str | None = None) -> WeightsFolder:
     folder = Path(path)
     if kind == "evo":
         folder = resolve_checkpoint(folder)
+        read_train_state(folder / TRAIN_STATE)  # vetted: a train state that would run code is refused here
+        SafeReader(folder).read_metadata()  # ... and so is DCP's metadata
         cfg, tokenizer_path = checkpoint_model_config(folder)
         return WeightsFolder(kind, folder, cfg, tokenizer_path)
     section = read_hf_config(folder)[1] if kind == "hf" else internevo_model_section(folder)
