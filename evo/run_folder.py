@@ -29,7 +29,7 @@ SAME_RUN_MAY_CHANGE = ("JOB_NAME", "source", "model_type", "model.checkpoint", "
                        "data.total_steps", "adam.lr",
                        "lr_scheduler.total_steps", "data.valid_every",
                        "data.valid_max_batches", "data.valid_micro_num", "data.valid_folder", "data.skip_batches",
-                       "data.max_bad_lines", "parallel", "ckpt", "monitor")
+                       "data.max_bad_lines", "parallel", "ckpt", "monitor", "extra")
 
 
 def run_differences(saved: dict, current: dict) -> list[str]:

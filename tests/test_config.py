@@ -3,7 +3,7 @@ import textwrap
 import pytest
 
 from tests.helpers import ROOT, run_script, small_sections
-from evo.config import config_from_dict, load_config, parse_skip_batches
+from evo.config import config_from_dict, load_config, parse_skip_batches, parse_value
 from evo.errors import ConfigError
 
 
@@ -73,15 +73,58 @@ def test_missing_required_key():
         config_from_dict({"data": {}})
 
 
-def test_unknown_keys_warn_by_name_and_known_internevo_keys_do_not():
-    raw = small_sections(data=dict(my_typo=1, rampup_batch_size=""), model=dict(use_flash_attn=True))
+def test_unknown_keys_are_errors_naming_the_closest_key_and_known_internevo_keys_are_not(recwarn):
+    """Issue 24: a typo does not train the default model; InternEvo's own keys and ALL_CAPS constants pass."""
+    raw = small_sections(data=dict(rampup_batch_size=""), model=dict(use_flash_attn=True))
     raw["cudnn_deterministic"] = False
-    raw["surprise"] = 1
     raw["SEQ_LEN"] = 32
-    with pytest.warns(UserWarning) as record:
-        config_from_dict(raw)
-    messages = sorted(str(w.message) for w in record)
-    assert messages == ["unknown config key 'data.my_typo' (ignored)", "unknown config key 'surprise' (ignored)"]
+    raw["extra"] = {"notes": "a key of my own", "sweep": [1, 2]}
+    cfg = config_from_dict(raw)
+    assert cfg.extra == {"notes": "a key of my own", "sweep": [1, 2]} and cfg.to_dict()["extra"] == cfg.extra
+    assert not recwarn.list
+    for sections, line in [
+        (dict(model=dict(num_layer=2)), "unknown config key 'model.num_layer': did you mean 'model.num_layers'?"),
+        (dict(adam=dict(weight_decy=0.1)), "unknown config key 'adam.weight_decy': did you mean 'adam.weight_decay'?"),
+        (dict(data=dict(my_typo=1)), "unknown config key 'data.my_typo': see docs/config.md for the keys"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            config_from_dict(small_sections(**sections))
+        assert str(err.value).startswith(line) and "'extra'" in str(err.value)
+    with pytest.raises(ConfigError, match=r"^unknown config key 'surprise'"):
+        config_from_dict({**small_sections(), "surprise": 1})
+
+
+def test_cli_typo_exits_2_with_the_closest_key_and_trains_nothing(tmp_path):
+    result = run_script("scripts/train.py", "--config", "configs/tiny.py", "model.num_layer=2",
+                        f"monitor.run_folder={tmp_path}/run")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("evo: error: unknown config key 'model.num_layer': did you mean 'model.num_layers'?")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, value", [
+    ("dict(size=2, mode='1F1B')", {"size": 2, "mode": "1F1B"}), ("2**16", 65536), ("8/3", 8 / 3), ("-1", -1),
+    ("dict(fp16=dict(initial_scale=2**16), hysteresis=2)", {"fp16": {"initial_scale": 65536}, "hysteresis": 2}),
+    ("('model',)", ("model",)), ("[1, 2]", [1, 2]), ("None", None), ("1e-3", 1e-3),
+    ("runs/x", "runs/x"), ("tok.json", "tok.json"), ("1F1B", "1F1B"),  # not literals: the plain string
+    ("__import__('os').getcwd()", "__import__('os').getcwd()"), ("dict(**x)", "dict(**x)"),  # parsed, never run
+])
+def test_command_line_values_are_literals_dict_calls_included_and_never_run(text, value):
+    assert parse_value(text) == value and type(parse_value(text)) is type(value)
+
+
+def test_a_pasted_dict_works_as_an_override_and_a_wrong_one_names_the_dotted_form(config_file):
+    path = config_file("model = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=100)\n"
+                       "data = dict(micro_num=4)\n")
+    cfg = load_config(path, ["parallel.pipeline=dict(size=2, mode='ZBH1')", "grad_scaler=dict(fp16=dict("
+                                                                               "initial_scale=2**10))"])
+    assert (cfg.parallel.pipeline.size, cfg.parallel.pipeline.mode) == (2, "ZBH1")
+    assert cfg.grad_scaler.fp16.initial_scale == 1024.0
+    with pytest.raises(ConfigError, match=r"^'parallel.pipeline' must be a dict, got 'dict\(size=2': write dict\(\.\.\.\) "
+                                          r"with literal values, e.g. parallel.pipeline=dict\(size=\.\.\.\), or set one "
+                                          r"key, e.g. parallel.pipeline.size=\.\.\.$"):
+        load_config(path, ["parallel.pipeline=dict(size=2"])
 
 
 def test_internevo_settings_evo_does_not_have_are_accepted_with_a_warning_naming_them(config_file):

@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from evo.config.checks import check_choice, validate, warn_unknown
+from evo.config.checks import check_choice, validate
 from evo.config.sections import MODEL_TYPES, REQUIRED, SECTIONS, Config
 from evo.errors import ConfigError
 
@@ -52,11 +52,48 @@ _TOP_LEVEL_NO_EFFECT = {"DO_ALERT", "model_type", "cudnn_deterministic", "cudnn_
                         "beta2_scheduler", "generation"}
 
 def parse_value(text: str) -> Any:
-    """A command-line VALUE: a Python literal when it is one, else the plain string."""
+    """A command-line VALUE: a Python literal when it is one (``dict(size=2, mode="1F1B")`` and ``2**16`` included:
+    parsed, never run), else the plain string."""
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+        return _literal(ast.parse(text.strip(), mode="eval").body)
+    except (ValueError, SyntaxError, TypeError, OverflowError, RecursionError):
         return text
+
+
+_ARITHMETIC = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+               ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a ** b}
+
+
+def _literal(node: ast.AST) -> Any:
+    """What ``ast.literal_eval`` reads, plus ``dict(key=literal, ...)``, ``list(...)``/``tuple(...)`` of one literal
+    and number arithmetic (``2**16``, ``8/3``): the forms config files use. Anything else is a ValueError."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        items = [_literal(e) for e in node.elts]
+        return {ast.Tuple: tuple, ast.List: list, ast.Set: set}[type(node)](items)
+    if isinstance(node, ast.Dict) and None not in node.keys:
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _number(_literal(node.operand))
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+        left, right = _number(_literal(node.left)), _number(_literal(node.right))
+        if isinstance(node.op, ast.Pow) and abs(right) > 1024:
+            raise ValueError("exponent too large")
+        return _ARITHMETIC[type(node.op)](left, right)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        if node.func.id == "dict" and not node.args and all(k.arg for k in node.keywords):
+            return {k.arg: _literal(k.value) for k in node.keywords}
+        if node.func.id in ("list", "tuple") and len(node.args) == 1 and not node.keywords:
+            return {"list": list, "tuple": tuple}[node.func.id](_literal(node.args[0]))
+    raise ValueError(f"not a literal: {ast.dump(node)[:60]}")
+
+
+def _number(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("not a number")
+    return value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> None:
@@ -130,10 +167,12 @@ def config_from_dict(raw: dict) -> Config:
             kwargs[name] = _check_type(value, Optional[str], name)
         elif name == "model_type":
             kwargs[name] = check_choice(_check_type(value, str, name), MODEL_TYPES, name)
+        elif name == "extra":  # the config's own keys: carried, never checked
+            kwargs[name] = _check_type(value, dict, name)
         elif name.isupper() or name in _TOP_LEVEL_NO_EFFECT:
             continue  # constants such as SEQ_LEN, and InternEvo switches evo has no use for
         else:
-            warn_unknown(name)
+            raise ConfigError(unknown_key(name))
     if "model" not in kwargs:
         raise ConfigError("'model' is required: a dict with num_layers, hidden_size, num_attention_heads, vocab_size")
     cfg = Config(**kwargs)
@@ -181,7 +220,31 @@ def _not_a_field(section: str, key: str, path: str, value) -> None:
         warnings.warn(f"config key '{path}' has no effect in evo (InternEvo's; accepted and ignored)", UserWarning,
                       stacklevel=4)
     elif key not in _ACCEPTED_NO_EFFECT.get(section, ()):
-        warn_unknown(path)
+        raise ConfigError(unknown_key(path))
+
+
+def known_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every config key as a dotted path (``model.num_layers``, ``grad_scaler.fp16.min_scale``, ...)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        out.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += known_keys(hints[f.name], f"{prefix}{f.name}.")
+    return out
+
+
+def unknown_key(path: str) -> str:
+    """The one line for a key evo does not know: the closest key of the same section (a typo's), and where a
+    config's own keys go."""
+    import difflib
+
+    parent, _, leaf = path.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known_keys() if k.rpartition(".")[0] == parent and k != "source"}
+    close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.8)
+    hint = f"did you mean '{siblings[close[0]]}'?" if close else "see docs/config.md for the keys"
+    return (f"unknown config key '{path}': {hint} (a key of your own goes in the top-level 'extra' dict; "
+            "ALL_CAPS names are constants and are ignored)")
 
 
 def _convert(value, annotation, path: str):
@@ -189,7 +252,9 @@ def _convert(value, annotation, path: str):
         if isinstance(value, int) and not isinstance(value, bool) and "size" in {f.name for f in dataclasses.fields(annotation)}:
             value = {"size": value}  # InternEvo allows parallel=dict(tensor=2) for dict(size=2)
         if not isinstance(value, dict):
-            raise ConfigError(f"'{path}' must be a dict, got {value!r}")
+            first = dataclasses.fields(annotation)[0].name
+            raise ConfigError(f"'{path}' must be a dict, got {value!r}: write dict(...) with literal values, e.g. "
+                              f"{path}=dict({first}=...), or set one key, e.g. {path}.{first}=...")
         return _build(annotation, value, path)
     return _check_type(value, annotation, path)
 

@@ -231,6 +231,7 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # the run folder, metrics, logs
     model_type: str = "INTERNLM2_PUBLIC"  # InternEvo's model registry name (MODEL_TYPES): one decoder for all
     source: Optional[str] = None  # the file this config came from
+    extra: dict = field(default_factory=dict)  # the config's own keys (never checked, saved in config.json)
 
     def to_dict(self) -> dict:
         """The config as nested dicts (what config.json holds); model fields derived from others are None."""
@@ -239,4 +240,4 @@ class Config:
         return out
 
 
-SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name not in ("JOB_NAME", "model_type", "source")]
+SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name not in ("JOB_NAME", "model_type", "source", "extra")]
