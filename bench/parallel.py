@@ -73,7 +73,7 @@ def computed_memory(model_cfg, world: int = 1, tp: int = 1, zero1: int = 1, meta
     - ``layer_weights``: the decoder layers' fp32 masters (what tensor parallelism splits, norms aside);
     - ``params``: the model's parameter count (unsharded)."""
     from evo.model import build_model
-    from evo.parallel.context import zero_size
+    from evo.config import zero_size
     from evo.parallel.tensor import tensor_parallel_plan
 
     model = meta_model if meta_model is not None else build_model(model_cfg, "meta")

@@ -465,6 +465,8 @@ class CheckpointManager:
         warning when that lr differs from the one the checkpoint's schedule had."""
         saved_lr = self.scheduler.load_state_dict(state["scheduler"])
         now = self.optimizer.param_groups[0]["lr"]
+        if saved_lr is None:  # a plain LambdaLR: positioned as saved, nothing to compare
+            return
         if self.ctx.is_main and not math.isclose(now, saved_lr, rel_tol=1e-6):
             cfg = self.cfg
             logger.warning("step %d runs at lr %.4g where the checkpoint's schedule had %.4g: this config's "

@@ -50,12 +50,12 @@ def to_hf(ckpt: str | Path, out: str | Path, force: bool = False, max_shard_byte
     for InternLM2's own layout (packed ``wqkv``; its modeling code comes from InternLM's repositories)."""
     from evo.data.tokenizer import load_tokenizer
 
+    _check_out(Path(out), force)
     # a transformers folder is not converted to itself: it is refused as no evo checkpoint
     folder = open_folder(ckpt, "evo" if folder_kind(ckpt) == "hf" else None)
     path, cfg, out = folder.path, folder.model, Path(out)
     internevo = folder.kind == "internevo"
     tokenizer_path = None if internevo else folder.tokenizer_path
-    _check_out(out, force)
     try:  # an InternEvo folder does not say which tokenizer it was trained with
         tokenizer = None if internevo else load_tokenizer(tokenizer_path)
     except Exception:  # noqa: BLE001 - the tokenizer only adds ids and files; the weights are what is converted

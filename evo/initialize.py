@@ -131,8 +131,8 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
     if launcher not in LAUNCHERS:
         raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}; got {launcher!r}")
     rank, world_size, local_rank = _ranks(launcher, master_port)
-    device = select_device(local_rank)
-    ctx = ParallelContext.from_config(cfg.parallel, world_size, rank, local_rank, device)  # checks, then groups
+    ctx = ParallelContext.from_config(cfg.parallel, world_size, rank, local_rank)  # checks, device, groups
+    device = ctx.device
     if cfg.model.dtype == "torch.tf32" and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -158,20 +158,6 @@ def resolve_config(config, overrides=None) -> Config:
         return config_from_dict(config)
     overrides = list(overrides if overrides is not None else getattr(config, "overrides", ()))
     return load_config(str(config), overrides)
-
-
-def select_device(local_rank: int) -> torch.device:
-    """This process's device: GPU ``local_rank`` when there are GPUs (made current), else the CPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")  # scripts/train.py flushes denormals to zero before any thread starts
-    gpus = torch.cuda.device_count()
-    if local_rank >= gpus:  # one process per GPU: more processes on a node than GPUs is a launch mistake
-        raise ConfigError(f"this process is local rank {local_rank} of its node, which has {gpus} GPU"
-                          f"{'s' if gpus != 1 else ''}: start at most {gpus} process{'es' if gpus != 1 else ''} "
-                          f"per node (torchrun --nproc_per_node {gpus}; srun --ntasks-per-node {gpus})")
-    device = torch.device("cuda", local_rank)
-    torch.cuda.set_device(device)
-    return device
 
 
 def launch_state() -> LaunchState:

@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 from evo.checkpoint import CorruptCheckpointError
-from evo.config.layout import PIPELINE_MODE
+from evo.config import PIPELINE_MODE
 from evo.errors import CheckpointError
 from evo.model.decoder import tied_name
 from evo.model.hf import halves_to_interleaved, interleaved_to_halves, unpack_wqkv

@@ -33,7 +33,7 @@ from evo.config import Config, strip_folder_prefix
 from evo.data.packing import IGNORE_INDEX
 from evo.errors import CheckpointError
 from evo.model.decoder import max_seqlen_of
-from evo.model.flops import seqlen_sq, step_flops
+from evo.model.flops import seqlen_sq, step_flops, whole_model_sizes
 from evo.monitor import Monitor, logger, peak_tflops, step_profiler
 from evo.optim import DynamicLossScaler, LrSchedule, MixedPrecisionOptimizer
 from evo.parallel.context import ParallelContext
@@ -47,12 +47,11 @@ from evo.weights import load_weights
 class Trainer:
     def __init__(self, model: nn.Module, train_dl, val_dls: dict, cfg: Config, ctx: ParallelContext,
                  dataset_types: list[str], optimizer: MixedPrecisionOptimizer, scheduler, run_folder: Path,
-                 matmul_params: int, profiling: bool = False, monitor: Monitor | None = None):
+                 matmul_params: int | None = None, profiling: bool = False, monitor: Monitor | None = None):
         self.model, self.train_dl, self.val_dls = model, train_dl, val_dls
         self.cfg, self.ctx, self.dataset_types = cfg, ctx, dataset_types
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, optimizer.scaler
-        self.run_folder, self.profiling = Path(run_folder), profiling
-        self.monitor = monitor
+        self.run_folder, self.profiling, self.monitor = Path(run_folder), profiling, monitor
         self.step_count = 0  # completed steps (updated or skipped)
         self.num_consumed_tokens = 0
         self.inf_nan_skip_batches = 0
@@ -63,7 +62,8 @@ class Trainer:
                                              counters=self)
         self.stopped: str | None = None  # why training stopped early (evo.stopping), else None
         self._train_iter = iter(train_dl)
-        self._matmul_params = matmul_params  # the whole model's (evo.model.flops), for the tflops metric
+        # the whole model's matmul weights (evo.model.flops), for the tflops metric
+        self._matmul_params = whole_model_sizes(model.cfg)[1] if matmul_params is None else matmul_params
         # for MFU: the config's peak, else the table's for this GPU; None (no MFU) where unknown, as on a CPU
         self._peak_tflops = cfg.monitor.peak_tflops or peak_tflops(ctx.device, cfg.model.dtype)
         self.schedule = build_schedule(model, ctx, cfg.data.micro_num)

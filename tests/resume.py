@@ -63,13 +63,16 @@ def assert_resumed(log: str, checkpoint: Path, before: list[dict], after: list[d
 def no_resume_search():
     """In this process, auto-resume finds no checkpoint in the save folder (the search is what is disabled)."""
     import evo.checkpoint
+    import evo.trainer
 
-    saved = evo.checkpoint.complete_checkpoints
-    evo.checkpoint.complete_checkpoints = lambda folder: []
+    # what the trainer sees at start, and only that (the old scope): no checkpoint to resume from, none to be behind
+    saved = evo.checkpoint.CheckpointManager.resume_newest, evo.trainer.check_not_behind
+    evo.checkpoint.CheckpointManager.resume_newest = lambda self: None
+    evo.trainer.check_not_behind = lambda save_folder, step: None
     try:
         yield
     finally:
-        evo.checkpoint.complete_checkpoints = saved
+        evo.checkpoint.CheckpointManager.resume_newest, evo.trainer.check_not_behind = saved
 
 
 @contextlib.contextmanager

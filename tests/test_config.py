@@ -149,6 +149,8 @@ def test_experts_are_refused_until_evo_has_them(tmp_path):
     assert config_from_dict(small_sections(model=dict(num_experts=1))).model.num_layers == 2  # dense: accepted
     with pytest.raises(ConfigError, match=r"^'model.num_experts' is 4: evo has no mixture-of-experts layers yet"):
         config_from_dict(small_sections(model=dict(num_experts=4)))
+    with pytest.raises(ConfigError, match=r"^'model.num_experts' is 0: "):
+        config_from_dict(small_sections(model=dict(num_experts=0)))
     result = run_script("scripts/train.py", "--config", "configs/tiny.py", "model.num_experts=4",
                         f"monitor.run_folder={tmp_path}/run")
     assert result.returncode == 2

@@ -141,7 +141,6 @@ def _validate_optimizer(cfg: Config) -> None:
     require(0 <= cfg.loss.label_smoothing < 1, f"'loss.label_smoothing' must be in [0, 1), got {cfg.loss.label_smoothing}")
 
 
-
 def _validate_ckpt(c) -> None:
     require(c.checkpoint_every >= 0, f"'ckpt.checkpoint_every' must be >= 0, got {c.checkpoint_every}")
     require(c.keep_latest >= 0, f"'ckpt.keep_latest' must be >= 0 (0 keeps every checkpoint), got {c.keep_latest}")

@@ -193,7 +193,7 @@ def cu_seqlens_of(input_ids: torch.Tensor) -> torch.Tensor:
     """The cu_seqlens that ``input_ids`` given without them stands for: a (batch, seqlen) batch is one sequence
     per row, (tokens,) one sequence (so is (1, tokens))."""
     batch, seqlen = input_ids.shape if input_ids.ndim == 2 else (1, input_ids.numel())
-    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=input_ids.device)
+    return torch.arange(batch + 1, dtype=torch.int32, device=input_ids.device) * seqlen
 
 
 def max_seqlen_of(cu_seqlens: torch.Tensor) -> int:

@@ -48,7 +48,7 @@ def seqlen_sq(cu_seqlens: torch.Tensor, sliding_window: int | None = None) -> fl
 
 
 def step_flops(cfg: ModelConfig, num_matmul_params: int, tokens: float, seqlen_sq: float) -> float:
-    """Model FLOPs of one forward + backward over ``tokens`` tokens whose packed sequences sum to ``seqlen_sq``
-    (``seqlen_sq``; the formula in this module's docstring)."""
+    """Model FLOPs of one forward + backward over ``tokens`` tokens whose packed sequences' squared lengths sum to
+    ``seqlen_sq`` (the function ``seqlen_sq`` of each row, summed): the formula in this module's docstring."""
     width = cfg.num_attention_heads * cfg.head_dim
     return 6.0 * num_matmul_params * tokens + 6.0 * cfg.num_layers * width * seqlen_sq

@@ -25,9 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from evo.config.layout import TENSOR_MODE, TensorMode, layout_error, zero_size
-from evo.config.sections import ParallelConfig, ParallelDim
-from evo.errors import ConfigError
+from evo.config import TENSOR_MODE, ConfigError, ParallelConfig, ParallelDim, TensorMode, layout_error, zero_size
 
 
 @dataclass
@@ -50,11 +48,11 @@ class ParallelContext:
 
     @classmethod
     def from_config(cls, parallel: ParallelConfig, world_size: int = 1, rank: int = 0, local_rank: int = 0,
-                    device: torch.device = torch.device("cpu")) -> "ParallelContext":
+                    device: torch.device | None = None) -> "ParallelContext":
         """This rank's context for the layout ``parallel`` (a validated ``parallel`` section) over ``world_size``
         processes. The layout is checked first (``evo.config.layout.layout_error``: a ``ConfigError`` naming the
         keys, the same on every rank, before any collective) and the data, zero and weight sizes are worked out
-        here, once; then, with more than one process, the process group is started (``start_process_group``)
+        here, once; then the device is chosen (``select_device``, unless given), and, with more than one process, the process group is started (``start_process_group``)
         and the one mesh that every group comes from is built (a collective: every rank calls this). Under isp
         (tp the sequence group) ZeRO is the weight group's (zero1 is not used) and the weight mesh regroups each
         stage's (dp, tp) ranks into contiguous weight groups of ``parallel.weight.size`` ranks."""
@@ -65,6 +63,7 @@ class ParallelContext:
         problem = layout_error(world_size, pp, None, tp, zero, weight)
         if problem:
             raise ConfigError(problem)
+        device = select_device(local_rank) if device is None else device
         ctx = cls(world_size=world_size, rank=rank, local_rank=local_rank, device=device, pp_size=pp, dp_size=dp,
                   tp_size=tp, zero_size=zero, tp_mode=tp_mode, weight_size=weight, pp_mode=pp_mode)
         if world_size > 1:
@@ -180,6 +179,20 @@ class ParallelContext:
                 f"(pipeline {self.pp_mode}, tensor mode {self.tp_mode}, zero groups of {self.zero_size}, "
                 f"weight groups of {self.weight_size}); this rank {self.rank}: "
                 f"pp {self.pp_rank} dp {self.dp_rank} tp {self.tp_rank} zero {self.zero_rank}")
+
+
+def select_device(local_rank: int) -> torch.device:
+    """This process's device: GPU ``local_rank`` when there are GPUs (made current), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")  # scripts/train.py flushes denormals to zero before any thread starts
+    gpus = torch.cuda.device_count()
+    if local_rank >= gpus:  # one process per GPU: more processes on a node than GPUs is a launch mistake
+        raise ConfigError(f"this process is local rank {local_rank} of its node, which has {gpus} GPU"
+                          f"{'s' if gpus != 1 else ''}: start at most {gpus} process{'es' if gpus != 1 else ''} "
+                          f"per node (torchrun --nproc_per_node {gpus}; srun --ntasks-per-node {gpus})")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
 
 
 def start_process_group(world_size: int, rank: int, device: torch.device, timeout_s: float = 1800.0) -> None:

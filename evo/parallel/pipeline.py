@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from evo.config.layout import PIPELINE_MODE
+from evo.config import PIPELINE_MODE
 from evo.model.decoder import DecoderModel, KVCache, cu_seqlens_of, max_seqlen_of
 
 

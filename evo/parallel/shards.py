@@ -1,6 +1,6 @@
 """A rank's part of a tensor: what a parameter holds here (a DTensor's local shard, a plain tensor itself), how
 many elements that is, and filling a parameter of any layout from a whole tensor that only this rank's part is
-read from (the Hugging Face and InternEvo readers, evo/convert.py and evo/internevo.py); and a rank's part of a
+read from (the Hugging Face and InternEvo readers, evo/weights.py and evo/internevo.py); and a rank's part of a
 packed row, ``SequenceShards``, the one object that sequence-parallel modules share."""
 
 from __future__ import annotations

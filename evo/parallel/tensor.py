@@ -85,7 +85,7 @@ def gather_rows(x: torch.Tensor, group) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- the modules
 # What tensor parallelism changes in a module is its class: ``swap_class`` makes the module an instance of a
 # subclass of its own class and a parallel forward below (as FSDP2's fully_shard makes an ``FSDP<class>``), so
-# ``type(module).__name__`` says what runs (``ColumnParallelLinear``, ``VocabParallelOutputHead``, ...). Each reads
+# ``type(module).__name__`` says what runs (``ColumnParallelLinear``, ``VocabParallelLossOutputHead``, ...). Each reads
 # its mesh (``tp_mesh``) and the row's ``SequenceShards`` (``shards``) from attributes the style sets.
 def swap_class(module: nn.Module, forward_cls: type) -> None:
     """Make ``module`` an instance of ``forward_cls`` + its own class (one class per pair, made once)."""
