@@ -52,6 +52,7 @@ parallel = dict(zero1=dict(size=-1), tensor=dict(size=1, mode="mtp"), pipeline=d
 ckpt = dict(
     enable_save_ckpt=True,
     checkpoint_every=100,
+    keep_latest=2,  # the newest two complete checkpoints (a save on a signal counts); older ones are removed
     auto_resume=True,
 )
 

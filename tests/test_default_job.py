@@ -20,6 +20,6 @@ def test_default_job_learns_and_samples(tmp_path):
     final_val = [r for r in records if "val/python_loss" in r][-1]
     assert final_val["step"] == 500
     assert final_val["val/python_loss"] <= 0.6 * first_loss, (final_val, first_loss)
-    assert (tmp_path / "ckpt" / "500").is_dir()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["400", "500"]  # ckpt.keep_latest=2
     assert "--- sample (prompt 'def ') ---" in result.stdout
     print(f"default job: {seconds:.0f} s, first loss {first_loss:.3f}, final val loss {final_val['val/python_loss']:.3f}")

@@ -121,3 +121,18 @@ def test_the_stop_file_asks_for_a_save_then_a_clean_stop(tmp_path):
     assert run.returncode == 0, err[-2000:]
     saved = sorted(int(p.name) for p in (tmp_path / "file" / "checkpoints").iterdir())
     assert saved == [now + 3, now + 8] and [s for s, _, _ in losses(tmp_path / "file")] == list(range(1, now + 9))
+
+
+def test_a_save_on_a_signal_counts_among_the_checkpoints_kept(tmp_path):
+    """ckpt.keep_latest=2 with a checkpoint every 2 steps: after SIGTERM the save folder holds the signal's save
+    and the one before it, nothing older."""
+    sections = small_sections(data=dict(total_steps=200), ckpt=dict(checkpoint_every=2, keep_latest=2),
+                              monitor=dict(run_folder=str(tmp_path / "kept")))
+    proc = start(write_config(tmp_path / "kept.py", sections))
+    wait_for_step(tmp_path / "kept", 7, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 3, proc.stderr.read()[-2000:]
+    last = max(r["step"] for r in records(tmp_path / "kept") if "loss" in r)
+    saved = sorted(int(p.name) for p in (tmp_path / "kept" / "checkpoints").iterdir())
+    assert saved[-1] == last and len(saved) == 2, (saved, last)
+    assert saved[0] == (last - 1) // 2 * 2  # the save every 2 steps before the signal's (the signal's own when even)
