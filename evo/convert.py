@@ -149,8 +149,12 @@ def _write_safetensors(folder: Path, tensors, max_shard_bytes: int) -> None:
     shards: list[list[str]] = []  # the tensor names of each file written
     current, size, total = {}, 0, 0  # the file being filled, its bytes; all bytes
 
+    mode = 0o666 & ~_umask()  # safetensors writes its files 0600; exported files take the umask's mode, as open()
+
     def write():
-        save_file(current, str(folder / f"shard-{len(shards)}.safetensors"), metadata={"format": "pt"})
+        path = folder / f"shard-{len(shards)}.safetensors"
+        save_file(current, str(path), metadata={"format": "pt"})
+        os.chmod(path, mode)
         shards.append(list(current))
 
     for name, tensor in tensors:
@@ -172,6 +176,13 @@ def _write_safetensors(folder: Path, tensors, max_shard_bytes: int) -> None:
         weight_map.update(dict.fromkeys(names, file))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _hf_order(name: str):

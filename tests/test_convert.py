@@ -234,3 +234,18 @@ def test_generate_script_samples_from_a_hugging_face_folder(tmp_path):
     for _ in range(4):  # transformers' greedy continuation, over the tokenizer's ids (the model's vocab is larger)
         ids = torch.cat([ids, logits(hf, ids)[:, -1, :tok.get_vocab_size()].argmax(-1, keepdim=True)], dim=1)
     assert result.stdout.strip() == "def evo" + tok.decode(ids[0, len(prompt):].tolist())
+
+
+def test_exported_files_take_the_umasks_mode(tmp_path):
+    """Issue 24: safetensors writes its files 0600; every file of a to-hf folder gets 0666 less the umask, as any
+    file the process opens (run under umask 022 and 027)."""
+    folder, _ = hf_folder(tmp_path, "llama", {}, tokenizer=True)
+    ckpt = from_hf(folder, tmp_path / "ckpt")
+    for umask in (0o022, 0o027):
+        out = tmp_path / f"out-{umask:o}"
+        result = run_script("-c", f"import os, runpy, sys; os.umask({umask}); sys.argv = ['convert.py', 'to-hf', "
+                                  f"'--ckpt', {str(ckpt)!r}, '--out', {str(out)!r}, '--max-shard-size', '100000']; "
+                                  "runpy.run_path('scripts/convert.py', run_name='__main__')")
+        assert result.returncode == 0, result.stderr
+        modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+        assert len(modes) > 4 and set(modes.values()) == {0o666 & ~umask}, modes
