@@ -16,6 +16,7 @@ import time
 import warnings
 
 from evo.errors import EvoError
+from evo.monitor import log_to_file
 from evo.stopping import EXIT_STOPPED, TrainingStopped
 
 
@@ -63,19 +64,27 @@ def run(main) -> None:
     warnings.formatwarning = _one_line_warning
     try:
         main()
+        log_to_file("=== end: exit 0 (finished)")
         _close_process_group()
     except EvoError as exc:
         line = f"evo: error: {exc}"
+        log_to_file(f"=== end: exit 2: {line}")
         if launch_rank() == 0 or getattr(exc, "every_rank", False):
             print(line, file=sys.stderr, flush=True)
         # every rank tells torchrun: an error that only another rank met still reaches the failure report
         _record_for_torchrun(line)
         sys.exit(2)
     except TrainingStopped as exc:  # a signal: the step finished and a checkpoint was saved (evo.stopping)
+        log_to_file(f"=== end: exit {EXIT_STOPPED}: {exc}")
         if launch_rank() == 0:
             print(f"evo: {exc}", file=sys.stderr, flush=True)
         _close_process_group()
         sys.exit(EXIT_STOPPED)
     except KeyboardInterrupt:
+        log_to_file("=== end: exit 130: interrupted")
         print("evo: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+    except Exception as exc:  # a bug: its traceback goes to the console; train.log gets its last line
+        last = str(exc).strip().splitlines()[-1:] or [""]
+        log_to_file(f"=== end: exit 1: {type(exc).__name__}: {last[0]}")
+        raise

@@ -62,6 +62,29 @@ def setup_logging(run_folder: Path | None, is_main: bool) -> None:
         file = logging.FileHandler(run_folder / "train.log")
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
         logger.addHandler(file)
+        log_to_file(invocation_header())  # where this invocation begins (evo.cli.run writes where it ends)
+
+
+def invocation_header() -> str:
+    """The first line an invocation writes to train.log: when, the command line, and evo's commit."""
+    import subprocess
+    import time
+
+    source = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    return f"=== start {time.strftime('%Y-%m-%d %H:%M:%S')}: {command} (evo {commit or 'not a git checkout'})"
+
+
+def log_to_file(message: str) -> None:
+    """``message`` into train.log only (the console has said it already, or need not), when there is one."""
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, None, None))
 
 
 def _jsonable(value):

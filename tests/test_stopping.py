@@ -136,3 +136,5 @@ def test_a_save_on_a_signal_counts_among_the_checkpoints_kept(tmp_path):
     saved = sorted(int(p.name) for p in (tmp_path / "kept" / "checkpoints").iterdir())
     assert saved[-1] == last and len(saved) == 2, (saved, last)
     assert saved[0] == (last - 1) // 2 * 2  # the save every 2 steps before the signal's (the signal's own when even)
+    end = (tmp_path / "kept" / "train.log").read_text().splitlines()[-1]
+    assert "=== end: exit 3: " in end and "SIGTERM" in end, end  # train.log says how the invocation ended

@@ -191,3 +191,27 @@ def test_a_newcomer_reruns_the_same_command_and_then_changes_the_config(tmp_path
         "this config: model.num_layers: 1 there, 2 here): use another JOB_NAME (or monitor.run_folder) for this "
         "config, or remove 'runs/first' to start afresh"]
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "train.log"} == before
+
+
+def test_train_log_says_where_each_invocation_begins_and_how_it_ended(tmp_path):
+    """Issue 24: a header (time, command, commit) and an end line (finished, the evo: error: line, a signal's
+    stop, or an exception's last line) for every invocation that got as far as its run folder."""
+    run = tmp_path / "run"
+    args = ["scripts/train.py", "--config", "configs/tiny.py", "data.total_steps=2", "model.num_layers=1",
+            "data.valid_max_batches=1", "monitor.sample_prompt=None", f"monitor.run_folder={run}"]
+    for _ in range(2):  # trains, then finds the run complete
+        assert run_script(*args).returncode == 0
+    lines = [line.split(" INFO: ", 1)[-1] for line in (run / "train.log").read_text().splitlines()]
+    starts = [line for line in lines if line.startswith("=== start ")]
+    ends = [line for line in lines if line.startswith("=== end: ")]
+    assert len(starts) == 2 and all("scripts/train.py --config configs/tiny.py data.total_steps=2" in s and "(evo "
+                                    in s for s in starts), starts
+    assert ends == ["=== end: exit 0 (finished)"] * 2 and lines[-1] == ends[-1]
+    assert lines.index(starts[1]) > lines.index(ends[0])  # one invocation after the other
+
+    bad = tmp_path / "bad"
+    result = run_script("scripts/train.py", "--config", "configs/tiny.py", "data.type=tokenized",
+                        f"data.train_folder={tmp_path / 'missing'}", f"monitor.run_folder={bad}")
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert (bad / "train.log").read_text().splitlines()[-1].endswith(f"=== end: exit 2: {error}")
