@@ -118,9 +118,14 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 class Monitor:
     def __init__(self, run_folder: Path, is_main: bool, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool | None = None, progress_file=None):
-        """progress: None shows a bar when ``progress_file`` (default stderr) is a terminal."""
+                 tensorboard: bool = True, progress: bool | None = None, progress_file=None, clock=None):
+        """progress: None shows a bar when ``progress_file`` (default stderr) is a terminal. clock: seconds now
+        (``time.monotonic``), for the step lines' elapsed time and ETA."""
+        import time
+
         self.is_main, self.total_steps = is_main, total_steps
+        self._clock = clock or time.monotonic
+        self._started, self._start_step = self._clock(), start_step
         self._metrics = self._tb = self._bar = None
         self._quiet_consoles: list[logging.Handler] = []
         if not is_main:
@@ -164,8 +169,15 @@ class Monitor:
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tgs=f"{record['tgs']:.0f}",
                                   refresh=False)
             self._bar.update(record["step"] - self._bar.n)
-        logger.info("step %d/%d %s", record["step"], self.total_steps, _step_text(record),
+        logger.info("step %d/%d %s %s", record["step"], self.total_steps, _step_text(record), self._timing(record["step"]),
                     extra={_STEP_LINE: True})
+
+    def _timing(self, step: int) -> str:
+        """``elapsed=... eta=...``: this invocation's time so far, and the rest at its pace."""
+        elapsed = self._clock() - self._started
+        done = step - self._start_step
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
+        return f"elapsed={_duration(elapsed)} eta={_duration(eta)}"
 
     def log_eval(self, record: dict) -> None:
         if not self.is_main:
@@ -205,6 +217,15 @@ def step_profiler(folder: Path, rank: int, device: torch.device, step):
 
     return torch.profiler.profile(activities=activities, on_trace_ready=export, record_shapes=True,
                                   schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1))
+
+
+def _duration(seconds: float) -> str:
+    """1h02m03s, 2m03s or 3s; ? when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    h, m = s // 3600, s // 60 % 60
+    return f"{h}h{m:02d}m{s % 60:02d}s" if h else f"{m}m{s % 60:02d}s" if m else f"{s}s"
 
 
 def _step_text(record: dict) -> str:

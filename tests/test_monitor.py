@@ -99,3 +99,19 @@ def test_without_a_terminal_there_is_no_bar(tmp_path):
     monitor = Monitor(tmp_path, True, 2, tensorboard=False, progress_file=io.StringIO())
     assert monitor._bar is None
     monitor.close()
+
+
+def test_plain_step_lines_carry_the_elapsed_time_and_an_eta(tmp_path):
+    """Issue 24: without a bar (nohup, slurm) the step lines say how long the invocation has run and how long the
+    rest takes at its pace; a resumed run counts from where it started."""
+    setup_logging(tmp_path, True)
+    now = [100.0]
+    monitor = Monitor(tmp_path, True, 1000, start_step=400, tensorboard=False, progress=False, clock=lambda: now[0])
+    now[0] += 12.0
+    monitor.log_step(record(401))
+    now[0] += 3588.0  # 200 steps in an hour: 400 more take two
+    monitor.log_step(record(600))
+    monitor.close()
+    setup_logging(None, True)
+    lines = [line for line in (tmp_path / "train.log").read_text().splitlines() if " step " in line]
+    assert lines[0].endswith("elapsed=12s eta=1h59m48s") and lines[1].endswith("elapsed=1h00m00s eta=2h00m00s")
