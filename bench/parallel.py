@@ -7,7 +7,8 @@
    from forward to backward, counted after a forward (``held_compute_bytes``: under FSDP2 the gathered
    parameters; ``memory_estimate``'s ``compute_weights``). Also reported: whether ``computed_memory`` (below)
    gives the same numbers (``computed_matches``).
-2. Computed, no process started: ``computed_memory(model_cfg, world, tp, zero1)`` takes the shapes from a model
+2. Computed, no process started: ``computed_memory(model_cfg, world, tp, zero1)`` (evo.parallel.parallelize,
+   also what ``scripts/train.py --dry-run`` reports) takes the shapes from a model
    built on the meta device and the split from ``tensor_parallel_plan()``, and gives what ``memory_estimate``
    would report on the largest rank. The 7B configs under 1 process, zero over 8 (dp=8), tp=2, tp=8 and tp=2 x
    zero 4, with ratios against 1 process (optimizer state; layer weights: the decoder layers' fp32 masters).
@@ -24,12 +25,13 @@
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from evo.parallel.parallelize import computed_memory  # noqa: F401 - bench.parallel.computed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,63 +58,6 @@ def model_config(name: str):
 
 
 # ---------------------------------------------------------------------------------------------- computed
-def _split(name: str, plan: dict) -> str | None:
-    return next((how for suffix, how in plan.items() if name == suffix or name.endswith("." + suffix)), None)
-
-
-def computed_memory(model_cfg, world: int = 1, tp: int = 1, zero1: int = 1, meta_model=None) -> dict:
-    """Bytes the largest rank (rank 0) holds for the model state under a layout, computed without building or
-    starting anything: shapes from the model on the meta device, the tensor split from ``tensor_parallel_plan()``
-    (a split dimension chunked as torch.chunk does), then FSDP2's shard of dim 0 over the zero group (any world of
-    more than one process). The keys and formulas of ``evo.parallel.memory_estimate``, whose
-    ``compute_weights`` is the compute copy held from forward to backward: under FSDP2
-    (``reshard_after_forward=False``) every parameter's tensor-parallel part gathered over the zero group in
-    ``model.dtype``, fp32 included; in one process the 16-bit model (absent for an fp32 model, whose parameters
-    are the masters). Added keys:
-
-    - ``layer_weights``: the decoder layers' fp32 masters (what tensor parallelism splits, norms aside);
-    - ``params``: the model's parameter count (unsharded)."""
-    from evo.model import build_model
-    from evo.config import zero_size
-    from evo.parallel.tensor import tensor_parallel_plan
-
-    model = meta_model if meta_model is not None else build_model(model_cfg, "meta")
-    dp = world // tp
-    zero = zero_size(zero1, dp)
-    distributed = world > 1
-    plan = tensor_parallel_plan() if tp > 1 else {}
-    size = torch.tensor([], dtype=model_cfg.torch_dtype).element_size()
-    local_total = tp_local_total = params = layers = 0
-    seen = set()
-    for name, p in model.named_parameters():  # tied parameters once
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        shape = list(p.shape)
-        params += p.numel()
-        how = _split(name, plan)
-        if how is not None:
-            dim = 0 if how == "rows" else 1
-            shape[dim] = math.ceil(shape[dim] / tp)
-        tp_local = p.numel() // tp if how is not None else p.numel()  # as memory_estimate's tp_local_numel
-        if distributed:
-            shape[0] = math.ceil(shape[0] / zero)
-        local = math.prod(shape)
-        local_total += local
-        tp_local_total += tp_local
-        if name.startswith("layers."):
-            layers += local
-    out = {"master_weights": 4 * local_total, "gradients": 4 * local_total, "optimizer_state": 8 * local_total}
-    if distributed:
-        out["compute_weights"] = size * tp_local_total
-    elif size < 4:
-        out["compute_weights"] = size * local_total
-    out["total"] = sum(out.values())
-    out["layer_weights"] = 4 * layers
-    out["params"] = params
-    return out
-
-
 def computed_rows(configs=CONFIGS_7B, layouts=LAYOUTS_7B) -> list[dict]:
     from evo.model import build_model
     from evo.config import layout_error, zero_size

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evo.config import Config, ConfigError, config_from_dict, load_config, validate
+from evo.config import Config, ConfigError, resolve_config
 from evo.monitor import logger, setup_logging
 from evo.parallel.context import ParallelContext
 from evo.run_folder import check_run_folder
@@ -59,7 +59,8 @@ _LAUNCH: LaunchState | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """``--config FILE [--launcher local|torch|slurm] [--port N] [--seed N] [--profiling] [KEY=VALUE ...]``."""
+    """``--config FILE [--launcher local|torch|slurm] [--port N] [--seed N] [--profiling] [--dry-run]
+    [KEY=VALUE ...]``. With ``--dry-run`` it prints what the run would be (``evo.dry_run``) and exits 0."""
     parser = argparse.ArgumentParser(prog="train.py", description="Train a language model with evo.")
     parser.add_argument("--config", required=True, help="Python config file (InternEvo format)")
     parser.add_argument("--launcher", choices=LAUNCHERS, default=None,
@@ -67,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8888, help="master port when the launcher does not set one")
     parser.add_argument("--seed", type=int, default=1024, help="random seed (model init and everything not data)")
     parser.add_argument("--profiling", action="store_true", help="write a torch.profiler trace of a few steps")
+    parser.add_argument("--dry-run", action="store_true", help="check the config and layout, build the model on the "
+                        "meta device, say what would be trained on what data; write nothing, exit 0")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides by dotted path, e.g. data.total_steps=20 model.num_layers=2")
     args = parser.parse_args(argv)
@@ -74,6 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if "=" not in item:
             parser.error(f"argument '{item}': overrides are KEY=VALUE, e.g. data.total_steps=20")
     args.config = ConfigArg(args.config, args.overrides)
+    if args.dry_run:  # like --help: the answer, then exit
+        from evo.dry_run import dry_run
+
+        print(dry_run(args.config), flush=True)
+        raise SystemExit(0)
     return args
 
 
@@ -126,11 +134,11 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
     ``Config``. launcher: local, torch or slurm; None detects it from the environment.
     """
     global _LAUNCH
-    cfg = resolve_config(config, overrides)
     launcher = launcher or detect_launcher()
     if launcher not in LAUNCHERS:
         raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}; got {launcher!r}")
     rank, world_size, local_rank = _ranks(launcher, master_port)
+    cfg = resolve_config(config, overrides, world_size)  # the layout against this world first
     ctx = ParallelContext.from_config(cfg.parallel, world_size, rank, local_rank)  # checks, device, groups
     device = ctx.device
     if cfg.model.dtype == "torch.tf32" and device.type == "cuda":
@@ -145,19 +153,6 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
     logger.info("layout: %s", ctx.describe())
     _LAUNCH = LaunchState(cfg, ctx, run_folder, seed)
     return _LAUNCH
-
-
-def resolve_config(config, overrides=None) -> Config:
-    """The validated ``Config`` of ``initialize_distributed_env``'s ``config``: a file path (with the command
-    line's overrides, or ``overrides``), a dict of sections, or a ``Config`` made by hand (checked, and its folders
-    resolved, as a loaded one's are)."""
-    if isinstance(config, Config):
-        validate(config)
-        return config
-    if isinstance(config, dict):
-        return config_from_dict(config)
-    overrides = list(overrides if overrides is not None else getattr(config, "overrides", ()))
-    return load_config(str(config), overrides)
 
 
 def launch_state() -> LaunchState:

@@ -194,10 +194,12 @@ def test_cli_bad_config_value_exits_2_with_one_line(tmp_path):
 @pytest.mark.parametrize("override, line", [
     ("parallel.tensor.size=2",
      "'parallel.tensor.size' (2) x 'parallel.pipeline.size' (1) must divide the world size (1 process)"),
-    ("parallel.tensor.size=3", "'parallel.tensor.size' (3) must divide 'model.num_attention_heads' (4)"),
+    # issue 24: the world comes first (a tp of 3 on 1 process is a layout that cannot fit, whatever the heads)
+    ("parallel.tensor.size=3", "'parallel.tensor.size' (3) x 'parallel.pipeline.size' (1) must divide the world "
+                               "size (1 process)"),
     ("parallel.tensor.mode='xsp'", "'parallel.tensor.mode' must be one of mtp, msp, fsp, isp; got 'xsp'"),
-    ("parallel.pipeline.size=8", "'parallel.pipeline.size' (8) is larger than the layers a chunk group has to split "
-                                 "('model.num_layers' 4 / 'model.num_chunks' 1 = 4)"),
+    ("parallel.pipeline.size=8", "'parallel.tensor.size' (1) x 'parallel.pipeline.size' (8) must divide the world "
+                                 "size (1 process)"),
     ("parallel.pipeline.size=2", "'parallel.tensor.size' (1) x 'parallel.pipeline.size' (2) must divide the world "
                                  "size (1 process)"),
 ])

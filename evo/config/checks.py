@@ -9,7 +9,8 @@ import math
 import warnings
 from pathlib import Path
 
-from evo.config.layout import TENSOR_MODE, TENSOR_MODES, check_pipeline, check_tensor_parallel
+from evo.config.layout import (TENSOR_MODE, TENSOR_MODES, check_pipeline, check_tensor_parallel, layout_error,
+                               zero_size)
 from evo.config.sections import CKPT_CONTENTS, DTYPES, Config, DataConfig, ModelConfig
 from evo.errors import ConfigError
 
@@ -46,13 +47,14 @@ def _validate_rope_scaling(m: ModelConfig) -> None:
                  f"'model.rope_scaling.rope_theta' ({rope['rope_theta']}) differs from 'model.rope_base' ({m.rope_base})")
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, world_size: int | None = None) -> None:
     """Check every section beyond its types, in order, raising one ``ConfigError`` line for the first problem, and
     fill what is derived (``tensor.mode``, ``pipeline.mode``, ``data.type``, ``lr_scheduler.total_steps``,
-    ``load_ckpt_info``'s defaults, the folders)."""
+    ``load_ckpt_info``'s defaults, the folders). With ``world_size`` (the launcher's), the layout is checked against
+    it before the model's sizes are, so a layout that cannot fit the world says so first."""
     _validate_model(cfg.model)
     _validate_data(cfg.data)
-    _validate_parallel(cfg)
+    _validate_parallel(cfg, world_size)
     _validate_optimizer(cfg)
     _validate_ckpt(cfg.ckpt)
     require(cfg.monitor.log_every >= 1, f"'monitor.log_every' must be >= 1, got {cfg.monitor.log_every}")
@@ -161,8 +163,8 @@ def _validate_ckpt(c) -> None:
                  f"content=('model',), got {content}")
 
 
-def _validate_parallel(cfg: Config) -> None:
-    """The layout keys on their own (the world size is checked at launch, ``evo.config.layout.layout_error``)."""
+def _validate_parallel(cfg: Config, world_size: int | None = None) -> None:
+    """The layout keys, against ``world_size`` when known (else at launch: ``evo.config.layout.layout_error``)."""
     p, m = cfg.parallel, cfg.model
     for name in ("tensor", "pipeline", "weight"):
         size = getattr(p, name).size
@@ -170,6 +172,11 @@ def _validate_parallel(cfg: Config) -> None:
     p.tensor.mode = p.tensor.mode or ("msp" if p.sequence_parallel else "mtp")  # InternEvo's older configs: the switch
     check_choice(p.tensor.mode, TENSOR_MODES, "parallel.tensor.mode")
     p.pipeline.mode = p.pipeline.mode or "1F1B"
+    if world_size is not None:
+        pp, tp = p.pipeline.size, p.tensor.size
+        zero = zero_size(p.zero1.size, max(1, world_size // (pp * tp)), p.tensor.mode)
+        problem = layout_error(world_size, pp, None, tp, zero, p.weight.size)
+        require(problem is None, str(problem))
     problem = check_pipeline(m, p.pipeline.size, p.pipeline.mode, cfg.data.micro_num)
     require(problem is None, str(problem))
     mode = TENSOR_MODE[p.tensor.mode]

@@ -143,18 +143,33 @@ def read_config_file(path: str | Path) -> dict:
             if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read, override and validate a config file into a :class:`Config`."""
+def load_config(path: str | Path, overrides: list[str] | None = None, world_size: int | None = None) -> Config:
+    """Read, override and validate a config file into a :class:`Config` (its layout checked against
+    ``world_size`` when given)."""
     raw = read_config_file(path)
     raw = _deepcopy_dicts(raw)
     apply_overrides(raw, list(overrides or []))
-    cfg = config_from_dict(raw)
+    cfg = config_from_dict(raw, world_size)
     cfg.source = str(path)
     return cfg
 
 
-def config_from_dict(raw: dict) -> Config:
-    """Validate a config namespace (sections as dicts) into a :class:`Config`."""
+def resolve_config(config, overrides=None, world_size: int | None = None) -> Config:
+    """The validated ``Config`` of ``initialize_distributed_env``'s ``config``: a file path (with the command
+    line's overrides, or ``overrides``), a dict of sections, or a ``Config`` made by hand (checked, and its folders
+    resolved, as a loaded one's are); the layout checked against ``world_size`` when given."""
+    if isinstance(config, Config):
+        validate(config, world_size)
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(config, world_size)
+    overrides = list(overrides if overrides is not None else getattr(config, "overrides", ()))
+    return load_config(str(config), overrides, world_size)
+
+
+def config_from_dict(raw: dict, world_size: int | None = None) -> Config:
+    """Validate a config namespace (sections as dicts) into a :class:`Config` (its layout checked against
+    ``world_size`` when given)."""
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
         if name in SECTIONS or name == "model":
@@ -176,7 +191,7 @@ def config_from_dict(raw: dict) -> Config:
     if "model" not in kwargs:
         raise ConfigError("'model' is required: a dict with num_layers, hidden_size, num_attention_heads, vocab_size")
     cfg = Config(**kwargs)
-    validate(cfg)
+    validate(cfg, world_size)
     return cfg
 
 

@@ -56,6 +56,18 @@ class ParallelContext:
         and the one mesh that every group comes from is built (a collective: every rank calls this). Under isp
         (tp the sequence group) ZeRO is the weight group's (zero1 is not used) and the weight mesh regroups each
         stage's (dp, tp) ranks into contiguous weight groups of ``parallel.weight.size`` ranks."""
+        ctx = cls.plan(parallel, world_size, rank, local_rank)
+        ctx.device = select_device(local_rank) if device is None else device
+        if world_size > 1:
+            start_process_group(world_size, rank, ctx.device, parallel.timeout_s)
+            ctx._build_mesh()
+        return ctx
+
+    @classmethod
+    def plan(cls, parallel: ParallelConfig, world_size: int = 1, rank: int = 0,
+             local_rank: int = 0) -> "ParallelContext":
+        """The layout of ``from_config`` without a device, process group or mesh (what a dry run reports): the
+        sizes worked out and checked (``ConfigError`` when they do not fit the world)."""
         pp, tp, weight = parallel.pipeline.size, parallel.tensor.size, parallel.weight.size
         tp_mode, pp_mode = parallel.tensor.mode or "mtp", parallel.pipeline.mode or "1F1B"
         dp = max(1, world_size // (pp * tp))
@@ -63,13 +75,8 @@ class ParallelContext:
         problem = layout_error(world_size, pp, None, tp, zero, weight)
         if problem:
             raise ConfigError(problem)
-        device = select_device(local_rank) if device is None else device
-        ctx = cls(world_size=world_size, rank=rank, local_rank=local_rank, device=device, pp_size=pp, dp_size=dp,
-                  tp_size=tp, zero_size=zero, tp_mode=tp_mode, weight_size=weight, pp_mode=pp_mode)
-        if world_size > 1:
-            start_process_group(world_size, rank, device, parallel.timeout_s)
-            ctx._build_mesh()
-        return ctx
+        return cls(world_size=world_size, rank=rank, local_rank=local_rank, pp_size=pp, dp_size=dp, tp_size=tp,
+                   zero_size=zero, tp_mode=tp_mode, weight_size=weight, pp_mode=pp_mode)
 
     def _build_mesh(self) -> None:
         from torch.distributed.device_mesh import init_device_mesh

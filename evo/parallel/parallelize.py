@@ -22,10 +22,12 @@ materializes each rank's shards on its device and initializes them parameter by 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
-from evo.config import ModelConfig
+from evo.config import ModelConfig, zero_size
 from evo.model.decoder import decoder_layers
 from evo.parallel.context import ParallelContext
 from evo.parallel.shards import local_numel, tp_local_numel
@@ -147,6 +149,62 @@ def memory_estimate(model: nn.Module, ctx: ParallelContext, cfg: ModelConfig) ->
     elif size < 4:
         out["compute_weights"] = size * local
     out["total"] = sum(out.values())
+    return out
+
+
+def _split(name: str, plan: dict) -> str | None:
+    return next((how for suffix, how in plan.items() if name == suffix or name.endswith("." + suffix)), None)
+
+
+def computed_memory(model_cfg, world: int = 1, tp: int = 1, zero1: int = 1, meta_model=None) -> dict:
+    """Bytes the largest rank (rank 0) holds for the model state under a layout, computed without building or
+    starting anything: shapes from the model on the meta device, the tensor split from ``tensor_parallel_plan()``
+    (a split dimension chunked as torch.chunk does), then FSDP2's shard of dim 0 over the zero group (any world of
+    more than one process). The keys and formulas of ``evo.parallel.memory_estimate``, whose
+    ``compute_weights`` is the compute copy held from forward to backward: under FSDP2
+    (``reshard_after_forward=False``) every parameter's tensor-parallel part gathered over the zero group in
+    ``model.dtype``, fp32 included; in one process the 16-bit model (absent for an fp32 model, whose parameters
+    are the masters). Added keys:
+
+    - ``layer_weights``: the decoder layers' fp32 masters (what tensor parallelism splits, norms aside);
+    - ``params``: the model's parameter count (unsharded)."""
+    from evo.model import build_model
+    from evo.parallel.tensor import tensor_parallel_plan
+
+    model = meta_model if meta_model is not None else build_model(model_cfg, "meta")
+    dp = world // tp
+    zero = zero_size(zero1, dp)
+    distributed = world > 1
+    plan = tensor_parallel_plan() if tp > 1 else {}
+    size = torch.tensor([], dtype=model_cfg.torch_dtype).element_size()
+    local_total = tp_local_total = params = layers = 0
+    seen = set()
+    for name, p in model.named_parameters():  # tied parameters once
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        shape = list(p.shape)
+        params += p.numel()
+        how = _split(name, plan)
+        if how is not None:
+            dim = 0 if how == "rows" else 1
+            shape[dim] = math.ceil(shape[dim] / tp)
+        tp_local = p.numel() // tp if how is not None else p.numel()  # as memory_estimate's tp_local_numel
+        if distributed:
+            shape[0] = math.ceil(shape[0] / zero)
+        local = math.prod(shape)
+        local_total += local
+        tp_local_total += tp_local
+        if name.startswith("layers."):
+            layers += local
+    out = {"master_weights": 4 * local_total, "gradients": 4 * local_total, "optimizer_state": 8 * local_total}
+    if distributed:
+        out["compute_weights"] = size * tp_local_total
+    elif size < 4:
+        out["compute_weights"] = size * local_total
+    out["total"] = sum(out.values())
+    out["layer_weights"] = 4 * layers
+    out["params"] = params
     return out
 
 
