@@ -191,4 +191,8 @@ def build_valid_loader_with_data_type() -> dict:
     from evo.data import build_valid_loaders
 
     state = launch_state()
-    return build_valid_loaders(state.config.data, state.ctx, state.config.model.vocab_size)
+    loaders = build_valid_loaders(state.config.data, state.ctx, state.config.model.vocab_size)
+    if not loaders:
+        logger.info("no validation data (data.valid_folder, or data.valid_split of the training data): no "
+                    "evaluation will run")
+    return loaders

@@ -110,6 +110,15 @@ def _validate_data(d) -> None:
     if d.type == "streaming":
         require(d.use_packed_dataset, "'data.use_packed_dataset' must be True with data.type 'streaming'")
     require(d.max_bad_lines >= 0, f"'data.max_bad_lines' must be >= 0, got {d.max_bad_lines}")
+    require(0 <= d.valid_split < 1, f"'data.valid_split' must be in [0, 1) (a fraction of the documents), got "
+             f"{d.valid_split}")
+    if d.valid_split > 0:
+        require(d.type in ("dummy", "tokenized"), f"'data.valid_split' holds out documents of an indexed corpus "
+                 f"(data.type 'tokenized' or 'dummy'), not of data.type {d.type!r}"
+                 + (" (it has its own validation set)" if d.type == "builtin" else " (read as it goes: give "
+                    "data.valid_folder)" if d.type == "streaming" else ""))
+        require(not d.valid_folder, "'data.valid_split' and 'data.valid_folder' both name the validation data: "
+                 "keep one")
     _check_data_conflicts(d)
     parse_skip_batches(d.skip_batches)
 

@@ -118,6 +118,7 @@ class DataConfig:
     valid_micro_num: int = 1  # rows per validation batch
     valid_every: int = 0  # 0: never evaluate during training (still at the end if there are val sets)
     valid_max_batches: Optional[int] = None  # evo: cap on batches per validation set (None: all)
+    valid_split: float = 0.0  # evo: the fraction of training documents held out as the validation set 'valid'
     total_steps: int = 50000  # training steps
     pack_sample_into_one: bool = False  # attention boundaries every seq_len, ignoring documents
     use_packed_dataset: bool = True  # False: one document per seq_len slot, truncated and padded

@@ -17,7 +17,7 @@ import numpy as np
 
 from evo.config import DataConfig, parse_skip_batches
 from evo.data.builtin import builtin_corpus, dummy_corpus
-from evo.data.packing import Batch, PackedRows, UnpackedRows, collate
+from evo.data.packing import Batch, PackedRows, UnpackedRows, collate, split_documents
 from evo.data.tokenized import find_types, tokenized_corpus
 from evo.data.tokenizer import load_tokenizer
 from evo.errors import ConfigError, DataError
@@ -106,6 +106,22 @@ def _unsupported(cfg: DataConfig):
                        "or 'dummy'")
 
 
+def _dummy(cfg: DataConfig, vocab_size: int):
+    return dummy_corpus(cfg.num_dummy_samples, cfg.seq_len, vocab_size, cfg.seed, cfg.min_length)
+
+
+def _tokenized(cfg: DataConfig, found, vocab_size: int):
+    return tokenized_corpus(found, cfg.min_length, vocab_size, f"data.train_folder '{cfg.train_folder}'")
+
+
+def _held_out(cfg: DataConfig, corpus):
+    """(what is trained on, what is held out for validation): ``data.valid_split`` of the documents, chosen by
+    ``data.seed``; with no split, the whole corpus and nothing."""
+    if cfg.valid_split <= 0:
+        return corpus, None
+    return split_documents(corpus, cfg.valid_split, cfg.seed)
+
+
 def _rows(corpus, cfg: DataConfig):
     if not cfg.use_packed_dataset:
         return UnpackedRows(corpus, cfg.seq_len, cfg.micro_bsz)
@@ -116,8 +132,7 @@ def build_train_loader(cfg: DataConfig, ctx: ParallelContext, vocab_size: int) -
     """The training loader for ``cfg.type`` and the dataset type names (index = type id)."""
     tokenizer = None
     if cfg.type == "dummy":
-        corpus = dummy_corpus(cfg.num_dummy_samples, cfg.seq_len, vocab_size, cfg.seed, cfg.min_length)
-        types = ["dummy"]
+        corpus, types = _held_out(cfg, _dummy(cfg, vocab_size))[0], ["dummy"]
     elif cfg.type == "builtin":
         tokenizer = load_tokenizer(cfg.tokenizer_path)
         _check_vocab(tokenizer, vocab_size)
@@ -131,7 +146,7 @@ def build_train_loader(cfg: DataConfig, ctx: ParallelContext, vocab_size: int) -
         return loader, loader.type_names
     elif cfg.type == "tokenized":
         found = find_types(cfg.train_folder)
-        corpus = tokenized_corpus(found, cfg.min_length, vocab_size, f"data.train_folder '{cfg.train_folder}'")
+        corpus = _held_out(cfg, _tokenized(cfg, found, vocab_size))[0]
         types = [name for name, _ in found]
         if cfg.tokenizer_path:
             tokenizer = load_tokenizer(cfg.tokenizer_path)
@@ -145,7 +160,11 @@ def build_valid_loaders(cfg: DataConfig, ctx: ParallelContext, vocab_size: int) 
     """Validation sets by name: the built-in corpus has one ('python'); a tokenized ``valid_folder`` one per
     subfolder; dummy data has none."""
     sets = {}
-    if cfg.type == "builtin":
+    if cfg.valid_split > 0:  # documents of the training data held out (never trained on)
+        whole = _dummy(cfg, vocab_size) if cfg.type == "dummy" else _tokenized(cfg, find_types(cfg.train_folder),
+                                                                                vocab_size)
+        sets["valid"] = _held_out(cfg, whole)[1]
+    elif cfg.type == "builtin":
         sets["python"] = builtin_corpus("valid", load_tokenizer(cfg.tokenizer_path), cfg.min_length)
     elif cfg.type in ("tokenized", "streaming") and cfg.valid_folder:
         for name, paths in find_types(cfg.valid_folder):

@@ -61,6 +61,46 @@ class Corpus:
         return self.tokens[start:stop].astype(np.int64)
 
 
+class DocumentSubset:
+    """Some documents of a corpus (``docs``: ascending indices) as a corpus of their own, in the same order; a view
+    over the corpus (nothing copied), with the ``offsets``, ``doc_types``, ``num_tokens`` and ``slice`` that
+    ``PackedRows`` reads."""
+
+    def __init__(self, corpus, docs):
+        self.corpus, self.docs = corpus, np.asarray(docs, dtype=np.int64)
+        offsets = np.asarray(corpus.offsets)
+        self.starts = offsets[self.docs]
+        self.offsets = np.zeros(len(self.docs) + 1, dtype=np.int64)
+        np.cumsum(offsets[self.docs + 1] - self.starts, out=self.offsets[1:])
+        self.doc_types = np.asarray(corpus.doc_types)[self.docs]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        """Stream positions [start, stop) of the subset, read from its documents in the corpus."""
+        parts, pos = [], start
+        d = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while pos < stop:
+            end = min(stop, int(self.offsets[d + 1]))
+            first = int(self.starts[d]) + pos - int(self.offsets[d])
+            parts.append(self.corpus.slice(first, first + end - pos))
+            pos, d = end, d + 1
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def split_documents(corpus, fraction: float, seed: int) -> tuple[DocumentSubset, DocumentSubset]:
+    """(training, held out): ``fraction`` of the corpus's documents (at least one, and at least one left to train
+    on) held out whole, chosen by ``seed`` alone, so every rank and every resume holds out the same ones."""
+    num_docs = len(corpus.offsets) - 1
+    held = min(max(1, round(fraction * num_docs)), num_docs - 1)
+    chosen = np.random.default_rng([seed, 0x7661_6C69]).choice(num_docs, size=held, replace=False)
+    mask = np.zeros(num_docs, dtype=bool)
+    mask[chosen] = True
+    return DocumentSubset(corpus, np.flatnonzero(~mask)), DocumentSubset(corpus, np.flatnonzero(mask))
+
+
 class PackedRows:
     """Random access to the packed rows of a corpus; ``rows[r]`` is a dict of numpy arrays.
 
