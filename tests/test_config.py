@@ -282,3 +282,20 @@ def test_run_differences_compare_what_the_run_computes():
                                             "data.seed: 1024 there, 5 here", "adam.weight_decay: 0.01 there, 0.5 here"]
     older = dict(base, model={k: v for k, v in base["model"].items() if k != "head_dim"})
     assert run_differences(older, base) == []  # a key an older evo did not write is not compared
+
+
+def test_your_own_folder_over_the_builtin_corpus_is_read_as_what_it_holds(tmp_path):
+    """Issue 24: data.train_folder on the command line over configs/tiny.py (data.type 'builtin')."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=r"^'data.train_folder' '.*empty' holds neither tokenized data \(.bin files, "
+                                          r"from scripts/tokenize.py\) nor .jsonl text.*add data.type=tokenized$"):
+        config_from_dict(small_sections(data=dict(type="builtin", tokenizer_path="byte", train_folder=str(empty))))
+    for name, kind in (("text/a.jsonl", "streaming"), ("tok/sub/a.bin", "tokenized")):
+        (tmp_path / name).parent.mkdir(parents=True)
+        (tmp_path / name).write_text("")
+        folder = tmp_path / name.split("/")[0]
+        with pytest.warns(UserWarning, match=f"is read as data.type='{kind}', what it holds"):
+            cfg = config_from_dict(small_sections(data=dict(type="builtin", tokenizer_path="byte",
+                                                            train_folder=str(folder))))
+        assert cfg.data.type == kind

@@ -105,6 +105,8 @@ def _validate_data(d) -> None:
     if d.type is None:
         d.type = "tokenized" if d.train_folder else "dummy"
     check_choice(d.type, ("dummy", "builtin", "tokenized", "streaming"), "data.type")
+    if d.type == "builtin" and d.train_folder:  # your own data over a config of the built-in corpus
+        d.type = _own_data_type(d.train_folder)
     if d.type in ("tokenized", "streaming"):
         require(d.train_folder is not None, f"'data.train_folder' is required when data.type is '{d.type}'")
     if d.type == "streaming":
@@ -218,6 +220,21 @@ _IGNORED_BY_TYPE = {
     "tokenized": ("num_dummy_samples", "max_bad_lines"),
     "streaming": ("num_dummy_samples",),
 }
+
+
+def _own_data_type(folder: str) -> str:
+    """The data.type of a ``data.train_folder`` given over ``data.type='builtin'``: what the folder holds
+    (tokenized ``.bin`` files, or ``.jsonl`` text), said in a warning; else one line saying what to do."""
+    path = Path(folder)
+    kind = ("tokenized" if any(path.rglob("*.bin")) else "streaming" if any(path.rglob("*.jsonl")) else None) \
+        if path.is_dir() else None
+    require(kind is not None, f"'data.train_folder' '{folder}' holds neither tokenized data (.bin files, from "
+            f"scripts/tokenize.py) nor .jsonl text, and 'data.type' is 'builtin' (the Python standard library): "
+            f"tokenize your text (python scripts/tokenize.py --input TEXT --output {folder} --tokenizer byte) and "
+            "add data.type=tokenized")
+    warnings.warn(f"'data.train_folder' '{folder}' is read as data.type={kind!r}, what it holds (the config's "
+                  "data.type 'builtin' is the Python standard library)", UserWarning, stacklevel=2)
+    return kind
 
 
 def _check_data_conflicts(d: DataConfig) -> None:
