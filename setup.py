@@ -22,5 +22,6 @@ setup(
     # draws the benchmarks' pictures (matplotlib)
     extras_require={"dev": ["pytest", "pytest-benchmark", "datasets", "transformers>=5,<6", "nbclient", "nbformat",
                             "ipykernel", "matplotlib"],
-                    "bench": ["matplotlib"]},  # bench/run.py's pictures, bench/pipeline.py's schedule timeline
+                    "bench": ["matplotlib"],  # bench/run.py's pictures, bench/pipeline.py's schedule timeline
+                    "plot": ["matplotlib"]},  # a run's curves.png (monitor.curves) and scripts/plot.py
 )

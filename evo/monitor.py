@@ -118,14 +118,17 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 class Monitor:
     def __init__(self, run_folder: Path, is_main: bool, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool | None = None, progress_file=None, clock=None):
+                 tensorboard: bool = True, progress: bool | None = None, progress_file=None, clock=None,
+                 curves: bool = False):
         """progress: None shows a bar when ``progress_file`` (default stderr) is a terminal. clock: seconds now
-        (``time.monotonic``), for the step lines' elapsed time and ETA."""
+        (``time.monotonic``), for the step lines' elapsed time and ETA. curves: draw ``curves.png``
+        (``evo.curves``) after every evaluation and at the end."""
         import time
 
         self.is_main, self.total_steps = is_main, total_steps
         self._clock = clock or time.monotonic
         self._started, self._start_step = self._clock(), start_step
+        self._curves = Path(run_folder) if curves and is_main else None
         self._metrics = self._tb = self._bar = None
         self._quiet_consoles: list[logging.Handler] = []
         if not is_main:
@@ -189,8 +192,24 @@ class Monitor:
         logger.info("eval %s", text)
         if self._bar is not None:
             self._bar.refresh()
+        self._draw()
+
+    def _draw(self) -> None:
+        """curves.png from metrics.jsonl as it is now; without matplotlib, one line, once."""
+        if self._curves is None:
+            return
+        from evo.curves import draw_curves
+
+        self._metrics.flush()
+        if draw_curves([self._curves], self._curves / "curves.png") is None:
+            logger.info("curves.png is not drawn: it needs matplotlib (pip install matplotlib; "
+                        "monitor.curves=False turns this off)")
+            self._curves = None
 
     def close(self) -> None:
+        if self._metrics is not None and not self._metrics.closed:
+            self._draw()  # the end of the run
+            self._curves = None
         for handler in self._quiet_consoles:
             handler.removeFilter(_not_step_line)
         self._quiet_consoles = []

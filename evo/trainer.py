@@ -104,7 +104,8 @@ class Trainer:
         total = self.cfg.data.total_steps
         write_run_config(self.run_folder, self.cfg, self.ctx.is_main)
         if self.monitor is None:
-            self.monitor = Monitor(self.run_folder, self.ctx.is_main, total, self.step_count)
+            self.monitor = Monitor(self.run_folder, self.ctx.is_main, total, self.step_count,
+                                   curves=self.cfg.monitor.curves)
         # a torch.profiler trace of a few steps (--profiling), named by the step it ends at
         profiler = step_profiler(self.run_folder / "profile", self.ctx.rank, self.ctx.device,
                                  lambda: self.step_count) if self.profiling else None
@@ -271,8 +272,7 @@ class Trainer:
             return
         from evo.generate import generate
 
-        # every rank generates (a sharded model's forward has collectives), all taking rank 0's tokens
-        # (evo.generate); rank 0 prints them
+        # every rank generates (a sharded forward has collectives), taking rank 0's tokens; rank 0 prints them
         text = generate(self.model, tokenizer, prompt, self.cfg.monitor.sample_tokens)
         if self.ctx.is_main:
             print(f"\n--- sample (prompt {prompt!r}) ---\n{prompt}{text}\n---", flush=True)

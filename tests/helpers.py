@@ -17,6 +17,7 @@ def small_sections(**sections) -> dict:
         "data": dict(type="dummy", seq_len=32, micro_bsz=2, micro_num=2, total_steps=4, num_dummy_samples=200),
         "adam": dict(lr=1e-3),
         "lr_scheduler": dict(warmup_ratio=0.0, eta_min=1e-4),
+        "monitor": dict(curves=False),  # a picture per evaluation costs a second: the tests that want one ask
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)

@@ -115,3 +115,47 @@ def test_plain_step_lines_carry_the_elapsed_time_and_an_eta(tmp_path):
     setup_logging(None, True)
     lines = [line for line in (tmp_path / "train.log").read_text().splitlines() if " step " in line]
     assert lines[0].endswith("elapsed=12s eta=1h59m48s") and lines[1].endswith("elapsed=1h00m00s eta=2h00m00s")
+
+
+def test_curves_are_drawn_at_each_evaluation_and_at_the_end_and_several_runs_compare(tmp_path):
+    """Issue 24: curves.png in the run folder (matplotlib), and scripts/plot.py for several runs."""
+    from tests.helpers import run_script
+
+    for name, shift in (("a", 0.0), ("b", 0.5)):
+        monitor = Monitor(tmp_path / name, True, 4, tensorboard=False, progress=False, curves=True)
+        monitor.log_step(record(1, loss=3.0 + shift, **{"loss/code": 2.5}))
+        monitor.log_step(record(2, loss=2.0 + shift))
+        monitor.log_eval({"step": 2, "val/code_loss": 2.2 + shift})
+        assert (tmp_path / name / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn at the evaluation
+        first = (tmp_path / name / "curves.png").stat().st_mtime_ns
+        monitor.log_step(record(3, loss=1.5 + shift))
+        monitor.close()
+        assert (tmp_path / name / "curves.png").stat().st_mtime_ns >= first  # and again at the end
+    result = run_script("scripts/plot.py", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "both.png")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = run_script("scripts/plot.py", tmp_path / "nothing")
+    assert bad.returncode == 2 and "holds no metrics.jsonl" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_without_matplotlib_one_line_says_so_once(tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    lines = []
+    monkeypatch.setattr("evo.monitor.logger.info", lambda message, *args, **kw: lines.append(message % args))
+    monitor = Monitor(tmp_path, True, 4, tensorboard=False, progress=False, curves=True)
+    monitor.log_step(record(1))
+    monitor.log_eval({"step": 1, "val/x_loss": 1.0})
+    monitor.log_eval({"step": 1, "val/x_loss": 1.0})
+    monitor.close()
+    assert [line for line in lines if "curves.png" in line] == [
+        "curves.png is not drawn: it needs matplotlib (pip install matplotlib; monitor.curves=False turns this off)"]
+    assert not (tmp_path / "curves.png").exists()

@@ -208,6 +208,7 @@ def test_train_log_says_where_each_invocation_begins_and_how_it_ended(tmp_path):
                                     in s for s in starts), starts
     assert ends == ["=== end: exit 0 (finished)"] * 2 and lines[-1] == ends[-1]
     assert lines.index(starts[1]) > lines.index(ends[0])  # one invocation after the other
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"  # configs/tiny.py draws the run's curves
 
     bad = tmp_path / "bad"
     result = run_script("scripts/train.py", "--config", "configs/tiny.py", "data.type=tokenized",

@@ -215,6 +215,7 @@ class MonitorConfig:
     sample_prompt: Optional[str] = None  # evo: at the end of fit(), print a sample generated from this
     sample_tokens: int = 64  # tokens of that sample
     peak_tflops: Optional[float] = None  # evo: the device's peak for MFU (None: the table of known GPUs)
+    curves: bool = True  # evo: draw curves.png in the run folder at every evaluation and at the end (matplotlib)
 
 
 @dataclass
