@@ -93,6 +93,21 @@ def _jsonable(value):
     return value
 
 
+class _BarWriter:
+    """A console stream that writes each log line above the progress bars (``tqdm.write``: the bar is cleared,
+    the line written, the bar drawn again), so a line never starts behind the bar's text."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            tqdm.write(text.rstrip("\n"), file=self.stream)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def _not_step_line(record: logging.LogRecord) -> bool:
     return not getattr(record, _STEP_LINE, False)
 
@@ -153,8 +168,11 @@ class Monitor:
                              file=progress_file, mininterval=1.0)
             # the bar carries the progress on the console; the step lines go to train.log only
             self._quiet_consoles = [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
+            self._console_streams = []
             for handler in self._quiet_consoles:
                 handler.addFilter(_not_step_line)
+                if isinstance(handler, logging.StreamHandler):  # other lines go through the bar's writer
+                    self._console_streams.append((handler, handler.setStream(_BarWriter(handler.stream))))
 
     def _write(self, record: dict, step: int) -> None:
         self._metrics.write(json.dumps({k: _jsonable(v) for k, v in record.items()}, allow_nan=False) + "\n")
@@ -212,7 +230,9 @@ class Monitor:
             self._curves = None
         for handler in self._quiet_consoles:
             handler.removeFilter(_not_step_line)
-        self._quiet_consoles = []
+        for handler, stream in getattr(self, "_console_streams", ()):
+            handler.setStream(stream)
+        self._quiet_consoles, self._console_streams = [], []
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:

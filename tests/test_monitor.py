@@ -2,11 +2,12 @@
 
 import io
 import json
+import sys
 import time
 
 import pytest
 
-from evo.monitor import Monitor, setup_logging
+from evo.monitor import Monitor, logger, setup_logging
 
 
 def strict_records(path):
@@ -159,3 +160,21 @@ def test_without_matplotlib_one_line_says_so_once(tmp_path, monkeypatch):
     assert [line for line in lines if "curves.png" in line] == [
         "curves.png is not drawn: it needs matplotlib (pip install matplotlib; monitor.curves=False turns this off)"]
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_a_log_line_during_the_bar_starts_on_a_line_of_its_own(tmp_path, monkeypatch):
+    """Issue 24: a log line printed while the bar shows went on behind the bar's text; it goes through the bar's
+    writer now (the bar cleared, the line written, the bar drawn again)."""
+    import re
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    setup_logging(None, True)  # the console handler writes to this stderr, as the bar does
+    monitor = Monitor(tmp_path, True, 4, tensorboard=False, progress=True, progress_file=out)
+    monitor.log_step(record(1))
+    logger.warning("checkpoint disk is nearly full")
+    monitor.log_step(record(2))
+    monitor.close()
+    setup_logging(None, True)
+    (line,) = [line for line in out.getvalue().split("\n") if "nearly full" in line]
+    assert re.fullmatch(r"\d\d:\d\d:\d\d evo WARNING: checkpoint disk is nearly full", line.rsplit("\r", 1)[-1]), line
