@@ -76,8 +76,14 @@ def to_hf(ckpt: str | Path, out: str | Path, force: bool = False, max_shard_byte
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    if tokenizer is not None and getattr(tokenizer, "path", None):  # a tokenizer.json (evo's BPE included)
-        shutil.copyfile(tokenizer.path, tmp / "tokenizer.json")
+    # the byte tokenizer (no file of its own) only for a model of its vocabulary: a run on dummy data has none
+    exported = tokenizer is not None and (getattr(tokenizer, "path", None) or (
+        hasattr(tokenizer, "save_json") and tokenizer_path is not None and cfg.vocab_size == tokenizer.vocab_size))
+    if exported:  # a tokenizer.json (evo's BPE included), or the byte tokenizer written as one
+        if getattr(tokenizer, "path", None):
+            shutil.copyfile(tokenizer.path, tmp / "tokenizer.json")
+        else:
+            tokenizer.save_json(tmp / "tokenizer.json")
         special = {"bos_token": tokenizer.token(tokenizer.bos_id), "eos_token": tokenizer.token(tokenizer.eos_id)}
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", **{k: v for k, v in special.items() if v}}, indent=2))

@@ -249,3 +249,24 @@ def test_exported_files_take_the_umasks_mode(tmp_path):
         assert result.returncode == 0, result.stderr
         modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
         assert len(modes) > 4 and set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_a_byte_tokenizer_run_exports_a_tokenizer_transformers_loads_and_decodes(tmp_path):
+    """Issue 24: a run on evo's byte tokenizer (configs/tiny.py's) writes tokenizer.json with to-hf: the same ids
+    as evo's (each UTF-8 byte its value, <s> 256, </s> 257), and decoding gives the text back."""
+    from evo.data.tokenizer import ByteTokenizer
+
+    run = tmp_path / "run"
+    trained = run_script("scripts/train.py", "--config", "configs/tiny.py", "data.total_steps=1", "model.num_layers=1",
+                         "data.valid_max_batches=1", "monitor.sample_prompt=None", "monitor.curves=False",
+                         f"monitor.run_folder={run}")
+    assert trained.returncode == 0, trained.stderr
+    exported = run_script("scripts/convert.py", "to-hf", "--ckpt", run / "checkpoints", "--out", tmp_path / "hf")
+    assert exported.returncode == 0, exported.stderr
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ("def f(x):\n    return x  # café, 東京 ✓", " leading space", "\t\r\n"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids == ByteTokenizer().encode(text) == list(text.encode("utf-8"))
+        assert tokenizer.decode(ids) == text
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<s>", "</s>")
+    assert tokenizer.convert_tokens_to_ids(["<s>", "</s>"]) == [256, 257]

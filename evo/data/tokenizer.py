@@ -32,6 +32,43 @@ class ByteTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def token(self, token_id: int | None) -> str | None:
+        """The string of a token id: ``<s>``, ``</s>``, or the byte's character in the byte-level alphabet."""
+        if token_id is None:
+            return None
+        return {self.bos_id: "<s>", self.eos_id: "</s>"}.get(token_id) or _BYTE_CHARS[token_id]
+
+    def save_json(self, path: str | Path) -> None:
+        """This tokenizer as a ``tokenizer.json`` that transformers loads (``PreTrainedTokenizerFast``) and that
+        gives the same ids: a byte-level BPE with no merges, so each byte is one token whose id is its value,
+        and ``<s>``, ``</s>`` as 256 and 257."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+        vocab = {_BYTE_CHARS[b]: b for b in range(256)}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+        tok.save(str(path))
+
+
+def _byte_chars() -> list[str]:
+    """The byte-level alphabet (GPT-2's): byte b as a printable character, the printable Latin-1 bytes as
+    themselves and the others moved past 255 in order, so no byte maps to whitespace or a control character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+_BYTE_CHARS = _byte_chars()
+
 
 class HFTokenizer:
     """A ``tokenizers`` fast tokenizer from a tokenizer.json file."""
