@@ -4,16 +4,25 @@ STAMP := build/.installed
 
 .PHONY: install train test test-slow bench clean
 
+TRAIN_STAMP := build/.installed-train
+
 # torch==2.13.0: on a CPU-only machine of this project's kind pip takes the CPU build kept on disk
 # instead of downloading a multi-gigabyte CUDA build; an existing torch is left alone.
+# `make train` installs what training needs (and matplotlib, for the run's curves.png); `make test` the dev
+# extra too (transformers, datasets, the notebook runner: what the tests compare with and run).
+$(TRAIN_STAMP): setup.py
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e '.[plot]'
+	@mkdir -p build && touch $(TRAIN_STAMP)
+
 $(STAMP): setup.py
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e '.[dev]'
-	@mkdir -p build && touch $(STAMP)
+	@mkdir -p build && touch $(STAMP) $(TRAIN_STAMP)
 
 install: $(STAMP)
 
-train: $(STAMP)
+train: $(TRAIN_STAMP)
 	$(PYTHON) scripts/train.py --config configs/tiny.py
 
 # the versions a run tested, first in its log: the dev extra takes the newest the registry serves

@@ -83,3 +83,15 @@ def test_no_file_adds_a_folder_to_the_front_of_the_path():
                     and ast.unparse(node.func.value) == "sys.path"):
                 offenders.append(f"{file.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []
+
+
+def test_make_train_installs_what_training_needs_and_make_test_the_dev_extra():
+    """Issue 24: `make train` took the whole dev extra (2.7 GB with transformers, datasets, ipykernel)."""
+    import subprocess
+
+    def commands(target):
+        return subprocess.run(["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    train, test = commands("train"), commands("test")
+    assert "pip install -q -e '.[plot]'" in train and "[dev]" not in train
+    assert "pip install -q -e '.[dev]'" in test
