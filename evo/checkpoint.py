@@ -85,9 +85,7 @@ _METADATA_TYPES = {
                                               "StorageMeta", "_MEM_FORMAT_ENCODING"},
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
-    "torch": {"Size", "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
-              "bool", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "strided", "contiguous_format",
-              "channels_last", "preserve_format"},
+    "torch": {"Size", "strided", "contiguous_format", "channels_last", "preserve_format"},  # and every dtype
     "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
     "collections": {"OrderedDict"},
     "builtins": {"set", "frozenset", "slice"},
@@ -96,6 +94,14 @@ _METADATA_TYPES = {
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        if module == "pathlib._local":  # Python 3.13 names its paths so; read on any Python as pathlib's
+            module = "pathlib"
+            if name in _METADATA_TYPES["pathlib"]:
+                import pathlib
+
+                return getattr(pathlib, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)  # any dtype a tensor can have
         if name not in _METADATA_TYPES.get(module, ()):
             raise UnsafeCheckpointError(f"{module}.{name}")
         return super().find_class(module, name)

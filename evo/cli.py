@@ -64,8 +64,8 @@ def run(main) -> None:
     warnings.formatwarning = _one_line_warning
     try:
         main()
-        log_to_file("=== end: exit 0 (finished)")
         _close_process_group()
+        log_to_file("=== end: exit 0 (finished)")
     except EvoError as exc:
         line = f"evo: error: {exc}"
         log_to_file(f"=== end: exit 2: {line}")

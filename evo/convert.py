@@ -185,10 +185,14 @@ def _write_safetensors(folder: Path, tensors, max_shard_bytes: int) -> None:
 
 
 def _umask() -> int:
-    """The process's umask (read by setting it and setting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """The process's umask: from /proc where Linux shows it, else read by setting it and setting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def _hf_order(name: str):

@@ -44,15 +44,14 @@ def series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
 
 def draw_curves(run_folders: list[Path], out: Path) -> Path | None:
     """Draw the runs' curves into ``out`` (PNG); returns it, or None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display needed, none opened
-        import matplotlib.pyplot as plt
+    try:  # a Figure of its own on the Agg canvas: no display, and pyplot's global backend is left alone
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         return None
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    axes = axes.ravel()
+    fig = Figure(figsize=(15, 8))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 3).ravel()
     for index, folder in enumerate(run_folders):
         data = series(read_metrics(folder))
         colour = f"C{index % 10}"
@@ -73,7 +72,6 @@ def draw_curves(run_folders: list[Path], out: Path) -> Path | None:
     fig.tight_layout()
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+    fig.savefig(tmp, dpi=80, format="png")
     tmp.replace(out)  # a reader never sees half a picture
     return out

@@ -6,7 +6,8 @@ The config is loaded and validated with its overrides, the layout checked agains
 model built on the meta device (nothing allocated), and the data's folders read as training would read them.
 The report: the config's differences from evo's defaults, the parameter count, the per-rank memory of the model
 state (``evo.parallel.parallelize.computed_memory``), and the data (documents, tokens, packed rows, steps per
-epoch, validation sets). No process group starts, no folder is made, no file is written.
+epoch, validation sets). No process group starts and no run folder, log or checkpoint is written (reading the
+data may fill evo's cache under ``~/.cache/evo``, as training would: a checked data folder, a trained BPE).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import dataclasses
 import math
 import os
 
-from evo.config import REQUIRED, Config, config_from_dict, resolve_config
+from evo.config import REQUIRED, TENSOR_MODE, Config, config_from_dict, resolve_config
 from evo.data import build_train_loader, build_valid_loaders
 from evo.model.flops import whole_model_sizes
 from evo.parallel.context import ParallelContext
@@ -24,8 +25,8 @@ from evo.parallel.parallelize import computed_memory, format_bytes
 
 def launch_world_size(env=os.environ) -> tuple[int, str] | None:
     """(world size, where it came from) when a launcher set it, else None."""
-    for key, who in (("WORLD_SIZE", "torchrun"), ("SLURM_NTASKS", "srun")):
-        if env.get(key, "").isdigit():
+    for key, rank, who in (("WORLD_SIZE", "RANK", "torchrun"), ("SLURM_NTASKS", "SLURM_PROCID", "srun")):
+        if env.get(key, "").isdigit() and env.get(rank, "").isdigit():
             return int(env[key]), f"{who}'s {key}"
     return None
 
@@ -33,7 +34,8 @@ def launch_world_size(env=os.environ) -> tuple[int, str] | None:
 def smallest_world(parallel) -> tuple[int, str]:
     """The smallest world ``parallel`` fits, and that this is where it came from."""
     tp, pp, weight = parallel.tensor.size, parallel.pipeline.size, parallel.weight.size
-    zero = parallel.zero1.size if parallel.zero1.size > 1 and parallel.tensor.mode != "isp" else 1
+    zero = parallel.zero1.size if parallel.zero1.size > 1 and not TENSOR_MODE[parallel.tensor.mode].weight_parallel \
+        else 1
     dp = math.lcm(zero, weight // math.gcd(weight, tp))
     return pp * tp * dp, "the smallest world this layout fits (no launcher)"
 
@@ -98,7 +100,7 @@ def dry_run(config, overrides=None) -> str:
              "memory per rank (model state): " + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}"
                                                            for k, v in memory.items()
                                                            if k not in ("layer_weights", "params"))]
-    if p.pipeline.size > 1 or p.tensor.mode == "isp":
+    if p.pipeline.size > 1 or TENSOR_MODE[p.tensor.mode].weight_parallel:
         lines.append("  (pipeline stages and isp's weight groups are not modelled here: the numbers are those of "
                      "the whole model over the tensor and zero groups)")
     lines += ["", *data_summary(cfg, ctx)]

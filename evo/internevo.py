@@ -264,7 +264,10 @@ class _ConfigPickle:
                 return super().find_class(module, name)
             raise pickle.UnpicklingError(f"'{module}.{name}' is not expected in a model section")
 
-    load = staticmethod(pickle.load)
+    @staticmethod
+    def load(file, **kwargs):
+        # torch's legacy (non-zip) format reads its first pickles with ``pickle_module.load``: restricted too
+        return _ConfigPickle.Unpickler(file, **kwargs).load()
 
 
 class _Folder:

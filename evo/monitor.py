@@ -226,7 +226,10 @@ class Monitor:
 
     def close(self) -> None:
         if self._metrics is not None and not self._metrics.closed:
-            self._draw()  # the end of the run
+            try:
+                self._draw()  # the end of the run
+            except Exception as exc:  # noqa: BLE001 - a picture never fails a finished run
+                logger.warning("curves.png could not be drawn: %s", exc)
             self._curves = None
         for handler in self._quiet_consoles:
             handler.removeFilter(_not_step_line)

@@ -89,3 +89,29 @@ def test_a_checkpoint_of_today_still_loads(tmp_path):
 
     model = load_model(FIXTURE / "checkpoint")
     assert model.cfg.num_layers == 1 and torch.isfinite(model.tok_embeddings.weight).all()
+
+
+def test_metadata_names_a_python_313_path_and_nothing_else_gets_through():
+    """Python 3.13 pickles PosixPath as pathlib._local.PosixPath: read as pathlib's on any Python; a name outside
+    the list is refused before anything runs."""
+    from evo.checkpoint import UnsafeCheckpointError, _MetadataUnpickler  # the unpickler under test
+
+    path = _MetadataUnpickler(io.BytesIO(b"cpathlib._local\nPosixPath\n(S'/ckpt/.tmp-2'\ntR.")).load()
+    assert path == Path("/ckpt/.tmp-2")
+    with pytest.raises(UnsafeCheckpointError, match=r"^(io|builtins)\.open$"):
+        _MetadataUnpickler(io.BytesIO(pickle.dumps(Payload(Path("/nowhere"))))).load()
+
+
+def test_an_internevo_folder_whose_config_pickle_would_run_code_is_refused(tmp_path):
+    """model_config.pt in torch's legacy (non-zip) format: torch reads its first pickles with pickle_module.load,
+    which is evo's restricted unpickler too."""
+    from evo.weights import open_folder
+
+    marker = tmp_path / "marker"
+    folder = tmp_path / "internevo"
+    folder.mkdir()
+    (folder / "model_tp0_pp0.pt").write_bytes(b"")
+    (folder / "model_config.pt").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(CheckpointError, match="model_config.pt' cannot be read"):
+        open_folder(folder)
+    assert not marker.exists()

@@ -108,6 +108,7 @@ def test_cli_typo_exits_2_with_the_closest_key_and_trains_nothing(tmp_path):
     ("dict(fp16=dict(initial_scale=2**16), hysteresis=2)", {"fp16": {"initial_scale": 65536}, "hysteresis": 2}),
     ("('model',)", ("model",)), ("[1, 2]", [1, 2]), ("None", None), ("1e-3", 1e-3),
     ("runs/x", "runs/x"), ("tok.json", "tok.json"), ("1F1B", "1F1B"),  # not literals: the plain string
+    ("10-20", "10-20"), ("10-20,30-40", "10-20,30-40"), ("2024-12-16", "2024-12-16"), ("1/0", "1/0"),
     ("__import__('os').getcwd()", "__import__('os').getcwd()"), ("dict(**x)", "dict(**x)"),  # parsed, never run
 ])
 def test_command_line_values_are_literals_dict_calls_included_and_never_run(text, value):
@@ -212,7 +213,8 @@ def test_cli_bad_parallel_layout_exits_2_with_one_line(tmp_path, override, line)
 
 
 @pytest.mark.parametrize("data, message", [
-    (dict(type="builtin", train_folder="/x"), "'data.train_folder' ('/x') is not used with 'data.type' 'builtin'"),
+    # issue 24: a train_folder over 'builtin' is the user's own data, read as what it holds, or one line on what to do
+    (dict(type="builtin", train_folder="/x"), "'data.train_folder' '/x' holds neither tokenized data"),
     (dict(type="builtin", valid_folder="/v"), "'data.valid_folder' ('/v') is not used with 'data.type' 'builtin'"),
     (dict(type="dummy", train_folder="/x"), "'data.train_folder' ('/x') is not used with 'data.type' 'dummy'"),
     (dict(type="dummy", tokenizer_path="byte"), "'data.tokenizer_path' ('byte') is not used with 'data.type' 'dummy'"),
@@ -240,9 +242,12 @@ def test_cli_conflicting_data_keys_exit_2_naming_both(tmp_path):
     result = run_script("scripts/train.py", "--config", "configs/tiny.py", f"data.train_folder={tmp_path}/nowhere",
                         f"monitor.run_folder={tmp_path}/run")
     assert result.returncode == 2
+    # issue 24: over configs/tiny.py's 'builtin', a folder of no data says how to tokenize and what to add
     assert result.stderr.strip().splitlines() == [
-        f"evo: error: 'data.train_folder' ('{tmp_path}/nowhere') is not used with 'data.type' 'builtin': remove one "
-        "of them"]
+        f"evo: error: 'data.train_folder' '{tmp_path}/nowhere' holds neither tokenized data (.bin files, from "
+        "scripts/tokenize.py) nor .jsonl text, and 'data.type' is 'builtin' (the Python standard library): tokenize "
+        f"your text (python scripts/tokenize.py --input TEXT --output {tmp_path}/nowhere --tokenizer byte) and add "
+        "data.type=tokenized"]
     assert not (tmp_path / "run").exists()
 
 
@@ -299,3 +304,10 @@ def test_your_own_folder_over_the_builtin_corpus_is_read_as_what_it_holds(tmp_pa
             cfg = config_from_dict(small_sections(data=dict(type="builtin", tokenizer_path="byte",
                                                             train_folder=str(folder))))
         assert cfg.data.type == kind
+
+
+def test_internevo_sample_config_keys_pass(recwarn):
+    """InternEvo's configs/7B_internlm2.py: ckpt.universal_ckpt, and pipeline mode written "1f1b"."""
+    cfg = config_from_dict(small_sections(ckpt=dict(universal_ckpt=dict(enable=False, aysnc_save=True)),
+                                          parallel=dict(pipeline=dict(size=1, mode="1f1b"))))
+    assert cfg.parallel.pipeline.mode == "1F1B" and not recwarn.list

@@ -33,7 +33,7 @@ def test_a_dry_run_reports_the_run_and_writes_nothing(tmp_path):
 
 def test_a_dry_run_checks_the_layout_against_the_launchers_world(tmp_path):
     result = run_script("scripts/train.py", "--config", "configs/tiny.py", "--dry-run", "parallel.tensor.size=4",
-                        env={"WORLD_SIZE": "2"})
+                        env={"WORLD_SIZE": "2", "RANK": "0"})
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("evo: error: 'parallel.tensor.size' (4) x 'parallel.pipeline.size' (1) must divide the "

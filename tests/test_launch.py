@@ -103,7 +103,10 @@ def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
     result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                         "scripts/train.py", "--config", "configs/tiny.py", f"data.train_folder={tmp_path}",
                         f"monitor.run_folder={tmp_path / 'run'}", env={"OMP_NUM_THREADS": "1"})
-    line = f"evo: error: 'data.train_folder' ('{tmp_path}') is not used with 'data.type' 'builtin': remove one of them"
+    line = (f"evo: error: 'data.train_folder' '{tmp_path}' holds neither tokenized data (.bin files, from "
+            "scripts/tokenize.py) nor .jsonl text, and 'data.type' is 'builtin' (the Python standard library): "
+            f"tokenize your text (python scripts/tokenize.py --input TEXT --output {tmp_path} --tokenizer byte) and "
+            "add data.type=tokenized")  # issue 24's one line for a folder of no data over the built-in corpus
     lines = result.stderr.splitlines()
     assert result.returncode != 0 and lines[0] == line
     # once from rank 0, then in torchrun's report: the root cause, and rank 1's failure when it exited before

@@ -182,7 +182,7 @@ def _validate_parallel(cfg: Config, world_size: int | None = None) -> None:
         require(size >= 1, f"'parallel.{name}.size' must be >= 1, got {size}")
     p.tensor.mode = p.tensor.mode or ("msp" if p.sequence_parallel else "mtp")  # InternEvo's older configs: the switch
     check_choice(p.tensor.mode, TENSOR_MODES, "parallel.tensor.mode")
-    p.pipeline.mode = p.pipeline.mode or "1F1B"
+    p.pipeline.mode = (p.pipeline.mode or "1F1B").upper()  # InternEvo's configs write "1f1b" too
     if world_size is not None:
         pp, tp = p.pipeline.size, p.tensor.size
         zero = zero_size(p.zero1.size, max(1, world_size // (pp * tp)), p.tensor.mode)

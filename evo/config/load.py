@@ -39,7 +39,7 @@ _ACCEPTED_NO_EFFECT = {
     "hybrid_zero_optimizer": {"overlap_sync_grad", "overlap_sync_param", "reduce_bucket_size",
                               "zero_overlap_communication", "cpu_offload"},
     "ckpt": {"async_upload_tmp_folder", "oss_snapshot_freq",
-             "snapshot_ckpt_folder", "load_optimizer"},
+             "snapshot_ckpt_folder", "load_optimizer", "universal_ckpt"},
     "monitor": {"alert"},
 }
 # InternEvo keys of settings a reader could expect to work, accepted with a warning that names them: evo has no
@@ -56,17 +56,18 @@ def parse_value(text: str) -> Any:
     parsed, never run), else the plain string."""
     try:
         return _literal(ast.parse(text.strip(), mode="eval").body)
-    except (ValueError, SyntaxError, TypeError, OverflowError, RecursionError):
+    except (ValueError, SyntaxError, TypeError, ArithmeticError, RecursionError):
         return text
 
 
-_ARITHMETIC = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-               ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a ** b}
+# no + or -: "10-20" (data.skip_batches) and "2024-12-16" stay the strings they are
+_ARITHMETIC = {ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a ** b}
 
 
 def _literal(node: ast.AST) -> Any:
-    """What ``ast.literal_eval`` reads, plus ``dict(key=literal, ...)``, ``list(...)``/``tuple(...)`` of one literal
-    and number arithmetic (``2**16``, ``8/3``): the forms config files use. Anything else is a ValueError."""
+    """What ``ast.literal_eval`` reads (but complex numbers), plus ``dict(key=literal, ...)``, ``list(...)``/``tuple(...)``
+    of one literal, and ``*``, ``/`` and ``**`` of numbers (``2**16``, ``8/3``): the forms config files use. Anything
+    else is a ValueError."""
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
@@ -182,8 +183,10 @@ def config_from_dict(raw: dict, world_size: int | None = None) -> Config:
             kwargs[name] = _check_type(value, Optional[str], name)
         elif name == "model_type":
             kwargs[name] = check_choice(_check_type(value, str, name), MODEL_TYPES, name)
-        elif name == "extra":  # the config's own keys: carried, never checked
+        elif name == "extra":  # the config's own keys: carried, never checked (but saved: string keys)
             kwargs[name] = _check_type(value, dict, name)
+            if not all(isinstance(key, str) for key in value):
+                raise ConfigError(f"'extra' keys must be strings (config.json saves them), got {list(value)!r}")
         elif name.isupper() or name in _TOP_LEVEL_NO_EFFECT:
             continue  # constants such as SEQ_LEN, and InternEvo switches evo has no use for
         else:

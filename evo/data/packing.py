@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from evo.errors import DataError
+
 IGNORE_INDEX = -100
 
 Batch = tuple[dict, torch.Tensor]  # ({input_ids, cu_seqlens, indexes, type_ids}, labels): what collate makes
@@ -94,6 +96,9 @@ def split_documents(corpus, fraction: float, seed: int) -> tuple[DocumentSubset,
     """(training, held out): ``fraction`` of the corpus's documents (at least one, and at least one left to train
     on) held out whole, chosen by ``seed`` alone, so every rank and every resume holds out the same ones."""
     num_docs = len(corpus.offsets) - 1
+    if num_docs < 2:
+        raise DataError(f"data.valid_split={fraction} holds out whole documents, and the training data has "
+                        f"{num_docs}: give more documents, or data.valid_folder")
     held = min(max(1, round(fraction * num_docs)), num_docs - 1)
     chosen = np.random.default_rng([seed, 0x7661_6C69]).choice(num_docs, size=held, replace=False)
     mask = np.zeros(num_docs, dtype=bool)

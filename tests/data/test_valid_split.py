@@ -86,3 +86,11 @@ def test_without_validation_data_the_start_says_no_evaluation_will_run(tmp_path)
     assert result.returncode == 0, result.stderr
     assert "no validation data (data.valid_folder, or data.valid_split of the training data): no evaluation will " \
            "run" in result.stderr
+
+
+def test_a_split_of_fewer_than_two_documents_is_one_line():
+    from evo.errors import DataError
+
+    cfg = config_from_dict(small_sections(data=dict(num_dummy_samples=1, valid_split=0.5))).data
+    with pytest.raises(DataError, match=r"^data.valid_split=0.5 holds out whole documents, and the training data has 1"):
+        build_train_loader(cfg, ParallelContext(), 300)

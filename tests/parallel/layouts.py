@@ -56,7 +56,8 @@ def train(rank: int, world_size: int, sections: dict, seed: int = 1024) -> dict:
                                 initialize_distributed_env, initialize_model_and_parallel_communicator)
     from evo.trainer import TrainerBuilder
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    if world_size > 1:  # torchrun's variables, in this worker only (one process runs in pytest's own)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     state = initialize_distributed_env(config=sections, launcher="torch" if world_size > 1 else "local", seed=seed)
     before = read_records(state.run_folder / "metrics.jsonl")  # what a resumed run must keep
     model = initialize_model_and_parallel_communicator()
