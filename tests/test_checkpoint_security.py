@@ -56,6 +56,21 @@ def checkpoint_with(tmp_path: Path, case: str, marker: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["train_state", "metadata", "bytes"])
+def test_a_checkpoint_that_would_run_code_is_refused_in_process(tmp_path, case):
+    """evo.load_model and evo.convert.to_hf in this process (make test); the command lines below (slow)."""
+    from evo import load_model
+    from evo.convert import to_hf
+
+    marker = tmp_path / "marker"
+    folder = checkpoint_with(tmp_path, case, marker)
+    for call in (lambda: load_model(folder), lambda: to_hf(folder.parent, tmp_path / "hf")):
+        with pytest.raises(CheckpointError, match="refused"):
+            call()
+    assert not marker.exists() and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow  # three command lines per case (about 6 s); the in-process test above runs in make test
+@pytest.mark.parametrize("case", ["train_state", "metadata", "bytes"])
 def test_a_checkpoint_that_would_run_code_is_refused_everywhere_and_nothing_runs(tmp_path, case):
     from evo import load_model
 

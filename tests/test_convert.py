@@ -236,6 +236,7 @@ def test_generate_script_samples_from_a_hugging_face_folder(tmp_path):
     assert result.stdout.strip() == "def evo" + tok.decode(ids[0, len(prompt):].tolist())
 
 
+@pytest.mark.slow  # over 5 s (make test stays under 10 minutes; .ci/run runs it after)
 def test_exported_files_take_the_umasks_mode(tmp_path):
     """Issue 24: safetensors writes its files 0600; every file of a to-hf folder gets 0666 less the umask, as any
     file the process opens (run under umask 022 and 027)."""
@@ -251,6 +252,7 @@ def test_exported_files_take_the_umasks_mode(tmp_path):
         assert len(modes) > 4 and set(modes.values()) == {0o666 & ~umask}, modes
 
 
+@pytest.mark.slow  # over 5 s (make test stays under 10 minutes; .ci/run runs it after)
 def test_a_byte_tokenizer_run_exports_a_tokenizer_transformers_loads_and_decodes(tmp_path):
     """Issue 24: a run on evo's byte tokenizer (configs/tiny.py's) writes tokenizer.json with to-hf: the same ids
     as evo's (each UTF-8 byte its value, <s> 256, </s> 257), and decoding gives the text back."""

@@ -4,6 +4,8 @@ and nothing written."""
 
 import re
 
+import pytest
+
 from tests.helpers import ROOT, run_script
 
 
@@ -31,6 +33,7 @@ def test_a_dry_run_reports_the_run_and_writes_nothing(tmp_path):
     assert "validation 'python': 8 batches of 4 rows" in out
 
 
+@pytest.mark.slow  # over 5 s (make test stays under 10 minutes; .ci/run runs it after)
 def test_a_dry_run_checks_the_layout_against_the_launchers_world(tmp_path):
     result = run_script("scripts/train.py", "--config", "configs/tiny.py", "--dry-run", "parallel.tensor.size=4",
                         env={"WORLD_SIZE": "2", "RANK": "0"})

@@ -118,6 +118,7 @@ def test_plain_step_lines_carry_the_elapsed_time_and_an_eta(tmp_path):
     assert lines[0].endswith("elapsed=12s eta=1h59m48s") and lines[1].endswith("elapsed=1h00m00s eta=2h00m00s")
 
 
+@pytest.mark.slow  # over 5 s (make test stays under 10 minutes; .ci/run runs it after)
 def test_curves_are_drawn_at_each_evaluation_and_at_the_end_and_several_runs_compare(tmp_path):
     """Issue 24: curves.png in the run folder (matplotlib), and scripts/plot.py for several runs."""
     from tests.helpers import run_script

@@ -7,6 +7,8 @@ import re
 import shlex
 import sys
 
+import pytest
+
 from tests.helpers import ROOT, run_script
 
 SMALL = {"train.py": ["data.total_steps=3", "data.valid_every=2", "model.num_layers=1", "data.seq_len=64",
@@ -20,6 +22,7 @@ def runnable_blocks(text: str) -> list[list[str]]:
     return [[line for line in block.splitlines() if line.strip()] for block in blocks]
 
 
+@pytest.mark.slow  # over 5 s (make test stays under 10 minutes; .ci/run runs it after)
 def test_the_own_data_recipe_runs_as_written(tmp_path):
     (blocks,) = [b for b in runnable_blocks((ROOT / "README.md").read_text()) if "data/mine" in " ".join(b)]
     for name in ("scripts", "configs", "evo"):  # the commands are written from the repository's root

@@ -193,6 +193,7 @@ def test_a_newcomer_reruns_the_same_command_and_then_changes_the_config(tmp_path
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "train.log"} == before
 
 
+@pytest.mark.slow  # over 5 s (make test stays under 10 minutes; .ci/run runs it after)
 def test_train_log_says_where_each_invocation_begins_and_how_it_ended(tmp_path):
     """Issue 24: a header (time, command, commit) and an end line (finished, the evo: error: line, a signal's
     stop, or an exception's last line) for every invocation that got as far as its run folder."""

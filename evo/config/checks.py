@@ -9,8 +9,8 @@ import math
 import warnings
 from pathlib import Path
 
-from evo.config.layout import (TENSOR_MODE, TENSOR_MODES, check_pipeline, check_tensor_parallel, layout_error,
-                               zero_size)
+from evo.config.layout import (PIPELINE_MODES, TENSOR_MODE, TENSOR_MODES, check_pipeline, check_tensor_parallel,
+                               layout_error, zero_size)
 from evo.config.sections import CKPT_CONTENTS, DTYPES, Config, DataConfig, ModelConfig
 from evo.errors import ConfigError
 
@@ -182,7 +182,8 @@ def _validate_parallel(cfg: Config, world_size: int | None = None) -> None:
         require(size >= 1, f"'parallel.{name}.size' must be >= 1, got {size}")
     p.tensor.mode = p.tensor.mode or ("msp" if p.sequence_parallel else "mtp")  # InternEvo's older configs: the switch
     check_choice(p.tensor.mode, TENSOR_MODES, "parallel.tensor.mode")
-    p.pipeline.mode = (p.pipeline.mode or "1F1B").upper()  # InternEvo's configs write "1f1b" too
+    mode = p.pipeline.mode or "1F1B"
+    p.pipeline.mode = mode.upper() if mode.upper() in PIPELINE_MODES else mode  # InternEvo's configs write "1f1b"
     if world_size is not None:
         pp, tp = p.pipeline.size, p.tensor.size
         zero = zero_size(p.zero1.size, max(1, world_size // (pp * tp)), p.tensor.mode)

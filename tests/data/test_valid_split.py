@@ -67,6 +67,7 @@ def test_a_split_that_cannot_be_made_is_one_line(data, message):
         config_from_dict(small_sections(data=data, model=dict(vocab_size=258)))
 
 
+@pytest.mark.slow  # over 5 s (make test stays under 10 minutes; .ci/run runs it after)
 def test_a_run_with_a_split_reports_its_validation_loss(folder, tmp_path):
     config = write_config(tmp_path / "c.py", small_sections(
         data=dict(type="tokenized", train_folder=str(folder), seq_len=16, micro_bsz=1, micro_num=1, total_steps=2,
