@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from evo.config.layout import (PIPELINE_MODES, TENSOR_MODE, TENSOR_MODES, check_pipeline, check_tensor_parallel,
-                               layout_error, zero_size)
+                               data_and_zero_sizes)
 from evo.config.sections import CKPT_CONTENTS, DTYPES, Config, DataConfig, ModelConfig
 from evo.errors import ConfigError
 
@@ -185,10 +185,7 @@ def _validate_parallel(cfg: Config, world_size: int | None = None) -> None:
     mode = p.pipeline.mode or "1F1B"
     p.pipeline.mode = mode.upper() if mode.upper() in PIPELINE_MODES else mode  # InternEvo's configs write "1f1b"
     if world_size is not None:
-        pp, tp = p.pipeline.size, p.tensor.size
-        zero = zero_size(p.zero1.size, max(1, world_size // (pp * tp)), p.tensor.mode)
-        problem = layout_error(world_size, pp, None, tp, zero, p.weight.size)
-        require(problem is None, str(problem))
+        data_and_zero_sizes(p, world_size)  # the layout against the launcher's world, before the model's sizes
     problem = check_pipeline(m, p.pipeline.size, p.pipeline.mode, cfg.data.micro_num)
     require(problem is None, str(problem))
     mode = TENSOR_MODE[p.tensor.mode]

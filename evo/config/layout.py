@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from evo.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class TensorMode:
@@ -69,6 +71,20 @@ def zero_size(zero1: int, dp: int, tp_mode: str = "mtp") -> int:
     if TENSOR_MODE[tp_mode].weight_parallel:
         return 1
     return dp if zero1 <= 0 else zero1
+
+
+def data_and_zero_sizes(parallel, world_size: int) -> tuple[int, int]:
+    """(data-parallel size, zero group size) of the ``parallel`` section over ``world_size`` ranks: what is left
+    after tensor x pipeline, and InternEvo's zero1 within it; a ``ConfigError`` naming the keys when the layout
+    does not fit the world (``layout_error``). The one place these sizes are worked out (validation with the
+    launcher's world, ``ParallelContext.plan``)."""
+    pp, tp, tp_mode = parallel.pipeline.size, parallel.tensor.size, parallel.tensor.mode or "mtp"
+    dp = max(1, world_size // (pp * tp))
+    zero = zero_size(parallel.zero1.size, dp, tp_mode)
+    problem = layout_error(world_size, pp, None, tp, zero, parallel.weight.size)
+    if problem:
+        raise ConfigError(problem)
+    return dp, zero
 
 
 def layout_error(world_size: int, pp: int, dp: int | None, tp: int, zero: int, weight: int = 1) -> str | None:

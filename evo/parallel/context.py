@@ -25,7 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from evo.config import TENSOR_MODE, ConfigError, ParallelConfig, ParallelDim, TensorMode, layout_error, zero_size
+from evo.config import TENSOR_MODE, ConfigError, ParallelConfig, ParallelDim, TensorMode, data_and_zero_sizes
 
 
 @dataclass
@@ -52,7 +52,8 @@ class ParallelContext:
         """This rank's context for the layout ``parallel`` (a validated ``parallel`` section) over ``world_size``
         processes. The layout is checked first (``evo.config.layout.layout_error``: a ``ConfigError`` naming the
         keys, the same on every rank, before any collective) and the data, zero and weight sizes are worked out
-        here, once; then the device is chosen (``select_device``, unless given), and, with more than one process, the process group is started (``start_process_group``)
+        here, once (``evo.config.data_and_zero_sizes``); then the device is chosen (``select_device``, unless given),
+        and, with more than one process, the process group is started (``start_process_group``)
         and the one mesh that every group comes from is built (a collective: every rank calls this). Under isp
         (tp the sequence group) ZeRO is the weight group's (zero1 is not used) and the weight mesh regroups each
         stage's (dp, tp) ranks into contiguous weight groups of ``parallel.weight.size`` ranks."""
@@ -70,11 +71,7 @@ class ParallelContext:
         sizes worked out and checked (``ConfigError`` when they do not fit the world)."""
         pp, tp, weight = parallel.pipeline.size, parallel.tensor.size, parallel.weight.size
         tp_mode, pp_mode = parallel.tensor.mode or "mtp", parallel.pipeline.mode or "1F1B"
-        dp = max(1, world_size // (pp * tp))
-        zero = zero_size(parallel.zero1.size, dp, tp_mode)
-        problem = layout_error(world_size, pp, None, tp, zero, weight)
-        if problem:
-            raise ConfigError(problem)
+        dp, zero = data_and_zero_sizes(parallel, world_size)  # a ConfigError when the layout does not fit
         return cls(world_size=world_size, rank=rank, local_rank=local_rank, pp_size=pp, dp_size=dp, tp_size=tp,
                    zero_size=zero, tp_mode=tp_mode, weight_size=weight, pp_mode=pp_mode)
 
@@ -152,7 +149,8 @@ class ParallelContext:
         "zero" when there is one zero group."""
         if self.mesh is None:
             return None
-        if self.tensor_mode.weight_parallel:  # every rank of a stage sees its own tokens: shard over wp, replicate over wdp
+        if self.tensor_mode.weight_parallel:  # each rank of a stage sees its own tokens: shard over wp, replicate
+            # over wdp
             return self.weight_mesh
         return self.mesh["zero"] if self.dp_size == self.zero_size else self.mesh["dp_replicate", "zero"]
 
