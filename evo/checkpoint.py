@@ -294,6 +294,14 @@ def load_checkpoint(path: str | Path, tensors: dict) -> dict:
     return state
 
 
+def require_tensor(path: Path, key: str, meta) -> None:
+    """Refuse entry ``key`` of checkpoint ``path`` unless DCP stored it as a tensor: bytes are unpickled by DCP with
+    ``weights_only=False``, which would run what they say."""
+    if not isinstance(meta, TensorStorageMetadata):
+        raise UnsafeCheckpointError(f"checkpoint '{path}' holds '{key}' as bytes, not a tensor: refused (reading "
+                                    "it could run code); nothing from it has run")
+
+
 def _check_fits(path: Path, tensors: dict, stored: dict) -> None:
     """Every tensor asked for is in the checkpoint, in the same (global) shape; else one line naming the first."""
     def walk(prefix: str, value):
@@ -307,9 +315,7 @@ def _check_fits(path: Path, tensors: dict, stored: dict) -> None:
         meta = stored.get(key)
         if meta is None:
             raise CheckpointError(f"checkpoint '{path}' does not fit this model/optimizer: it has no '{key}'")
-        if not isinstance(meta, TensorStorageMetadata):  # DCP would unpickle its bytes, running what they say
-            raise UnsafeCheckpointError(f"checkpoint '{path}' holds '{key}' as bytes, not a tensor: refused (reading "
-                                        "it could run code); nothing from it has run")
+        require_tensor(path, key, meta)
         size = getattr(meta, "size", None)
         if size is not None and tuple(size) != tuple(tensor.shape):
             raise CheckpointError(f"checkpoint '{path}' does not fit this model/optimizer: '{key}' is "

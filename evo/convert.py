@@ -24,9 +24,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-from evo.checkpoint import SafeReader, UnsafeCheckpointError, replace_folder
+from evo.checkpoint import SafeReader, replace_folder, require_tensor
 from evo.errors import CheckpointError, ConfigError
 from evo.model.hf import (INTERNLM2, hf_config_from_model, hf_family, hf_name, internlm2_config_from_model,
                           internlm2_name, interleaved_to_halves, pack_wqkv)
@@ -103,9 +101,7 @@ def _checkpoint_tensors(path: Path, cfg):
         names = [n for n in names if n != "output.weight"]
     for name in sorted(names, key=_hf_order):
         meta = stored[f"model.{name}"]
-        if not isinstance(meta, TensorStorageMetadata):  # DCP would unpickle its bytes
-            raise UnsafeCheckpointError(f"checkpoint '{path}' holds 'model.{name}' as bytes, not a tensor: refused "
-                                        "(reading it could run code); nothing from it has run")
+        require_tensor(path, f"model.{name}", meta)
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
