@@ -43,6 +43,19 @@ def saving(folder):
     return ckpts.is_dir() and any(p.name.startswith(".tmp-") for p in ckpts.iterdir())
 
 
+def catch_a_save(run, folder, rng, deadline, tries=4):
+    """Wait for a checkpoint folder being written, pause (not at all, or up to 20 ms) and say whether the write is
+    still going on, the moment to kill. A save that ends within its pause is passed over for the next one, up to
+    ``tries`` saves: a small background save can take less than 20 ms."""
+    for _ in range(tries):
+        while not saving(folder) and run.poll() is None and time.time() < deadline:
+            time.sleep(0.001)
+        time.sleep(rng.choice([0.0, 0.0, rng.uniform(0.0, 0.02)]))
+        if saving(folder):
+            return True
+    return False
+
+
 def final_state(folder):
     """Every record's (step, loss, grad_norm) from metrics.jsonl, in order, and the final checkpoint's tensors."""
     import torch.distributed.checkpoint as dcp
@@ -77,11 +90,8 @@ def test_twenty_kills_at_random_moments_change_nothing(tmp_path):
         if kind == "anywhere":
             time.sleep(rng.uniform(0.0, 1.0))
             caught = True
-        else:  # wait for a checkpoint folder being written, then kill at once or a moment later
-            while not saving(folder) and run.poll() is None and time.time() < deadline:
-                time.sleep(0.001)
-            time.sleep(rng.choice([0.0, 0.0, rng.uniform(0.0, 0.02)]))
-            caught = saving(folder)
+        else:
+            caught = catch_a_save(run, folder, rng, deadline)
         assert run.poll() is None, f"the run ended before its kill ({kind}): {run.stderr.read()[-2000:]}"
         run.kill()
         _, err = run.communicate()
