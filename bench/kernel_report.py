@@ -47,6 +47,7 @@ if __name__ == "__main__":  # Python put bench/ first on the path: the repositor
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
 BATCH, SEQLEN, HEADS = 4, 4096, 32  # the attention shape: batch x tokens, query heads (= kv heads)
+MOE_SHAPE = (16384, 8, 128, 2048, 768)  # tokens, top_k, experts, hidden, expert intermediate (Qwen3-30B-A3B)
 
 
 # ---- recording launches --------------------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def other_launches(dtype) -> list[dict]:
     """The other kernels, each launched once at a training shape."""
     import torch
 
-    from evo.kernels import activation, loss, rmsnorm, rotary  # noqa: F401  (their launch functions register)
+    from evo.kernels import activation, loss, moe, rmsnorm, rotary  # noqa: F401  (their launch functions register)
     from evo.kernels.triton_utils import OPAQUE_OPS
 
     rows, hidden, inter, vocab = 16384, 4096, 14336, 128256
@@ -161,8 +162,27 @@ def other_launches(dtype) -> list[dict]:
         OPAQUE_OPS["rotary"].fn(xr, cos, cos, False, False, None, 0, None, None)
         OPAQUE_OPS["ce_stats"].fn(logits, labels, 0, 1.0)
         OPAQUE_OPS["ce_grad"].fn(logits, labels, lse4k, lse4k, 0, vocab, 0.0, 0.0, 1.0, dtype)
+        moe_launches(dtype)
     return [dict(fields={}, fn=fn, args=args, kwargs=kwargs, candidates=candidates)
             for fn, args, kwargs, candidates in launches]
+
+
+def moe_launches(dtype) -> None:
+    """The MoE kernels at the Qwen3-30B-A3B shape (MOE_SHAPE: 16k tokens, top-8 of 128 experts, hidden 2048, expert
+    intermediate 768): the routing, and the experts' grouped GEMMs forward (gate/up: N = 2 x 768), dA and dB."""
+    import torch
+
+    from evo.kernels.triton_utils import OPAQUE_OPS
+
+    tokens, top_k, experts, hidden, inter = MOE_SHAPE
+    rows = tokens * top_k
+    x, h = _meta(rows, hidden, dtype=dtype), _meta(rows, 2 * inter, dtype=dtype)
+    w = _meta(experts, 2 * inter, hidden, dtype=dtype).transpose(1, 2)  # a Linear-style weight, as the model has it
+    offs = _meta(experts, dtype=torch.int32)
+    OPAQUE_OPS["moe_routing"].fn(_meta(tokens, top_k, dtype=torch.int64), experts)
+    OPAQUE_OPS["grouped_mm_fwd"].fn(x, w, offs)
+    OPAQUE_OPS["grouped_mm_fwd"].fn(h, w.transpose(1, 2), offs)
+    OPAQUE_OPS["grouped_mm_db"].fn(x, h, offs, experts)
 
 
 def kernel_name(fn_name: str, fields: dict) -> str:
@@ -201,7 +221,8 @@ def jobs_for(head_dim: int, dtype_name: str, arch: int, default_only: bool) -> l
                                       and fields.get("path") == ("tma" if attention.TMA_DEFAULT else "copy"))
                 row["tuned"] = candidates is not None
             else:
-                row["config"] = {"num_warps": full.get("num_warps", 4), "num_stages": full.get("num_stages", 3)}
+                tiles = {k: full[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in full and "gmm" in row["kernel"]}
+                row["config"] = {**tiles, "num_warps": full.get("num_warps", 4), "num_stages": full.get("num_stages", 3)}
                 row["default"] = False
             jobs.append({"row": row, "spec": specialize(fn, launch["args"], full, arch)})
     return _once(jobs)

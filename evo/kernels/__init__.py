@@ -36,6 +36,8 @@ _TRITON: dict[str, str] = {  # op name -> the module (in evo/kernels/) holding i
     "flash_attn_func": "attention",
     "flash_attn_varlen_func": "attention",
     "flash_attn_with_kvcache": "attention",
+    "moe_routing": "moe",
+    "grouped_mm": "moe",
 }
 # Module files never share a public function's name: importing evo.kernels.swiglu would replace the
 # function evo.kernels.swiglu with the module. Hence activation.py (swiglu) and loss.py (cross-entropy).
@@ -74,6 +76,8 @@ def _triton_module(name: str):
         from evo.kernels import loss as module
     elif name == "attention":
         from evo.kernels import attention as module
+    elif name == "moe":
+        from evo.kernels import moe as module
     else:
         raise KeyError(f"no import statement for evo.kernels.{name}: add one here with its _TRITON entry")
     return module
@@ -236,3 +240,33 @@ __all__ = ["backend", "use_backend", "rms_norm", "fused_add_rms_norm", "apply_ro
            "fused_linear_cross_entropy", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func",
            "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
            "flash_attn_with_kvcache"]
+
+
+def moe_routing(expert_ids: torch.Tensor, num_experts: int):
+    """The routing metadata of a mixture of experts: ``expert_ids`` (T, k) integers in [0, num_experts), each
+    token's k choices. Returns (counts, offs, slots, order) for the T*k assignments flattened row-major, put in
+    expert order stably: counts (E,) and offs (E,) int32 (inclusive ends, ``grouped_mm``'s offsets), slots (T*k,)
+    int64 (the sorted row of each assignment) and order (T*k,) int64 (the assignment at each sorted row: token
+    ``order // k``). Ids outside [0, num_experts) raise a ValueError on the reference path, and on the Triton path
+    with EVO_DEBUG=1 (a host sync). See evo/kernels/moe.py."""
+    if expert_ids.dtype.is_floating_point or expert_ids.dtype == torch.bool:
+        raise ValueError(f"moe_routing needs integer expert ids, got {expert_ids.dtype}")
+    if os.environ.get("EVO_DEBUG") == "1":
+        reference.check_expert_ids(expert_ids, num_experts)
+    return _impl("moe_routing", expert_ids)(expert_ids, num_experts)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(a, b, offs=offs) for a 2-D ``a`` and a 3-D ``b``: a (M, K) with its rows sorted by group,
+    b (G, K, N), offs (G,) int32 inclusive ends of the groups' rows. Returns (M, N): out[r] = a[r] @ b[g] for the
+    rows r of group g. Differentiable in a and b (an empty group's db is zero). offs must be non-decreasing and end
+    at M (checked: a host sync; torch leaves later rows uninitialised); ``grouped_mm_unchecked`` takes offsets as
+    ``moe_routing`` returns them, without the check."""
+    reference.check_grouped_mm(a, b, offs, values=True)
+    return _impl("grouped_mm", a)(a, b, offs)
+
+
+def grouped_mm_unchecked(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``grouped_mm`` with the shapes and dtypes checked but not the values of ``offs`` (no host sync)."""
+    reference.check_grouped_mm(a, b, offs, values=False)
+    return _impl("grouped_mm", a)(a, b, offs)

@@ -132,6 +132,54 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (F.silu(_acc(gate)) * _acc(up)).to(gate.dtype)
 
 
+# ------------------------------------------------------------------------------------ mixture of experts
+def moe_routing(expert_ids: torch.Tensor, num_experts: int):
+    """(counts, offs, slots, order) of the (T, k) expert choices, flattened: counts and inclusive ends per expert
+    (int32), the sorted row of each assignment and the assignment of each sorted row (int64); the order is a
+    stable sort by expert (evo/kernels/moe.py's docstring)."""
+    check_expert_ids(expert_ids, num_experts)
+    ids = expert_ids.reshape(-1)
+    counts = torch.stack([(ids == e).sum() for e in range(num_experts)]).to(torch.int32) if num_experts else \
+        torch.zeros(0, dtype=torch.int32, device=ids.device)
+    order = torch.sort(ids, stable=True).indices
+    slots = torch.empty_like(order)
+    slots[order] = torch.arange(ids.numel(), device=ids.device)
+    return counts, counts.cumsum(0).to(torch.int32), slots, order
+
+
+def check_expert_ids(expert_ids: torch.Tensor, num_experts: int) -> None:
+    """Raise ValueError naming the first expert id outside [0, num_experts) (a host sync)."""
+    ids = expert_ids.reshape(-1)
+    bad = (ids < 0) | (ids >= num_experts)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"moe_routing: expert id {int(ids[i])} (assignment {i}) is outside [0, {num_experts})")
+
+
+def check_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, values: bool) -> None:
+    """grouped_mm's argument rules (Triton's and this file's alike); ``values``: also offs's values (a host sync)."""
+    if a.dim() != 2 or b.dim() != 3 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"grouped_mm needs a (M, K) and b (G, K, N), got a {tuple(a.shape)} and b {tuple(b.shape)}")
+    if a.dtype != b.dtype or not a.dtype.is_floating_point:
+        raise ValueError(f"grouped_mm needs a and b of one floating dtype, got {a.dtype} and {b.dtype}")
+    if offs.dtype != torch.int32 or offs.shape != (b.shape[0],):
+        raise ValueError(f"grouped_mm needs offs of dtype int32 and shape ({b.shape[0]},) (one end per group of b), "
+                         f"got {offs.dtype} {tuple(offs.shape)}")
+    if values:
+        ends = offs.tolist()
+        if any(e < s for s, e in zip([0, *ends], ends)) or (ends[-1] if ends else 0) != a.shape[0]:
+            raise ValueError(f"grouped_mm needs offs non-decreasing from 0 and ending at a's rows ({a.shape[0]}), got "
+                             f"{ends if len(ends) <= 8 else ends[:4] + ['...'] + ends[-2:]}")
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """out[r] = a[r] @ b[g] for the rows r of group g (offs: inclusive ends, int32), a loop over the groups."""
+    starts = [0, *offs.tolist()[:-1]]
+    pieces = [_acc(a[s:e]) @ _acc(b[g]) for g, (s, e) in enumerate(zip(starts, offs.tolist()))]
+    out = torch.cat(pieces) if pieces else _acc(a).new_zeros(0, b.shape[2])
+    return out.to(a.dtype)
+
+
 # ------------------------------------------------------------------------------------ cross-entropy
 def cross_entropy(logits, labels, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
                   process_group=None, *, logit_scale=1.0, return_z_loss=False, precomputed_lse=None):

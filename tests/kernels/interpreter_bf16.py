@@ -25,3 +25,14 @@ def interpreter_max_slack(kernel: torch.Tensor, exact: torch.Tensor) -> float:
     if kernel.dtype != torch.bfloat16 or not interpreting() or not kernel.numel():
         return 0.0
     return bf16_ulp(torch.maximum(kernel.double().abs().max(), exact.double().abs().max())).item()
+
+
+def round_as_interpreter(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` rounded to ``dtype`` as a kernel's store rounds it here: bf16 under the interpreter toward zero (the low
+    16 bits of the fp32 value dropped), everything else to nearest as PyTorch rounds. The same-dtype reference of a
+    kernel whose only error is its output's rounding: there the interpreter's rule doubles the mean error, which the
+    oracle's factor of 2 does not leave room for."""
+    if dtype != torch.bfloat16 or not interpreting():
+        return t.to(dtype)
+    bits = t.float().contiguous().view(torch.int32) & -65536
+    return bits.view(torch.float32).to(torch.bfloat16)  # exact: the dropped bits are zero

@@ -53,6 +53,11 @@ def _op_samples():
         "flash_attn_fwd": [(q, k, v, cu, cu, *attn)],
         "flash_attn_bwd": [(rand(12, 4, 16), q, k, v, out, lse, cu, cu, *attn)],
         # 2 batch rows of 3 queries against cache rows 2 and 0 (of 3): keys 1..6 and 0..3 (k and v offsets, counts)
+        "moe_routing": [(torch.tensor([2, 0, 2, 3, 0, 0], device=DEVICE), 5)],
+        "grouped_mm_fwd": [(rand(9, 8), rand(3, 8, 6), torch.tensor([2, 2, 9], dtype=torch.int32, device=DEVICE)),
+                           (rand(9, 8), rand(3, 6, 8).transpose(1, 2), torch.tensor([0, 4, 9], dtype=torch.int32,
+                                                                                    device=DEVICE))],
+        "grouped_mm_db": [(rand(9, 8), rand(9, 6), torch.tensor([2, 2, 9], dtype=torch.int32, device=DEVICE), 3)],
         "flash_attn_kvcache_fwd": [(rand(2, 3, 4, 16), rand(3, 8, 2, 16), rand(3, 8, 2, 16),
                                     torch.tensor([[2 * 256 + 32, 0], [2 * 256 + 32, 0], [6, 4]], device=DEVICE),
                                     0.25, 4, 0, 0.0)],
