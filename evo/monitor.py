@@ -271,9 +271,10 @@ def _duration(seconds: float) -> str:
 
 
 def _step_text(record: dict) -> str:
-    """The step line's fields: loss, lr, gradient norm, loss scale, tokens per second, TFLOP/s, per-type losses."""
-    formats = {"loss": "{:.4f}", "lr": "{:.3e}", "grad_norm": "{:.4g}", "loss_scale": "{:g}", "tgs": "{:.0f}",
-               "tflops": "{:.3g}"}
+    """The step line's fields: loss (and a MoE model's moe_loss), lr, gradient norm, loss scale, tokens per second,
+    TFLOP/s, per-type losses."""
+    formats = {"loss": "{:.4f}", "moe_loss": "{:.4g}", "lr": "{:.3e}", "grad_norm": "{:.4g}", "loss_scale": "{:g}",
+               "tgs": "{:.0f}", "tflops": "{:.3g}"}
     parts = [f"{key}={fmt.format(record[key])}" for key, fmt in formats.items() if key in record]
     parts += [f"{key}={value:.4f}" for key, value in record.items() if key.startswith("loss/")]
     if record.get("inf_nan_skip_batches"):

@@ -34,6 +34,7 @@ from evo.data.packing import IGNORE_INDEX
 from evo.errors import CheckpointError
 from evo.model.decoder import max_seqlen_of
 from evo.model.flops import seqlen_sq, step_flops, whole_model_sizes
+from evo.model.moe import moe_blocks, moe_layer_count, router_metrics, router_stats
 from evo.monitor import Monitor, logger, peak_tflops, step_profiler
 from evo.optim import DynamicLossScaler, LrSchedule, MixedPrecisionOptimizer
 from evo.parallel.context import ParallelContext
@@ -67,6 +68,7 @@ class Trainer:
         # for MFU: the config's peak, else the table's for this GPU; None (no MFU) where unknown, as on a CPU
         self._peak_tflops = cfg.monitor.peak_tflops or peak_tflops(ctx.device, cfg.model.dtype)
         self.schedule = build_schedule(model, ctx, cfg.data.micro_num)
+        self._moe_blocks = moe_blocks(model)  # this rank's (a pipeline rank holds its stages' layers)
 
     # ------------------------------------------------------------------ the documented loop
     def fit(self) -> dict:
@@ -157,15 +159,27 @@ class Trainer:
         loss_sums = torch.zeros(n_types, dtype=torch.float64, device=self.ctx.device)
         micros = [({k: (v[i] if isinstance(v, list) else v[i:i + 1]) for k, v in inputs.items()}, labels[i:i + 1])
                   for i in range(micro_num)]
+        self._set_aux_grad_scale(micro_num)
         losses = self.forward_backward_step(micros, denom)
         for (micro, _), token_loss in zip(micros, losses):
             ids = micro["type_ids"].reshape(-1).to(self.ctx.device).clamp(min=0)
             loss_sums.index_add_(0, ids, token_loss.double())
         # the losses are the last pipeline stage's (zeros elsewhere): summed over pipeline ranks, then data ranks
         loss_sums = self.ctx.all_reduce_dp(self.ctx.all_reduce_pp(loss_sums)).cpu()
+        router = router_stats(self._moe_blocks, self.model.cfg.num_layers)
+        if moe_layer_count(self.model.cfg):
+            router = self.ctx.all_reduce_dp(self.ctx.all_reduce_pp(router.to(self.ctx.device))).cpu()
         return {"loss_sums": loss_sums, "label_count": counts[0].item(), "type_labels": counts[3:3 + n_types],
                 "type_tokens": counts[3 + n_types:], "tokens": counts[1].item(), "local_tokens": local_tokens,
-                "local_seqlen_sq": local_seqlen_sq}
+                "local_seqlen_sq": local_seqlen_sq, "router": router, "forwards": micro_num * self.ctx.dp_size}
+
+    def _set_aux_grad_scale(self, micro_num: int) -> None:
+        """Each MoE block's gradient for its aux loss this step: the objective adds moe_loss_coeff x the mean aux
+        loss over the MoE layers and the step's micro-batches on every data rank, scaled as the main loss is."""
+        layers = moe_layer_count(self.model.cfg)
+        for block in self._moe_blocks:
+            block.aux_grad_scale = self.scaler.scale * self.cfg.loss.moe_loss_coeff / (
+                layers * micro_num * self.ctx.dp_size)
 
     def forward_backward_step(self, micro_batches: list[tuple[dict, torch.Tensor]],
                               denom: float) -> list[torch.Tensor]:
@@ -259,6 +273,8 @@ class Trainer:
             if n:  # a type with no labelled tokens in this step has no loss (the key is left out)
                 record[f"loss/{name}"] = float(out["loss_sums"][t]) / n
             record[f"tokens/{name}"] = int(out["type_tokens"][t])
+        record.update(router_metrics(out["router"], self.cfg.loss.moe_loss_coeff, out["forwards"],
+                                     self.model.cfg.moe_type == "GShard"))
         if self._peak_tflops:
             record["mfu"] = record["tflops"] / self._peak_tflops
         if self.ctx.device.type == "cuda":

@@ -146,18 +146,18 @@ def test_internevo_settings_evo_does_not_have_are_accepted_with_a_warning_naming
         load_config(path, ["parallel.pipeline.interleaved_overlap=True"])  # an override stays accepted
 
 
-def test_experts_are_refused_until_evo_has_them(tmp_path):
+def test_experts_need_a_moe_model_type(tmp_path):
     assert config_from_dict(small_sections(model=dict(num_experts=1))).model.num_layers == 2  # dense: accepted
-    with pytest.raises(ConfigError, match=r"^'model.num_experts' is 4: evo has no mixture-of-experts layers yet"):
+    with pytest.raises(ConfigError, match=r"^'model.num_experts' is 4 but model_type 'INTERNLM2_PUBLIC' is a dense"):
         config_from_dict(small_sections(model=dict(num_experts=4)))
-    with pytest.raises(ConfigError, match=r"^'model.num_experts' is 0: "):
+    with pytest.raises(ConfigError, match=r"^'model.num_experts' must be >= 1 \(1: a dense model\), got 0"):
         config_from_dict(small_sections(model=dict(num_experts=0)))
     result = run_script("scripts/train.py", "--config", "configs/tiny.py", "model.num_experts=4",
                         f"monitor.run_folder={tmp_path}/run")
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
-    assert line == ("evo: error: 'model.num_experts' is 4: evo has no mixture-of-experts layers yet; use 1 (a dense "
-                    "model) or leave it out")
+    assert line == ("evo: error: 'model.num_experts' is 4 but model_type 'INTERNLM2_PUBLIC' is a dense model: set "
+                    "model_type to one of QWEN3MOE, MIXTRALMOE, QWEN2MOE, INTERNLM_MoE")
     assert not (tmp_path / "run").exists()
 
 

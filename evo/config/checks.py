@@ -5,13 +5,14 @@ checkpoint folders, ``tensor.mode`` from ``sequence_parallel``, ``pipeline.mode`
 
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
 from pathlib import Path
 
 from evo.config.layout import (PIPELINE_MODES, TENSOR_MODE, TENSOR_MODES, check_pipeline, check_tensor_parallel,
                                data_and_zero_sizes)
-from evo.config.sections import CKPT_CONTENTS, DTYPES, Config, DataConfig, ModelConfig
+from evo.config.sections import CKPT_CONTENTS, DTYPES, MOE_MODEL_TYPES, MOE_TYPES, Config, DataConfig, ModelConfig
 from evo.errors import ConfigError
 
 ROPE_TYPES = {  # rope_type -> the keys it needs besides factor (Hugging Face's names)
@@ -53,6 +54,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     ``load_ckpt_info``'s defaults, the folders). With ``world_size`` (the launcher's), the layout is checked against
     it before the model's sizes are, so a layout that cannot fit the world says so first."""
     _validate_model(cfg.model)
+    _validate_moe(cfg)
     _validate_data(cfg.data)
     _validate_parallel(cfg, world_size)
     _validate_optimizer(cfg)
@@ -261,6 +263,62 @@ def _resolve_folders(cfg: Config) -> None:
 def warn_unknown(key: str) -> None:
     """A config key evo does not know: a warning naming it (InternEvo configs carry keys of its own machinery)."""
     warnings.warn(f"unknown config key '{key}' (ignored)", UserWarning, stacklevel=3)
+
+
+# moe_layer_kwargs: the router's options evo reads (their checks), and InternEvo's that change nothing here (they
+# tune its token dispatch, fused kernels or noisy gates; accepted with a warning naming them)
+MOE_LAYER_KWARGS = {"scoring_func": lambda v: v in ("softmax", "sigmoid"),
+                    "normalize_expert_weights": lambda v: isinstance(v, bool),
+                    "routed_scaling_factor": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                    "capacity_factor": lambda v: v is None or (isinstance(v, (int, float)) and v > 0),
+                    "min_capacity": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                    "drop_and_pad": lambda v: isinstance(v, bool)}
+MOE_LAYER_KWARGS_NO_EFFECT = ("token_dispatch_policy", "use_grouped_mlp", "aux_loss_by_layer", "noisy_gate_policy",
+                              "moe_jitter_eps", "eval_capacity_factor", "drop_tokens", "use_rts", "use_fused_gating",
+                              "drop_policy", "enable_fused_permute", "deterministic_mode", "parallel_mode")
+
+
+def _validate_moe(cfg: Config) -> None:
+    """The mixture-of-experts keys (docs/moe.md): a MoE model type, top_k within the experts, the router's options."""
+    m = cfg.model
+    require(m.num_experts >= 1, f"'model.num_experts' must be >= 1 (1: a dense model), got {m.num_experts}")
+    check_choice(m.moe_type, MOE_TYPES, "model.moe_type")
+    require(m.decoder_sparse_step >= 1, f"'model.decoder_sparse_step' must be >= 1, got {m.decoder_sparse_step}")
+    require(cfg.loss.moe_loss_coeff >= 0, f"'loss.moe_loss_coeff' must be >= 0, got {cfg.loss.moe_loss_coeff}")
+    if m.num_experts == 1:
+        moe_keys = [k for k, dense in (("top_k", 1), ("num_shared_experts", 0), ("moe_layer_kwargs", {}))
+                    if getattr(m, k) != dense]
+        require(not moe_keys, f"'model.{moe_keys[0] if moe_keys else ''}' is set on a dense model: set "
+                              "'model.num_experts' > 1 (with a MoE model_type) or leave it out")
+        return
+    require(cfg.model_type in MOE_MODEL_TYPES,
+            f"'model.num_experts' is {m.num_experts} but model_type '{cfg.model_type}' is a dense model: set "
+            f"model_type to one of {', '.join(MOE_MODEL_TYPES)}")
+    require(1 <= m.top_k <= m.num_experts,
+            f"'model.top_k' must be between 1 and 'model.num_experts' ({m.num_experts}), got {m.top_k}")
+    require(m.num_shared_experts >= 0, f"'model.num_shared_experts' must be >= 0, got {m.num_shared_experts}")
+    require(m.moe_intermediate_size >= 1, f"'model.moe_intermediate_size' must be >= 1, got {m.moe_intermediate_size}")
+    if m.num_shared_experts or m.shared_expert_gate:
+        require(m.shared_expert_intermediate_size >= 1, "'model.shared_expert_intermediate_size' must be >= 1, got "
+                f"{m.shared_expert_intermediate_size} (with 'model.num_shared_experts' {m.num_shared_experts})")
+    bad = [i for i in m.mlp_only_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < m.num_layers]
+    require(not bad, f"'model.mlp_only_layers' must hold layer indices in [0, {m.num_layers}), got {bad[:1]}")
+    for key, value in m.moe_layer_kwargs.items():
+        if key in MOE_LAYER_KWARGS_NO_EFFECT:
+            warnings.warn(f"'model.moe_layer_kwargs.{key}' has no effect in evo (InternEvo's; accepted and ignored)",
+                          UserWarning, stacklevel=3)
+            continue
+        near = difflib.get_close_matches(str(key), [*MOE_LAYER_KWARGS, *MOE_LAYER_KWARGS_NO_EFFECT], n=1)
+        require(key in MOE_LAYER_KWARGS, f"unknown key 'model.moe_layer_kwargs.{key}'"
+                + (f": did you mean '{near[0]}'?" if near else f"; known: {', '.join(MOE_LAYER_KWARGS)}"))
+        require(MOE_LAYER_KWARGS[key](value), f"'model.moe_layer_kwargs.{key}' has an invalid value {value!r} "
+                                              "(docs/moe.md says what each takes)")
+        if key in ("capacity_factor", "drop_and_pad", "min_capacity") and m.moe_type != "GShard":
+            warnings.warn(f"'model.moe_layer_kwargs.{key}' has no effect with moe_type '{m.moe_type}' (evo drops "
+                          "tokens only under 'GShard')", UserWarning, stacklevel=3)
+    if m.moe_type.startswith("MegaBlock"):
+        warnings.warn(f"'model.moe_type' '{m.moe_type}' runs as 'Dropless' in evo (the same math: no token is "
+                      "dropped)", UserWarning, stacklevel=3)
 
 
 def check_choice(value, choices, path: str):

@@ -46,7 +46,7 @@ _ACCEPTED_NO_EFFECT = {
 # communication overlap or memory pool to tune (parallel.*); AdamW's beta2 does not follow a schedule here; the
 # lr schedule starts where the checkpoint's counters say (lr_scheduler.last_epoch); checkpoints load through
 # ckpt.load_ckpt_info (ckpt.load_ckpt_folder); TensorBoard is always written, untuned (monitor.tensorboard).
-_ACCEPTED_WITH_WARNING = {"parallel": {"interleaved_overlap", "overlap", "memory_pool"}, "adam": {"adam_beta2_c"},
+_ACCEPTED_WITH_WARNING = {"parallel": {"interleaved_overlap", "overlap", "memory_pool", "expert", "expert_weight"}, "adam": {"adam_beta2_c"},
                           "lr_scheduler": {"last_epoch"}, "ckpt": {"load_ckpt_folder"}, "monitor": {"tensorboard"}}
 _TOP_LEVEL_NO_EFFECT = {"DO_ALERT", "model_type", "cudnn_deterministic", "cudnn_benchmark", "use_fp32_norm",
                         "beta2_scheduler", "generation"}
@@ -216,6 +216,7 @@ def _build(cls, raw: dict, where: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     section = where.split(".")[0]
     kwargs = {}
+    raw = _newer_names(raw, where)
     for key, value in raw.items():
         path = f"{where}.{key}"
         if key not in known:
@@ -228,13 +229,26 @@ def _build(cls, raw: dict, where: str):
     return cls(**kwargs)
 
 
+_OLDER_NAMES = {"model.moe_gate_k": "model.top_k"}  # InternEvo's earlier name of a key -> its current one
+
+
+def _newer_names(raw: dict, where: str) -> dict:
+    """``raw`` with InternEvo's older key names under their current ones (both given: they must agree)."""
+    out = dict(raw)
+    for old, new in _OLDER_NAMES.items():
+        section, old_key = old.rsplit(".", 1)
+        new_key = new.rsplit(".", 1)[1]
+        if section == where and old_key in out:
+            value = out.pop(old_key)
+            if new_key in out and out[new_key] != value:
+                raise ConfigError(f"'{old}' ({value!r}) is the older name of '{new}' ({out[new_key]!r}): give one")
+            out[new_key] = value
+    return out
+
+
 def _not_a_field(section: str, key: str, path: str, value) -> None:
     """A key with no field in its section: accepted silently, with a warning naming it, or refused."""
-    if path == "model.num_experts":
-        if isinstance(value, bool) or value != 1:  # 1: a dense model, what evo builds
-            raise ConfigError(f"'model.num_experts' is {value!r}: evo has no mixture-of-experts layers yet; use 1 (a "
-                              "dense model) or leave it out")
-    elif key in _ACCEPTED_WITH_WARNING.get(section, ()):
+    if key in _ACCEPTED_WITH_WARNING.get(section, ()):
         warnings.warn(f"config key '{path}' has no effect in evo (InternEvo's; accepted and ignored)", UserWarning,
                       stacklevel=4)
     elif key not in _ACCEPTED_NO_EFFECT.get(section, ()):
@@ -297,6 +311,8 @@ def _check_type(value, annotation, path: str):
         return int(value)
     if annotation is dict and isinstance(value, dict):
         return value
+    if annotation is list and isinstance(value, (list, tuple)):
+        return list(value)
     if annotation in (int, str, bool) and type(value) is annotation:
         return value
     raise ConfigError(f"'{path}' must be {_type_name(annotation)}, got {value!r}")
@@ -306,4 +322,4 @@ def _type_name(annotation) -> str:
     if typing.get_origin(annotation) is Union:
         return " or ".join(_type_name(a) for a in typing.get_args(annotation))
     return {type(None): "None", int: "an int", float: "a number", str: "a string", bool: "True or False",
-            dict: "a dict"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
+            dict: "a dict", list: "a list"}.get(annotation, getattr(annotation, "__name__", str(annotation)))

@@ -12,7 +12,9 @@ from typing import Optional, Union
 REQUIRED = object()  # marker default: the key must be given
 
 DTYPES = ("torch.float32", "torch.float", "torch.tf32", "torch.bfloat16", "torch.float16", "torch.half")
-MODEL_TYPES = ("INTERNLM2_PUBLIC", "INTERNLM2", "INTERNLM", "LLAMA2", "LLAMA")
+MOE_MODEL_TYPES = ("QWEN3MOE", "MIXTRALMOE", "QWEN2MOE", "INTERNLM_MoE")  # InternEvo's mixture-of-experts models
+MODEL_TYPES = ("INTERNLM2_PUBLIC", "INTERNLM2", "INTERNLM", "LLAMA2", "LLAMA", *MOE_MODEL_TYPES)
+MOE_TYPES = ("Dropless", "GShard", "MegaBlock", "MegaBlock-Dropless")
 CKPT_CONTENTS = ("model", "optimizer", "scheduler", "sampler", "all")
 
 
@@ -45,6 +47,16 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over head_dim on each query and key head, before rotary (Qwen3)
     sliding_window: Optional[int] = None  # each token attends to itself and the sliding_window - 1 before it (Mistral)
     tie_word_embeddings: bool = False  # the output head uses the embedding's weight
+    num_experts: int = 1  # routed experts per MoE layer; 1: a dense model (docs/moe.md)
+    top_k: int = 1  # experts each token goes to (InternEvo's; its older name moe_gate_k is read too)
+    moe_type: str = "Dropless"  # MOE_TYPES: Dropless, GShard (capacity, dropping); MegaBlock(-Dropless): as Dropless
+    num_shared_experts: int = 0  # experts every token goes through, besides its top_k
+    moe_layer_kwargs: dict = field(default_factory=dict)  # the router's options (docs/moe.md): scoring_func, ...
+    moe_intermediate_size: Optional[int] = None  # evo (HF's key): an expert's width; None: intermediate_size
+    shared_expert_intermediate_size: Optional[int] = None  # evo (HF's key); None: num_shared_experts x an expert's
+    shared_expert_gate: bool = False  # evo: the shared experts' output times sigmoid(x W), W (1, hidden) (Qwen2-MoE)
+    mlp_only_layers: list = field(default_factory=list)  # evo (HF's key): layers that keep a dense MLP
+    decoder_sparse_step: int = 1  # evo (HF's key): layer i (from 0) is MoE when (i + 1) % step == 0
     norm_head: bool = False  # InternEvo's normalised head: True is refused (not supported)
     apply_post_layer_norm: bool = False  # InternEvo's post-norm: True is refused (pre-norm only)
     checkpoint: Union[bool, float] = False  # activation checkpointing: True, or the fraction of (each stage's) layers
@@ -81,6 +93,13 @@ class ModelConfig:
             if getattr(self, key) is None:
                 setattr(self, key, not self.no_bias)
                 filled.add(key)
+        if self.moe_intermediate_size is None and isinstance(self.intermediate_size, int):
+            self.moe_intermediate_size = self.intermediate_size  # InternEvo's experts are its MLP's width
+            filled.add("moe_intermediate_size")
+        if self.shared_expert_intermediate_size is None and isinstance(self.moe_intermediate_size, int) and \
+                isinstance(self.num_shared_experts, int):
+            self.shared_expert_intermediate_size = self.num_shared_experts * self.moe_intermediate_size
+            filled.add("shared_expert_intermediate_size")
         if self.rope_scaling is None and self.use_dynamic_ntk_rope:
             self.rope_scaling = {"rope_type": "dynamic", "factor": 1.0}  # InternEvo's dynamic NTK has factor 1
             filled.add("rope_scaling")
@@ -194,6 +213,7 @@ class HybridZeroConfig:
 @dataclass
 class LossConfig:
     label_smoothing: float = 0.0  # cross-entropy's label smoothing
+    moe_loss_coeff: float = 0.001  # the load-balancing loss's weight (docs/moe.md; HF's router_aux_loss_coef)
 
 
 @dataclass

@@ -43,6 +43,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from evo import kernels
 from evo.config import ModelConfig
+from evo.model.moe import MoEBlock, is_moe_layer
 from evo.model.rotary import RotaryEmbedding
 
 
@@ -128,11 +129,11 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x), ``width`` wide (default ``intermediate_size``)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, width: int | None = None):
         super().__init__()
-        d, h, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        d, h, bias = cfg.hidden_size, width or cfg.intermediate_size, cfg.mlp_bias
         self.w1 = nn.Linear(d, h, bias=bias)
         self.w3 = nn.Linear(d, h, bias=bias)
         self.w2 = nn.Linear(h, d, bias=bias)
@@ -141,13 +142,22 @@ class FeedForward(nn.Module):
         return self.w2(kernels.swiglu(self.w1(x), self.w3(x)))
 
 
+def feed_forward(cfg: ModelConfig, index: int) -> nn.Module:
+    """Layer ``index``'s feed-forward: the dense MLP, or a MoE block (evo.model.moe) where the config makes the layer
+    sparse, its shared experts one MLP as wide as all of them."""
+    if not is_moe_layer(cfg, index):
+        return FeedForward(cfg)
+    shared = FeedForward(cfg, cfg.shared_expert_intermediate_size) if cfg.num_shared_experts else None
+    return MoEBlock(cfg, shared, index)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, index: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.attention = Attention(cfg, rotary)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = feed_forward(cfg, index)
         self.checkpointed = False  # activation checkpointing: set by evo.parallel.parallelize
 
     def _forward(self, x, cu_seqlens, max_seqlen, cache, layer):
@@ -215,7 +225,7 @@ class DecoderModel(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope, cfg.qk_interleaved)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.output = OutputHead(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -234,11 +244,14 @@ class DecoderModel(nn.Module):
         c = self.cfg
         if name.endswith(".bias") or "norm" in name.rsplit(".", 2)[-2]:
             return None
+        # a module's weight goes by its module's name; a MoE block's 3-D expert weights (experts.w1) by their own
+        kind = name.rsplit(".", 2)[-2] if name.endswith(".weight") else name.rsplit(".", 1)[-1]
         for part, std in (("tok_embeddings", c.embedding_init_std), ("output", c.out_head_init_std),
                           ("wq", c.attn_wqkv_init_std), ("wk", c.attn_wqkv_init_std), ("wv", c.attn_wqkv_init_std),
                           ("wo", c.attn_other_init_std), ("w1", c.ffn_uplayer_init_std),
-                          ("w3", c.ffn_uplayer_init_std), ("w2", c.ffn_other_init_std)):
-            if name.rsplit(".", 2)[-2] == part:
+                          ("w3", c.ffn_uplayer_init_std), ("w2", c.ffn_other_init_std),
+                          ("gate", c.ffn_uplayer_init_std), ("shared_expert_gate", c.ffn_uplayer_init_std)):
+            if kind == part:
                 return std
         raise ValueError(f"no init rule for parameter '{name}'")
 

@@ -4,8 +4,11 @@ A step over ``tokens`` tokens in packed sequences of lengths s_i costs
 
     6 * N * tokens  +  6 * num_layers * num_attention_heads * head_dim * seqlen_sq
 
-- N (``matmul_parameters``): the weights that multiply activations, every linear layer's and the output head's
-  (counted even when it is tied to the embedding); the input embedding is a lookup and counts nothing;
+- N (``matmul_parameters``): the weights that multiply a token's activations, every linear layer's and the output
+  head's (counted even when it is tied to the embedding); the input embedding is a lookup and counts nothing. In
+  a MoE layer a token meets the router, the shared experts and top_k of the E routed experts: those count, the
+  routed experts' weights as top_k / E of them (counting them all would overstate the work, and MFU, E / top_k
+  times). The memory estimate counts every expert;
 - ``seqlen_sq``: the sum over the packed sequences of s_i^2 (less what a sliding window leaves out), the one
   name this quantity has in evo. Q K^T and P V cost 4 s^2 heads head_dim forward for a full square, half of
   that causal, three times that forward + backward.
@@ -18,12 +21,17 @@ import torch.nn as nn
 
 from evo.config import ModelConfig
 from evo.model.decoder import DecoderModel, count_parameters
+from evo.model.moe import moe_blocks
 
 
 def matmul_parameters(model: nn.Module) -> int:
-    """Weights that multiply activations (every nn.Linear's, the output head's even when tied to the
-    embedding): the N of the FLOPs formula. Not the input embedding (a lookup), norms or biases."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    """Weights that multiply a token's activations (every nn.Linear's, the output head's even when tied to the
+    embedding; a MoE block's router and top_k / E of its routed experts): the N of the FLOPs formula. Not the input
+    embedding (a lookup), norms or biases."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    routed = sum(b.gate.weight.numel() + sum(p.numel() for p in b.experts.parameters()) * b.top_k // b.num_experts
+                 for b in moe_blocks(model))
+    return linear + routed
 
 
 def whole_model_sizes(cfg: ModelConfig) -> tuple[int, int]:

@@ -1,0 +1,254 @@
+"""The mixture-of-experts block: router, routed experts, shared experts, and the load-balancing loss.
+
+A sparse layer's feed-forward is a ``MoEBlock`` in place of the dense ``FeedForward``; ``is_moe_layer`` says which
+layers are sparse (Hugging Face's rule: not in ``mlp_only_layers`` and (i + 1) divisible by ``decoder_sparse_step``;
+InternEvo makes every layer sparse, which is the default). For the tokens x (T, H) of one forward:
+
+    logits = x W_gate^T                              (T, E), fp32 (the router's weight is read in fp32)
+    scores = softmax(logits) or sigmoid(logits)      (``moe_layer_kwargs.scoring_func``)
+    w, ids = top_k(scores)                           (T, k) each token's experts and their weights
+    w = w / sum_j w_j                                (``normalize_expert_weights``, default True)
+    w = w * routed_scaling_factor
+    out_t = sum_j w_tj * E_{ids_tj}(x_t)  [+ shared(x_t), times sigmoid(x_t W_sg^T) with ``shared_expert_gate``]
+with every expert a SwiGLU MLP, E_e(x) = W2_e (silu(W1_e x) * W3_e x). Routed experts run as three grouped GEMMs
+over the T*k assignments sorted by expert (``evo.kernels.moe_routing`` and ``grouped_mm``): x's rows are gathered
+in expert order, each expert's rows multiply its own W1, W3 and W2, and the results go back to assignment order to
+be weighted and summed over the k choices. The expert weights are 3-D parameters, w1 and w3 (E, I, H) and w2
+(E, H, I), each initialised as one whole tensor from (seed, name), so every layout starts from the same experts.
+
+``moe_type`` "GShard" (InternEvo's, after DeepSpeed) gives each expert a capacity of
+max(ceil(T / E * capacity_factor * k), min_capacity) assignments. Assignments claim places choice by choice (every
+token's first choice, in token order, then every second choice, ...), those past capacity are dropped, and each
+token's kept weights are renormalised to sum to 1 (a token with none kept adds nothing: its residual passes).
+"Dropless" (the default) drops nothing.
+
+The load-balancing loss of one layer is what transformers' ``load_balancing_loss_func((logits,), E, k)`` gives for
+that layer alone:
+    aux = E * sum_e f_e * P_e,   f_e = (assignments to e) / T,   P_e = mean over tokens of softmax(logits)_e
+(about k when the load is even). The model's is the mean over its MoE layers (transformers pools all layers into
+one such sum, which ties pipeline stages together; for one layer the two agree). It reaches the router through
+its own backward: ``AuxLossGrad`` passes the block's output through unchanged and gives the aux loss the gradient
+``aux_grad_scale``, which the trainer sets to d(step objective)/d(this layer's aux) for the micro-batches to come:
+moe_loss_coeff / (MoE layers x micro-batches x data ranks) x the loss scale. So the aux term is scaled like the
+main loss whatever the schedule (accumulation, 1F1B, interleaved, ZBV), with no tracker outside the block.
+
+Each training forward appends a ``RouterStats`` (aux, tokens per expert, dropped assignments) to ``records``, where
+the trainer collects them after the step; a forward without autograd (evaluation) or the rerun of a checkpointed
+layer's forward during backward records nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from evo import kernels
+from evo.config import ModelConfig
+
+
+def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
+    """Whether decoder layer ``index`` (from 0) has a MoE block rather than a dense MLP."""
+    return cfg.num_experts > 1 and index not in cfg.mlp_only_layers and (index + 1) % cfg.decoder_sparse_step == 0
+
+
+def moe_layer_count(cfg: ModelConfig) -> int:
+    return sum(is_moe_layer(cfg, i) for i in range(cfg.num_layers))
+
+
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the router's dtype: fp32 for 16-bit inputs, its own for fp32 and fp64 (fp64 makes an oracle)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def load_balancing_loss(logits: torch.Tensor, expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """E * sum_e f_e * P_e for one layer: ``logits`` (T, E) the router's, ``expert_ids`` (T, k) its choices
+    (transformers' load_balancing_loss_func for one layer, whose choices are the top-k of the softmax)."""
+    probs = torch.softmax(wide(logits), dim=-1)
+    tokens = max(logits.shape[0], 1)
+    counts = torch.zeros(num_experts, dtype=probs.dtype, device=logits.device)
+    counts.index_add_(0, expert_ids.reshape(-1), torch.ones(expert_ids.numel(), dtype=probs.dtype,
+                                                            device=logits.device))
+    return num_experts * torch.sum(counts / tokens * probs.sum(0) / tokens)
+
+
+@dataclass
+class RouterStats:
+    """One recorded forward of one MoE block: its aux loss, tokens per expert and assignments dropped (GShard)."""
+
+    aux: torch.Tensor  # () fp32, detached
+    counts: torch.Tensor  # (E,) assignments routed to each expert, before dropping
+    dropped: torch.Tensor  # () assignments dropped for capacity
+    assignments: int  # T * k
+
+
+class AuxLossGrad(torch.autograd.Function):
+    """Identity on ``out``; in backward, the gradient ``scale`` for ``aux`` (Megatron's MoEAuxLossAutoScaler)."""
+
+    @staticmethod
+    def forward(ctx, out, aux, scale: float):
+        ctx.scale, ctx.aux_dtype = scale, aux.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.full((), ctx.scale, dtype=ctx.aux_dtype, device=grad.device), None
+
+
+class SortTokens(torch.autograd.Function):
+    """x (T, H) -> its rows in expert order (T*k, H), each token once per choice (row r is token order[r] // k).
+    Backward sums each token's k rows in choice order: deterministic, where indexing's backward adds with atomics."""
+
+    @staticmethod
+    def forward(ctx, x, order, slots, k: int):
+        ctx.save_for_backward(slots)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slots,) = ctx.saved_tensors
+        return grad[slots].view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+
+
+class Router(nn.Module):
+    """The gate: ``weight`` (E, H), Hugging Face's ``mlp.gate.weight``; logits in fp32 (fp64 for fp64 inputs)."""
+
+    def __init__(self, hidden: int, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(wide(x), self.weight.to(wide(x).dtype))
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as three 3-D weights (Linear layout, out x in per expert): w1, w3 (E, I, H), w2 (E, H, I)."""
+
+    def __init__(self, hidden: int, width: int, num_experts: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, width, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_experts, width, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, width))
+
+    def forward(self, x_sorted: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """``x_sorted`` (T*k, H) rows in expert order, ``offs`` their groups' ends -> (T*k, H)."""
+        gate = kernels.grouped_mm_unchecked(x_sorted, self.w1.transpose(1, 2), offs)
+        up = kernels.grouped_mm_unchecked(x_sorted, self.w3.transpose(1, 2), offs)
+        return kernels.grouped_mm_unchecked(kernels.swiglu(gate, up), self.w2.transpose(1, 2), offs)
+
+
+def gshard_keep(expert_ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """(T, k) bool: which assignments fit their expert's ``capacity`` when places go choice by choice, tokens in
+    order within a choice (InternEvo's GShard gate)."""
+    choice_major = expert_ids.t().contiguous()  # (k, T): every first choice, then every second choice, ...
+    counts, offs, slots, _ = kernels.moe_routing(choice_major, num_experts)
+    place = slots - (offs - counts).long()[choice_major.reshape(-1)]  # position within its expert
+    return (place < capacity).view(choice_major.shape).t()
+
+
+class MoEBlock(nn.Module):
+    """Router, routed experts and (optionally) shared experts: the module docstring's math."""
+
+    def __init__(self, cfg: ModelConfig, shared: nn.Module | None = None, layer: int = 0):
+        super().__init__()
+        kw = cfg.moe_layer_kwargs
+        self.layer = layer  # the decoder layer it belongs to (for its metrics)
+        self.num_experts, self.top_k, self.moe_type = cfg.num_experts, cfg.top_k, cfg.moe_type
+        self.scoring = kw.get("scoring_func", "softmax")
+        self.normalize = kw.get("normalize_expert_weights", True)
+        self.scaling = float(kw.get("routed_scaling_factor", 1.0))
+        self.capacity_factor = kw.get("capacity_factor") if kw.get("capacity_factor") is not None else 1.0
+        self.min_capacity = int(kw.get("min_capacity", 4))
+        self.gate = Router(cfg.hidden_size, cfg.num_experts)
+        self.experts = GroupedExperts(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts)
+        self.shared_experts = shared
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
+        self.aux_grad_scale = 0.0  # set by the trainer: d(objective)/d(aux) per micro-batch
+        self.records: list[RouterStats] = []
+
+    def route(self, x: torch.Tensor):
+        """(logits (T, E) fp32, weights (T, k) fp32, expert ids (T, k), dropped assignments ()) for tokens x."""
+        logits = self.gate(x)
+        scores = torch.sigmoid(logits) if self.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+        weights, ids = torch.topk(scores, self.top_k, dim=-1)
+        dropped = torch.zeros((), dtype=torch.int64, device=x.device)
+        if self.moe_type == "GShard":
+            tokens = x.shape[0]
+            capacity = max(math.ceil(tokens / self.num_experts * self.capacity_factor * self.top_k),
+                           self.min_capacity)
+            keep = gshard_keep(ids, self.num_experts, capacity)
+            weights = weights * keep
+            dropped = (~keep).sum()
+            weights = weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).eps)
+        elif self.normalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return logits, weights * self.scaling, ids, dropped
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, weights, ids, dropped = self.route(x)
+        counts, offs, slots, order = kernels.moe_routing(ids, self.num_experts)
+        sorted_x = SortTokens.apply(x, order, slots, self.top_k)
+        y = self.experts(sorted_x, offs)[slots].view(*ids.shape, -1)  # (T, k, H), back in assignment order
+        out = (wide(y) * weights.unsqueeze(-1)).sum(1).to(x.dtype)
+        if self.shared_experts is not None:
+            shared = self.shared_experts(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        if torch.is_grad_enabled():  # training (a checkpointed layer's recompute too: it must save what forward did)
+            aux = load_balancing_loss(logits, ids, self.num_experts)
+            if torch._C._current_graph_task_id() == -1:  # not a recompute during backward
+                self.records.append(RouterStats(aux.detach(), counts, dropped, ids.numel()))
+            out = AuxLossGrad.apply(out, aux, self.aux_grad_scale)
+        return out.view(shape)
+
+
+def moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """The MoE blocks of ``model`` (a whole model or a pipeline rank's part), in layer order."""
+    return [m for m in model.modules() if isinstance(m, MoEBlock)]
+
+
+def router_stats(blocks: list[MoEBlock], num_layers: int) -> torch.Tensor:
+    """The records of ``blocks`` since the last call, summed per layer, and cleared: (num_layers, E + 3) float64 on
+    the CPU, a row per decoder layer (zeros for layers without a block here) holding the tokens routed to each
+    expert, the summed aux losses, the assignments dropped and the assignments. Rows of several ranks add up."""
+    experts = blocks[0].num_experts if blocks else 0
+    out = torch.zeros(num_layers, experts + 3, dtype=torch.float64)
+    rows, layers = [], []
+    for block in blocks:
+        if block.records:
+            r = block.records
+            rows.append(torch.cat([torch.stack([x.counts for x in r]).sum(0).double(),
+                                   torch.stack([x.aux for x in r]).sum().double().reshape(1),
+                                   torch.stack([x.dropped for x in r]).sum().double().reshape(1),
+                                   torch.full((1,), float(sum(x.assignments for x in r)), dtype=torch.float64,
+                                              device=r[0].aux.device)]))
+            layers.append(block.layer)
+        block.records.clear()
+    if rows:
+        out[layers] = torch.stack(rows).cpu()  # one copy from the device
+    return out
+
+
+def router_metrics(stats: torch.Tensor, coeff: float, forwards: int, gshard: bool) -> dict:
+    """The step's MoE metrics from ``router_stats`` summed over the ranks: ``moe_loss`` (coeff x the mean over the
+    MoE layers and the step's ``forwards``, its micro-batches on every data rank, of the aux loss, the term added
+    to the objective) and per MoE layer i ``moe/load/i``, the busiest expert's tokens over the mean, and under
+    GShard ``moe/dropped/i``, the fraction of assignments dropped."""
+    experts = stats.shape[1] - 3
+    layers = [i for i in range(stats.shape[0]) if stats[i, experts + 2] > 0]
+    if not layers:
+        return {}
+    record = {"moe_loss": coeff * float(stats[layers, experts].sum()) / (len(layers) * forwards)}
+    for i in layers:
+        counts = stats[i, :experts]
+        record[f"moe/load/{i}"] = float(counts.max() / counts.mean().clamp(min=1e-12))
+        if gshard:
+            record[f"moe/dropped/{i}"] = float(stats[i, experts + 1] / stats[i, experts + 2])
+    return record
