@@ -30,11 +30,11 @@ import torch.nn as nn
 
 from evo.checkpoint import CheckpointManager
 from evo.config import Config, strip_folder_prefix
-from evo.data.packing import IGNORE_INDEX
+from evo.data.packing import IGNORE_INDEX, batch_counts
 from evo.errors import CheckpointError
 from evo.model.decoder import max_seqlen_of
-from evo.model.flops import seqlen_sq, step_flops, whole_model_sizes
-from evo.model.moe import moe_blocks, moe_layer_count, router_metrics, router_stats
+from evo.model.flops import step_flops, whole_model_sizes
+from evo.model.moe import moe_blocks, router_metrics, router_stats, set_aux_grad_scale
 from evo.monitor import Monitor, logger, peak_tflops, step_profiler
 from evo.optim import DynamicLossScaler, LrSchedule, MixedPrecisionOptimizer
 from evo.parallel.context import ParallelContext
@@ -143,43 +143,27 @@ class Trainer:
         inputs, labels = batch
         micro_num = labels.shape[0]
         n_types = len(self.dataset_types)
-        type_ids = inputs["type_ids"]
-        labelled = labels != IGNORE_INDEX
-        # [label count, real tokens, seqlen_sq (evo.model.flops), per-type label counts, per-type token counts]
-        counts = torch.zeros(3 + 2 * n_types, dtype=torch.float64)
-        counts[0] = labelled.sum()
-        real = type_ids >= 0  # padding carries type id -1
-        counts[1] = real.sum()
-        counts[2] = sum(seqlen_sq(c, self.model.cfg.sliding_window) for c in inputs["cu_seqlens"])
-        counts[3:3 + n_types] = torch.bincount(type_ids[labelled].clamp(min=0), minlength=n_types)[:n_types]
-        counts[3 + n_types:] = torch.bincount(type_ids[real], minlength=n_types)[:n_types]
+        counts = batch_counts(inputs, labels, n_types, self.model.cfg.sliding_window)
         local_tokens, local_seqlen_sq = float(counts[1]), float(counts[2])
         counts = self.ctx.all_reduce_dp(counts.to(self.ctx.device)).cpu()
         denom = max(float(counts[0]), 1.0)
         loss_sums = torch.zeros(n_types, dtype=torch.float64, device=self.ctx.device)
         micros = [({k: (v[i] if isinstance(v, list) else v[i:i + 1]) for k, v in inputs.items()}, labels[i:i + 1])
                   for i in range(micro_num)]
-        self._set_aux_grad_scale(micro_num)
+        forwards = micro_num * self.ctx.dp_size  # the step's micro-batches on every data rank
+        set_aux_grad_scale(self._moe_blocks, self.cfg.loss.moe_loss_coeff * self.scaler.scale / forwards)
         losses = self.forward_backward_step(micros, denom)
         for (micro, _), token_loss in zip(micros, losses):
             ids = micro["type_ids"].reshape(-1).to(self.ctx.device).clamp(min=0)
             loss_sums.index_add_(0, ids, token_loss.double())
-        # the losses are the last pipeline stage's (zeros elsewhere): summed over pipeline ranks, then data ranks
-        loss_sums = self.ctx.all_reduce_dp(self.ctx.all_reduce_pp(loss_sums)).cpu()
-        router = router_stats(self._moe_blocks, self.model.cfg.num_layers)
-        if moe_layer_count(self.model.cfg):
-            router = self.ctx.all_reduce_dp(self.ctx.all_reduce_pp(router.to(self.ctx.device))).cpu()
-        return {"loss_sums": loss_sums, "label_count": counts[0].item(), "type_labels": counts[3:3 + n_types],
+        # the losses are the last pipeline stage's (zeros elsewhere), the router's a stage's layers': summed over
+        # pipeline ranks, then data ranks, in one reduction
+        router = router_stats(self._moe_blocks, self.model.cfg.num_layers, micro_num)
+        sums = torch.cat([loss_sums, router.flatten().to(self.ctx.device)])
+        sums = self.ctx.all_reduce_dp(self.ctx.all_reduce_pp(sums)).cpu()
+        return {"loss_sums": sums[:n_types], "label_count": counts[0].item(), "type_labels": counts[3:3 + n_types],
                 "type_tokens": counts[3 + n_types:], "tokens": counts[1].item(), "local_tokens": local_tokens,
-                "local_seqlen_sq": local_seqlen_sq, "router": router, "forwards": micro_num * self.ctx.dp_size}
-
-    def _set_aux_grad_scale(self, micro_num: int) -> None:
-        """Each MoE block's gradient for its aux loss this step: the objective adds moe_loss_coeff x the mean aux
-        loss over the MoE layers and the step's micro-batches on every data rank, scaled as the main loss is."""
-        layers = moe_layer_count(self.model.cfg)
-        for block in self._moe_blocks:
-            block.aux_grad_scale = self.scaler.scale * self.cfg.loss.moe_loss_coeff / (
-                layers * micro_num * self.ctx.dp_size)
+                "local_seqlen_sq": local_seqlen_sq, "router": sums[n_types:].view(router.shape), "forwards": forwards}
 
     def forward_backward_step(self, micro_batches: list[tuple[dict, torch.Tensor]],
                               denom: float) -> list[torch.Tensor]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from evo.errors import DataError
+from evo.model.flops import seqlen_sq
 
 IGNORE_INDEX = -100
 
@@ -194,3 +195,16 @@ class UnpackedRows:
         cu = np.asarray(cu, dtype=np.int32)
         indexes = np.arange(self.length) - np.repeat(cu[:-1], np.diff(cu))
         return {"input_ids": input_ids, "labels": labels, "cu_seqlens": cu, "indexes": indexes, "type_ids": type_ids}
+
+
+def batch_counts(inputs: dict, labels: torch.Tensor, n_types: int, sliding_window: int | None) -> torch.Tensor:
+    """A step's batch counted for its metrics, float64: [labelled tokens, real tokens (padding carries type id
+    -1), seqlen_sq (evo.model.flops), labelled tokens per dataset type, real tokens per type]."""
+    type_ids = inputs["type_ids"]
+    labelled, real = labels != IGNORE_INDEX, type_ids >= 0
+    counts = torch.zeros(3 + 2 * n_types, dtype=torch.float64)
+    counts[0], counts[1] = labelled.sum(), real.sum()
+    counts[2] = sum(seqlen_sq(c, sliding_window) for c in inputs["cu_seqlens"])
+    counts[3:3 + n_types] = torch.bincount(type_ids[labelled].clamp(min=0), minlength=n_types)[:n_types]
+    counts[3 + n_types:] = torch.bincount(type_ids[real], minlength=n_types)[:n_types]
+    return counts

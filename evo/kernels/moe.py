@@ -8,8 +8,8 @@ order):
     slot[a]   = offs[e] - counts[e] + #{a' < a : ids[a'] == e},   e = ids[a]   (the sorted row assignment a takes)
     order[slot[a]] = a                             (the inverse: the assignment at each sorted row)
 Two kernels, no atomics, so the order never depends on timing: one program per expert counts its assignments in a
-scan over all of them (``_count``), then one program per expert writes the slots of its own assignments, a running
-prefix count over the same scan (``_slots``; its start is the sum of the counts of the experts before it).
+scan over all of them (``_moe_count``), then one program per expert writes the slots of its own assignments, a running
+prefix count over the same scan (``_moe_slots``; its start is the sum of the counts of the experts before it).
 
 Grouped GEMM, torch._grouped_mm(mat_a, mat_b, offs=...)'s semantics: a (M, K) with its rows sorted by group,
 b (G, K, N), offs (G,) int32 inclusive ends with offs[-1] == M:
@@ -39,7 +39,7 @@ SCAN_BLOCK = 1024  # assignments per step of the routing scans
 
 # grid: (experts,); program e counts the assignments to expert e
 @triton.jit
-def _count(IDS, COUNTS, n, SCAN_BLOCK: tl.constexpr):
+def _moe_count(IDS, COUNTS, n, SCAN_BLOCK: tl.constexpr):
     e = tl.program_id(0)
     total = tl.zeros((), tl.int32)
     for start in range(0, n, SCAN_BLOCK):
@@ -51,7 +51,7 @@ def _count(IDS, COUNTS, n, SCAN_BLOCK: tl.constexpr):
 
 # grid: (experts,); program e writes slot[a] and order[slot[a]] for its assignments a, and offs[e]
 @triton.jit
-def _slots(IDS, COUNTS, SLOTS, ORDER, OFFS, n, E, SCAN_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+def _moe_slots(IDS, COUNTS, SLOTS, ORDER, OFFS, n, E, SCAN_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
     e = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
     before = tl.load(COUNTS + experts, mask=experts < e, other=0)
@@ -73,8 +73,8 @@ def _routing(ids: torch.Tensor, num_experts: int):
     offs = torch.empty_like(counts)
     slots = torch.empty(n, dtype=torch.int64, device=ids.device)
     order = torch.empty_like(slots)
-    _count[(num_experts,)](ids, counts, n, SCAN_BLOCK=SCAN_BLOCK)
-    _slots[(num_experts,)](ids, counts, slots, order, offs, n, num_experts, SCAN_BLOCK=SCAN_BLOCK,
+    _moe_count[(num_experts,)](ids, counts, n, SCAN_BLOCK=SCAN_BLOCK)
+    _moe_slots[(num_experts,)](ids, counts, slots, order, offs, n, num_experts, SCAN_BLOCK=SCAN_BLOCK,
                            BLOCK_E=triton.next_power_of_2(num_experts))
     return counts, offs, slots, order
 

@@ -39,15 +39,20 @@ layer's forward during backward records nothing.
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from evo import kernels
 from evo.config import ModelConfig
+
+
+MAX_RECORDS = 4096  # a block keeps at most this many forwards' stats (more micro-batches a step: raise it)
 
 
 def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
@@ -64,15 +69,36 @@ def wide(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def load_balancing_loss(logits: torch.Tensor, expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """E * sum_e f_e * P_e for one layer: ``logits`` (T, E) the router's, ``expert_ids`` (T, k) its choices
-    (transformers' load_balancing_loss_func for one layer, whose choices are the top-k of the softmax)."""
+class SumOverGroup(torch.autograd.Function):
+    """All-reduce (sum) over ``group``; backward passes the gradient through unchanged: every rank computes the
+    same function of the sum, and each gives its own part of the sum the gradient of that function once."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def load_balancing_loss(logits: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, group=None):
+    """(E * sum_e f_e * P_e, the counts (E,)) for one layer: ``logits`` (T, E) the router's, ``expert_ids`` (T, k)
+    its choices (transformers' load_balancing_loss_func for one layer, whose choices are the top-k of the softmax).
+    With ``group``, the ranks' tokens are parts of one forward's (sequence shards): the counts, probability sums
+    and token counts are summed over it, so every rank gets the loss of the whole."""
     probs = torch.softmax(wide(logits), dim=-1)
-    tokens = max(logits.shape[0], 1)
-    counts = torch.zeros(num_experts, dtype=probs.dtype, device=logits.device)
-    counts.index_add_(0, expert_ids.reshape(-1), torch.ones(expert_ids.numel(), dtype=probs.dtype,
-                                                            device=logits.device))
-    return num_experts * torch.sum(counts / tokens * probs.sum(0) / tokens)
+    sums = torch.zeros(2 * num_experts + 1, dtype=probs.dtype, device=logits.device)  # [counts, P sums, tokens]
+    sums = sums.index_add(0, expert_ids.reshape(-1), torch.ones(expert_ids.numel(), dtype=probs.dtype,
+                                                                 device=logits.device))
+    sums = sums + torch.cat([torch.zeros(num_experts, dtype=probs.dtype, device=logits.device), probs.sum(0),
+                             torch.full((1,), float(logits.shape[0]), dtype=probs.dtype, device=logits.device)])
+    if group is not None:
+        sums = SumOverGroup.apply(sums, group)
+    counts, prob_sums, tokens = sums[:num_experts], sums[num_experts:-1], sums[-1].clamp(min=1)
+    return num_experts * torch.sum(counts / tokens * prob_sums / tokens), counts.detach()
 
 
 @dataclass
@@ -121,9 +147,6 @@ class Router(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(wide(x), self.weight.to(wide(x).dtype))
-
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts as three 3-D weights (Linear layout, out x in per expert): w1, w3 (E, I, H), w2 (E, H, I)."""
@@ -134,11 +157,13 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, width, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, width))
 
-    def forward(self, x_sorted: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        """``x_sorted`` (T*k, H) rows in expert order, ``offs`` their groups' ends -> (T*k, H)."""
-        gate = kernels.grouped_mm_unchecked(x_sorted, self.w1.transpose(1, 2), offs)
-        up = kernels.grouped_mm_unchecked(x_sorted, self.w3.transpose(1, 2), offs)
-        return kernels.grouped_mm_unchecked(kernels.swiglu(gate, up), self.w2.transpose(1, 2), offs)
+
+def grouped_swiglu(x_sorted: torch.Tensor, offs: torch.Tensor, w1, w3, w2) -> torch.Tensor:
+    """Each expert's rows of ``x_sorted`` (T*k, H), in expert order with ``offs`` its groups' ends, through its
+    SwiGLU MLP: three grouped GEMMs -> (T*k, H)."""
+    gate = kernels.grouped_mm_unchecked(x_sorted, w1.transpose(1, 2), offs)
+    up = kernels.grouped_mm_unchecked(x_sorted, w3.transpose(1, 2), offs)
+    return kernels.grouped_mm_unchecked(kernels.swiglu(gate, up), w2.transpose(1, 2), offs)
 
 
 def gshard_keep(expert_ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
@@ -150,13 +175,27 @@ def gshard_keep(expert_ids: torch.Tensor, num_experts: int, capacity: int) -> to
     return (place < capacity).view(choice_major.shape).t()
 
 
+def gathered_rows(x: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's rows of ``x`` stacked in rank order (no gradient)."""
+    out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
 class MoEBlock(nn.Module):
-    """Router, routed experts and (optionally) shared experts: the module docstring's math."""
+    """Router, routed experts and (optionally) shared experts: the module docstring's math.
+
+    What a parallel layout changes, it changes through two declared attributes: ``shards`` (the model's
+    ``SequenceShards``, set under tensor and sequence parallelism: while ``shards.sharded``, this rank's tokens are
+    one part of the forward's, so the aux loss's sums and GShard's places are taken over the group), and ``local``
+    (how a weight becomes the tensor the math uses; tensor parallelism's subclass turns its replicated DTensors into
+    local tensors, evo.parallel.tensor)."""
 
     def __init__(self, cfg: ModelConfig, shared: nn.Module | None = None, layer: int = 0):
         super().__init__()
         kw = cfg.moe_layer_kwargs
         self.layer = layer  # the decoder layer it belongs to (for its metrics)
+        self.moe_layers = moe_layer_count(cfg)  # the model's MoE layers: its aux loss is their mean
         self.num_experts, self.top_k, self.moe_type = cfg.num_experts, cfg.top_k, cfg.moe_type
         self.scoring = kw.get("scoring_func", "softmax")
         self.normalize = kw.get("normalize_expert_weights", True)
@@ -167,26 +206,44 @@ class MoEBlock(nn.Module):
         self.experts = GroupedExperts(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts)
         self.shared_experts = shared
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
+        self.shards = None  # evo.parallel.shards.SequenceShards under tensor or sequence parallelism
         self.aux_grad_scale = 0.0  # set by the trainer: d(objective)/d(aux) per micro-batch
-        self.records: list[RouterStats] = []
+        # the training forwards since the trainer last took them (router_stats); bounded, for loops of one's own
+        self.records: collections.deque[RouterStats] = collections.deque(maxlen=MAX_RECORDS)
+
+    def local(self, weight: torch.Tensor) -> torch.Tensor:
+        """The tensor the math uses for one of the block's weights: itself here."""
+        return weight
+
+    def group(self):
+        """The group whose ranks share this forward's tokens (each holding a sequence shard), or None."""
+        return self.shards.group if self.shards is not None and self.shards.sharded else None
 
     def route(self, x: torch.Tensor):
-        """(logits (T, E) fp32, weights (T, k) fp32, expert ids (T, k), dropped assignments ()) for tokens x."""
-        logits = self.gate(x)
+        """(logits (T, E) fp32, weights (T, k) fp32, expert ids (T, k), assignments dropped in the whole forward)."""
+        xw = wide(x)
+        logits = F.linear(xw, self.local(self.gate.weight).to(xw.dtype))
         scores = torch.sigmoid(logits) if self.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
         weights, ids = torch.topk(scores, self.top_k, dim=-1)
         dropped = torch.zeros((), dtype=torch.int64, device=x.device)
         if self.moe_type == "GShard":
-            tokens = x.shape[0]
-            capacity = max(math.ceil(tokens / self.num_experts * self.capacity_factor * self.top_k),
-                           self.min_capacity)
-            keep = gshard_keep(ids, self.num_experts, capacity)
+            keep, dropped = self.gshard(ids)
             weights = weights * keep
-            dropped = (~keep).sum()
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).eps)
         elif self.normalize:
             weights = weights / weights.sum(-1, keepdim=True)
         return logits, weights * self.scaling, ids, dropped
+
+    def gshard(self, ids: torch.Tensor):
+        """GShard's kept assignments of this rank's tokens, and the number dropped in the whole forward: places are
+        taken over the forward's tokens in order (gathered from the group when this rank holds a shard)."""
+        group = self.group()
+        every = ids if group is None else gathered_rows(ids, group)
+        capacity = max(math.ceil(every.shape[0] / self.num_experts * self.capacity_factor * self.top_k),
+                       self.min_capacity)
+        keep = gshard_keep(every, self.num_experts, capacity)
+        mine = keep if group is None else keep[self.shards.mine(every.shape[0])]
+        return mine, (~keep).sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -194,17 +251,20 @@ class MoEBlock(nn.Module):
         logits, weights, ids, dropped = self.route(x)
         counts, offs, slots, order = kernels.moe_routing(ids, self.num_experts)
         sorted_x = SortTokens.apply(x, order, slots, self.top_k)
-        y = self.experts(sorted_x, offs)[slots].view(*ids.shape, -1)  # (T, k, H), back in assignment order
+        experts = [self.local(w) for w in (self.experts.w1, self.experts.w3, self.experts.w2)]
+        y = grouped_swiglu(sorted_x, offs, *experts)[slots].view(*ids.shape, -1)  # (T, k, H), assignment order
         out = (wide(y) * weights.unsqueeze(-1)).sum(1).to(x.dtype)
         if self.shared_experts is not None:
             shared = self.shared_experts(x)
             if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+                shared = torch.sigmoid(F.linear(x, self.local(self.shared_expert_gate.weight))) * shared
             out = out + shared
         if torch.is_grad_enabled():  # training (a checkpointed layer's recompute too: it must save what forward did)
-            aux = load_balancing_loss(logits, ids, self.num_experts)
+            group = self.group()
+            aux, counts = load_balancing_loss(logits, ids, self.num_experts, group)
             if torch._C._current_graph_task_id() == -1:  # not a recompute during backward
-                self.records.append(RouterStats(aux.detach(), counts, dropped, ids.numel()))
+                assignments = ids.numel() * (1 if group is None else dist.get_world_size(group))
+                self.records.append(RouterStats(aux.detach(), counts, dropped, assignments))
             out = AuxLossGrad.apply(out, aux, self.aux_grad_scale)
         return out.view(shape)
 
@@ -214,16 +274,26 @@ def moe_blocks(model: nn.Module) -> list[MoEBlock]:
     return [m for m in model.modules() if isinstance(m, MoEBlock)]
 
 
-def router_stats(blocks: list[MoEBlock], num_layers: int) -> torch.Tensor:
-    """The records of ``blocks`` since the last call, summed per layer, and cleared: (num_layers, E + 3) float64 on
-    the CPU, a row per decoder layer (zeros for layers without a block here) holding the tokens routed to each
-    expert, the summed aux losses, the assignments dropped and the assignments. Rows of several ranks add up."""
+def set_aux_grad_scale(blocks: list[MoEBlock], per_forward: float) -> None:
+    """Each block's aux-loss gradient for the step's forwards: the objective adds ``per_forward`` (moe_loss_coeff x
+    the loss scale / the step's micro-batches on every data rank) x the mean aux loss over the MoE layers."""
+    for block in blocks:
+        block.aux_grad_scale = per_forward / block.moe_layers
+
+
+def router_stats(blocks: list[MoEBlock], num_layers: int, forwards: int) -> torch.Tensor:
+    """The step's records of ``blocks``, summed per layer, and cleared: (num_layers, E + 3) float64 on the CPU, a
+    row per decoder layer (zeros for layers without a block here) holding the tokens routed to each expert, the
+    summed aux losses, the assignments dropped and the assignments. The step's are each block's last ``forwards``
+    records (one per micro-batch): a forward recorded before them in the same step is not one of its micro-batches
+    (torch's pipeline stages run one on dummy inputs to learn shapes, on their first step). Rows of several ranks
+    add up."""
     experts = blocks[0].num_experts if blocks else 0
     out = torch.zeros(num_layers, experts + 3, dtype=torch.float64)
     rows, layers = [], []
     for block in blocks:
-        if block.records:
-            r = block.records
+        r = list(block.records)[-forwards:]
+        if r:
             rows.append(torch.cat([torch.stack([x.counts for x in r]).sum(0).double(),
                                    torch.stack([x.aux for x in r]).sum().double().reshape(1),
                                    torch.stack([x.dropped for x in r]).sum().double().reshape(1),

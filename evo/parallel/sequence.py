@@ -16,7 +16,8 @@ then runs on the full row with ``cu_seqlens`` and rotary positions of the full r
 row (when they divide; any other forward, e.g. generation, runs whole on every rank), q/k/v projections hand
 their output through seq_to_head, the attention output projection takes its input through head_to_seq, and the
 output head (``SequenceParallelLoss``) computes the loss of this rank's tokens and gathers the per-token losses
-of the row. The weights are whole on every rank of a sequence group
+of the row. A MoE block routes this rank's tokens with its experts whole, and shares the ``SequenceShards`` so
+that its load-balancing loss and GShard's capacity are those of the whole row (evo.model.moe). The weights are whole on every rank of a sequence group
 (each sees other tokens: FSDP2 sums their gradients over every rank of the stage, and shards them over
 the weight group, ``parallel.weight.size``).
 """
@@ -28,6 +29,7 @@ import torch.distributed as dist
 
 from evo import kernels
 from evo.model.decoder import decoder_layers
+from evo.model.moe import moe_blocks
 from evo.parallel.shards import SequenceShards
 from evo.parallel.tensor import gather_rows, swap_class
 
@@ -136,6 +138,8 @@ def apply_intern_sequence_parallel(model, ctx) -> None:
             proj.register_forward_hook(heads_out)
         attention.wo.head_dim = attention.head_dim
         attention.wo.register_forward_pre_hook(heads_in)
+    for block in moe_blocks(model):  # its aux loss and GShard's places are taken over the row's tokens
+        block.shards = shards
     if model.output is not None:
         model.output.shards = shards
         swap_class(model.output, SequenceParallelLoss)

@@ -43,6 +43,7 @@ from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from evo import kernels
 from evo.model.decoder import decoder_layers, head_is_tied
+from evo.model.moe import MoEBlock
 from evo.parallel.shards import SequenceShards
 
 
@@ -169,6 +170,35 @@ class VocabParallelLoss:
                                                   process_group=shards.group)
 
 
+class ReplicatedExperts:
+    """A MoE block (evo.model.moe.MoEBlock) with its router and routed experts replicated over the tensor group:
+    experts whole on every rank. On sequence shards (msp, fsp) each rank routes its own tokens and the weights'
+    gradients are partial sums over the group (the block takes its aux loss and GShard's places over the group);
+    under mtp every rank routes every token and the gradients are complete. Its shared experts are split as a dense
+    MLP is (their own entries of the plan)."""
+
+    def local(self, weight):
+        return weight.to_local(grad_placements=[Partial() if self.shards.sharded else Replicate()])
+
+
+class ReplicatedExpertsStyle(ParallelStyle):
+    """The plan's "experts" entry: a MoE block's own weights (router, routed experts, shared-expert gate) become
+    replicated DTensors on the tensor mesh, and the block a ``ReplicatedExperts``."""
+
+    def __init__(self, shards: SequenceShards):
+        super().__init__()
+        self.shards = shards
+
+    def _apply(self, module: nn.Module, mesh) -> nn.Module:
+        for owner, name in ((module.gate, "weight"), (module.experts, "w1"), (module.experts, "w3"),
+                            (module.experts, "w2"), (module.shared_expert_gate, "weight")):
+            if owner is not None:
+                _param(owner, name, mesh, Replicate())
+        module.shards = self.shards
+        swap_class(module, ReplicatedExperts)
+        return module
+
+
 # ---------------------------------------------------------------------------------------------- the plan
 # How each module is split over the tensor group, by its path in the model (a decoder layer's below it): "rows" of
 # its weight (a linear layer's output features, an embedding's vocabulary), "cols" (a linear layer's input
@@ -178,7 +208,10 @@ TP_PLAN = {"tok_embeddings": "rows", "norm": "replicated", "output": "rows"}
 TP_LAYER_PLAN = {"attention_norm": "replicated", "ffn_norm": "replicated",
                  "attention.wq": "rows", "attention.wk": "rows", "attention.wv": "rows", "attention.wo": "cols",
                  "attention.q_norm": "replicated", "attention.k_norm": "replicated",
-                 "feed_forward.w1": "rows", "feed_forward.w3": "rows", "feed_forward.w2": "cols"}
+                 "feed_forward.w1": "rows", "feed_forward.w3": "rows", "feed_forward.w2": "cols",
+                 # a MoE layer's feed-forward: its router and experts whole on every rank, its shared experts split
+                 "feed_forward": "experts", "feed_forward.shared_experts.w1": "rows",
+                 "feed_forward.shared_experts.w3": "rows", "feed_forward.shared_experts.w2": "cols"}
 _FORWARD = {"tok_embeddings": VocabParallel, "output": VocabParallelLoss}  # the rest by split
 _BY_SPLIT = {"rows": ColumnParallel, "cols": RowParallel, "replicated": ReplicatedWeight}
 # the placements of a module's weight and bias over the tensor mesh (a bias of a row-split layer is added once)
@@ -216,8 +249,9 @@ def apply_tensor_parallel(model: nn.Module, ctx) -> None:
             if getattr(model, path) is not None}
     parallelize_module(model, mesh, plan)
     for layer in decoder_layers(model):
-        plan = {path: TensorParallelStyle(path, split, shards) for path, split in TP_LAYER_PLAN.items()
-                if _has(layer, path)}
+        plan = {path: ReplicatedExpertsStyle(shards) if split == "experts" else TensorParallelStyle(path, split, shards)
+                for path, split in TP_LAYER_PLAN.items()
+                if _has(layer, path) and (split == "experts") == isinstance(_module(layer, path), MoEBlock)}
         parallelize_module(layer, mesh, plan)
         layer.attention.num_heads //= tp
         layer.attention.num_kv_heads //= tp
@@ -226,13 +260,17 @@ def apply_tensor_parallel(model: nn.Module, ctx) -> None:
     model.sequence_shards = shards
 
 
-def _has(module: nn.Module, path: str) -> bool:
-    """Whether ``module`` has a submodule at ``path`` (q/k norms exist only with ``qk_norm``)."""
+def _module(module: nn.Module, path: str) -> nn.Module | None:
+    """``module``'s submodule at ``path``, or None (q/k norms exist only with ``qk_norm``, w1 only in a dense MLP)."""
     for part in path.split("."):
         module = getattr(module, part, None)
         if module is None:
-            return False
-    return True
+            return None
+    return module
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    return _module(module, path) is not None
 
 
 def tensor_parallel_plan() -> dict[str, str]:
@@ -240,6 +278,8 @@ def tensor_parallel_plan() -> dict[str, str]:
     replicated), from ``TP_PLAN`` and ``TP_LAYER_PLAN``, for memory estimates computed without building anything."""
     out = {}
     for path, split in {**TP_PLAN, **TP_LAYER_PLAN}.items():
+        if split == "experts":  # replicated
+            continue
         name = path.rsplit(".", 1)[-1]
         if split != "replicated":
             out[f"{name}.weight"] = split

@@ -18,7 +18,8 @@ from tests.helpers import ROOT
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
 KERNELS = {"rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "rotary_kernel", "ce_stats", "ce_grad",
-           "attention_fwd", "attention_fwd_kvcache", "attention_bwd_delta", "attention_bwd_dkdv", "attention_bwd_dq"}
+           "attention_fwd", "attention_fwd_kvcache", "attention_bwd_delta", "attention_bwd_dkdv", "attention_bwd_dq",
+           "moe_count", "moe_slots", "gmm", "gmm_db"}
 
 
 def _toolchain_missing() -> str | None:
@@ -81,6 +82,15 @@ def check_attention(rows: list[dict]) -> None:
         [(r["kernel"], r["config"], r["spill_bytes"]) for r in backward if r["mma_sync"] or r["spill_bytes"] > 64]
 
 
+def check_grouped_gemm(rows: list[dict]) -> None:
+    """The MoE grouped GEMMs in bf16 (forward, dA, dB at the Qwen3-30B-A3B shape): warpgroup MMA, not serialized,
+    no mma.sync, no spills."""
+    gemms = [r for r in rows if r["kernel"] in ("gmm", "gmm_db")]
+    assert len(gemms) == 3, gemms
+    assert all(r["wgmma"] and not r["wgmma_serialized"] and not r["mma_sync"] and r["spill_bytes"] == 0
+               for r in gemms), gemms
+
+
 @needs_toolchain
 def test_every_kernel_compiles_for_sm90_as_launched():
     """Each kernel in the launches EVO_AUTOTUNE=0 makes: attention at head dim 128, causal, full and with a window
@@ -89,6 +99,7 @@ def test_every_kernel_compiles_for_sm90_as_launched():
     rows, failed = kernel_report("--default-only", "--head-dim", "128")
     check_compiled(rows, failed)
     check_attention(rows)
+    check_grouped_gemm(rows)
     fp32, failed32 = kernel_report("--default-only", "--head-dim", "64", "--dtype", "fp32")
     check_compiled(fp32, failed32)
 

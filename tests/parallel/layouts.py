@@ -25,7 +25,8 @@ def tiny_sections(folder: Path, micro_num: int = 2, **parallel) -> dict:
     raw["JOB_NAME"] = folder.name
     # rows per rank: a dp=2 layout reads the global batch (and validation batch) of one process with twice these
     # evaluation mid-run too: training continues after forwards without backward (FSDP2 must reshard)
-    raw["data"].update(total_steps=STEPS, micro_num=micro_num, valid_micro_num=2 * micro_num, valid_every=STEPS // 2,
+    steps = parallel.get("steps", STEPS)
+    raw["data"].update(total_steps=steps, micro_num=micro_num, valid_micro_num=2 * micro_num, valid_every=steps // 2,
                        valid_max_batches=2)
     raw["lr_scheduler"] = dict(warmup_ratio=0.25, eta_min=3e-4)
     raw["ckpt"] = dict(enable_save_ckpt=False)
@@ -33,6 +34,15 @@ def tiny_sections(folder: Path, micro_num: int = 2, **parallel) -> dict:
     raw["model"]["checkpoint"] = parallel.get("checkpoint", False)
     raw["model"]["num_chunks"] = parallel.get("chunks", 1)
     raw["model"]["tie_word_embeddings"] = parallel.get("tied", False)
+    if parallel.get("moe"):  # configs/tiny_moe.py's experts, GShard's capacity with moe="GShard"
+        raw["model_type"] = "QWEN3MOE"
+        raw["model"].update(num_experts=8, top_k=2, moe_intermediate_size=64, moe_type=parallel["moe"])
+        if parallel.get("shared"):  # Qwen2-MoE's gated shared expert
+            raw["model"].update(num_shared_experts=1, shared_expert_gate=parallel["shared"] != "ungated")
+        raw["loss"] = dict(moe_loss_coeff=0.1)  # large enough that a mis-scaled aux gradient shows
+        # an expert that saw few tokens has gradient entries near Adam's eps, where g / (|g| + eps) turns the
+        # layouts' last-bit differences into visible ones: a larger eps keeps steps comparable at 1e-5
+        raw["adam"] = dict(raw["adam"], adam_eps=1e-6)
     raw["parallel"] = dict(zero1=dict(size=parallel.get("zero1", -1)),
                            tensor=dict(size=parallel.get("tp", 1), mode=parallel.get("mode", "mtp")),
                            pipeline=dict(size=parallel.get("pp", 1), mode=parallel.get("schedule", "1F1B")),
