@@ -182,7 +182,7 @@ def moe_launches(dtype) -> None:
     OPAQUE_OPS["moe_routing"].fn(_meta(tokens, top_k, dtype=torch.int64), experts)
     OPAQUE_OPS["grouped_mm_fwd"].fn(x, w, offs)
     OPAQUE_OPS["grouped_mm_fwd"].fn(h, w.transpose(1, 2), offs)
-    OPAQUE_OPS["grouped_mm_db"].fn(x, h, offs, experts)
+    OPAQUE_OPS["grouped_mm_db"].fn(x, h, offs, w)
 
 
 def kernel_name(fn_name: str, fields: dict) -> str:

@@ -158,7 +158,7 @@ class Trainer:
             loss_sums.index_add_(0, ids, token_loss.double())
         # the losses are the last pipeline stage's (zeros elsewhere), the router's a stage's layers': summed over
         # pipeline ranks, then data ranks, in one reduction
-        router = router_stats(self._moe_blocks, self.model.cfg.num_layers, micro_num)
+        router = router_stats(self._moe_blocks, self.model.cfg.num_layers, micro_num, self.model.cfg.num_experts)
         sums = torch.cat([loss_sums, router.flatten().to(self.ctx.device)])
         sums = self.ctx.all_reduce_dp(self.ctx.all_reduce_pp(sums)).cpu()
         return {"loss_sums": sums[:n_types], "label_count": counts[0].item(), "type_labels": counts[3:3 + n_types],

@@ -183,6 +183,22 @@ def test_gshard_drops_and_renormalises():
     assert (weights[~kept_any] == 0).all()
 
 
+def test_gshard_without_dropping_and_its_evaluation_capacity():
+    """drop_tokens=False (InternEvo's): room for every assignment; eval_capacity_factor in evaluation."""
+    kwargs = dict(capacity_factor=0.25, min_capacity=1, eval_capacity_factor=4.0)
+    cfg = ModelConfig(num_layers=1, hidden_size=H, num_attention_heads=2, vocab_size=8, num_experts=4, top_k=2,
+                      moe_type="GShard", moe_layer_kwargs=kwargs, moe_intermediate_size=8, dtype="torch.float64")
+    block = MoEBlock(cfg).double()
+    torch.nn.init.normal_(block.gate.weight, std=2.0, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(32, H, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert block.route(x)[3].item() > 0  # training: capacity ceil(32 / 4 * 0.25 * 2) = 4 places, drops
+    block.eval()
+    assert block.route(x)[3].item() == 0  # evaluation: 64 places per expert
+    block.train()
+    block.drop_tokens = False
+    assert block.route(x)[3].item() == 0
+
+
 def test_sparse_layers_follow_huggingface_rule():
     cfg = ModelConfig(num_layers=6, hidden_size=H, num_attention_heads=2, vocab_size=8, num_experts=4, top_k=2,
                       decoder_sparse_step=2, mlp_only_layers=[3])
@@ -224,6 +240,9 @@ def test_a_model_trains_its_experts_deterministically_and_records_once_per_forwa
     (dict(num_experts=4, moe_layer_kwargs=dict(scoring_fn="sigmoid")), "QWEN3MOE",
      r"unknown key 'model.moe_layer_kwargs.scoring_fn': did you mean 'scoring_func'\?"),
     (dict(num_experts=4, moe_gate_k=2, top_k=3), "QWEN3MOE", r"'model.moe_gate_k' \(2\) is the older name of"),
+    (dict(num_experts=4, shared_expert_gate=True), "QWEN2MOE", r"set 'model.num_shared_experts' >= 1"),
+    (dict(num_experts=4, compile=True), "QWEN3MOE", r"'model.compile' is not supported with MoE layers yet"),
+    (dict(shared_expert_gate=True), "LLAMA2", r"'model.shared_expert_gate' is set on a dense model"),
 ])
 def test_bad_moe_configs_are_refused_in_one_line(model, model_type, message):
     with pytest.raises(ConfigError, match=message):

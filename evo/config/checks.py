@@ -272,9 +272,11 @@ MOE_LAYER_KWARGS = {"scoring_func": lambda v: v in ("softmax", "sigmoid"),
                     "routed_scaling_factor": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
                     "capacity_factor": lambda v: v is None or (isinstance(v, (int, float)) and v > 0),
                     "min_capacity": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                    "eval_capacity_factor": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                    "drop_tokens": lambda v: isinstance(v, bool),
                     "drop_and_pad": lambda v: isinstance(v, bool)}
 MOE_LAYER_KWARGS_NO_EFFECT = ("token_dispatch_policy", "use_grouped_mlp", "aux_loss_by_layer", "noisy_gate_policy",
-                              "moe_jitter_eps", "eval_capacity_factor", "drop_tokens", "use_rts", "use_fused_gating",
+                              "moe_jitter_eps", "use_rts", "use_fused_gating",
                               "drop_policy", "enable_fused_permute", "deterministic_mode", "parallel_mode")
 
 
@@ -286,8 +288,8 @@ def _validate_moe(cfg: Config) -> None:
     require(m.decoder_sparse_step >= 1, f"'model.decoder_sparse_step' must be >= 1, got {m.decoder_sparse_step}")
     require(cfg.loss.moe_loss_coeff >= 0, f"'loss.moe_loss_coeff' must be >= 0, got {cfg.loss.moe_loss_coeff}")
     if m.num_experts == 1:
-        moe_keys = [k for k, dense in (("top_k", 1), ("num_shared_experts", 0), ("moe_layer_kwargs", {}))
-                    if getattr(m, k) != dense]
+        moe_keys = [k for k, dense in (("top_k", 1), ("num_shared_experts", 0), ("moe_layer_kwargs", {}),
+                                       ("shared_expert_gate", False)) if getattr(m, k) != dense]
         require(not moe_keys, f"'model.{moe_keys[0] if moe_keys else ''}' is set on a dense model: set "
                               "'model.num_experts' > 1 (with a MoE model_type) or leave it out")
         return
@@ -298,7 +300,10 @@ def _validate_moe(cfg: Config) -> None:
             f"'model.top_k' must be between 1 and 'model.num_experts' ({m.num_experts}), got {m.top_k}")
     require(m.num_shared_experts >= 0, f"'model.num_shared_experts' must be >= 0, got {m.num_shared_experts}")
     require(m.moe_intermediate_size >= 1, f"'model.moe_intermediate_size' must be >= 1, got {m.moe_intermediate_size}")
-    if m.num_shared_experts or m.shared_expert_gate:
+    require(not m.shared_expert_gate or m.num_shared_experts >= 1,
+            "'model.shared_expert_gate' gates the shared experts: set 'model.num_shared_experts' >= 1")
+    require(not m.compile, "'model.compile' is not supported with MoE layers yet: set it False")
+    if m.num_shared_experts:
         require(m.shared_expert_intermediate_size >= 1, "'model.shared_expert_intermediate_size' must be >= 1, got "
                 f"{m.shared_expert_intermediate_size} (with 'model.num_shared_experts' {m.num_shared_experts})")
     bad = [i for i in m.mlp_only_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < m.num_layers]
@@ -313,7 +318,8 @@ def _validate_moe(cfg: Config) -> None:
                 + (f": did you mean '{near[0]}'?" if near else f"; known: {', '.join(MOE_LAYER_KWARGS)}"))
         require(MOE_LAYER_KWARGS[key](value), f"'model.moe_layer_kwargs.{key}' has an invalid value {value!r} "
                                               "(docs/moe.md says what each takes)")
-        if key in ("capacity_factor", "drop_and_pad", "min_capacity") and m.moe_type != "GShard":
+        if key in ("capacity_factor", "drop_and_pad", "min_capacity", "eval_capacity_factor", "drop_tokens") and \
+                m.moe_type != "GShard":
             warnings.warn(f"'model.moe_layer_kwargs.{key}' has no effect with moe_type '{m.moe_type}' (evo drops "
                           "tokens only under 'GShard')", UserWarning, stacklevel=3)
     if m.moe_type.startswith("MegaBlock"):

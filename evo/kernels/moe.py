@@ -149,7 +149,7 @@ def _tiles(dtype: torch.dtype) -> dict:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
 def _forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -165,9 +165,12 @@ def _forward(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tens
     return out
 
 
-def _db(a: torch.Tensor, dout: torch.Tensor, offs: torch.Tensor, groups: int) -> torch.Tensor:
+def _db(a: torch.Tensor, dout: torch.Tensor, offs: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """db in b's own layout (b is often a Linear-style weight seen transposed): autograd then keeps it as the
+    weight's gradient without a copy."""
     k, n = a.shape[1], dout.shape[1]
-    db = torch.empty(groups, k, n, dtype=a.dtype, device=a.device)
+    groups = b.shape[0]
+    db = torch.empty_like(b)
     tiles = _tiles(a.dtype)
     grid = (groups, triton.cdiv(k, tiles["BLOCK_K"]), triton.cdiv(n, tiles["BLOCK_N"]))
     _gmm_db[grid](a, dout, offs, db, n, k, a.stride(0), a.stride(1), dout.stride(0), dout.stride(1), db.stride(0),
@@ -181,8 +184,8 @@ _routing_op = OpaqueOp("moe_routing", "(Tensor ids, int num_experts) -> (Tensor,
                                        ids.new_empty(ids.numel(), dtype=torch.int64)))
 _forward_op = OpaqueOp("grouped_mm_fwd", "(Tensor a, Tensor b, Tensor offs) -> Tensor", _forward,
                        lambda a, b, offs: a.new_empty(a.shape[0], b.shape[2]))
-_db_op = OpaqueOp("grouped_mm_db", "(Tensor a, Tensor dout, Tensor offs, int groups) -> Tensor", _db,
-                  lambda a, dout, offs, groups: a.new_empty(groups, a.shape[1], dout.shape[1]))
+_db_op = OpaqueOp("grouped_mm_db", "(Tensor a, Tensor dout, Tensor offs, Tensor b) -> Tensor", _db,
+                  lambda a, dout, offs, b: torch.empty_like(b))
 
 
 class GroupedMMFunction(torch.autograd.Function):
@@ -197,7 +200,7 @@ class GroupedMMFunction(torch.autograd.Function):
     def backward(ctx, dout):
         a, b, offs = ctx.saved_tensors
         da = _forward_op(dout, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
-        db = _db_op(a, dout, offs, b.shape[0]) if ctx.needs_input_grad[1] else None
+        db = _db_op(a, dout, offs, b) if ctx.needs_input_grad[1] else None
         return da, db, None
 
 

@@ -20,6 +20,7 @@ be weighted and summed over the k choices. The expert weights are 3-D parameters
 max(ceil(T / E * capacity_factor * k), min_capacity) assignments. Assignments claim places choice by choice (every
 token's first choice, in token order, then every second choice, ...), those past capacity are dropped, and each
 token's kept weights are renormalised to sum to 1 (a token with none kept adds nothing: its residual passes).
+Evaluation uses ``eval_capacity_factor``; ``drop_tokens=False`` gives every expert room for every assignment.
 "Dropless" (the default) drops nothing.
 
 The load-balancing loss of one layer is what transformers' ``load_balancing_loss_func((logits,), E, k)`` gives for
@@ -178,8 +179,12 @@ def gshard_keep(expert_ids: torch.Tensor, num_experts: int, capacity: int) -> to
 def gathered_rows(x: torch.Tensor, group) -> torch.Tensor:
     """Every rank's rows of ``x`` stacked in rank order (no gradient)."""
     out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    _all_gather_single(out, x.contiguous(), group=group)
     return out
+
+
+# torch 2.13 renamed all_gather_into_tensor (deprecated there); older releases have only the old name
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class MoEBlock(nn.Module):
@@ -201,6 +206,8 @@ class MoEBlock(nn.Module):
         self.normalize = kw.get("normalize_expert_weights", True)
         self.scaling = float(kw.get("routed_scaling_factor", 1.0))
         self.capacity_factor = kw.get("capacity_factor") if kw.get("capacity_factor") is not None else 1.0
+        self.eval_capacity_factor = float(kw.get("eval_capacity_factor", 1.0))
+        self.drop_tokens = kw.get("drop_tokens", True)
         self.min_capacity = int(kw.get("min_capacity", 4))
         self.gate = Router(cfg.hidden_size, cfg.num_experts)
         self.experts = GroupedExperts(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts)
@@ -239,8 +246,10 @@ class MoEBlock(nn.Module):
         taken over the forward's tokens in order (gathered from the group when this rank holds a shard)."""
         group = self.group()
         every = ids if group is None else gathered_rows(ids, group)
-        capacity = max(math.ceil(every.shape[0] / self.num_experts * self.capacity_factor * self.top_k),
-                       self.min_capacity)
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        capacity = max(math.ceil(every.shape[0] / self.num_experts * factor * self.top_k), self.min_capacity)
+        if not self.drop_tokens:  # InternEvo's drop_tokens=False: room for every assignment
+            capacity = every.numel()
         keep = gshard_keep(every, self.num_experts, capacity)
         mine = keep if group is None else keep[self.shards.mine(every.shape[0])]
         return mine, (~keep).sum()
@@ -253,7 +262,7 @@ class MoEBlock(nn.Module):
         sorted_x = SortTokens.apply(x, order, slots, self.top_k)
         experts = [self.local(w) for w in (self.experts.w1, self.experts.w3, self.experts.w2)]
         y = grouped_swiglu(sorted_x, offs, *experts)[slots].view(*ids.shape, -1)  # (T, k, H), assignment order
-        out = (wide(y) * weights.unsqueeze(-1)).sum(1).to(x.dtype)
+        out = torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)  # (T, H): the k outputs weighted, summed
         if self.shared_experts is not None:
             shared = self.shared_experts(x)
             if self.shared_expert_gate is not None:
@@ -281,14 +290,14 @@ def set_aux_grad_scale(blocks: list[MoEBlock], per_forward: float) -> None:
         block.aux_grad_scale = per_forward / block.moe_layers
 
 
-def router_stats(blocks: list[MoEBlock], num_layers: int, forwards: int) -> torch.Tensor:
+def router_stats(blocks: list[MoEBlock], num_layers: int, forwards: int, num_experts: int) -> torch.Tensor:
     """The step's records of ``blocks``, summed per layer, and cleared: (num_layers, E + 3) float64 on the CPU, a
     row per decoder layer (zeros for layers without a block here) holding the tokens routed to each expert, the
     summed aux losses, the assignments dropped and the assignments. The step's are each block's last ``forwards``
     records (one per micro-batch): a forward recorded before them in the same step is not one of its micro-batches
     (torch's pipeline stages run one on dummy inputs to learn shapes, on their first step). Rows of several ranks
-    add up."""
-    experts = blocks[0].num_experts if blocks else 0
+    add up: every rank's has the same shape, a pipeline rank without MoE layers too."""
+    experts = num_experts
     out = torch.zeros(num_layers, experts + 3, dtype=torch.float64)
     rows, layers = [], []
     for block in blocks:

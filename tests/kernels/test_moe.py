@@ -121,3 +121,16 @@ def test_grouped_mm_refuses_bad_shapes_and_dtypes():
         K.grouped_mm(a, b.transpose(1, 2), offs)
     with pytest.raises(ValueError, match="one floating dtype"):
         K.grouped_mm_unchecked(a, b.double(), offs)
+
+
+def test_grouped_mm_writes_db_in_the_weights_layout():
+    """A Linear-style weight w (G, N, K) enters as b = w.transpose(1, 2): its gradient is written in w's layout, so
+    autograd keeps it as w.grad without copying."""
+    w = torch.randn(3, 6, 8, requires_grad=True)
+    a = torch.randn(9, 8)
+    offs = torch.tensor([2, 2, 9], dtype=torch.int32)
+    out = tri.grouped_mm(a, w.transpose(1, 2), offs)
+    out.backward(torch.randn(out.shape))
+    assert w.grad.is_contiguous()
+    expected = exact_grouped_mm(a.double(), w.detach().double().transpose(1, 2), offs)
+    assert torch.allclose(out.double(), expected, atol=1e-5)
