@@ -272,3 +272,20 @@ def test_flops_count_the_active_experts_and_memory_counts_all():
     mlp = 3 * h * 1 * layers  # the dense model's width-1 MLPs, none in the MoE model
     assert matmul - (dense_matmul - mlp) == layers * (4 * h + 2 * experts + shared)  # router, top 2 of 4, shared
     assert total - (dense_total - mlp) == layers * (4 * h + 4 * experts + shared)  # every expert's weights
+
+
+@pytest.mark.slow  # a training subprocess (make test stays under 10 minutes; .ci/run runs it after)
+def test_the_tiny_moe_config_trains_and_reports_its_experts(tmp_path):
+    import json
+
+    from tests.helpers import run_script
+
+    result = run_script("scripts/train.py", "--config", "configs/tiny_moe.py", "data.total_steps=4",
+                        "data.valid_every=2", "monitor.sample_prompt=None", f"monitor.run_folder={tmp_path}/run",
+                        "ckpt.enable_save_ckpt=False")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 4 and all(r["moe_loss"] > 0 for r in steps)
+    assert all(sorted(k for k in r if k.startswith("moe/load/")) == [f"moe/load/{i}" for i in range(4)] for r in steps)
+    assert "moe_loss=" in result.stderr
