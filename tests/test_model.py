@@ -14,6 +14,8 @@ from evo.parallel import ParallelContext, build_parallel_model
     ("mistral_7b.py", 7_241_732_096),  # Mistral-7B-v0.1 as published
     ("qwen2_7b.py", 7_615_616_512),  # Qwen2-7B as published
     ("qwen3_8b.py", 8_190_735_360),  # Qwen3-8B as published
+    ("qwen3_30b_a3b.py", 30_532_122_624),  # Qwen3-30B-A3B as published (every expert)
+    ("mixtral_8x7b.py", 46_702_792_704),  # Mixtral-8x7B-v0.1 as published (every expert)
 ])
 def test_real_configs_have_published_parameter_counts(name, published):
     cfg = load_config(ROOT / "configs" / name)
