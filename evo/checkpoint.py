@@ -42,7 +42,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from evo.config import config_from_dict
+from evo.config import model_config
 from evo.errors import CheckpointError
 from evo.monitor import logger
 
@@ -354,7 +354,7 @@ def checkpoint_model_config(path: Path):
     raw = read_config(path)
     if not isinstance(raw.get("model"), dict):
         raise CheckpointError(f"'{path}/config.json' has no model section")
-    return config_from_dict({"model": raw["model"]}).model, (raw.get("data") or {}).get("tokenizer_path")
+    return model_config(raw["model"], raw.get("model_type")), (raw.get("data") or {}).get("tokenizer_path")
 
 
 def _fsync_tree(root: Path) -> None:

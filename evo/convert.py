@@ -204,13 +204,13 @@ def from_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     ``ckpt.load_ckpt_info=dict(path=out, content=("model",))``); returns ``out``."""
     import torch.distributed.checkpoint as dcp
 
-    from evo.config import config_from_dict
+    from evo.config import model_config
     from evo.model import build_model
 
     hf_dir, out = Path(hf_dir), Path(out)
     _check_out(out, force)
     _, section = read_hf_config(hf_dir)
-    cfg = config_from_dict({"model": section}).model
+    cfg = model_config(section)
     model = build_model(cfg, "cpu")
     load_hf_weights(model, hf_dir)
     tmp = out.with_name(out.name + ".tmp-evo")

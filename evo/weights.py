@@ -22,7 +22,7 @@ import torch
 
 from evo.checkpoint import (TRAIN_STATE, SafeReader, checkpoint_model_config, load_checkpoint, read_train_state,
                             resolve_checkpoint)
-from evo.config import ModelConfig, config_from_dict
+from evo.config import ModelConfig, model_config
 from evo.errors import CheckpointError
 from evo.internevo import is_internevo_folder, load_internevo_weights
 from evo.internevo import model_section as internevo_model_section
@@ -70,7 +70,7 @@ def open_folder(path: str | Path, kind: str | None = None) -> WeightsFolder:
         return WeightsFolder(kind, folder, cfg, tokenizer_path)
     section = read_hf_config(folder)[1] if kind == "hf" else internevo_model_section(folder)
     tokenizer_path = str(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
-    return WeightsFolder(kind, folder, config_from_dict({"model": section}).model, tokenizer_path)
+    return WeightsFolder(kind, folder, model_config(section), tokenizer_path)
 
 
 def load_weights(model: torch.nn.Module, folder: WeightsFolder | str | Path, kind: str | None = None) -> None:
@@ -103,8 +103,7 @@ def load_model_and_tokenizer(path, device: torch.device | str | None = None, dty
     folder = open_folder(path)
     cfg = folder.model
     if dtype is not None:
-        cfg = config_from_dict({"model": {**_model_fields(cfg), "dtype": str(dtype) if not isinstance(dtype, str)
-                                          else dtype}}).model
+        cfg = model_config({**_model_fields(cfg), "dtype": str(dtype) if not isinstance(dtype, str) else dtype})
     model = build_model(cfg, device)
     load_weights(model, folder)
     return model.eval(), folder.tokenizer_path

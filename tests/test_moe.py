@@ -278,12 +278,18 @@ def test_flops_count_the_active_experts_and_memory_counts_all():
 def test_the_tiny_moe_config_trains_and_reports_its_experts(tmp_path):
     import json
 
+    from evo import load_model
     from tests.helpers import run_script
 
     result = run_script("scripts/train.py", "--config", "configs/tiny_moe.py", "data.total_steps=4",
-                        "data.valid_every=2", "monitor.sample_prompt=None", f"monitor.run_folder={tmp_path}/run",
-                        "ckpt.enable_save_ckpt=False")
+                        "data.valid_every=2", "monitor.sample_prompt=None", f"monitor.run_folder={tmp_path}/run")
     assert result.returncode == 0, result.stderr[-3000:]
+    # its checkpoint samples and loads as a dense one does (the model section read with its MoE model type)
+    sampled = run_script("scripts/generate.py", "--ckpt", f"{tmp_path}/run/checkpoints", "--prompt", "def ",
+                         "--tokens", "4")
+    assert sampled.returncode == 0 and "tokens/s" in sampled.stderr, sampled.stderr[-3000:]
+    model = load_model(tmp_path / "run" / "checkpoints", dtype=torch.bfloat16)
+    assert len(moe_blocks(model)) == 4 and model.layers[0].feed_forward.experts.w1.dtype == torch.bfloat16
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 4 and all(r["moe_loss"] > 0 for r in steps)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from evo.config.checks import check_choice, validate
-from evo.config.sections import MODEL_TYPES, REQUIRED, SECTIONS, Config
+from evo.config.sections import MODEL_TYPES, MOE_MODEL_TYPES, REQUIRED, SECTIONS, Config
 from evo.errors import ConfigError
 
 # InternEvo keys that evo accepts without a warning but that change nothing here (they tune
@@ -196,6 +196,17 @@ def config_from_dict(raw: dict, world_size: int | None = None) -> Config:
     cfg = Config(**kwargs)
     validate(cfg, world_size)
     return cfg
+
+
+def model_config(section: dict, model_type: str | None = None):
+    """A ``model`` section validated on its own, as a checkpoint or a weights folder holds one: the ModelConfig.
+    ``model_type``: the one the section was saved with; None (a folder that records none) means a dense type, or
+    for a section with experts InternEvo's first MoE type (the type only labels the config: one decoder builds
+    every model)."""
+    if model_type is None:
+        experts = section.get("num_experts", 1)
+        model_type = MOE_MODEL_TYPES[0] if isinstance(experts, int) and experts > 1 else "INTERNLM2_PUBLIC"
+    return config_from_dict({"model": section, "model_type": model_type}).model
 
 
 def _section_type(name: str):
