@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from evo.checkpoint import SafeReader, replace_folder, require_tensor
 from evo.errors import CheckpointError, ConfigError
-from evo.model.hf import (INTERNLM2, hf_config_from_model, hf_family, hf_name, internlm2_config_from_model,
-                          internlm2_name, interleaved_to_halves, pack_wqkv)
+from evo.model.hf import (INTERNLM2, MOE_FAMILIES, hf_config_from_model, hf_family, hf_moe_names, hf_name,
+                          internlm2_config_from_model, internlm2_name, interleaved_to_halves, pack_wqkv)
 from evo.weights import folder_kind, load_hf_weights, open_folder, read_hf_config
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
@@ -70,7 +70,8 @@ def to_hf(ckpt: str | Path, out: str | Path, force: bool = False, max_shard_byte
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors = _internevo_tensors(path, cfg) if internevo else _checkpoint_tensors(path, cfg)
-    _write_safetensors(tmp, _hf_tensors(tensors, cfg, internlm2), max_shard_bytes)
+    moe = hf_config["model_type"] if hf_config["model_type"] in MOE_FAMILIES else None
+    _write_safetensors(tmp, _hf_tensors(tensors, cfg, internlm2, moe), max_shard_bytes)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
@@ -120,13 +121,19 @@ def _internevo_tensors(folder: Path, cfg):
         yield name, tensor
 
 
-def _hf_tensors(tensors, cfg, internlm2: bool):
+def _hf_tensors(tensors, cfg, internlm2: bool, moe_family: str | None = None):
     """(Hugging Face name, tensor) for each (evo name, tensor) of ``tensors`` (in transformers' order), in
-    ``cfg.dtype``: q/k rows in the halves rotary layout; InternLM2's q, k, v packed."""
+    ``cfg.dtype``: q/k rows in the halves rotary layout; InternLM2's q, k, v packed; a MoE layer's 3-D expert
+    weights one tensor per expert, as transformers saves them (``evo.model.hf.hf_moe_names``)."""
     qkv: dict[str, dict[str, torch.Tensor]] = {}  # InternLM2: a layer's q, k, v parts until all three are read
     for name, tensor in tensors:
         tensor = tensor.to(cfg.torch_dtype)
         module, kind = name.rsplit(".", 2)[-2:]
+        moe_names = hf_moe_names(name, moe_family, cfg.num_experts) if moe_family else None
+        if moe_names is not None:
+            for e, hf in enumerate(moe_names):
+                yield hf, (tensor[e].contiguous() if len(moe_names) > 1 or ".experts." in name else tensor)
+            continue
         if cfg.qk_interleaved and module in ("wq", "wk", "q_norm", "k_norm"):
             tensor = interleaved_to_halves(tensor, cfg.head_dim)
         if internlm2 and module in ("wq", "wk", "wv"):

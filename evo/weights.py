@@ -4,7 +4,8 @@ Three kinds (``FOLDER_KINDS``):
 - ``evo``: an evo checkpoint (``evo.checkpoint``), or a folder of them (the newest complete one is meant);
 - ``hf``: a transformers folder of one of ``evo.model.hf.FAMILIES`` or InternLM2 (config.json with a
   ``model_type``, safetensors): each rank reads from the files only the part of each tensor it holds
-  (``safe_open(...).get_slice``), so no process ever holds the whole model;
+  (``safe_open(...).get_slice``), so no process ever holds the whole model (a MoE layer's experts, saved one by
+  one, are stacked into evo's 3-D weight a layer at a time);
 - ``internevo``: an InternEvo checkpoint folder (``evo.internevo``).
 ``open_folder(path)`` says which and reads its model config; ``load_weights(model, folder)`` fills a model of
 any layout (DTensor shards, pipeline stages) from it; ``load_model(path)`` builds the model in one process. The
@@ -28,7 +29,7 @@ from evo.internevo import is_internevo_folder, load_internevo_weights
 from evo.internevo import model_section as internevo_model_section
 from evo.model import build_model
 from evo.model.decoder import tied_name
-from evo.model.hf import (FAMILIES, INTERNLM2, hf_name, internlm2_name, model_config_from_hf,
+from evo.model.hf import (FAMILIES, INTERNLM2, MOE_FAMILIES, hf_moe_names, hf_name, internlm2_name, model_config_from_hf,
                           model_config_from_internlm2, unpack_wqkv)
 from evo.parallel.shards import WholeTensor, fill_parameter
 
@@ -125,7 +126,8 @@ def read_hf_config(hf_dir: str | Path) -> tuple[dict, dict]:
     if family not in (*FAMILIES, INTERNLM2):
         arch = ", ".join(config.get("architectures") or []) or "no architectures"
         raise CheckpointError(f"'{hf_dir}' holds a '{family}' model ({arch}); evo reads {', '.join(FAMILIES)} and "
-                              f"{INTERNLM2} (Llama 2 and 3, Mistral, Qwen2, Qwen3, InternLM2)")
+                              f"{INTERNLM2} (Llama 2 and 3, Mistral, Qwen2, Qwen3, InternLM2, and the mixtures of "
+                              "experts Qwen3-MoE, Mixtral, Qwen2-MoE)")
     try:
         section = model_config_from_internlm2(config) if family == INTERNLM2 else model_config_from_hf(config)
     except ValueError as exc:
@@ -164,6 +166,7 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
     hf_dir = Path(hf_dir)
     config, _ = read_hf_config(hf_dir)
     internlm2 = config["model_type"] == INTERNLM2
+    moe_family = config["model_type"] if config["model_type"] in MOE_FAMILIES else None
     files = _hf_files(hf_dir)
     cfg = model.cfg
     tied = bool(cfg.tie_word_embeddings)
@@ -181,7 +184,14 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
     try:
         for name, p in model.named_parameters():
             module, kind = name.rsplit(".", 2)[-2:]
-            if internlm2 and module in ("wq", "wk", "wv"):  # one part of the layer's packed wqkv, whole
+            moe_keys = hf_moe_names(name, moe_family, cfg.num_experts) if moe_family else None
+            if moe_keys is not None and ".experts." in name:  # one tensor per expert, stacked: (E, ...)
+                key = moe_keys[0]
+                source = WholeTensor(torch.stack([open_slice(k, name)[:] for k in moe_keys]))
+            elif moe_keys is not None:
+                key = moe_keys[0]
+                source = open_slice(key, name)
+            elif internlm2 and module in ("wq", "wk", "wv"):  # one part of the layer's packed wqkv, whole
                 key = f"model.{name.rsplit('.', 2)[0]}.wqkv.{kind}"
                 if key not in unpacked:
                     unpacked = {key: unpack_wqkv(open_slice(key, name)[:], cfg.num_attention_heads, cfg.kv_heads,

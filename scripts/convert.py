@@ -20,6 +20,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from evo.cli import run  # noqa: E402
 from evo.convert import MAX_SHARD_BYTES, from_hf, to_hf  # noqa: E402
+from evo.model.hf import FAMILIES, INTERNLM2  # noqa: E402
 
 
 def main():
@@ -31,7 +32,7 @@ def main():
     out_hf.add_argument("--out", required=True, help="the transformers folder to write")
     out_hf.add_argument("--max-shard-size", type=int, default=MAX_SHARD_BYTES,
                         help=f"bytes per safetensors file (default {MAX_SHARD_BYTES})")
-    out_hf.add_argument("--family", choices=("llama", "mistral", "qwen2", "qwen3", "internlm2"),
+    out_hf.add_argument("--family", choices=(*FAMILIES, INTERNLM2),
                         help="the transformers family to write (default: the one that computes this model); "
                              "internlm2: InternLM2's own layout, packed wqkv")
     in_hf = commands.add_parser("from-hf", help="a transformers folder as an evo checkpoint")

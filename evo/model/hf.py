@@ -16,7 +16,8 @@ import torch
 
 from evo.model.decoder import tied_name
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe")
+MOE_FAMILIES = {"qwen3_moe": "qwen3", "mixtral": "mistral", "qwen2_moe": "qwen2"}  # -> the dense family around them
 
 # evo name -> Hugging Face name, per layer (``{}`` is the layer index)
 _LAYER_NAMES = {
@@ -50,6 +51,13 @@ def _rope(config) -> tuple[float, dict | None]:
 def model_config_from_hf(config) -> dict:
     """evo's ``model`` section for a transformers config of a family in ``FAMILIES``."""
     family = _get(config, "model_type")
+    if family in MOE_FAMILIES:
+        section = _dense_config_from_hf(config, MOE_FAMILIES[family])
+        return {**section, **_moe_config_from_hf(config, family)}
+    return _dense_config_from_hf(config, family)
+
+
+def _dense_config_from_hf(config, family: str) -> dict:
     if family not in FAMILIES:
         raise ValueError(f"model_type {family!r} is not one of evo's families: {', '.join(FAMILIES)}")
     if _get(config, "hidden_act", "silu") != "silu":
@@ -127,13 +135,19 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], tie_word_embeddings: bool =
 
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+                 "qwen2_moe": "Qwen2MoeForCausalLM"}
 
 
 def hf_family(cfg) -> str:
     """The transformers family that computes what evo's model config ``cfg`` does, or ValueError saying why none
     does: q/k norms are Qwen3's, q/k/v biases without an output bias Qwen2's, a sliding window Mistral's (or
-    Qwen2's), the rest Llama's (biases all or none)."""
+    Qwen2's), the rest Llama's (biases all or none); with experts, their MoE families (``moe_family``)."""
+    dense = _dense_family(cfg)
+    return moe_family(cfg, dense) if cfg.num_experts > 1 else dense
+
+
+def _dense_family(cfg) -> str:
     attention_bias = cfg.qkv_bias and cfg.o_bias
     if cfg.qk_norm:
         family = "qwen3"
@@ -160,6 +174,7 @@ def hf_config_from_model(cfg, bos_id: int | None = None, eos_id: int | None = No
     """transformers' ``config.json`` for evo's model config ``cfg``, every field written out (transformers'
     defaults are not evo's: rms_norm_eps 1e-6 against evo's 1e-5, rope_theta, tie_word_embeddings, ...)."""
     family = hf_family(cfg)
+    dense = MOE_FAMILIES.get(family, family)
     rope = {"rope_type": "default", "rope_theta": float(cfg.rope_base)}
     if cfg.rope_scaling:
         rope.update(cfg.rope_scaling)
@@ -177,17 +192,100 @@ def hf_config_from_model(cfg, bos_id: int | None = None, eos_id: int | None = No
         "use_cache": True, "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": None,
         "torch_dtype": dtype, "dtype": dtype,
     }
-    if family == "llama":
+    if dense == "llama":
         out.update(attention_bias=bool(cfg.qkv_bias), mlp_bias=bool(cfg.mlp_bias), pretraining_tp=1)
-    elif family == "mistral":
+    elif dense == "mistral":
         out.update(sliding_window=cfg.sliding_window)
-    elif family == "qwen2":
+    elif dense == "qwen2":
         out.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window,
                    max_window_layers=0 if cfg.sliding_window else cfg.num_layers)
     else:
         out.update(attention_bias=bool(cfg.qkv_bias), use_sliding_window=False, sliding_window=None,
                    max_window_layers=cfg.num_layers)
+    if family in MOE_FAMILIES:
+        out.update(_moe_config_to_hf(cfg, family))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- mixtures of experts
+# transformers 5 holds a layer's experts fused in memory but saves them one by one (save_pretrained's conversion
+# mapping): model.layers.{i}.mlp.experts.{e}.gate_proj|up_proj|down_proj.weight and mlp.gate.weight (Qwen3-MoE,
+# Qwen2-MoE, whose shared expert is mlp.shared_expert.* with mlp.shared_expert_gate.weight), and for Mixtral
+# model.layers.{i}.block_sparse_moe.experts.{e}.w1|w3|w2.weight and block_sparse_moe.gate.weight. evo's layer holds
+# them as 3-D weights: feed_forward.experts.w1 and w3 (E, I, H) stack the experts' gate and up projections, w2
+# (E, H, I) their down projections.
+_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _moe_config_from_hf(config, family: str) -> dict:
+    if family == "mixtral" and _get(config, "router_jitter_noise", 0.0):
+        raise ValueError(f"router_jitter_noise {_get(config, 'router_jitter_noise')}: evo's router has no noise")
+    experts = _get(config, "num_experts") or _get(config, "num_local_experts")
+    width = _get(config, "intermediate_size") if family == "mixtral" else _get(config, "moe_intermediate_size")
+    section = dict(num_experts=experts, top_k=_get(config, "num_experts_per_tok"), moe_type="Dropless",
+                   moe_intermediate_size=width, moe_layer_kwargs=dict(
+                       scoring_func="softmax",
+                       normalize_expert_weights=family == "mixtral" or bool(_get(config, "norm_topk_prob", False))))
+    if family != "mixtral":
+        section.update(decoder_sparse_step=_get(config, "decoder_sparse_step", 1),
+                       mlp_only_layers=list(_get(config, "mlp_only_layers") or []))
+    if family == "qwen2_moe":
+        section.update(num_shared_experts=1, shared_expert_gate=True,
+                       shared_expert_intermediate_size=_get(config, "shared_expert_intermediate_size"))
+    return section
+
+
+def moe_family(cfg, dense: str) -> str:
+    """The transformers MoE family computing evo's MoE model ``cfg`` (its attention that of family ``dense``), or
+    ValueError: q/k norms make Qwen3-MoE, a gated shared expert Qwen2-MoE, neither Mixtral."""
+    kw = cfg.moe_layer_kwargs
+    if cfg.moe_type == "GShard" or kw.get("scoring_func", "softmax") != "softmax" or \
+            float(kw.get("routed_scaling_factor", 1.0)) != 1.0:
+        raise ValueError("transformers' MoE blocks route by softmax, drop no token and scale nothing: this model's "
+                         f"moe_type {cfg.moe_type!r} / moe_layer_kwargs {kw} compute another function")
+    family = {"qwen3": "qwen3_moe", "qwen2": "qwen2_moe", "mistral": "mixtral", "llama": "mixtral"}[dense]
+    if cfg.num_shared_experts:
+        family = "qwen2_moe"
+        ok = cfg.shared_expert_gate and dense == "qwen2"
+    elif family == "mixtral":
+        ok = kw.get("normalize_expert_weights", True) and cfg.decoder_sparse_step == 1 and not cfg.mlp_only_layers
+    else:
+        ok = family == "qwen3_moe"
+    if not ok:
+        raise ValueError(f"no transformers MoE family has this model's layout (attention as {dense}, "
+                         f"num_shared_experts={cfg.num_shared_experts}, shared_expert_gate={cfg.shared_expert_gate}, "
+                         f"decoder_sparse_step={cfg.decoder_sparse_step}, mlp_only_layers={cfg.mlp_only_layers})")
+    return family
+
+
+def _moe_config_to_hf(cfg, family: str) -> dict:
+    out = {"num_experts_per_tok": cfg.top_k, "router_aux_loss_coef": 0.001, "output_router_logits": False}
+    if family == "mixtral":
+        return {**out, "num_local_experts": cfg.num_experts, "intermediate_size": cfg.moe_intermediate_size,
+                "router_jitter_noise": 0.0}
+    out.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_intermediate_size,
+               norm_topk_prob=bool(cfg.moe_layer_kwargs.get("normalize_expert_weights", True)),
+               decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers))
+    if family == "qwen2_moe":
+        out.update(shared_expert_intermediate_size=cfg.shared_expert_intermediate_size, qkv_bias=True)
+    return out
+
+
+def hf_moe_names(name: str, family: str, num_experts: int) -> list[str] | None:
+    """transformers' names of evo's MoE parameter ``name`` in ``family``: one per expert for the 3-D expert
+    weights, one for the router and the shared experts; None for a parameter outside a MoE block."""
+    m = re.match(r"layers\.(\d+)\.feed_forward\.(gate\.weight|experts\.(w[123])|shared_experts\.(w[123])\.weight|"
+                 r"shared_expert_gate\.weight)$", name)
+    if m is None:
+        return None
+    layer, part, expert, shared = m.groups()
+    block = f"model.layers.{layer}.{'block_sparse_moe' if family == 'mixtral' else 'mlp'}"
+    if expert:
+        proj = expert if family == "mixtral" else _EXPERT_NAMES[expert]
+        return [f"{block}.experts.{e}.{proj}.weight" for e in range(num_experts)]
+    if shared:
+        return [f"{block}.shared_expert.{_EXPERT_NAMES[shared]}.weight"]
+    return [f"{block}.{part}"]
 
 
 def interleaved_to_halves(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
