@@ -233,3 +233,65 @@ def from_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     (tmp / "config.json").write_text(json.dumps({"model": section, "data": data}, indent=2))
     replace_folder(tmp, out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- upcycling
+def upcycle(ckpt: str | Path, out: str | Path, num_experts: int, top_k: int, force: bool = False,
+            model_type: str = "QWEN3MOE", router_std: float = 0.02, seed: int = 0) -> Path:
+    """Write the dense model of ``ckpt`` (an evo checkpoint, or any folder ``evo.load_model`` reads) as a MoE evo
+    checkpoint ``out``: every layer's MLP becomes ``num_experts`` copies of itself, routed ``top_k`` at a time by a
+    router drawn from normal(0, ``router_std``) (seeded), the weights of a token's experts normalised to sum to 1. So
+    the upcycled model computes what the dense one did until training moves its experts apart. The rest of the
+    model is copied; the config is the dense one's with the MoE keys (``model_type`` labels it)."""
+    import dataclasses
+
+    import torch.distributed.checkpoint as dcp
+
+    from evo.config import MOE_MODEL_TYPES, model_config
+    from evo.model import build_model
+    from evo.model.moe import moe_blocks
+    from evo.weights import load_model_and_tokenizer
+
+    out = Path(out)
+    _check_out(out, force)
+    if model_type not in MOE_MODEL_TYPES:
+        raise ConfigError(f"--model-type must be one of {', '.join(MOE_MODEL_TYPES)}, got {model_type!r}")
+    dense, tokenizer_path = load_model_and_tokenizer(ckpt, "cpu")
+    cfg = dense.cfg
+    if cfg.num_experts > 1:
+        raise ConfigError(f"'{ckpt}' holds a MoE model already ({cfg.num_experts} experts): upcycle takes a dense one")
+    if cfg.mlp_bias:
+        raise ConfigError(f"'{ckpt}' has MLP biases, which evo's experts do not have: it cannot be upcycled")
+    section = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in cfg.derived}
+    section.update(num_experts=num_experts, top_k=top_k, moe_type="Dropless", moe_intermediate_size=cfg.intermediate_size,
+                   moe_layer_kwargs=dict(scoring_func="softmax", normalize_expert_weights=True))
+    moe_cfg = model_config(section, model_type)
+    model = build_model(moe_cfg, "cpu", seed=seed)
+    dense_state = dense.state_dict()
+    with torch.no_grad():
+        state = model.state_dict()
+        for name in state:
+            if name in dense_state:
+                state[name].copy_(dense_state[name])
+        for block in moe_blocks(model):
+            mlp = f"layers.{block.layer}.feed_forward"
+            for w in ("w1", "w3", "w2"):  # each expert a copy of the MLP
+                getattr(block.experts, w).copy_(dense_state[f"{mlp}.{w}.weight"].expand_as(getattr(block.experts, w)))
+            gen = torch.Generator().manual_seed(seed + block.layer)
+            block.gate.weight.copy_(torch.randn(block.gate.weight.shape, generator=gen) * router_std)
+    tmp = out.with_name(out.name + ".tmp-evo")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp))
+    data = {}
+    if tokenizer_path and Path(tokenizer_path).is_file():
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        data["tokenizer_path"] = str(out.resolve() / "tokenizer.json")
+    elif tokenizer_path:  # a built-in tokenizer's name ("byte", "bpe")
+        data["tokenizer_path"] = tokenizer_path
+    torch.save({"step": 0, "upcycled_from": str(ckpt)}, tmp / "train_state.pt")
+    (tmp / "config.json").write_text(json.dumps({"model": {k: v for k, v in section.items()}, "model_type": model_type,
+                                                 "data": data}, indent=2))
+    replace_folder(tmp, out)
+    return out

@@ -141,3 +141,30 @@ def test_training_starts_from_a_mixtral_folder_in_any_layout(tmp_path):
     ranks = run_distributed(start_from, 2, str(tmp_path / "two"), [(str(hf_dir), "hf", lay) for lay in layouts])
     for i, layout in enumerate(layouts):
         assert_same_training(merged(ranks, i), one, str(layout), STEPS, 1)
+
+
+@pytest.mark.slow  # two command-line runs, about 8 s (make test stays under 10 minutes)
+def test_upcycle_turns_a_dense_checkpoint_into_experts_that_compute_the_same(tmp_path):
+    """Every expert a copy of its layer's MLP and the top-k weights normalised: the MoE model's logits are the
+    dense model's; the router is drawn small and seeded; a MoE checkpoint is refused as input, in one line."""
+    from evo.model.moe import moe_blocks
+
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64), dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    dense = from_hf(tmp_path / "hf", tmp_path / "dense")
+    result = run_script("scripts/convert.py", "upcycle", "--ckpt", str(dense), "--out", str(tmp_path / "moe"),
+                        "--num-experts", "4", "--top-k", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    moe = evo.load_model(tmp_path / "moe")
+    blocks = moe_blocks(moe)
+    assert len(blocks) == 2 and blocks[0].num_experts == 4 and blocks[0].top_k == 2
+    mlp = evo.load_model(dense).layers[1].feed_forward.w2.weight
+    assert all(torch.equal(e, mlp) for e in blocks[1].experts.w2)
+    assert 0 < blocks[0].gate.weight.std() < 0.05
+    assert (logits(moe) - logits(evo.load_model(dense))).abs().max() <= 1e-5
+    again = run_script("scripts/convert.py", "upcycle", "--ckpt", str(tmp_path / "moe"), "--out",
+                       str(tmp_path / "twice"), "--num-experts", "4", "--top-k", "2")
+    assert again.returncode == 2 and "holds a MoE model already" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1 and not (tmp_path / "twice").exists()
