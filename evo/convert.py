@@ -130,9 +130,8 @@ def _hf_tensors(tensors, cfg, internlm2: bool, moe_family: str | None = None):
         tensor = tensor.to(cfg.torch_dtype)
         module, kind = name.rsplit(".", 2)[-2:]
         moe_names = hf_moe_names(name, moe_family, cfg.num_experts) if moe_family else None
-        if moe_names is not None:
-            for e, hf in enumerate(moe_names):
-                yield hf, (tensor[e].contiguous() if len(moe_names) > 1 or ".experts." in name else tensor)
+        if moe_names is not None:  # a 3-D expert weight goes out one expert at a time
+            yield from zip(moe_names, tensor.unbind(0) if ".experts." in name else (tensor,))
             continue
         if cfg.qk_interleaved and module in ("wq", "wk", "q_norm", "k_norm"):
             tensor = interleaved_to_halves(tensor, cfg.head_dim)
@@ -209,8 +208,6 @@ def _hf_order(name: str):
 def from_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write the transformers folder ``hf_dir`` as an evo checkpoint ``out`` holding the model (load it with
     ``ckpt.load_ckpt_info=dict(path=out, content=("model",))``); returns ``out``."""
-    import torch.distributed.checkpoint as dcp
-
     from evo.config import model_config
     from evo.model import build_model
 
@@ -220,17 +217,30 @@ def from_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     cfg = model_config(section)
     model = build_model(cfg, "cpu")
     load_hf_weights(model, hf_dir)
+    tokenizer = hf_dir / "tokenizer.json"
+    return _write_model_checkpoint(model, out, {"model": section}, tokenizer if tokenizer.is_file() else None,
+                                   {"from_hf": str(hf_dir)})
+
+
+def _write_model_checkpoint(model, out: Path, config: dict, tokenizer_path, origin: dict) -> Path:
+    """``model`` as an evo checkpoint ``out`` holding the model alone: its tensors (DCP), ``config.json`` (``config``
+    and the tokenizer: a ``tokenizer.json`` file is copied in, a built-in tokenizer's name kept), a train state at
+    step 0 saying where it came from (``origin``); written beside ``out`` and moved into place whole."""
+    import torch.distributed.checkpoint as dcp
+
     tmp = out.with_name(out.name + ".tmp-evo")
     shutil.rmtree(tmp, ignore_errors=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp))
     data = {}
-    if (hf_dir / "tokenizer.json").is_file():
-        shutil.copyfile(hf_dir / "tokenizer.json", tmp / "tokenizer.json")
+    if tokenizer_path and Path(tokenizer_path).is_file():
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
         data["tokenizer_path"] = str(out.resolve() / "tokenizer.json")
-    torch.save({"step": 0, "from_hf": str(hf_dir)}, tmp / "train_state.pt")
-    (tmp / "config.json").write_text(json.dumps({"model": section, "data": data}, indent=2))
+    elif tokenizer_path:  # a built-in tokenizer's name ("byte", "bpe")
+        data["tokenizer_path"] = tokenizer_path
+    torch.save({"step": 0, **origin}, tmp / "train_state.pt")
+    (tmp / "config.json").write_text(json.dumps({**config, "data": data}, indent=2))
     replace_folder(tmp, out)
     return out
 
@@ -243,14 +253,10 @@ def upcycle(ckpt: str | Path, out: str | Path, num_experts: int, top_k: int, for
     router drawn from normal(0, ``router_std``) (seeded), the weights of a token's experts normalised to sum to 1. So
     the upcycled model computes what the dense one did until training moves its experts apart. The rest of the
     model is copied; the config is the dense one's with the MoE keys (``model_type`` labels it)."""
-    import dataclasses
-
-    import torch.distributed.checkpoint as dcp
-
     from evo.config import MOE_MODEL_TYPES, model_config
     from evo.model import build_model
     from evo.model.moe import moe_blocks
-    from evo.weights import load_model_and_tokenizer
+    from evo.weights import load_model_and_tokenizer, model_fields
 
     out = Path(out)
     _check_out(out, force)
@@ -262,7 +268,7 @@ def upcycle(ckpt: str | Path, out: str | Path, num_experts: int, top_k: int, for
         raise ConfigError(f"'{ckpt}' holds a MoE model already ({cfg.num_experts} experts): upcycle takes a dense one")
     if cfg.mlp_bias:
         raise ConfigError(f"'{ckpt}' has MLP biases, which evo's experts do not have: it cannot be upcycled")
-    section = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in cfg.derived}
+    section = model_fields(cfg)
     section.update(num_experts=num_experts, top_k=top_k, moe_type="Dropless", moe_intermediate_size=cfg.intermediate_size,
                    moe_layer_kwargs=dict(scoring_func="softmax", normalize_expert_weights=True))
     moe_cfg = model_config(section, model_type)
@@ -279,19 +285,5 @@ def upcycle(ckpt: str | Path, out: str | Path, num_experts: int, top_k: int, for
                 getattr(block.experts, w).copy_(dense_state[f"{mlp}.{w}.weight"].expand_as(getattr(block.experts, w)))
             gen = torch.Generator().manual_seed(seed + block.layer)
             block.gate.weight.copy_(torch.randn(block.gate.weight.shape, generator=gen) * router_std)
-    tmp = out.with_name(out.name + ".tmp-evo")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp))
-    data = {}
-    if tokenizer_path and Path(tokenizer_path).is_file():
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        data["tokenizer_path"] = str(out.resolve() / "tokenizer.json")
-    elif tokenizer_path:  # a built-in tokenizer's name ("byte", "bpe")
-        data["tokenizer_path"] = tokenizer_path
-    torch.save({"step": 0, "upcycled_from": str(ckpt)}, tmp / "train_state.pt")
-    (tmp / "config.json").write_text(json.dumps({"model": {k: v for k, v in section.items()}, "model_type": model_type,
-                                                 "data": data}, indent=2))
-    replace_folder(tmp, out)
-    return out
+    return _write_model_checkpoint(model, out, {"model": section, "model_type": model_type}, tokenizer_path,
+                                   {"upcycled_from": str(ckpt)})

@@ -104,13 +104,13 @@ def load_model_and_tokenizer(path, device: torch.device | str | None = None, dty
     folder = open_folder(path)
     cfg = folder.model
     if dtype is not None:
-        cfg = model_config({**_model_fields(cfg), "dtype": str(dtype) if not isinstance(dtype, str) else dtype})
+        cfg = model_config({**model_fields(cfg), "dtype": str(dtype) if not isinstance(dtype, str) else dtype})
     model = build_model(cfg, device)
     load_weights(model, folder)
     return model.eval(), folder.tokenizer_path
 
 
-def _model_fields(cfg) -> dict:
+def model_fields(cfg) -> dict:
     """A ModelConfig's fields as a ``model`` section again (the derived ones left to be derived)."""
     return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in cfg.derived}
 

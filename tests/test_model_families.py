@@ -14,7 +14,10 @@ from evo.model.hf import model_config_from_hf, state_dict_from_hf, state_dict_to
 
 VOCAB = 101
 HF_CONFIGS = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-              "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
+              "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+              # the mixtures of experts (tests/test_moe_hf.py)
+              "qwen3_moe": transformers.Qwen3MoeConfig, "mixtral": transformers.MixtralConfig,
+              "qwen2_moe": transformers.Qwen2MoeConfig}
 
 # name -> (family, transformers config fields, an evo model override that removes the feature under test:
 # with it the logits must differ, which shows the comparison can see that feature)

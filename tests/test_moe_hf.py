@@ -14,6 +14,8 @@ import evo
 from evo.convert import from_hf, to_hf
 from evo.errors import CheckpointError
 from tests.helpers import run_script
+from tests.parallel.test_hf_start import randomize
+from tests.test_model_families import hf_model
 
 VOCAB, TOL = 101, 1e-4
 CASES = {  # name -> (family, config fields)
@@ -28,18 +30,10 @@ EXPERT_KEY = {"qwen3_moe": "model.layers.1.mlp.experts.3.up_proj.weight",
 
 
 def hf_moe_model(family: str, **fields):
-    config_class = {"qwen3_moe": transformers.Qwen3MoeConfig, "mixtral": transformers.MixtralConfig,
-                    "qwen2_moe": transformers.Qwen2MoeConfig}[family]
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, num_experts_per_tok=2)
-    base.update(num_local_experts=4) if family == "mixtral" else base.update(num_experts=4, moe_intermediate_size=32)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config_class(**dict(base, **fields)),
-                                                          dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # the router and every expert far from their init, so each matters
-            p.normal_(0.0, 0.3)
-    return model
+    """tests/test_model_families.py's small random model of ``family`` (every weight far from its init, the router
+    and experts too), in fp32, with 4 experts, top 2."""
+    experts = dict(num_local_experts=4) if family == "mixtral" else dict(num_experts=4, moe_intermediate_size=32)
+    return hf_model(family, dtype=torch.float32, num_experts_per_tok=2, **experts, **fields)
 
 
 IDS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -107,15 +101,10 @@ def mixtral_folder(folder):
                                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
                                         max_position_embeddings=2048, rope_theta=10000.0, num_local_experts=8,
                                         num_experts_per_tok=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.8, 1.2)
-            else:  # smaller than test_hf_start's 0.3: through 4 MoE layers of those, tensor parallelism's other
-                # summation order (1e-7) grows about 5-fold a layer, to 1e-4 of the last attention output
-                p.normal_(0.0, 0.05 if name == "lm_head.weight" else 0.1)
+    # smaller than test_hf_start's 0.3: through 4 MoE layers of those, tensor parallelism's other summation order
+    # (1e-7) grows about 5-fold a layer, to 1e-4 of the last attention output
+    randomize(model, 0.1)
     model.save_pretrained(folder, max_shard_size="8MB")
     return folder
 

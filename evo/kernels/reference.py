@@ -249,9 +249,10 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
     return loss, correct
 
 
-class _SumOverGroup(torch.autograd.Function):
+class SumOverGroup(torch.autograd.Function):
     """All-reduce (sum) forward; backward passes the gradient through: every rank computes the same loss from the
-    sum, so each rank's gradient of it is already the whole gradient of its own term."""
+    sum, so each rank's gradient of it is already the whole gradient of its own term (the vocab-parallel loss here,
+    a MoE layer's load-balancing loss over sequence shards in evo.model.moe)."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -291,15 +292,15 @@ def _vocab_parallel_loss(x, labels, ignore_index, label_smoothing, z_loss, group
     with torch.no_grad():
         m = x.max(-1).values
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    lse = m + _SumOverGroup.apply(torch.exp(x - m[:, None]).sum(-1), group).log()
+    lse = m + SumOverGroup.apply(torch.exp(x - m[:, None]).sum(-1), group).log()
     local = labels.long() - offset
     mine = valid & (local >= 0) & (local < vocab_local)
     picked = x.gather(-1, torch.where(mine, local, torch.zeros_like(local))[:, None]).squeeze(-1)
-    target = _SumOverGroup.apply(torch.where(mine, picked, torch.zeros_like(picked)), group)
+    target = SumOverGroup.apply(torch.where(mine, picked, torch.zeros_like(picked)), group)
     nll = lse - target
     loss = nll
     if label_smoothing:
-        mean = _SumOverGroup.apply(x.sum(-1), group) / vocab
+        mean = SumOverGroup.apply(x.sum(-1), group) / vocab
         loss = (1 - label_smoothing) * nll + label_smoothing * (lse - mean)
     z_part = z_loss * lse.square() if z_loss else torch.zeros_like(lse)
     loss = torch.where(valid, loss + z_part, torch.zeros_like(loss))

@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evo import kernels
+from evo.kernels.reference import SumOverGroup
 from evo.config import ModelConfig
 
 
@@ -68,21 +69,6 @@ def moe_layer_count(cfg: ModelConfig) -> int:
 def wide(x: torch.Tensor) -> torch.Tensor:
     """``x`` in the router's dtype: fp32 for 16-bit inputs, its own for fp32 and fp64 (fp64 makes an oracle)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-class SumOverGroup(torch.autograd.Function):
-    """All-reduce (sum) over ``group``; backward passes the gradient through unchanged: every rank computes the
-    same function of the sum, and each gives its own part of the sum the gradient of that function once."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
 
 
 def load_balancing_loss(logits: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, group=None):
@@ -297,8 +283,7 @@ def router_stats(blocks: list[MoEBlock], num_layers: int, forwards: int, num_exp
     records (one per micro-batch): a forward recorded before them in the same step is not one of its micro-batches
     (torch's pipeline stages run one on dummy inputs to learn shapes, on their first step). Rows of several ranks
     add up: every rank's has the same shape, a pipeline rank without MoE layers too."""
-    experts = num_experts
-    out = torch.zeros(num_layers, experts + 3, dtype=torch.float64)
+    out = torch.zeros(num_layers, num_experts + 3, dtype=torch.float64)
     rows, layers = [], []
     for block in blocks:
         r = list(block.records)[-forwards:]

@@ -26,16 +26,22 @@ def tiny_hf_folder(folder):
     config = transformers.LlamaConfig(vocab_size=258, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
                                       max_position_embeddings=2048, tie_word_embeddings=False)
-    torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.8, 1.2)
-            else:  # the head smaller: logits of std about 1, where the loss is no plateau
-                p.normal_(0.0, 0.05 if name == "lm_head.weight" else 0.3)
+    randomize(model, 0.3)
     model.save_pretrained(folder, max_shard_size="4MB")
     return folder
+
+
+@torch.no_grad()
+def randomize(model, std: float) -> None:
+    """Weights of a scale where every tensor moves the loss (seeded): norms near 1, the head smaller (logits of std
+    about 1, where the loss is no plateau), every other tensor of ``std``."""
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.uniform_(0.8, 1.2)
+        else:
+            p.normal_(0.0, 0.05 if name == "lm_head.weight" else std)
 
 
 def start_from(rank, world_size, folder, runs):
