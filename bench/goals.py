@@ -64,6 +64,15 @@ def evaluate(rows: list[dict]) -> list[dict]:
         0.1, "evo working memory over matmul + cross_entropy's, 8192x4096x128256 bf16", higher_is_better=False)
     add("fused linear cross-entropy time <= 1.0x naive", evo["ms"] / naive["ms"] if both else None, 1.0,
         "evo ms over matmul + cross_entropy's", higher_is_better=False)
+    shape = "16384x8x128x2048x768"  # Qwen3-30B-A3B's routed experts: 16k tokens, top-8 of 128, hidden 2048, I 768
+    evo = _find(rows, "moe", "moe_experts", "fwd+bwd", shape=shape)
+    torch_gmm = _find(rows, "moe", "moe_experts", "fwd+bwd", shape=shape, provider="torch._grouped_mm")
+    add("MoE experts fwd+bwd >= 400 TFLOP/s (Qwen3-30B-A3B experts, 16k tokens, bf16)", evo and evo.get("TFLOP_s"),
+        400.0, "evo TFLOP/s, 18 T k H I FLOPs (Liger-Kernel#1294's count; its fused MoE: 413 on an H100)")
+    both = bool(evo and torch_gmm and "TFLOP_s" in evo and "TFLOP_s" in torch_gmm)
+    add("MoE experts fwd+bwd >= 1.2x torch._grouped_mm", evo["TFLOP_s"] / torch_gmm["TFLOP_s"] if both else None, 1.2,
+        "evo TFLOP/s over the same experts on torch._grouped_mm, same run" +
+        (f": {evo['TFLOP_s']:.0f} vs {torch_gmm['TFLOP_s']:.0f}" if both else ""))
     out += compiler_goals([r for r in rows if r.get("benchmark") == "kernel_report"])
     row = next((r for r in rows if r.get("benchmark") == "train_step" and r.get("provider") == "evo"), None)
     add("end-to-end MFU >= 50% (Llama-style 1B, seq 4096, bf16)", row and row.get("mfu"), 0.5,

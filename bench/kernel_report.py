@@ -169,20 +169,34 @@ def other_launches(dtype) -> list[dict]:
 
 def moe_launches(dtype) -> None:
     """The MoE kernels at the Qwen3-30B-A3B shape (MOE_SHAPE: 16k tokens, top-8 of 128 experts, hidden 2048, expert
-    intermediate 768): the routing, and the experts' grouped GEMMs forward (gate/up: N = 2 x 768), dA and dB."""
+    intermediate 768): the routing; the public grouped_mm's GEMMs (forward, dA, dB, at gate/up's N = 2 x 768); and
+    moe_experts's fused forward and backward launches (evo/kernels/moe.py: gathered SwiGLU GEMM, weighted w2 GEMM,
+    gathered dout GEMM, weighted SwiGLU backward, two-product dX GEMM, gathered dW GEMMs)."""
     import torch
 
     from evo.kernels.triton_utils import OPAQUE_OPS
 
     tokens, top_k, experts, hidden, inter = MOE_SHAPE
     rows = tokens * top_k
-    x, h = _meta(rows, hidden, dtype=dtype), _meta(rows, 2 * inter, dtype=dtype)
+    xs, h2 = _meta(rows, hidden, dtype=dtype), _meta(rows, 2 * inter, dtype=dtype)
     w = _meta(experts, 2 * inter, hidden, dtype=dtype).transpose(1, 2)  # a Linear-style weight, as the model has it
     offs = _meta(experts, dtype=torch.int32)
+    gemm, db = OPAQUE_OPS["grouped_mm_fwd"].fn, OPAQUE_OPS["grouped_mm_db"].fn
     OPAQUE_OPS["moe_routing"].fn(_meta(tokens, top_k, dtype=torch.int64), experts)
-    OPAQUE_OPS["grouped_mm_fwd"].fn(x, w, offs)
-    OPAQUE_OPS["grouped_mm_fwd"].fn(h, w.transpose(1, 2), offs)
-    OPAQUE_OPS["grouped_mm_db"].fn(x, h, offs, w)
+    gemm(xs, w, offs, None, None, None, None)
+    gemm(h2, w.transpose(1, 2), offs, None, None, None, None)
+    db(xs, h2, offs, w, None, False)
+    x, dout = _meta(tokens, hidden, dtype=dtype), _meta(tokens, hidden, dtype=dtype)
+    w1, w3 = (_meta(experts, inter, hidden, dtype=dtype) for _ in range(2))
+    w2 = _meta(experts, hidden, inter, dtype=dtype)
+    token_rows, ws = _meta(rows, dtype=torch.int64), _meta(rows, dtype=torch.float32)
+    gate, up, h = OPAQUE_OPS["moe_swiglu_fwd"].fn(x, token_rows, w1, w3, offs)
+    gemm(h, w2.transpose(1, 2), offs, None, ws, None, None)
+    p = gemm(dout, w2, offs, token_rows, None, None, None)
+    dgate, dup, _, hw = OPAQUE_OPS["moe_swiglu_bwd"].fn(p, gate, up, ws)
+    gemm(dgate, w1, offs, None, None, dup, w3)
+    db(x, dgate, offs, w1.transpose(1, 2), token_rows, True)
+    db(hw, dout, offs, w2.transpose(1, 2), token_rows, False)
 
 
 def kernel_name(fn_name: str, fields: dict) -> str:
@@ -223,6 +237,9 @@ def jobs_for(head_dim: int, dtype_name: str, arch: int, default_only: bool) -> l
             else:
                 tiles = {k: full[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in full and "gmm" in row["kernel"]}
                 row["config"] = {**tiles, "num_warps": full.get("num_warps", 4), "num_stages": full.get("num_stages", 3)}
+                if "gmm" in row["kernel"]:  # which fusions this launch of a grouped GEMM has (evo/kernels/moe.py)
+                    row["options"] = "+".join(o.lower() for o in ("GATHER", "DUAL", "SCALED", "GATHER_A", "GATHER_D")
+                                              if full.get(o)) or "plain"
                 row["default"] = False
             jobs.append({"row": row, "spec": specialize(fn, launch["args"], full, arch)})
     return _once(jobs)
@@ -394,7 +411,7 @@ def default_folder() -> Path:
     return Path(__file__).resolve().parent / "results" / "kernel-report" / f"triton-{triton.__version__}"
 
 
-COLUMNS = ["kernel", "mask", "path", "tma", "config", "default", "registers", "spill_bytes", "shared_bytes", "wgmma",
+COLUMNS = ["kernel", "mask", "path", "tma", "config", "options", "default", "registers", "spill_bytes", "shared_bytes", "wgmma",
            "mma_sync", "wgmma_serialized", "loop_instructions", "instructions_per_score"]
 
 

@@ -1,5 +1,5 @@
 """Pictures of a bench/run.py results file (matplotlib, the ``bench`` extra), written next to it:
-- ``<stem>-kernels.png``, ``<stem>-attention.png``: one panel per op and mode, throughput against size with
+- ``<stem>-kernels.png``, ``<stem>-attention.png``, ``<stem>-moe.png``: one panel per op and mode, throughput against size with
   one line per provider (GB/s for the bandwidth-bound ops, with the copy bandwidth measured in the same run as
   a dashed line; TFLOP/s for the matmul-bound ones, with the measured matmul peak); a provider that failed or
   was wrong has no point there (the table says why);
@@ -23,7 +23,8 @@ if __name__ == "__main__":  # Python put bench/ first on the path: the repositor
 
 COLORS = {"evo": "tab:red", "evo-copy": "tab:orange", "evo+compile": "tab:pink", "torch": "tab:blue",
           "torch.compile": "tab:cyan", "reference": "tab:blue", "reference+compile": "tab:cyan",
-          "liger": "tab:green", "sdpa-flash": "tab:purple", "sdpa-default": "tab:gray"}
+          "liger": "tab:green", "sdpa-flash": "tab:purple", "sdpa-default": "tab:gray",
+          "torch._grouped_mm": "tab:blue", "loop": "tab:olive"}
 
 
 def _panels(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -108,7 +109,7 @@ def draw(results: dict, json_path: Path) -> list[Path]:
     title = f"{where}, {results['date'][:10]}, torch {machine['torch']}"
     stem = json_path.with_suffix("")
     written = []
-    for name in ("kernels", "attention"):
+    for name in ("kernels", "attention", "moe"):
         rows = [r for r in results["rows"] if r["benchmark"] == name]
         if rows:
             written.append(op_figure(rows + [r for r in results["rows"] if r.get("mode") == "peak"],

@@ -6,7 +6,7 @@ kernels, attention and train_step, the device's own peaks are measured (a copy, 
 ``peaks`` rows), and every row with GB/s or TFLOP/s gets its share of them. Results print as they come and
 are written as JSON (default ``bench/results/<device name>-<date>.json``: "cpu", or the GPU's name) with the
 machine they ran on (Python, torch and triton versions, the git commit), as a markdown table next to it
-(``.md``), and as pictures (``-kernels.png``, ``-attention.png``, ``-end_to_end.png``, ``-layouts.png``;
+(``.md``), and as pictures (``-kernels.png``, ``-attention.png``, ``-moe.png``, ``-end_to_end.png``, ``-layouts.png``;
 bench/plots.py, with matplotlib).
 """
 
@@ -24,11 +24,11 @@ from pathlib import Path
 if __name__ == "__main__":  # Python put bench/ first on the path: the repository root replaces it (bench.*, evo)
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-BENCHMARKS = ["train_step", "loader", "generate", "kernels", "attention", "attention_tiles", "kernel_report",
+BENCHMARKS = ["train_step", "loader", "generate", "kernels", "attention", "attention_tiles", "moe", "kernel_report",
               "flce_memory", "parallel", "pipeline", "overhead"]
 # the GPU benchmarks, runnable at tiny shapes anywhere with --smoke
-SMOKE = ["kernels", "attention", "attention_tiles", "train_step"]
-USES_PEAKS = {"kernels", "attention", "train_step"}
+SMOKE = ["kernels", "attention", "attention_tiles", "moe", "train_step"]
+USES_PEAKS = {"kernels", "attention", "moe", "train_step"}
 
 
 def machine(device: str) -> dict:

@@ -241,7 +241,6 @@ def test_a_model_trains_its_experts_deterministically_and_records_once_per_forwa
      r"unknown key 'model.moe_layer_kwargs.scoring_fn': did you mean 'scoring_func'\?"),
     (dict(num_experts=4, moe_gate_k=2, top_k=3), "QWEN3MOE", r"'model.moe_gate_k' \(2\) is the older name of"),
     (dict(num_experts=4, shared_expert_gate=True), "QWEN2MOE", r"set 'model.num_shared_experts' >= 1"),
-    (dict(num_experts=4, compile=True), "QWEN3MOE", r"'model.compile' is not supported with MoE layers yet"),
     (dict(shared_expert_gate=True), "LLAMA2", r"'model.shared_expert_gate' is set on a dense model"),
 ])
 def test_bad_moe_configs_are_refused_in_one_line(model, model_type, message):

@@ -302,7 +302,6 @@ def _validate_moe(cfg: Config) -> None:
     require(m.moe_intermediate_size >= 1, f"'model.moe_intermediate_size' must be >= 1, got {m.moe_intermediate_size}")
     require(not m.shared_expert_gate or m.num_shared_experts >= 1,
             "'model.shared_expert_gate' gates the shared experts: set 'model.num_shared_experts' >= 1")
-    require(not m.compile, "'model.compile' is not supported with MoE layers yet: set it False")
     if m.num_shared_experts:
         require(m.shared_expert_intermediate_size >= 1, "'model.shared_expert_intermediate_size' must be >= 1, got "
                 f"{m.shared_expert_intermediate_size} (with 'model.num_shared_experts' {m.num_shared_experts})")

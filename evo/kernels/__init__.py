@@ -38,6 +38,7 @@ _TRITON: dict[str, str] = {  # op name -> the module (in evo/kernels/) holding i
     "flash_attn_with_kvcache": "attention",
     "moe_routing": "moe",
     "grouped_mm": "moe",
+    "moe_experts": "moe",
 }
 # Module files never share a public function's name: importing evo.kernels.swiglu would replace the
 # function evo.kernels.swiglu with the module. Hence activation.py (swiglu) and loss.py (cross-entropy).
@@ -239,7 +240,7 @@ __all__ = ["backend", "use_backend", "rms_norm", "fused_add_rms_norm", "apply_ro
            "apply_rotary_emb_kv_", "swiglu", "cross_entropy", "cross_entropy_loss",
            "fused_linear_cross_entropy", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func",
            "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
-           "flash_attn_with_kvcache"]
+           "flash_attn_with_kvcache", "moe_routing", "grouped_mm", "grouped_mm_unchecked", "moe_experts"]
 
 
 def moe_routing(expert_ids: torch.Tensor, num_experts: int):
@@ -270,3 +271,16 @@ def grouped_mm_unchecked(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -
     """``grouped_mm`` with the shapes and dtypes checked but not the values of ``offs`` (no host sync)."""
     reference.check_grouped_mm(a, b, offs, values=False)
     return _impl("grouped_mm", a)(a, b, offs)
+
+
+def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
+                w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """A mixture of SwiGLU experts, routed: x (T, H), expert_ids (T, k) integers in [0, E), weights (T, k) floats,
+    w1 and w3 (E, I, H), w2 (E, H, I) (nn.Linear's layout, as transformers' checkpoints store experts). Returns
+    (T, H) in x's dtype: out[t] = sum over j of weights[t, j] * (silu(x[t] w1[e]^T) * (x[t] w3[e]^T)) w2[e]^T with
+    e = expert_ids[t, j]. Differentiable in x, weights and the expert weights (an expert with no token gets zero).
+    The Triton path fuses the gather, SwiGLU and the weighting into the grouped GEMMs (evo/kernels/moe.py)."""
+    reference.check_moe_experts(x, expert_ids, weights, w1, w3, w2)
+    if os.environ.get("EVO_DEBUG") == "1":
+        reference.check_expert_ids(expert_ids, w1.shape[0])
+    return _impl("moe_experts", x)(x, expert_ids, weights, w1, w3, w2)

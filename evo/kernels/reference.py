@@ -180,6 +180,52 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return out.to(a.dtype)
 
 
+
+def check_moe_experts(x, expert_ids, weights, w1, w3, w2) -> None:
+    """moe_experts's argument rules (both backends)."""
+    if x.dim() != 2 or expert_ids.dim() != 2 or weights.shape != expert_ids.shape or expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"moe_experts needs x (T, H) and expert_ids and weights (T, k), got x {tuple(x.shape)}, "
+                         f"expert_ids {tuple(expert_ids.shape)}, weights {tuple(weights.shape)}")
+    e, i, h = w1.shape if w1.dim() == 3 else (0, 0, -1)
+    if h != x.shape[1] or w3.shape != w1.shape or w2.shape != (e, h, i):
+        raise ValueError(f"moe_experts needs w1 and w3 (E, I, H) and w2 (E, H, I) with H = {x.shape[1]}, got "
+                         f"{tuple(w1.shape)}, {tuple(w3.shape)}, {tuple(w2.shape)}")
+    if len({x.dtype, w1.dtype, w3.dtype, w2.dtype}) != 1 or not x.dtype.is_floating_point:
+        raise ValueError(f"moe_experts needs x and the expert weights of one floating dtype, got {x.dtype}, "
+                         f"{w1.dtype}, {w3.dtype}, {w2.dtype}")
+    if expert_ids.dtype.is_floating_point or not weights.dtype.is_floating_point:
+        raise ValueError(f"moe_experts needs integer expert_ids and floating weights, got {expert_ids.dtype} and "
+                         f"{weights.dtype}")
+
+
+class SortTokens(torch.autograd.Function):
+    """x (T, H) -> its rows in expert order (T*k, H), each token once per choice (row r is token order[r] // k).
+    Backward sums each token's k rows in choice order: deterministic, where indexing's backward adds with atomics."""
+
+    @staticmethod
+    def forward(ctx, x, order, slots, k: int):
+        ctx.save_for_backward(slots)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slots,) = ctx.saved_tensors
+        return grad[slots].view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+
+
+def moe_experts(x, expert_ids, weights, w1, w3, w2) -> torch.Tensor:
+    """out[t] = sum over j of weights[t, j] * SwiGLU expert expert_ids[t, j] of x[t], where expert e maps v to
+    (silu(v w1[e]^T) * (v w3[e]^T)) w2[e]^T: the tokens sorted by expert, three grouped GEMMs, the k outputs of
+    each token weighted and added (in fp32 for 16-bit x)."""
+    check_moe_experts(x, expert_ids, weights, w1, w3, w2)
+    _, offs, slots, order = moe_routing(expert_ids, w1.shape[0])
+    x_sorted = SortTokens.apply(x, order, slots, expert_ids.shape[1])
+    gate = grouped_mm(x_sorted, w1.transpose(1, 2), offs)
+    up = grouped_mm(x_sorted, w3.transpose(1, 2), offs)
+    y = grouped_mm(swiglu(gate, up), w2.transpose(1, 2), offs)[slots].view(*expert_ids.shape, -1)
+    return (_acc(y) * _acc(weights).unsqueeze(-1)).sum(1).to(x.dtype)
+
 # ------------------------------------------------------------------------------------ cross-entropy
 def cross_entropy(logits, labels, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
                   process_group=None, *, logit_scale=1.0, return_z_loss=False, precomputed_lse=None):

@@ -161,14 +161,22 @@ class DecoderLayer(nn.Module):
         self.checkpointed = False  # activation checkpointing: set by evo.parallel.parallelize
 
     def _forward(self, x, cu_seqlens, max_seqlen, cache, layer):
+        """(the layer's output, a MoE block's stats or None)."""
         h = x + self.attention(self.attention_norm(x), cu_seqlens, max_seqlen, cache, layer)
-        return h + self.feed_forward(self.ffn_norm(h))
+        if isinstance(self.feed_forward, MoEBlock):
+            out, stats = self.feed_forward.forward_with_stats(self.ffn_norm(h))
+            return h + out, stats
+        return h + self.feed_forward(self.ffn_norm(h)), None
 
     def forward(self, x, cu_seqlens=None, max_seqlen=None, cache: KVCache | None = None, layer: int = 0):
         if self.checkpointed and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, cu_seqlens, max_seqlen, cache, layer,
-                                                     use_reentrant=False)
-        return self._forward(x, cu_seqlens, max_seqlen, cache, layer)
+            h, stats = torch.utils.checkpoint.checkpoint(self._forward, x, cu_seqlens, max_seqlen, cache, layer,
+                                                         use_reentrant=False)
+        else:
+            h, stats = self._forward(x, cu_seqlens, max_seqlen, cache, layer)
+        if stats is not None:  # recorded here, outside the checkpoint: its recompute in backward records nothing
+            self.feed_forward.record(*stats)
+        return h
 
 
 class OutputHead(nn.Linear):

@@ -10,10 +10,10 @@ InternEvo makes every layer sparse, which is the default). For the tokens x (T, 
     w = w / sum_j w_j                                (``normalize_expert_weights``, default True)
     w = w * routed_scaling_factor
     out_t = sum_j w_tj * E_{ids_tj}(x_t)  [+ shared(x_t), times sigmoid(x_t W_sg^T) with ``shared_expert_gate``]
-with every expert a SwiGLU MLP, E_e(x) = W2_e (silu(W1_e x) * W3_e x). Routed experts run as three grouped GEMMs
-over the T*k assignments sorted by expert (``evo.kernels.moe_routing`` and ``grouped_mm``): x's rows are gathered
-in expert order, each expert's rows multiply its own W1, W3 and W2, and the results go back to assignment order to
-be weighted and summed over the k choices. The expert weights are 3-D parameters, w1 and w3 (E, I, H) and w2
+with every expert a SwiGLU MLP, E_e(x) = W2_e (silu(W1_e x) * W3_e x). The routed experts are one kernel call,
+``evo.kernels.moe_experts``: grouped GEMMs over the T*k assignments sorted by expert, each expert's rows through its
+own W1, W3 and W2, weighted and summed over each token's k choices (on a GPU with the gather, SwiGLU and weighting
+fused into the GEMMs: evo/kernels/moe.py). The expert weights are 3-D parameters, w1 and w3 (E, I, H) and w2
 (E, H, I), each initialised as one whole tensor from (seed, name), so every layout starts from the same experts.
 
 ``moe_type`` "GShard" (InternEvo's, after DeepSpeed) gives each expert a capacity of
@@ -95,7 +95,7 @@ class RouterStats:
     aux: torch.Tensor  # () fp32, detached
     counts: torch.Tensor  # (E,) assignments routed to each expert, before dropping
     dropped: torch.Tensor  # () assignments dropped for capacity
-    assignments: int  # T * k
+    assignments: torch.Tensor  # () T * k (over the ranks sharing the forward)
 
 
 class AuxLossGrad(torch.autograd.Function):
@@ -109,22 +109,6 @@ class AuxLossGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, torch.full((), ctx.scale, dtype=ctx.aux_dtype, device=grad.device), None
-
-
-class SortTokens(torch.autograd.Function):
-    """x (T, H) -> its rows in expert order (T*k, H), each token once per choice (row r is token order[r] // k).
-    Backward sums each token's k rows in choice order: deterministic, where indexing's backward adds with atomics."""
-
-    @staticmethod
-    def forward(ctx, x, order, slots, k: int):
-        ctx.save_for_backward(slots)
-        ctx.k = k
-        return x[order // k]
-
-    @staticmethod
-    def backward(ctx, grad):
-        (slots,) = ctx.saved_tensors
-        return grad[slots].view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
 
 
 class Router(nn.Module):
@@ -143,14 +127,6 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, width, hidden))
         self.w3 = nn.Parameter(torch.empty(num_experts, width, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, width))
-
-
-def grouped_swiglu(x_sorted: torch.Tensor, offs: torch.Tensor, w1, w3, w2) -> torch.Tensor:
-    """Each expert's rows of ``x_sorted`` (T*k, H), in expert order with ``offs`` its groups' ends, through its
-    SwiGLU MLP: three grouped GEMMs -> (T*k, H)."""
-    gate = kernels.grouped_mm_unchecked(x_sorted, w1.transpose(1, 2), offs)
-    up = kernels.grouped_mm_unchecked(x_sorted, w3.transpose(1, 2), offs)
-    return kernels.grouped_mm_unchecked(kernels.swiglu(gate, up), w2.transpose(1, 2), offs)
 
 
 def gshard_keep(expert_ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
@@ -241,27 +217,40 @@ class MoEBlock(nn.Module):
         return mine, (~keep).sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, stats = self.forward_with_stats(x)
+        if stats is not None:
+            self.record(*stats)
+        return out
+
+    def forward_with_stats(self, x: torch.Tensor):
+        """(the block's output, its stats for ``record``: (aux, counts, dropped, assignments) tensors, or None
+        without autograd). A decoder layer calls this inside its checkpointed function and records outside it, so a
+        recompute records nothing and torch.compile traces the whole function (a side effect would break it)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, weights, ids, dropped = self.route(x)
-        counts, offs, slots, order = kernels.moe_routing(ids, self.num_experts)
-        sorted_x = SortTokens.apply(x, order, slots, self.top_k)
         experts = [self.local(w) for w in (self.experts.w1, self.experts.w3, self.experts.w2)]
-        y = grouped_swiglu(sorted_x, offs, *experts)[slots].view(*ids.shape, -1)  # (T, k, H), assignment order
-        out = torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)  # (T, H): the k outputs weighted, summed
+        out = kernels.moe_experts(x, ids, weights, *experts)
         if self.shared_experts is not None:
             shared = self.shared_experts(x)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(F.linear(x, self.local(self.shared_expert_gate.weight))) * shared
             out = out + shared
-        if torch.is_grad_enabled():  # training (a checkpointed layer's recompute too: it must save what forward did)
-            group = self.group()
-            aux, counts = load_balancing_loss(logits, ids, self.num_experts, group)
-            if torch._C._current_graph_task_id() == -1:  # not a recompute during backward
-                assignments = ids.numel() * (1 if group is None else dist.get_world_size(group))
-                self.records.append(RouterStats(aux.detach(), counts, dropped, assignments))
-            out = AuxLossGrad.apply(out, aux, self.aux_grad_scale)
-        return out.view(shape)
+        if not torch.is_grad_enabled():  # evaluation: no aux loss, nothing recorded
+            return out.view(shape), None
+        group = self.group()  # training (a checkpointed layer's recompute too: it must save what forward did)
+        aux, counts = load_balancing_loss(logits, ids, self.num_experts, group)
+        assignments = torch.full((), ids.numel() * (dist.get_world_size(group) if group is not None else 1),
+                                 dtype=torch.int64, device=x.device)
+        out = AuxLossGrad.apply(out, aux, self.aux_grad_scale)
+        return out.view(shape), (aux.detach(), counts, dropped, assignments)
+
+    @torch.compiler.disable
+    def record(self, aux, counts, dropped, assignments) -> None:
+        """Keep a training forward's stats, unless this is a recompute during backward (of a block checkpointed on
+        its own; a decoder layer records outside its checkpoint). Not traced by torch.compile: a side effect."""
+        if torch._C._current_graph_task_id() == -1:
+            self.records.append(RouterStats(aux, counts, dropped, assignments))
 
 
 def moe_blocks(model: nn.Module) -> list[MoEBlock]:
@@ -291,8 +280,7 @@ def router_stats(blocks: list[MoEBlock], num_layers: int, forwards: int, num_exp
             rows.append(torch.cat([torch.stack([x.counts for x in r]).sum(0).double(),
                                    torch.stack([x.aux for x in r]).sum().double().reshape(1),
                                    torch.stack([x.dropped for x in r]).sum().double().reshape(1),
-                                   torch.full((1,), float(sum(x.assignments for x in r)), dtype=torch.float64,
-                                              device=r[0].aux.device)]))
+                                   torch.stack([x.assignments for x in r]).sum().double().reshape(1)]))
             layers.append(block.layer)
         block.records.clear()
     if rows:

@@ -35,6 +35,9 @@ def _op_samples():
     logits = rand(5, 300)
     labels = torch.tensor([3, -100, 299, 0, 150], device=DEVICE)
     q, k, v = rand(12, 4, 16), rand(12, 2, 16), rand(12, 2, 16)
+    offs3, offs_first_empty, offs_last_empty = (torch.tensor(o, dtype=torch.int32, device=DEVICE)
+                                                for o in ([2, 2, 9], [0, 4, 9], [0, 9, 9]))
+    token_rows = torch.tensor([3, 0, 1, 1, 2, 0, 3, 2, 0], device=DEVICE)  # the rows of a 4-row operand, sorted order
     attn = (7, 7, 0.25, -1, 0, 0.0)  # max_q, max_k, scale, left, right (causal), softcap
     out, lse = triton_utils.OPAQUE_OPS["flash_attn_fwd"].fn(q, k, v, cu, cu, *attn)
     return {
@@ -53,14 +56,18 @@ def _op_samples():
         "flash_attn_fwd": [(q, k, v, cu, cu, *attn)],
         "flash_attn_bwd": [(rand(12, 4, 16), q, k, v, out, lse, cu, cu, *attn)],
         # 2 batch rows of 3 queries against cache rows 2 and 0 (of 3): keys 1..6 and 0..3 (k and v offsets, counts)
-        "moe_routing": [(torch.tensor([2, 0, 2, 3, 0, 0], device=DEVICE), 5)],
-        "grouped_mm_fwd": [(rand(9, 8), rand(3, 8, 6), torch.tensor([2, 2, 9], dtype=torch.int32, device=DEVICE)),
-                           (rand(9, 8), rand(3, 6, 8).transpose(1, 2), torch.tensor([0, 4, 9], dtype=torch.int32,
-                                                                                    device=DEVICE))],
-        "grouped_mm_db": [(rand(9, 8), rand(9, 6), torch.tensor([2, 2, 9], dtype=torch.int32, device=DEVICE),
-                           rand(3, 8, 6)),
-                          (rand(9, 8), rand(9, 6), torch.tensor([0, 9, 9], dtype=torch.int32, device=DEVICE),
-                           rand(3, 6, 8).transpose(1, 2))],
+        "moe_routing": [(torch.tensor([2, 0, 2, 3, 0, 0], device=DEVICE), 5)],  # grouped GEMMs: 9 rows, 3 groups
+        "grouped_mm_fwd": [(rand(9, 8), rand(3, 8, 6), offs3, None, None, None, None),
+                           (rand(9, 8), rand(3, 6, 8).transpose(1, 2), offs_first_empty, None, None, None, None),
+                           (rand(4, 8), rand(3, 8, 6), offs3, token_rows, rand(9), None, None),  # gathered, scaled
+                           (rand(9, 8), rand(3, 6, 8).transpose(1, 2), offs3, None, None, rand(9, 8),
+                            rand(3, 6, 8).transpose(1, 2))],  # two products
+        "grouped_mm_db": [(rand(9, 8), rand(9, 6), offs3, rand(3, 8, 6), None, False),
+                          (rand(9, 8), rand(9, 6), offs_last_empty, rand(3, 6, 8).transpose(1, 2), None, False),
+                          (rand(4, 8), rand(9, 6), offs3, rand(3, 8, 6), token_rows, True),  # a's rows gathered
+                          (rand(9, 8), rand(4, 6), offs3, rand(3, 8, 6), token_rows, False)],  # dout's
+        "moe_swiglu_fwd": [(rand(4, 8), token_rows, rand(3, 6, 8), rand(3, 6, 8), offs3)],
+        "moe_swiglu_bwd": [(rand(9, 6), rand(9, 6), rand(9, 6), rand(9))],
         "flash_attn_kvcache_fwd": [(rand(2, 3, 4, 16), rand(3, 8, 2, 16), rand(3, 8, 2, 16),
                                     torch.tensor([[2 * 256 + 32, 0], [2 * 256 + 32, 0], [6, 4]], device=DEVICE),
                                     0.25, 4, 0, 0.0)],
@@ -86,6 +93,7 @@ def _cases():
     cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=DEVICE)
     labels = torch.tensor([3, -100, 299, 0, 150, 7, 42], device=DEVICE)
     offsets = torch.tensor([1, 2], dtype=torch.int32, device=DEVICE)
+    expert_ids = torch.tensor([[0, 2], [2, 3], [0, 3], [3, 0], [2, 0], [0, 2], [3, 2]], device=DEVICE)  # 1: none
     return {
         "rms_norm": (lambda x, w: kernels.rms_norm(x, w), (rand(5, 64), rand(64))),
         "fused_add_rms_norm": (lambda x, r, w: kernels.fused_add_rms_norm(x, r, w),
@@ -124,6 +132,8 @@ def _cases():
                                    (rand(12, 4, 16), rand(12, 2, 16), rand(12, 2, 16))),
         "flash_attn_func": (lambda q, k, v: kernels.flash_attn_func(q, k, v, window_size=(3, 2), softcap=5.0),
                             (rand(2, 6, 4, 16), rand(2, 6, 2, 16), rand(2, 6, 2, 16))),
+        "moe_experts": (lambda x, w, w1, w3, w2: kernels.moe_experts(x, expert_ids, w, w1, w3, w2),
+                        (rand(7, 16), rand(7, 2), rand(4, 8, 16), rand(4, 8, 16), rand(4, 16, 8))),
     }
 
 
@@ -238,3 +248,49 @@ def test_compiled_model_matches_eager_model():
     assert set(grads) == set(eager_grads)
     for name in grads:
         torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_compiled_moe_layers_train_as_eager_ones():
+    """model.compile with MoE layers (each decoder layer through torch.compile, as evo.parallel.parallelize does),
+    checkpointed, Triton backend: the same per-token losses and gradients as eager (the aux loss's included), one
+    record per training forward, and the record (a side effect, outside the checkpointed function) the only graph
+    break: the checkpointed function is traced whole."""
+    from torch._dynamo.utils import counters
+
+    from evo.config import config_from_dict
+    from evo.model import build_model
+    from evo.model.moe import moe_blocks
+    from tests.helpers import small_sections
+
+    cfg = config_from_dict({**small_sections(model=dict(num_experts=4, top_k=2, dtype="torch.float32")),
+                            "model_type": "QWEN3MOE"}).model
+    ids = torch.randint(0, cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    ops = set()
+
+    def traced(gm, example_inputs):  # aot_eager, noting the ops of every graph (the checkpointed body's included)
+        ops.update(str(n.target) for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        model = build_model(cfg, DEVICE, seed=3)
+        for layer in model.layers:
+            layer.checkpointed = True
+            if compiled:
+                layer.compile(backend=traced)
+        for block in moe_blocks(model):
+            block.aux_grad_scale = 0.5
+        with kernels.use_backend("triton"):
+            token_loss = model(ids, labels=ids)
+            token_loss.sum().backward()
+        assert [len(b.records) for b in moe_blocks(model)] == [1] * cfg.num_layers
+        results.append((token_loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    breaks = [reason for reason in counters["graph_break"] if "record" not in reason]
+    assert counters["frames"]["ok"] >= 1 and not breaks, breaks
+    assert {"evo.moe_swiglu_fwd", "evo.flash_attn_fwd"} <= {op.replace("::", ".").split(".default")[0] for op in ops}
+    (eager_loss, eager), (loss, grads) = results
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-6)
+    for name in eager:
+        torch.testing.assert_close(grads[name], eager[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -19,7 +19,7 @@ from tests.helpers import ROOT
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
 KERNELS = {"rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "rotary_kernel", "ce_stats", "ce_grad",
            "attention_fwd", "attention_fwd_kvcache", "attention_bwd_delta", "attention_bwd_dkdv", "attention_bwd_dq",
-           "moe_count", "moe_slots", "gmm", "gmm_db"}
+           "moe_count", "moe_slots", "gmm", "gmm_db", "gmm_swiglu", "swiglu_weighted_bwd"}
 
 
 def _toolchain_missing() -> str | None:
@@ -83,12 +83,16 @@ def check_attention(rows: list[dict]) -> None:
 
 
 def check_grouped_gemm(rows: list[dict]) -> None:
-    """The MoE grouped GEMMs in bf16 (forward, dA, dB at the Qwen3-30B-A3B shape): warpgroup MMA, not serialized,
-    no mma.sync, no spills."""
-    gemms = [r for r in rows if r["kernel"] in ("gmm", "gmm_db")]
-    assert len(gemms) == 3, gemms
+    """The MoE grouped GEMMs in bf16 at the Qwen3-30B-A3B shape, the public grouped_mm's and every fused variant
+    moe_experts launches (gathered, two-product, weighted; the SwiGLU GEMM's two accumulators): warpgroup MMA, not
+    serialized, no mma.sync, no spills; the weighted SwiGLU backward, no spills."""
+    gemms = [r for r in rows if "gmm" in r["kernel"]]
+    assert {(r["kernel"], r["options"]) for r in gemms} == {
+        ("gmm", "plain"), ("gmm", "scaled"), ("gmm", "gather"), ("gmm", "dual"), ("gmm_swiglu", "gather"),
+        ("gmm_db", "plain"), ("gmm_db", "gather_a"), ("gmm_db", "gather_d")}, gemms
     assert all(r["wgmma"] and not r["wgmma_serialized"] and not r["mma_sync"] and r["spill_bytes"] == 0
                for r in gemms), gemms
+    assert [r["spill_bytes"] for r in rows if r["kernel"] == "swiglu_weighted_bwd"] == [0]
 
 
 @needs_toolchain

@@ -9,6 +9,7 @@ import evo.kernels as K
 from evo.kernels import moe as tri
 from evo.kernels import reference as ref
 from tests.kernels.interpreter_bf16 import interpreter_max_slack, round_as_interpreter
+from evo.kernels.triton_utils import interpreting
 from tests.kernels.oracle import assert_oracle, run_with_grads
 
 
@@ -134,3 +135,124 @@ def test_grouped_mm_writes_db_in_the_weights_layout():
     assert w.grad.is_contiguous()
     expected = exact_grouped_mm(a.double(), w.detach().double().transpose(1, 2), offs)
     assert torch.allclose(out.double(), expected, atol=1e-5)
+
+
+def loop_experts(x, ids, weights, w1, w3, w2, rnd=lambda t: t):
+    """The routed experts as transformers' Mixtral block computes them: expert by expert, its tokens' outputs
+    weighted and added into place (no sorting, no grouped GEMM). ``rnd`` is applied to each intermediate."""
+    out = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        token, choice = torch.where(ids == e)
+        v = x[token]
+        h = rnd(torch.nn.functional.silu(rnd(v @ w1[e].T)) * rnd(v @ w3[e].T))
+        out = out.index_add(0, token, rnd(rnd(h @ w2[e].T) * weights[token, choice, None].to(h.dtype)))
+    return out
+
+
+class RoundedAsInterpreter(torch.autograd.Function):
+    """Identity in fp32 whose value and gradient are rounded to bf16 as the interpreter's stores round them."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return round_as_interpreter(t, torch.bfloat16).float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return round_as_interpreter(grad, torch.bfloat16).float()
+
+
+def plain_experts(floats, ids, dtype):
+    """The loop in ``dtype``: the error a plain implementation makes. Under the interpreter, bf16 is the loop in fp32
+    rounded toward zero wherever the kernels store (the interpreter's rule; tests/kernels/interpreter_bf16.py), the
+    gradients rounded likewise, and the results rounded to bf16 as the kernels' last stores round them."""
+    if dtype != torch.bfloat16 or not interpreting():
+        return run_with_grads(lambda x, w, a, b, c: loop_experts(x, ids, w, a, b, c), floats)
+    out, grads = run_with_grads(lambda x, w, a, b, c: loop_experts(x, ids, w, a, b, c, RoundedAsInterpreter.apply),
+                                [t.float() for t in floats])
+    return (out[0].to(dtype),), (grads[0].to(dtype), grads[1].to(dtype),
+                                 *(round_as_interpreter(g, dtype) for g in grads[2:]))
+
+
+def experts_case(tokens, k, experts, hidden, inter, seed, drop=()):
+    """x, ids (experts in ``drop`` get no token), weights (a zero among them, as GShard's dropped assignments),
+    w1, w3, w2: random, in fp64."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, experts, (tokens, k), generator=gen)
+    for e in drop:
+        ids[ids == e] = (e + 1) % experts
+    weights = torch.rand(tokens, k, generator=gen, dtype=torch.float64)
+    weights[0, -1] = 0.0
+    w1, w3 = (torch.randn(experts, inter, hidden, generator=gen, dtype=torch.float64) / hidden ** 0.5 for _ in "13")
+    w2 = torch.randn(experts, hidden, inter, generator=gen, dtype=torch.float64) / inter ** 0.5
+    return x, ids, weights, w1, w3, w2
+
+
+EXPERT_CASES = {"ragged, two experts empty": (29, 3, 6, 24, 20, (1, 5)), "top-1": (17, 1, 4, 16, 40, ()),
+                "one token": (1, 2, 3, 8, 16, ())}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", EXPERT_CASES.values(), ids=EXPERT_CASES.keys())
+def test_moe_experts_forward_and_backward(case, dtype):
+    """The fused Triton experts (gather, SwiGLU and weighting inside the GEMMs) against the per-expert loop: in fp64
+    for the exact values, in the input dtype for the error a plain implementation makes; gradients of x, the
+    routing weights and the three expert weights (an expert with no token gets zeros)."""
+    x, ids, weights, w1, w3, w2 = experts_case(*case[:5], seed=sum(case[:5]), drop=case[5])
+    device = torch.get_default_device()
+    ids = ids.to(device)
+    floats = [t.to(dtype).to(device) for t in (x, weights, w1, w3, w2)]
+    kernel = lambda x, w, a, b, c: tri.moe_experts(x, ids, w, a, b, c)  # noqa: E731
+    loop = lambda x, w, a, b, c: loop_experts(x, ids, w, a, b, c)  # noqa: E731
+    k_out, k_grad = run_with_grads(kernel, floats)
+    p_out, p_grad = plain_experts(floats, ids, dtype)
+    e_out, e_grad = run_with_grads(loop, [t.double() for t in floats])
+    assert_oracle("out", k_out[0], p_out[0], e_out[0], dtype, max_slack=interpreter_max_slack(k_out[0], e_out[0]))
+    for name, kg, pg, eg in zip(("dx", "dweights", "dw1", "dw3", "dw2"), k_grad, p_grad, e_grad):
+        assert kg.dtype == dtype and kg.shape == eg.shape, name
+        assert_oracle(name, kg, pg, eg, dtype, grad=True, max_slack=interpreter_max_slack(kg, eg))
+    for e in case[5]:
+        assert not k_grad[2][e].any() and not k_grad[3][e].any() and not k_grad[4][e].any()
+
+
+def test_moe_experts_reference_is_the_loop_and_both_backends_check_arguments():
+    x, ids, weights, w1, w3, w2 = experts_case(31, 2, 5, 12, 10, seed=4, drop=(3,))
+    ref_out, ref_grad = run_with_grads(lambda *t: ref.moe_experts(t[0], ids, *t[1:]), [x, weights, w1, w3, w2])
+    loop_out, loop_grad = run_with_grads(lambda *t: loop_experts(t[0], ids, *t[1:]), [x, weights, w1, w3, w2])
+    for got, want in zip(ref_out + ref_grad, loop_out + loop_grad):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    bad = {r"x \(T, H\) and expert_ids and weights": (x, ids, weights[:, :1], w1, w3, w2),
+           r"w1 and w3 \(E, I, H\) and w2 \(E, H, I\)": (x, ids, weights, w1, w3, w2.transpose(1, 2)),
+           "one floating dtype": (x, ids, weights, w1.float(), w3, w2),
+           "integer expert_ids": (x, ids.double(), weights, w1, w3, w2)}
+    for message, args in bad.items():
+        for backend in ("torch", "triton"):
+            with K.use_backend(backend), pytest.raises(ValueError, match=message):
+                K.moe_experts(*args)
+
+
+def test_moe_experts_saves_no_token_copy_for_backward():
+    """What the fused experts keep for backward besides their inputs: the routing and gate and up, (T*k, I) each;
+    the unfused reference also keeps x in expert order and the experts' outputs, (T*k, H) each."""
+    tokens, k, experts, hidden, inter = 40, 4, 5, 32, 8
+    x, ids, weights, w1, w3, w2 = (t.float() if t.is_floating_point() else t
+                                   for t in experts_case(tokens, k, experts, hidden, inter, seed=2))
+    leaves = [t.requires_grad_() for t in (x, weights, w1, w3, w2)]
+    inputs = {t.untyped_storage().data_ptr() for t in leaves}
+
+    def saved_bytes(fn):  # the storages saved for backward, each once, the inputs' own excepted
+        storages = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in inputs:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(leaves[0], ids, *leaves[1:])
+        return sum(storages.values())
+
+    rows = tokens * k
+    routing = rows * (4 + 8 + 8) + experts * 4  # each row's weight (fp32), token and slot (int64); the offsets
+    assert saved_bytes(tri.moe_experts) <= 2 * rows * inter * 4 + routing
+    assert saved_bytes(ref.moe_experts) >= 2 * rows * hidden * 4  # the contrast: the same math unfused
