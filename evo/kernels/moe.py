@@ -375,7 +375,7 @@ class MoEExpertsFunction(torch.autograd.Function):
         y = _forward_op(h, w2.transpose(1, 2), offs, None, ws, None, None)  # weighted, in expert order
         ctx.save_for_backward(x, w1, w3, w2, offs, slots, rows, ws, gate, up)
         ctx.k, ctx.weights_dtype = k, weights.dtype
-        return y[slots].view(tokens, k, -1).sum(1)
+        return y[slots].view(tokens, k, y.shape[-1]).sum(1)
 
     @staticmethod
     def backward(ctx, dout):
@@ -384,7 +384,7 @@ class MoEExpertsFunction(torch.autograd.Function):
         p = _forward_op(dout, w2, offs, rows, None, None, None)  # dout[token] @ w2[g]: h's gradient, unweighted
         dgate, dup, dw, hw = _swiglu_backward_op(p, gate, up, ws)
         dx_sorted = _forward_op(dgate, w1, offs, None, None, dup, w3)  # dgate @ w1 + dup @ w3
-        dx = dx_sorted[slots].view(dout.shape[0], ctx.k, -1).sum(1)  # each token's k rows, in choice order
+        dx = dx_sorted[slots].view(dout.shape[0], ctx.k, x.shape[1]).sum(1)  # each token's k rows, in choice order
         # each written in its weight's layout (as b = weight^T), handed back as the weight
         dw1 = _db_op(x, dgate, offs, w1.transpose(1, 2), rows, True).transpose(1, 2)
         dw3 = _db_op(x, dup, offs, w3.transpose(1, 2), rows, True).transpose(1, 2)

@@ -211,7 +211,7 @@ class SortTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (slots,) = ctx.saved_tensors
-        return grad[slots].view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+        return grad[slots].view(slots.numel() // ctx.k, ctx.k, grad.shape[-1]).sum(1), None, None, None
 
 
 def moe_experts(x, expert_ids, weights, w1, w3, w2) -> torch.Tensor:
@@ -223,7 +223,7 @@ def moe_experts(x, expert_ids, weights, w1, w3, w2) -> torch.Tensor:
     x_sorted = SortTokens.apply(x, order, slots, expert_ids.shape[1])
     gate = grouped_mm(x_sorted, w1.transpose(1, 2), offs)
     up = grouped_mm(x_sorted, w3.transpose(1, 2), offs)
-    y = grouped_mm(swiglu(gate, up), w2.transpose(1, 2), offs)[slots].view(*expert_ids.shape, -1)
+    y = grouped_mm(swiglu(gate, up), w2.transpose(1, 2), offs)[slots].view(*expert_ids.shape, x.shape[1])
     return (_acc(y) * _acc(weights).unsqueeze(-1)).sum(1).to(x.dtype)
 
 # ------------------------------------------------------------------------------------ cross-entropy

@@ -182,14 +182,14 @@ def experts_case(tokens, k, experts, hidden, inter, seed, drop=()):
     for e in drop:
         ids[ids == e] = (e + 1) % experts
     weights = torch.rand(tokens, k, generator=gen, dtype=torch.float64)
-    weights[0, -1] = 0.0
+    weights[:1, -1] = 0.0
     w1, w3 = (torch.randn(experts, inter, hidden, generator=gen, dtype=torch.float64) / hidden ** 0.5 for _ in "13")
     w2 = torch.randn(experts, hidden, inter, generator=gen, dtype=torch.float64) / inter ** 0.5
     return x, ids, weights, w1, w3, w2
 
 
 EXPERT_CASES = {"ragged, two experts empty": (29, 3, 6, 24, 20, (1, 5)), "top-1": (17, 1, 4, 16, 40, ()),
-                "one token": (1, 2, 3, 8, 16, ())}
+                "one token": (1, 2, 3, 8, 16, ()), "no token": (0, 2, 3, 8, 16, ())}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
