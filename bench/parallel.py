@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -54,7 +55,8 @@ def model_config(name: str):
     """The model section of configs/<name>.py, validated."""
     from evo.config import config_from_dict, read_config_file
 
-    return config_from_dict({"model": read_config_file(ROOT / "configs" / f"{name}.py")["model"]}).model
+    raw = read_config_file(ROOT / "configs" / f"{name}.py")
+    return config_from_dict({k: raw[k] for k in ("model", "model_type") if k in raw}).model
 
 
 # ---------------------------------------------------------------------------------------------- computed
@@ -85,10 +87,10 @@ def computed_rows(configs=CONFIGS_7B, layouts=LAYOUTS_7B) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- measured
-def _tiny_config(dtype: str | None = None):
+def _tiny_config(dtype: str | None = None, name: str = "tiny"):
     from evo.config import load_config
 
-    cfg = load_config(ROOT / "configs" / "tiny.py")
+    cfg = load_config(ROOT / "configs" / f"{name}.py")
     if dtype:
         cfg.model.dtype = dtype
     return cfg
@@ -108,8 +110,8 @@ def _held_compute_bytes(model, ctx) -> int:
 
     total = 0
     for p in {id(p): p for p in model.parameters()}.values():
-        if ctx.distributed:
-            sharded = isinstance(p, DTensor) and "zero" in (p.device_mesh.mesh_dim_names or ())
+        if ctx.distributed:  # FSDP2's shards are over "zero" (experts under expert parallelism: "edp")
+            sharded = isinstance(p, DTensor) and {"zero", "edp"} & set(p.device_mesh.mesh_dim_names or ())
         else:
             sharded = p.dtype == torch.float32
         if not sharded:
@@ -141,9 +143,10 @@ def _train_step(model, optimizer, micros, denom: float) -> None:
 
 
 def measure_layout(rank: int, world: int, layout: dict, dtype: str | None = None, steps: int = 0, warmup: int = 0,
-                   threads: int | None = None, seed: int = 1024) -> dict:
-    """Build the tiny model under ``layout`` on this rank (inside a process group when world > 1), take one
-    training step counting what it holds, then time ``steps`` more after ``warmup`` (each step's seconds, the
+                   threads: int | None = None, seed: int = 1024, config: str = "tiny") -> dict:
+    """Build the model of configs/<config>.py under ``layout`` on this rank (inside a process group when world >
+    1), take one training step counting what it holds (and, with expert groups, the bytes its all-to-alls send to
+    other ranks: ``all_to_all_bytes``), then time ``steps`` more after ``warmup`` (each step's seconds, the
     slowest rank's once merged). This rank's numbers."""
     import torch.distributed as dist
 
@@ -154,9 +157,9 @@ def measure_layout(rank: int, world: int, layout: dict, dtype: str | None = None
         torch.set_num_threads(threads)
     if steps:
         torch.set_flush_denormal(True)  # timed as scripts/train.py trains
-    cfg = _tiny_config(dtype)
+    cfg = _tiny_config(dtype, config)
     ctx = build_context(world, rank, rank, torch.device("cpu"), 1, layout.get("tp", 1), layout.get("zero1", 1),
-                        layout.get("mode", "mtp"))
+                        layout.get("mode", "mtp"), ep=layout.get("expert", 1))
     model = build_parallel_model(cfg.model, ctx, seed)
     out = {"memory_estimate": memory_estimate(model, ctx, cfg.model)}
     params = {id(p): p for p in model.parameters()}.values()
@@ -167,9 +170,11 @@ def measure_layout(rank: int, world: int, layout: dict, dtype: str | None = None
     denom = float(cfg.data.seq_len * cfg.data.micro_bsz * cfg.data.micro_num * ctx.dp_size)
 
     ids, cu, max_len, labels = batches[0][0]  # the counted step: one micro-batch
-    loss = model(ids, cu, max_len, labels=labels)
-    out["held_compute_bytes"] = _held_compute_bytes(model, ctx)
-    (loss.sum() / denom).backward()
+    with counted_all_to_all(ctx.rank if ctx.ep_size > 1 else None) as sent:
+        loss = model(ids, cu, max_len, labels=labels)
+        out["held_compute_bytes"] = _held_compute_bytes(model, ctx)
+        (loss.sum() / denom).backward()
+    out["all_to_all_bytes"] = sum(sent)
     optimizer.accumulate_grads()
     grads = [m.grad for m in optimizer.masters.values() if m.grad is not None]
     out["gradient_bytes"] = sum(_local(g).numel() * g.element_size() for g in grads)
@@ -190,6 +195,31 @@ def measure_layout(rank: int, world: int, layout: dict, dtype: str | None = None
     if ctx.distributed:
         dist.barrier()
     return out
+
+
+@contextlib.contextmanager
+def counted_all_to_all(rank: int | None):
+    """Within it, the bytes each uneven all-to-all (evo.parallel.expert's token exchanges) sends to other ranks
+    are appended to the yielded list (``rank``: this rank's global rank; None counts nothing)."""
+    import torch.distributed as dist
+
+    sent: list[int] = []
+    real = dist.all_to_all_single
+
+    def counting(out, inp, output_split_sizes=None, input_split_sizes=None, group=None, **kwargs):
+        if input_split_sizes is not None:  # token rows: all but the rows this rank keeps
+            me = dist.get_group_rank(group, rank) if group is not None else rank
+            row = inp[0].numel() * inp.element_size() if inp.shape[0] else 0
+            sent.append(row * (sum(input_split_sizes) - input_split_sizes[me]))
+        return real(out, inp, output_split_sizes=output_split_sizes, input_split_sizes=input_split_sizes,
+                    group=group, **kwargs)
+
+    if rank is not None:
+        dist.all_to_all_single = counting
+    try:
+        yield sent
+    finally:
+        dist.all_to_all_single = real
 
 
 def measure_layouts(rank: int, world: int, jobs: list[dict]) -> list[dict]:

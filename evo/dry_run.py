@@ -92,7 +92,7 @@ def dry_run(config, overrides=None) -> str:
     world, source = launched or smallest_world(p)
     ctx = ParallelContext.plan(p, world)  # a ConfigError when the layout does not fit the world
     total, matmul = whole_model_sizes(cfg.model)
-    memory = computed_memory(cfg.model, world // p.pipeline.size, p.tensor.size, p.zero1.size)
+    memory = computed_memory(cfg.model, world // p.pipeline.size, p.tensor.size, p.zero1.size, ep=ctx.ep_size)
     lines = [f"dry run of {cfg.source or 'a config'}: nothing is written", "", "config (differences from evo's "
              "defaults):", *(f"  {line}" for line in config_differences(cfg)), "",
              f"layout: {ctx.describe().split('; this rank')[0]} ({source})",

@@ -151,6 +151,9 @@ def initialize_distributed_env(config, launcher: str | None = None, master_port:
     logger.info("launcher=%s world_size=%d device=%s config=%s run_folder=%s", launcher, world_size, device,
                 cfg.source, run_folder)
     logger.info("layout: %s", ctx.describe())
+    if ctx.ep_size > 1 and not cfg.parallel.expert.no_tp:
+        logger.info("parallel.expert.no_tp=False (InternEvo's default) is read as True: evo never splits an expert "
+                    "over the tensor group")
     _LAUNCH = LaunchState(cfg, ctx, run_folder, seed)
     return _LAUNCH
 

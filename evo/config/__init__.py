@@ -19,7 +19,7 @@ from evo.config.load import (apply_overrides, config_from_dict, known_keys, load
 from evo.config.sections import (CKPT_CONTENTS, DTYPES, MODEL_TYPES, MOE_MODEL_TYPES, MOE_TYPES, REQUIRED, SECTIONS, AdamConfig, CkptConfig,
                                  Config, DataConfig, Fp16ScalerConfig, GradScalerConfig, HybridZeroConfig,
                                  LossConfig, LrSchedulerConfig, ModelConfig, MonitorConfig, ParallelConfig,
-                                 ParallelDim)
+                                 ParallelDim, ExpertDim)
 from evo.errors import ConfigError
 
 __all__ = ["ROPE_TYPES", "check_choice", "parse_skip_batches", "require", "strip_folder_prefix", "validate",
@@ -30,4 +30,4 @@ __all__ = ["ROPE_TYPES", "check_choice", "parse_skip_batches", "require", "strip
            "REQUIRED", "SECTIONS",
            "AdamConfig", "CkptConfig", "Config", "DataConfig", "Fp16ScalerConfig", "GradScalerConfig",
            "HybridZeroConfig", "LossConfig", "LrSchedulerConfig", "ModelConfig", "MonitorConfig", "ParallelConfig",
-           "ParallelDim", "ConfigError"]
+           "ParallelDim", "ExpertDim", "ConfigError"]

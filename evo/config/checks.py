@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from evo.config.layout import (PIPELINE_MODES, TENSOR_MODE, TENSOR_MODES, check_pipeline, check_tensor_parallel,
-                               data_and_zero_sizes)
+                               data_and_zero_sizes, expert_error, expert_size)
 from evo.config.sections import CKPT_CONTENTS, DTYPES, MOE_MODEL_TYPES, MOE_TYPES, Config, DataConfig, ModelConfig
 from evo.errors import ConfigError
 
@@ -186,8 +186,15 @@ def _validate_parallel(cfg: Config, world_size: int | None = None) -> None:
     check_choice(p.tensor.mode, TENSOR_MODES, "parallel.tensor.mode")
     mode = p.pipeline.mode or "1F1B"
     p.pipeline.mode = mode.upper() if mode.upper() in PIPELINE_MODES else mode  # InternEvo's configs write "1f1b"
+    require(p.expert.size != 0 and p.expert.size >= -1, f"'parallel.expert.size' must be >= 1, or -1 (the "
+            f"data-parallel size, capped at the experts), got {p.expert.size}")
+    require(p.expert.size <= 1 or m.num_experts > 1, f"'parallel.expert.size' = {p.expert.size} needs a mixture of "
+            "experts: set 'model.num_experts' > 1 or leave parallel.expert out")
     if world_size is not None:
-        data_and_zero_sizes(p, world_size)  # the layout against the launcher's world, before the model's sizes
+        dp, zero = data_and_zero_sizes(p, world_size)  # the layout against the launcher's world, before the model's
+        p.expert.size = expert_size(p.expert.size, dp, m.num_experts)  # -1 resolved: the size every rank uses
+        problem = expert_error(p.expert.size, dp, zero, m.num_experts, p.zero1.size, p.tensor.size)
+        require(problem is None, str(problem))
     problem = check_pipeline(m, p.pipeline.size, p.pipeline.mode, cfg.data.micro_num)
     require(problem is None, str(problem))
     mode = TENSOR_MODE[p.tensor.mode]

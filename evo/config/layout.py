@@ -107,6 +107,32 @@ def layout_error(world_size: int, pp: int, dp: int | None, tp: int, zero: int, w
     return None
 
 
+def expert_size(size: int, dp: int, num_experts: int) -> int:
+    """InternEvo's parallel.expert.size: <= 0 the data-parallel size capped at the experts, else itself; 1 for a
+    dense model."""
+    if num_experts <= 1:
+        return 1
+    return min(dp, num_experts) if size <= 0 else size
+
+
+def expert_error(ep: int, dp: int, zero: int, num_experts: int, zero1: int, tp: int) -> str | None:
+    """Why expert groups of ``ep`` cannot hold ``num_experts`` experts over ``dp`` data ranks, or None."""
+    if ep == 1:
+        return None
+    if num_experts % ep:
+        return f"'parallel.expert.size' ({ep}) must divide 'model.num_experts' ({num_experts}): experts are not split"
+    if dp % ep:
+        return (f"'parallel.expert.size' ({ep}) must divide the data-parallel size ({dp}): expert groups are runs "
+                "of data ranks")
+    if zero != dp:
+        return (f"'parallel.zero1.size' ({zero1}) must be -1 or the data-parallel size ({dp}) with expert "
+                "parallelism (InternEvo's rule)")
+    if tp > 1:
+        return (f"'parallel.expert.size' ({ep}) with 'parallel.tensor.size' {tp}: expert parallelism does not "
+                "compose with tensor parallelism yet; use expert.size 1 or tensor.size 1")
+    return None
+
+
 def check_pipeline(model_cfg, pp: int, mode: str, micro_num: int) -> str | None:
     """Why ``model_cfg`` cannot run pipelined over ``pp`` ranks in ``mode`` with ``micro_num`` micro-batches, or
     None. Checked with the config, before any process group exists."""

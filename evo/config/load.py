@@ -46,7 +46,7 @@ _ACCEPTED_NO_EFFECT = {
 # communication overlap or memory pool to tune (parallel.*); AdamW's beta2 does not follow a schedule here; the
 # lr schedule starts where the checkpoint's counters say (lr_scheduler.last_epoch); checkpoints load through
 # ckpt.load_ckpt_info (ckpt.load_ckpt_folder); TensorBoard is always written, untuned (monitor.tensorboard).
-_ACCEPTED_WITH_WARNING = {"parallel": {"interleaved_overlap", "overlap", "memory_pool", "expert", "expert_weight"}, "adam": {"adam_beta2_c"},
+_ACCEPTED_WITH_WARNING = {"parallel": {"interleaved_overlap", "overlap", "memory_pool", "expert_weight"}, "adam": {"adam_beta2_c"},
                           "lr_scheduler": {"last_epoch"}, "ckpt": {"load_ckpt_folder"}, "monitor": {"tensorboard"}}
 _TOP_LEVEL_NO_EFFECT = {"DO_ALERT", "model_type", "cudnn_deterministic", "cudnn_benchmark", "use_fp32_norm",
                         "beta2_scheduler", "generation"}

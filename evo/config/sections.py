@@ -163,11 +163,19 @@ class ParallelDim:
 
 
 @dataclass
+class ExpertDim:
+    size: int = 1  # ranks an expert group spreads a MoE layer's experts over (evo/parallel/expert.py); <= 0: the
+    # data-parallel size capped at num_experts (InternEvo's default, -1); 1: every rank holds every expert
+    no_tp: bool = False  # InternEvo's: experts not split over the tensor group; evo never splits one (False is logged)
+
+
+@dataclass
 class ParallelConfig:
     zero1: ParallelDim = field(default_factory=lambda: ParallelDim(size=-1))  # <= 0: the whole data group; 1: off
     tensor: ParallelDim = field(default_factory=lambda: ParallelDim(mode="mtp"))  # tensor (or isp's sequence) groups
     pipeline: ParallelDim = field(default_factory=ParallelDim)  # pipeline stages and their schedule
     weight: ParallelDim = field(default_factory=ParallelDim)  # isp: weight groups that shard the weights
+    expert: ExpertDim = field(default_factory=ExpertDim)  # MoE: expert groups (expert parallelism)
     sequence_parallel: Optional[bool] = None  # InternEvo's switch: True needs tensor.mode msp or fsp
     timeout_s: float = 1800.0  # evo: collective timeout in seconds
 

@@ -120,13 +120,18 @@ class Router(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts as three 3-D weights (Linear layout, out x in per expert): w1, w3 (E, I, H), w2 (E, H, I)."""
+    """E SwiGLU experts as three 3-D weights (Linear layout, out x in per expert): w1, w3 (E, I, H), w2 (E, H, I).
+    Its forward hands them to the block's ``routed`` (through ``local``): a call of the module, so that FSDP2, which
+    wraps the experts apart under expert parallelism, gathers them before and reduces their gradients after."""
 
     def __init__(self, hidden: int, width: int, num_experts: int):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(num_experts, width, hidden))
         self.w3 = nn.Parameter(torch.empty(num_experts, width, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, width))
+
+    def forward(self, x, ids, weights, routed, local) -> torch.Tensor:
+        return routed(x, ids, weights, local(self.w1), local(self.w3), local(self.w2))
 
 
 def gshard_keep(expert_ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
@@ -156,7 +161,7 @@ class MoEBlock(nn.Module):
     ``SequenceShards``, set under tensor and sequence parallelism: while ``shards.sharded``, this rank's tokens are
     one part of the forward's, so the aux loss's sums and GShard's places are taken over the group), and ``local``
     (how a weight becomes the tensor the math uses; tensor parallelism's subclass turns its replicated DTensors into
-    local tensors, evo.parallel.tensor)."""
+    local tensors, evo.parallel.tensor); expert parallelism's subclass also replaces ``routed`` (evo.parallel.expert)."""
 
     def __init__(self, cfg: ModelConfig, shared: nn.Module | None = None, layer: int = 0):
         super().__init__()
@@ -183,6 +188,11 @@ class MoEBlock(nn.Module):
     def local(self, weight: torch.Tensor) -> torch.Tensor:
         """The tensor the math uses for one of the block's weights: itself here."""
         return weight
+
+    def routed(self, x, ids, weights, w1, w3, w2) -> torch.Tensor:
+        """The routed experts' output (T, H): every expert here (expert parallelism's subclass spreads them over an
+        expert group, evo.parallel.expert)."""
+        return kernels.moe_experts(x, ids, weights, w1, w3, w2)
 
     def group(self):
         """The group whose ranks share this forward's tokens (each holding a sequence shard), or None."""
@@ -229,8 +239,7 @@ class MoEBlock(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, weights, ids, dropped = self.route(x)
-        experts = [self.local(w) for w in (self.experts.w1, self.experts.w3, self.experts.w2)]
-        out = kernels.moe_experts(x, ids, weights, *experts)
+        out = self.experts(x, ids, weights, self.routed, self.local)
         if self.shared_experts is not None:
             shared = self.shared_experts(x)
             if self.shared_expert_gate is not None:

@@ -25,7 +25,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from evo.config import TENSOR_MODE, ConfigError, ParallelConfig, ParallelDim, TensorMode, data_and_zero_sizes
+from evo.config import (TENSOR_MODE, ConfigError, ExpertDim, ParallelConfig, ParallelDim, TensorMode,
+                        data_and_zero_sizes)
 
 
 @dataclass
@@ -42,9 +43,12 @@ class ParallelContext:
     # sequence group)
     pp_mode: str = "1F1B"  # the pipeline schedule (evo.parallel.pipeline): 1F1B, ZBH1 or ZBV
     weight_size: int = 1  # isp: weight-parallel group size (contiguous runs of ranks within a pipeline stage)
+    ep_size: int = 1  # expert-parallel group size (runs of data ranks; evo.parallel.expert)
     mesh: object = field(default=None, repr=False)  # DeviceMesh ("pp", "dp_replicate", "zero", "tp"), or None
     dp_mesh: object = field(default=None, repr=False)  # ("dp_replicate", "zero") flattened to "dp"
     weight_mesh: object = field(default=None, repr=False)  # isp: ("wdp", "wp"), the (dp, tp) ranks regrouped
+    expert_mesh: object = field(default=None, repr=False)  # expert parallelism: ("pp", "dp_replicate", "edp", "ep",
+    # "tp"), the zero dimension (all of the data ranks) unflattened
 
     @classmethod
     def from_config(cls, parallel: ParallelConfig, world_size: int = 1, rank: int = 0, local_rank: int = 0,
@@ -72,8 +76,9 @@ class ParallelContext:
         pp, tp, weight = parallel.pipeline.size, parallel.tensor.size, parallel.weight.size
         tp_mode, pp_mode = parallel.tensor.mode or "mtp", parallel.pipeline.mode or "1F1B"
         dp, zero = data_and_zero_sizes(parallel, world_size)  # a ConfigError when the layout does not fit
+        ep = parallel.expert.size if parallel.expert.size >= 1 else dp  # validation resolved -1 with the experts
         return cls(world_size=world_size, rank=rank, local_rank=local_rank, pp_size=pp, dp_size=dp, tp_size=tp,
-                   zero_size=zero, tp_mode=tp_mode, weight_size=weight, pp_mode=pp_mode)
+                   zero_size=zero, tp_mode=tp_mode, weight_size=weight, pp_mode=pp_mode, ep_size=ep)
 
     def _build_mesh(self) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -82,6 +87,8 @@ class ParallelContext:
         self.mesh = init_device_mesh(self.device.type, (pp, dp // zero, zero, tp),
                                      mesh_dim_names=("pp", "dp_replicate", "zero", "tp"))
         self.dp_mesh = self.mesh["dp_replicate", "zero"]._flatten("dp")
+        if self.ep_size > 1:  # InternEvo's expert groups: runs of ep data ranks (evo.parallel.expert)
+            self.expert_mesh = self.mesh._unflatten(2, (zero // self.ep_size, self.ep_size), ("edp", "ep"))
         if self.tensor_mode.weight_parallel:  # InternEvo's weight groups [0, 1] [2, 3], weight-data groups [0, 2]
             # [1, 3] (w = 2)
             stage = self.mesh["dp_replicate", "zero", "tp"]._flatten("dp_tp")
@@ -103,6 +110,10 @@ class ParallelContext:
     @property
     def zero_rank(self) -> int:
         return self.dp_rank % self.zero_size
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dp_rank % self.ep_size
 
     @property
     def is_main(self) -> bool:
@@ -138,6 +149,11 @@ class ParallelContext:
     def pp_group(self):
         """The pipeline group (None when pp = 1)."""
         return self.mesh["pp"].get_group() if self.pp_size > 1 else None
+
+    @property
+    def ep_group(self):
+        """This rank's expert group (None without expert parallelism)."""
+        return self.expert_mesh["ep"].get_group() if self.ep_size > 1 else None
 
     @property
     def tp_mesh(self):
@@ -182,8 +198,16 @@ class ParallelContext:
         """The layout in one line, for the start-up log."""
         return (f"world {self.world_size} = pp {self.pp_size} x dp {self.dp_size} x tp {self.tp_size} "
                 f"(pipeline {self.pp_mode}, tensor mode {self.tp_mode}, zero groups of {self.zero_size}, "
-                f"weight groups of {self.weight_size}); this rank {self.rank}: "
-                f"pp {self.pp_rank} dp {self.dp_rank} tp {self.tp_rank} zero {self.zero_rank}")
+                f"weight groups of {self.weight_size}, expert groups of {self.ep_size}); this rank {self.rank}: "
+                f"pp {self.pp_rank} dp {self.dp_rank} tp {self.tp_rank} zero {self.zero_rank}" +
+                (f", expert group {self.expert_group_ranks()}" if self.ep_size > 1 else ""))
+
+    def expert_group_ranks(self) -> list[int]:
+        """The global ranks of this rank's expert group (evo.parallel.expert.expert_groups)."""
+        from evo.parallel.expert import expert_groups
+
+        groups, _ = expert_groups(self.world_size, self.pp_size, self.tp_size, self.ep_size)
+        return next(g for g in groups if self.rank in g)
 
 
 def select_device(local_rank: int) -> torch.device:
@@ -210,9 +234,11 @@ def start_process_group(world_size: int, rank: int, device: torch.device, timeou
 
 
 def build_context(world_size: int, rank: int, local_rank: int, device: torch.device, pp: int, tp: int, zero1: int,
-                  tp_mode: str, weight: int = 1, pp_mode: str = "1F1B") -> ParallelContext:
+                  tp_mode: str, weight: int = 1, pp_mode: str = "1F1B", ep: int = 1) -> ParallelContext:
     """``ParallelContext.from_config`` for a layout given by its sizes rather than a config section (tests and
-    benchmarks): pipeline ``pp``, tensor ``tp`` in ``tp_mode``, InternEvo's ``zero1``, isp's ``weight``."""
+    benchmarks): pipeline ``pp``, tensor ``tp`` in ``tp_mode``, InternEvo's ``zero1``, isp's ``weight``, expert
+    groups of ``ep``."""
     parallel = ParallelConfig(zero1=ParallelDim(size=zero1), tensor=ParallelDim(size=tp, mode=tp_mode),
-                              pipeline=ParallelDim(size=pp, mode=pp_mode), weight=ParallelDim(size=weight))
+                              pipeline=ParallelDim(size=pp, mode=pp_mode), weight=ParallelDim(size=weight),
+                              expert=ExpertDim(size=ep))
     return ParallelContext.from_config(parallel, world_size, rank, local_rank, device)

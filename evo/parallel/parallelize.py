@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from evo.config import ModelConfig, zero_size
 from evo.model.decoder import decoder_layers
+from evo.model.moe import moe_blocks
 from evo.parallel.context import ParallelContext
 from evo.parallel.shards import local_numel, tp_local_numel
 
@@ -50,6 +51,10 @@ def parallelize(model: nn.Module, ctx: ParallelContext, cfg: ModelConfig) -> nn.
         from evo.parallel.sequence import apply_intern_sequence_parallel
 
         apply_intern_sequence_parallel(model, ctx)
+    if ctx.ep_size > 1:
+        from evo.parallel.expert import apply_expert_parallel
+
+        apply_expert_parallel(model, ctx)
     if hasattr(model, "make_stages"):
         model.make_stages()
     for part in fsdp_parts(model):
@@ -58,7 +63,7 @@ def parallelize(model: nn.Module, ctx: ParallelContext, cfg: ModelConfig) -> nn.
         for layer in layers if cfg.compile else ():
             layer.compile()
         if ctx.distributed:
-            apply_fsdp(part, ctx.fsdp_mesh, cfg)
+            apply_fsdp(part, ctx.fsdp_mesh, cfg, ctx.expert_mesh["edp"] if ctx.ep_size > 1 else None)
     return model
 
 
@@ -70,9 +75,11 @@ def mark_checkpointed(layers: list[nn.Module], fraction) -> None:
         layer.checkpointed = i < n_ckpt
 
 
-def apply_fsdp(model: nn.Module, mesh, cfg: ModelConfig) -> None:
+def apply_fsdp(model: nn.Module, mesh, cfg: ModelConfig, expert_mesh=None) -> None:
     """FSDP2 over ``mesh`` (1-D: shard; 2-D: replicate x shard), each decoder layer and the root: fp32 shards as
-    the masters, compute in ``cfg.dtype``, gradients reduced in fp32 and summed, not averaged."""
+    the masters, compute in ``cfg.dtype``, gradients reduced in fp32 and summed, not averaged. With expert
+    parallelism each MoE block's experts (already spread over the expert group) are sharded over ``expert_mesh``,
+    the expert-data group, first: the gradient of an expert is summed over the ranks that hold it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     dtype = cfg.torch_dtype
@@ -81,10 +88,13 @@ def apply_fsdp(model: nn.Module, mesh, cfg: ModelConfig) -> None:
     policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32,
                                   cast_forward_inputs=False)
     layers = decoder_layers(model)
+    experts = [block.experts for block in moe_blocks(model)] if expert_mesh is not None else []
+    for module in experts:
+        fully_shard(module, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=False)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    for module in (*layers, model):  # each FSDP module's setting covers its own parameters only
+    for module in (*experts, *layers, model):  # each FSDP module's setting covers its own parameters only
         module.set_gradient_divide_factor(1.0)
         if hasattr(module, "set_force_sum_reduction_for_comms"):  # plain SUM collectives: gloo has no PREMUL_SUM
             module.set_force_sum_reduction_for_comms(True)
@@ -156,7 +166,7 @@ def _split(name: str, plan: dict) -> str | None:
     return next((how for suffix, how in plan.items() if name == suffix or name.endswith("." + suffix)), None)
 
 
-def computed_memory(model_cfg, world: int = 1, tp: int = 1, zero1: int = 1, meta_model=None) -> dict:
+def computed_memory(model_cfg, world: int = 1, tp: int = 1, zero1: int = 1, meta_model=None, ep: int = 1) -> dict:
     """Bytes the largest rank (rank 0) holds for the model state under a layout, computed without building or
     starting anything: shapes from the model on the meta device, the tensor split from ``tensor_parallel_plan()``
     (a split dimension chunked as torch.chunk does), then FSDP2's shard of dim 0 over the zero group (any world of
@@ -167,7 +177,11 @@ def computed_memory(model_cfg, world: int = 1, tp: int = 1, zero1: int = 1, meta
     are the masters). Added keys:
 
     - ``layer_weights``: the decoder layers' fp32 masters (what tensor parallelism splits, norms aside);
-    - ``params``: the model's parameter count (unsharded)."""
+    - ``params``: the model's parameter count (unsharded).
+
+    With expert groups of ``ep`` (zero then the whole data group) a routed expert tensor's fp32 state is sharded
+    over the data ranks as any other's (E / ep experts over ep ranks, each over the expert-data group: numel /
+    zero), and its compute copy is the E / ep experts of this rank's part of the group."""
     from evo.model import build_model
     from evo.parallel.tensor import tensor_parallel_plan
 
@@ -190,6 +204,8 @@ def computed_memory(model_cfg, world: int = 1, tp: int = 1, zero1: int = 1, meta
             dim = 0 if how == "rows" else 1
             shape[dim] = math.ceil(shape[dim] / tp)
         tp_local = p.numel() // tp if how is not None else p.numel()  # as memory_estimate's tp_local_numel
+        if ".experts.w" in name:
+            tp_local //= ep
         if distributed:
             shape[0] = math.ceil(shape[0] / zero)
         local = math.prod(shape)

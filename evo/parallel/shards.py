@@ -21,14 +21,15 @@ def local_numel(p: torch.Tensor) -> int:
 
 
 def tp_local_numel(p: torch.Tensor) -> int:
-    """Elements of this rank's tensor-parallel part of ``p`` (all of it when it is not split over "tp")."""
+    """Elements of the part of ``p`` this rank computes with: its tensor-parallel part, or its expert group's share
+    of the experts (all of it when it is split over neither "tp" nor "ep")."""
     if not isinstance(p, DTensor):
         return p.numel()
     names = p.device_mesh.mesh_dim_names or ()
     n = p.numel()
     for name, placement in zip(names, p.placements):
-        if name == "tp" and placement.is_shard():
-            n //= p.device_mesh.size(names.index("tp"))
+        if name in ("tp", "ep") and placement.is_shard():
+            n //= p.device_mesh.size(names.index(name))
     return n
 
 

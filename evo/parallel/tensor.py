@@ -48,7 +48,8 @@ from evo.parallel.shards import SequenceShards
 
 
 
-def _param(module: nn.Module, name: str, mesh, placement) -> None:
+def distribute_parameter(module: nn.Module, name: str, mesh, placement) -> None:
+    """``module.<name>`` (if it has one) as a DTensor parameter on the 1-D ``mesh`` with ``placement``."""
     p = getattr(module, name, None)
     if p is not None:
         module.register_parameter(name, nn.Parameter(distribute_tensor(p, mesh, [placement], src_data_rank=None)))
@@ -193,7 +194,7 @@ class ReplicatedExpertsStyle(ParallelStyle):
         for owner, name in ((module.gate, "weight"), (module.experts, "w1"), (module.experts, "w3"),
                             (module.experts, "w2"), (module.shared_expert_gate, "weight")):
             if owner is not None:
-                _param(owner, name, mesh, Replicate())
+                distribute_parameter(owner, name, mesh, Replicate())
         module.shards = self.shards
         swap_class(module, ReplicatedExperts)
         return module
@@ -230,9 +231,9 @@ class TensorParallelStyle(ParallelStyle):
 
     def _apply(self, module: nn.Module, mesh) -> nn.Module:
         weight, bias = _PLACEMENTS[self.split]
-        _param(module, "weight", mesh, weight)
+        distribute_parameter(module, "weight", mesh, weight)
         if bias is not None:
-            _param(module, "bias", mesh, bias)
+            distribute_parameter(module, "bias", mesh, bias)
         module.tp_mesh, module.shards, module.per_head = mesh, self.shards, self.per_head
         swap_class(module, self.forward_cls)
         return module

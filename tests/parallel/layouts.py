@@ -47,6 +47,7 @@ def tiny_sections(folder: Path, micro_num: int = 2, **parallel) -> dict:
                            tensor=dict(size=parallel.get("tp", 1), mode=parallel.get("mode", "mtp")),
                            pipeline=dict(size=parallel.get("pp", 1), mode=parallel.get("schedule", "1F1B")),
                            weight=dict(size=parallel.get("weight", 1)),
+                           expert=dict(size=parallel.get("expert", 1)),
                            timeout_s=120)
     return raw
 

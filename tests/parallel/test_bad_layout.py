@@ -83,3 +83,44 @@ def test_more_processes_on_a_node_than_gpus_is_one_line(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match=r"^this process is local rank 1 of its node, which has 1 GPU: start at most "
                                           r"1 process per node \(torchrun --nproc_per_node 1; srun"):
         initialize_distributed_env(config=sections, launcher="torch")
+
+
+def moe_sections(experts=6, **parallel):
+    return {**small_sections(model=dict(num_experts=experts, top_k=2), parallel=parallel), "model_type": "QWEN3MOE"}
+
+
+@pytest.mark.parametrize("world, parallel, line", [
+    (8, dict(expert=dict(size=4)), "'parallel.expert.size' (4) must divide 'model.num_experts' (6): experts are not "
+                                   "split"),
+    (4, dict(expert=dict(size=3)), "'parallel.expert.size' (3) must divide the data-parallel size (4): expert groups "
+                                   "are runs of data ranks"),
+    (4, dict(expert=dict(size=2), zero1=dict(size=2)), "'parallel.zero1.size' (2) must be -1 or the data-parallel "
+                                                       "size (4) with expert parallelism (InternEvo's rule)"),
+    (4, dict(expert=dict(size=2), tensor=dict(size=2)), "'parallel.expert.size' (2) with 'parallel.tensor.size' 2: "
+                                                        "expert parallelism does not compose with tensor parallelism"),
+    (2, dict(expert=dict(size=0)), "'parallel.expert.size' must be >= 1, or -1"),
+])
+def test_bad_expert_layouts_are_config_errors(world, parallel, line):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(moe_sections(**parallel), world_size=world)
+    assert str(err.value).startswith(line)
+    dense = small_sections(parallel=dict(expert=dict(size=2)))
+    with pytest.raises(ConfigError, match=r"'parallel.expert.size' = 2 needs a mixture of experts"):
+        config_from_dict(dense, world_size=2)
+
+
+def test_expert_size_minus_one_is_the_data_ranks_capped_at_the_experts():
+    assert config_from_dict(moe_sections(8, expert=dict(size=-1)), world_size=4).parallel.expert.size == 4
+    assert config_from_dict(moe_sections(expert=dict(size=-1)), world_size=12).parallel.expert.size == 6  # capped
+    assert config_from_dict(moe_sections(), world_size=4).parallel.expert.size == 1  # evo's default: experts whole
+    dense = small_sections(parallel=dict(expert=dict(size=-1)))
+    assert config_from_dict(dense, world_size=4).parallel.expert.size == 1
+
+
+def test_a_bad_expert_layout_under_torchrun_exits_2(tmp_path):
+    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                        "scripts/train.py", "--config", "configs/tiny_moe.py", "parallel.expert.size=3",
+                        f"monitor.run_folder={tmp_path / 'run'}", env={"OMP_NUM_THREADS": "1"})
+    line = ("evo: error: 'parallel.expert.size' (3) must divide 'model.num_experts' (8): experts are not split")
+    lines = [x for x in result.stderr.splitlines() if not re.match(r"[WIE]\d{4} \d\d:\d\d:", x)]
+    assert lines[0] == line and "exitcode  : 2" in result.stderr and not (tmp_path / "run").exists()

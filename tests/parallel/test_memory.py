@@ -85,3 +85,29 @@ def test_registered_in_the_harness():
     from bench import run
 
     assert "parallel" in run.BENCHMARKS
+
+
+@pytest.mark.slow  # about 15 s: two and four gloo processes
+def test_expert_parallel_memory_is_computed_and_its_all_to_all_moves_the_routed_rows():
+    """configs/tiny_moe.py under expert groups of 2 and 4 (ZeRO over the data ranks): memory_estimate, the counted
+    compute copy and computed_memory(..., ep=) agree, the compute copy holding 1 / ep of the routed experts; the
+    all-to-all bytes are within 10% of the evenly spread formula (a fresh router spreads tokens nearly evenly)."""
+    from bench import expert
+    from evo.model import build_model
+    from tests.dist import run_distributed
+
+    cfg = bench._tiny_config(None, "tiny_moe")
+    experts = sum(p.numel() for n, p in build_model(cfg.model, "meta").named_parameters() if ".experts.w" in n)
+    for world, eps in ((2, (1, 2)), (4, (2, 4))):
+        jobs = [dict(layout=dict(zero1=-1, expert=ep), config="tiny_moe") for ep in eps]
+        ranks = run_distributed(bench.measure_layouts, world, jobs)
+        for i, ep in enumerate(eps):
+            got = bench._merge([r[i] for r in ranks])
+            want = bench.computed_memory(cfg.model, world, 1, -1, ep=ep)
+            for key, value in got["memory_estimate"].items():
+                assert want[key] == value, (world, ep, key)
+            assert got["held_compute_bytes"] == want["compute_weights"], (world, ep)
+            every = bench.computed_memory(cfg.model, world, 1, -1)
+            assert every["compute_weights"] - want["compute_weights"] == 4 * experts * (ep - 1) // ep  # fp32
+            formula = expert.formula_bytes(cfg, ep)
+            assert got["all_to_all_bytes"] == 0 if ep == 1 else abs(got["all_to_all_bytes"] / formula - 1) < 0.1
