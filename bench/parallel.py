@@ -111,7 +111,7 @@ def _held_compute_bytes(model, ctx) -> int:
     total = 0
     for p in {id(p): p for p in model.parameters()}.values():
         if ctx.distributed:  # FSDP2's shards are over "zero" (experts under expert parallelism: "edp")
-            sharded = isinstance(p, DTensor) and {"zero", "edp"} & set(p.device_mesh.mesh_dim_names or ())
+            sharded = isinstance(p, DTensor) and {"zero", "edp", "edp_tp"} & set(p.device_mesh.mesh_dim_names or ())
         else:
             sharded = p.dtype == torch.float32
         if not sharded:

@@ -193,7 +193,7 @@ def _validate_parallel(cfg: Config, world_size: int | None = None) -> None:
     if world_size is not None:
         dp, zero = data_and_zero_sizes(p, world_size)  # the layout against the launcher's world, before the model's
         p.expert.size = expert_size(p.expert.size, dp, m.num_experts)  # -1 resolved: the size every rank uses
-        problem = expert_error(p.expert.size, dp, zero, m.num_experts, p.zero1.size, p.tensor.size)
+        problem = expert_error(p.expert.size, dp, zero, m.num_experts, p.zero1.size, p.tensor.mode)
         require(problem is None, str(problem))
     problem = check_pipeline(m, p.pipeline.size, p.pipeline.mode, cfg.data.micro_num)
     require(problem is None, str(problem))

@@ -115,8 +115,9 @@ def expert_size(size: int, dp: int, num_experts: int) -> int:
     return min(dp, num_experts) if size <= 0 else size
 
 
-def expert_error(ep: int, dp: int, zero: int, num_experts: int, zero1: int, tp: int) -> str | None:
-    """Why expert groups of ``ep`` cannot hold ``num_experts`` experts over ``dp`` data ranks, or None."""
+def expert_error(ep: int, dp: int, zero: int, num_experts: int, zero1: int, tp_mode: str = "mtp") -> str | None:
+    """Why expert groups of ``ep`` cannot hold ``num_experts`` experts over ``dp`` data ranks, or None (under isp
+    the weight groups shard, not zero groups: zero1 stays -1 there)."""
     if ep == 1:
         return None
     if num_experts % ep:
@@ -124,12 +125,9 @@ def expert_error(ep: int, dp: int, zero: int, num_experts: int, zero1: int, tp: 
     if dp % ep:
         return (f"'parallel.expert.size' ({ep}) must divide the data-parallel size ({dp}): expert groups are runs "
                 "of data ranks")
-    if zero != dp:
+    if zero != dp and not TENSOR_MODE[tp_mode].weight_parallel:
         return (f"'parallel.zero1.size' ({zero1}) must be -1 or the data-parallel size ({dp}) with expert "
                 "parallelism (InternEvo's rule)")
-    if tp > 1:
-        return (f"'parallel.expert.size' ({ep}) with 'parallel.tensor.size' {tp}: expert parallelism does not "
-                "compose with tensor parallelism yet; use expert.size 1 or tensor.size 1")
     return None
 
 

@@ -49,6 +49,8 @@ class ParallelContext:
     weight_mesh: object = field(default=None, repr=False)  # isp: ("wdp", "wp"), the (dp, tp) ranks regrouped
     expert_mesh: object = field(default=None, repr=False)  # expert parallelism: ("pp", "dp_replicate", "edp", "ep",
     # "tp"), the zero dimension (all of the data ranks) unflattened
+    expert_fsdp_mesh: object = field(default=None, repr=False)  # what FSDP2 shards the spread experts over: "edp",
+    # with tp > 1 ("edp", "tp") flattened (the tensor ranks route their own tokens, or their own pieces under mtp)
 
     @classmethod
     def from_config(cls, parallel: ParallelConfig, world_size: int = 1, rank: int = 0, local_rank: int = 0,
@@ -88,7 +90,11 @@ class ParallelContext:
                                      mesh_dim_names=("pp", "dp_replicate", "zero", "tp"))
         self.dp_mesh = self.mesh["dp_replicate", "zero"]._flatten("dp")
         if self.ep_size > 1:  # InternEvo's expert groups: runs of ep data ranks (evo.parallel.expert)
-            self.expert_mesh = self.mesh._unflatten(2, (zero // self.ep_size, self.ep_size), ("edp", "ep"))
+            data_dim = 2 if zero == dp else 1  # the data ranks: "zero" (ZeRO over all of them) or, under isp (no
+            # zero groups), "dp_replicate"
+            self.expert_mesh = self.mesh._unflatten(data_dim, (dp // self.ep_size, self.ep_size), ("edp", "ep"))
+            self.expert_fsdp_mesh = self.expert_mesh["edp"] if tp == 1 else \
+                self.expert_mesh["edp", "tp"]._flatten("edp_tp")
         if self.tensor_mode.weight_parallel:  # InternEvo's weight groups [0, 1] [2, 3], weight-data groups [0, 2]
             # [1, 3] (w = 2)
             stage = self.mesh["dp_replicate", "zero", "tp"]._flatten("dp_tp")

@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor, Shard
 from evo import kernels
 from evo.kernels.reference import SortTokens
 from evo.model.moe import moe_blocks
-from evo.parallel.tensor import distribute_parameter, swap_class
+from evo.parallel.tensor import all_gather_single, distribute_parameter, swap_class
 
 
 def expert_groups(world_size: int, pp: int, tp: int, ep: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -104,26 +104,83 @@ def expert_parallel_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: 
     return (y.to(wide) * weights.to(wide).unsqueeze(-1)).sum(1).to(x.dtype)
 
 
+class _TakeMine(torch.autograd.Function):
+    """Rows of ``x`` (the same on every rank of ``group``) cut in group-size pieces of ceil(T / n): this rank's
+    piece. Backward gathers every rank's piece of the gradient, so each rank gets the whole gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.total = group, x.shape[0]
+        return x[_piece(x.shape[0], group)]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_pieces(grad, ctx.total, ctx.group), None
+
+
+class _GatherPieces(torch.autograd.Function):
+    """Each rank's piece of ``_TakeMine`` -> all ``total`` rows, on every rank of ``group``. Backward keeps this
+    rank's piece of the gradient (every rank holds the same gradient: the tensor group computes alike)."""
+
+    @staticmethod
+    def forward(ctx, y, total: int, group):
+        ctx.group, ctx.total = group, total
+        return _gather_pieces(y, total, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[_piece(ctx.total, ctx.group)], None, None
+
+
+def _piece(total: int, group) -> slice:
+    per = -(-total // dist.get_world_size(group))
+    start = min(total, dist.get_rank(group) * per)
+    return slice(start, min(total, start + per))
+
+
+def _gather_pieces(y: torch.Tensor, total: int, group) -> torch.Tensor:
+    n = dist.get_world_size(group)
+    per = -(-total // n)
+    padded = torch.zeros((per, *y.shape[1:]), dtype=y.dtype, device=y.device)
+    padded[:y.shape[0]] = y
+    out = y.new_empty((per * n, *y.shape[1:]))
+    all_gather_single(out, padded.contiguous(), group=group)
+    return out if per * n == total else out[:total].clone()  # not a view: FSDP2 hooks the experts' output
+
+
 class ExpertParallelBlock:
     """A MoE block (evo.model.moe.MoEBlock) whose routed experts are spread over an expert group: its w1, w3, w2 are
     DTensors sharded over the experts on the "ep" mesh (so DCP reshards between expert sizes), the math uses this
-    rank's part, and ``routed`` dispatches the tokens (``expert_parallel_experts``)."""
+    rank's part, and ``routed`` dispatches the tokens (``expert_parallel_experts``). Under mtp, where the tensor
+    ranks hold the same tokens (``tensor_group``), each takes 1 / tp of them through the experts and the outputs
+    are gathered back: no expert work is repeated."""
 
     expert_group = None
+    tensor_group = None
 
     def local(self, weight):
-        return weight.to_local() if isinstance(weight, DTensor) else weight
+        if isinstance(weight, DTensor) and weight.device_mesh.mesh_dim_names == ("ep",):
+            return weight.to_local()
+        return super().local(weight)
 
     def routed(self, x, ids, weights, w1, w3, w2):
-        return expert_parallel_experts(x, ids, weights, w1, w3, w2, self.expert_group)
+        if self.tensor_group is None:
+            return expert_parallel_experts(x, ids, weights, w1, w3, w2, self.expert_group)
+        mine = _piece(x.shape[0], self.tensor_group)
+        out = expert_parallel_experts(_TakeMine.apply(x, self.tensor_group), ids[mine],
+                                      _TakeMine.apply(weights, self.tensor_group), w1, w3, w2, self.expert_group)
+        return _GatherPieces.apply(out, x.shape[0], self.tensor_group)
 
 
 def apply_expert_parallel(model: nn.Module, ctx) -> None:
     """Spread every MoE block's experts over this rank's expert group (``ctx.ep_size`` ranks), in place; on a model
-    built on the meta device, before FSDP2 (which shards each rank's experts over its expert-data group)."""
+    built on the meta device, before tensor parallelism (which then replicates only the router) and FSDP2 (which
+    shards each rank's experts over ``ctx.expert_fsdp_mesh``)."""
     mesh = ctx.expert_mesh["ep"]
     for block in moe_blocks(model):
         for name in ("w1", "w3", "w2"):
             distribute_parameter(block.experts, name, mesh, Shard(0))
         block.expert_group = ctx.ep_group
+        if ctx.tp_size > 1 and not ctx.tensor_mode.sequence_parallel:  # mtp: the tensor ranks share the tokens
+            block.tensor_group = ctx.tp_group
         swap_class(block, ExpertParallelBlock)

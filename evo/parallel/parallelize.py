@@ -1,8 +1,9 @@
 """The one place that turns a built model into a parallel one.
 
 ``parallelize(model, ctx, model_cfg)`` applies, in this order:
-1. tensor parallelism (``evo.parallel.tensor``, when tp > 1), or intern sequence parallelism
-   (``evo.parallel.sequence``, tensor.mode isp);
+1. expert parallelism (``evo.parallel.expert``, when parallel.expert.size > 1), then tensor parallelism
+   (``evo.parallel.tensor``, when tp > 1), or intern sequence parallelism (``evo.parallel.sequence``, tensor.mode
+   isp);
 2. activation checkpointing (``model.checkpoint``: the first layers recompute their forward in backward);
 3. ``torch.compile`` of each decoder layer (opt-in, ``model.compile=True``);
 4. FSDP2 (``fully_shard``, in any world of more than one process): the fp32 weights are the masters,
@@ -43,6 +44,10 @@ def parallelize(model: nn.Module, ctx: ParallelContext, cfg: ModelConfig) -> nn.
     """Apply TP, activation checkpointing, compile and FSDP2 to ``model`` (an ``evo.model.DecoderModel``, or a
     pipeline rank's ``PipelineModel``, whose stages are each wrapped), in that order, in place; returns it. The
     trainer and model code never branch on the layout."""
+    if ctx.ep_size > 1:  # first: tensor parallelism then leaves the spread experts alone
+        from evo.parallel.expert import apply_expert_parallel
+
+        apply_expert_parallel(model, ctx)
     if ctx.tp_size > 1 and ctx.tensor_mode.splits_matrices:
         from evo.parallel.tensor import apply_tensor_parallel
 
@@ -51,10 +56,6 @@ def parallelize(model: nn.Module, ctx: ParallelContext, cfg: ModelConfig) -> nn.
         from evo.parallel.sequence import apply_intern_sequence_parallel
 
         apply_intern_sequence_parallel(model, ctx)
-    if ctx.ep_size > 1:
-        from evo.parallel.expert import apply_expert_parallel
-
-        apply_expert_parallel(model, ctx)
     if hasattr(model, "make_stages"):
         model.make_stages()
     for part in fsdp_parts(model):
@@ -63,7 +64,7 @@ def parallelize(model: nn.Module, ctx: ParallelContext, cfg: ModelConfig) -> nn.
         for layer in layers if cfg.compile else ():
             layer.compile()
         if ctx.distributed:
-            apply_fsdp(part, ctx.fsdp_mesh, cfg, ctx.expert_mesh["edp"] if ctx.ep_size > 1 else None)
+            apply_fsdp(part, ctx.fsdp_mesh, cfg, ctx.expert_fsdp_mesh)
     return model
 
 

@@ -56,7 +56,7 @@ def distribute_parameter(module: nn.Module, name: str, mesh, placement) -> None:
 
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated there); older releases have only the old name
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class _GatherRows(torch.autograd.Function):
@@ -66,7 +66,7 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, x, group):
         ctx.group = group
         out = torch.empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]), dtype=x.dtype, device=x.device)
-        _all_gather_single(out, x.contiguous(), group=group)
+        all_gather_single(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
@@ -176,9 +176,12 @@ class ReplicatedExperts:
     experts whole on every rank. On sequence shards (msp, fsp) each rank routes its own tokens and the weights'
     gradients are partial sums over the group (the block takes its aux loss and GShard's places over the group);
     under mtp every rank routes every token and the gradients are complete. Its shared experts are split as a dense
-    MLP is (their own entries of the plan)."""
+    MLP is (their own entries of the plan). Routed experts already spread over an expert group (evo.parallel.expert,
+    applied first) are not replicated here: their ``local`` is the expert-parallel block's."""
 
     def local(self, weight):
+        if not isinstance(weight, DTensor) or weight.device_mesh.mesh_dim_names != ("tp",):
+            return super().local(weight)
         return weight.to_local(grad_placements=[Partial() if self.shards.sharded else Replicate()])
 
 
@@ -193,7 +196,7 @@ class ReplicatedExpertsStyle(ParallelStyle):
     def _apply(self, module: nn.Module, mesh) -> nn.Module:
         for owner, name in ((module.gate, "weight"), (module.experts, "w1"), (module.experts, "w3"),
                             (module.experts, "w2"), (module.shared_expert_gate, "weight")):
-            if owner is not None:
+            if owner is not None and not isinstance(getattr(owner, name), DTensor):  # not expert-parallel ones
                 distribute_parameter(owner, name, mesh, Replicate())
         module.shards = self.shards
         swap_class(module, ReplicatedExperts)

@@ -88,6 +88,16 @@ def train(rank: int, world_size: int, sections: dict, seed: int = 1024) -> dict:
     hook = decoder_layers(model)[0].register_forward_pre_hook(
         lambda module, args: layer_tokens.append(args[0].shape[0]) if torch.is_grad_enabled() else None)
     kernels.fused_linear_cross_entropy = recording
+    first_grads = {}  # the router's and experts' gradients of the first step, gathered whole
+    optimizer_step = trainer.optimizer.step
+
+    def recording_step():
+        if trainer.step_count == 0:
+            first_grads.update({n: whole(m.grad) for n, m in trainer.optimizer.masters.items()
+                                if m.grad is not None and ("feed_forward.gate." in n or ".experts." in n)})
+        return optimizer_step()
+
+    trainer.optimizer.step = recording_step
     try:
         trainer.fit()
     finally:
@@ -101,7 +111,7 @@ def train(rank: int, world_size: int, sections: dict, seed: int = 1024) -> dict:
            "optimizer_numel": {n: local_numel(s) for n, s in optimizer_state["exp_avg"].items()},
            "masters": {n: whole(m) for n, m in optimizer_state["master"].items()},
            "loss_calls": loss_calls, "generated": generated, "packed_length": state.config.data.packed_length,
-           "layer_tokens": layer_tokens, "log": "\n".join(log), "records_before": before}
+           "layer_tokens": layer_tokens, "log": "\n".join(log), "records_before": before, "first_grads": first_grads}
     if rank == 0:
         records = read_records(state.run_folder / "metrics.jsonl")
         out["records"] = records
@@ -217,6 +227,7 @@ def merged(ranks: list, i: int) -> dict:
     gathered weights together (a pipeline stage's rank holds only its stage's)."""
     run = dict(ranks[0][i])
     run["weights"] = {name: w for r in ranks for name, w in r[i]["weights"].items()}
+    run["first_grads"] = {name: g for r in ranks for name, g in r[i]["first_grads"].items()}
     return run
 
 

@@ -96,8 +96,6 @@ def moe_sections(experts=6, **parallel):
                                    "are runs of data ranks"),
     (4, dict(expert=dict(size=2), zero1=dict(size=2)), "'parallel.zero1.size' (2) must be -1 or the data-parallel "
                                                        "size (4) with expert parallelism (InternEvo's rule)"),
-    (4, dict(expert=dict(size=2), tensor=dict(size=2)), "'parallel.expert.size' (2) with 'parallel.tensor.size' 2: "
-                                                        "expert parallelism does not compose with tensor parallelism"),
     (2, dict(expert=dict(size=0)), "'parallel.expert.size' must be >= 1, or -1"),
 ])
 def test_bad_expert_layouts_are_config_errors(world, parallel, line):

@@ -94,22 +94,37 @@ TWO = [dict(expert=2, moe="Dropless"), dict(expert=2, moe="GShard", shared=True,
 FOUR = [dict(expert=2, moe="Dropless"),  # expert groups [0, 1] [2, 3], each expert's shards over [0, 2] or [1, 3]
         dict(expert=4, moe="GShard", shared=True),  # one expert group: every rank holds 2 of the 8 experts whole
         dict(expert=2, pp=2, moe="Dropless"),  # expert groups within each stage
-        dict(expert=2, pp=2, schedule="ZBV", chunks=2, moe="GShard")]
+        dict(expert=2, pp=2, schedule="ZBV", chunks=2, moe="GShard"),
+        dict(expert=2, tp=2, mode="msp", moe="Dropless"),  # groups [0, 2] [1, 3]: each tensor rank's own tokens
+        dict(expert=2, tp=2, mode="fsp", moe="GShard", checkpoint=1.0),
+        dict(expert=2, tp=2, mode="mtp", moe="GShard", shared=True),  # each tensor rank half of the shared tokens
+        dict(expert=2, tp=2, mode="isp", moe="Dropless"),
+        dict(expert=2, tp=2, mode="isp", weight=2, moe="GShard", shared=True)]
 
 
 def one_process(layout: dict, world: int) -> dict:
-    data_ranks = world // layout.get("pp", 1)
+    data_ranks = world // (layout.get("pp", 1) * layout.get("tp", 1))
     return dict(micro_num=2 * data_ranks, moe=layout["moe"], shared=layout.get("shared", False),
                 chunks=layout.get("chunks", 1), steps=STEPS)
 
 
-@pytest.mark.slow  # about 80 s on the 2-core machine: two and four processes
+def assert_same_first_gradients(run: dict, single: dict, what: str) -> None:
+    """After the first step, every router and expert gradient within 1e-5 relative (the tensor's norm)."""
+    assert run["first_grads"] and set(run["first_grads"]) == set(single["first_grads"]), what
+    for name, want in single["first_grads"].items():
+        error = float((run["first_grads"][name] - want).norm() / want.norm())
+        assert error <= 1e-5, f"{what}: {name} gradient off by {error:.2g} relative"
+
+
+@pytest.mark.slow  # about 2.5 minutes on the 2-core machine: two and four processes
 def test_expert_parallel_layouts_train_as_one_process(tmp_path):
     """configs/tiny_moe.py's experts (tests/parallel/layouts.py) spread over expert groups of 2 and 4, with ZeRO
     over the data ranks (the expert-data groups shard each rank's experts), GShard's capacity, a gated shared
-    expert, activation checkpointing and pipeline stages (1F1B, ZBV): per-step loss, gradient norm (each expert
-    counted once: pytorch/pytorch#160285 doubled it) and moe_loss, validation and the final weights within 1e-5
-    of one process's; each rank holds 1 / (data ranks) of every expert tensor, and the same of its Adam state."""
+    expert, activation checkpointing, pipeline stages (1F1B, ZBV) and every tensor mode (msp, fsp, mtp, isp with and
+    without weight groups): per-step loss, gradient norm (each expert counted once: pytorch/pytorch#160285 doubled
+    it) and moe_loss, validation and the final weights within 1e-5 of one process's, and every router and expert
+    gradient of the first step within 1e-5 relative; each rank holds 1 / (data x tensor ranks) of every expert
+    tensor, and the same of its Adam state."""
     from tests.parallel.layouts import assert_same_training, merged, train_layouts
 
     for world, layouts in ((2, TWO), (4, FOUR)):
@@ -117,17 +132,64 @@ def test_expert_parallel_layouts_train_as_one_process(tmp_path):
         ranks = run_distributed(train_layouts, world, str(tmp_path / f"run{world}"),
                                 [dict(layout, steps=STEPS) for layout in layouts])
         for i, (layout, single) in enumerate(zip(layouts, singles)):
-            run = merged(ranks, i)
-            assert_same_training(run, single, f"{world} ranks {layout}", steps=STEPS)
+            run, what = merged(ranks, i), f"{world} ranks {layout}"
+            assert_same_training(run, single, what, steps=STEPS)
+            assert_same_first_gradients(run, single, what)
             moe = [[r["moe_loss"] for r in out["records"] if "loss" in r] for out in (run, single)]
             assert moe[0] == pytest.approx(moe[1], rel=1e-5), layout
-            data_ranks = world // layout.get("pp", 1)
+            sharing = world // layout.get("pp", 1)  # the ranks of a stage: expert group x expert-data x tensor
             for rank in range(world):
                 sizes, adam = ranks[rank][i]["local_numel"], ranks[rank][i]["optimizer_numel"]
                 experts = [n for n in sizes if ".experts." in n]
                 assert experts or layout.get("pp"), (layout, rank)
                 for name in experts:
-                    assert sizes[name] * data_ranks == single["weights"][name].numel() == adam[name] * data_ranks
+                    assert sizes[name] * sharing == single["weights"][name].numel() == adam[name] * sharing
+
+
+def _mtp_block(rank: int, world: int) -> dict:
+    """4 ranks as tp=2 x dp=2 under mtp: ranks 0, 1 share tokens, as do 2, 3; expert groups [0, 2] and [1, 3]. The
+    expert-parallel block's routed experts with the tensor pair's tokens, and the rows each rank dispatched."""
+    tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    ep_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    data, tensor = rank // 2, rank % 2
+    x, ids, weights, w1, w3, w2 = case(data, 10, **SHAPE)  # 10 tokens: pieces of 5
+    mine = slice(data * 4, data * 4 + 4)  # 8 experts over the expert group's 2 ranks: its data rank's half
+    leaves = [t.clone().requires_grad_() for t in (x, weights, w1[mine], w3[mine], w2[mine])]
+    block = expert.ExpertParallelBlock()
+    block.expert_group, block.tensor_group = ep_groups[tensor], tp_groups[data]
+    rows = []
+    real = expert.expert_parallel_experts
+    expert.expert_parallel_experts = lambda x, *a, **k: rows.append(x.shape[0]) or real(x, *a, **k)
+    try:
+        out = block.routed(leaves[0], ids, leaves[1], *leaves[2:])
+    finally:
+        expert.expert_parallel_experts = real
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(data), dtype=out.dtype))
+    return {"out": out.detach(), "grads": [t.grad for t in leaves], "rows": rows}
+
+
+def test_under_mtp_each_tensor_rank_takes_its_piece_of_the_shared_tokens():
+    """No repeated expert work: each tensor rank dispatches half of the tokens the pair shares; the pair's outputs
+    and the tokens' and weights' gradients are one process's; each expert's gradient summed over the tensor ranks
+    that hold it (FSDP2 sums them, with the expert-data ranks) is one process's."""
+    got = run_distributed(_mtp_block, 4)
+    totals = None
+    for data in (0, 1):
+        x, ids, weights, w1, w3, w2 = case(data, 10, **SHAPE)
+        leaves = [t.clone().requires_grad_() for t in (x, weights, w1, w3, w2)]
+        out = reference.moe_experts(leaves[0], ids, leaves[1], *leaves[2:])
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(data), dtype=out.dtype))
+        totals = [leaf.grad for leaf in leaves[2:]] if totals is None else [t + leaf.grad for t, leaf in
+                                                                             zip(totals, leaves[2:])]
+        for rank in (2 * data, 2 * data + 1):
+            assert got[rank]["rows"] == [5]
+            torch.testing.assert_close(got[rank]["out"], out.detach(), rtol=1e-12, atol=1e-12)
+            for g, want in zip(got[rank]["grads"][:2], (leaves[0].grad, leaves[1].grad)):
+                torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)
+    for data in (0, 1):  # experts [4 d, 4 d + 4) on ranks 2 d and 2 d + 1: each got its tensor rank's halves
+        for j, total in enumerate(totals):
+            summed = got[2 * data]["grads"][2 + j] + got[2 * data + 1]["grads"][2 + j]
+            torch.testing.assert_close(summed, total[4 * data:4 * data + 4], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.slow  # about 30 s: one, two and four processes
