@@ -36,7 +36,8 @@ def smallest_world(parallel) -> tuple[int, str]:
     tp, pp, weight = parallel.tensor.size, parallel.pipeline.size, parallel.weight.size
     zero = parallel.zero1.size if parallel.zero1.size > 1 and not TENSOR_MODE[parallel.tensor.mode].weight_parallel \
         else 1
-    dp = math.lcm(zero, weight // math.gcd(weight, tp))
+    expert = max(1, parallel.expert.size)  # -1 is as many data ranks as there are: at least one
+    dp = math.lcm(zero, weight // math.gcd(weight, tp), expert)
     return pp * tp * dp, "the smallest world this layout fits (no launcher)"
 
 

@@ -46,3 +46,18 @@ def test_a_dry_run_checks_the_layout_against_the_launchers_world(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "layout: world 4 = pp 1 x dp 2 x tp 2" in ok.stdout  # alone: the smallest world the layout fits
     assert "validation: none (no validation data: no evaluation will run)" in ok.stdout
+
+
+@pytest.mark.slow  # over 5 s
+def test_a_dry_run_of_expert_groups_reports_their_share_of_the_experts():
+    """Alone, expert groups of 8 need 8 data ranks: the report's layout is that world and its memory the one
+    computed_memory gives with the experts spread (configs/qwen3_30b_a3b.py: docs/parallel.md's 8-GPU row)."""
+    from bench.parallel import computed_memory, model_config
+    from evo.parallel.parallelize import format_bytes
+
+    ok = run_script("scripts/train.py", "--config", "configs/qwen3_30b_a3b.py", "--dry-run", "parallel.expert.size=8")
+    assert ok.returncode == 0, ok.stderr
+    assert "layout: world 8 = pp 1 x dp 8 x tp 1" in ok.stdout and "expert groups of 8)" in ok.stdout
+    memory = computed_memory(model_config("qwen3_30b_a3b"), 8, 1, -1, ep=8)
+    assert f"compute weights {format_bytes(memory['compute_weights'])}, total {format_bytes(memory['total'])}" in \
+        ok.stdout

@@ -94,6 +94,7 @@ TWO = [dict(expert=2, moe="Dropless"), dict(expert=2, moe="GShard", shared=True,
 FOUR = [dict(expert=2, moe="Dropless"),  # expert groups [0, 1] [2, 3], each expert's shards over [0, 2] or [1, 3]
         dict(expert=4, moe="GShard", shared=True),  # one expert group: every rank holds 2 of the 8 experts whole
         dict(expert=2, pp=2, moe="Dropless"),  # expert groups within each stage
+        dict(expert=2, pp=2, chunks=2, moe="Dropless"),  # interleaved 1F1B
         dict(expert=2, pp=2, schedule="ZBV", chunks=2, moe="GShard"),
         dict(expert=2, tp=2, mode="msp", moe="Dropless"),  # groups [0, 2] [1, 3]: each tensor rank's own tokens
         dict(expert=2, tp=2, mode="fsp", moe="GShard", checkpoint=1.0),
@@ -120,7 +121,7 @@ def assert_same_first_gradients(run: dict, single: dict, what: str) -> None:
 def test_expert_parallel_layouts_train_as_one_process(tmp_path):
     """configs/tiny_moe.py's experts (tests/parallel/layouts.py) spread over expert groups of 2 and 4, with ZeRO
     over the data ranks (the expert-data groups shard each rank's experts), GShard's capacity, a gated shared
-    expert, activation checkpointing, pipeline stages (1F1B, ZBV) and every tensor mode (msp, fsp, mtp, isp with and
+    expert, activation checkpointing, pipeline stages (1F1B, interleaved, ZBV) and every tensor mode (msp, fsp, mtp, isp with and
     without weight groups): per-step loss, gradient norm (each expert counted once: pytorch/pytorch#160285 doubled
     it) and moe_loss, validation and the final weights within 1e-5 of one process's, and every router and expert
     gradient of the first step within 1e-5 relative; each rank holds 1 / (data x tensor ranks) of every expert
@@ -192,10 +193,10 @@ def test_under_mtp_each_tensor_rank_takes_its_piece_of_the_shared_tokens():
             torch.testing.assert_close(summed, total[4 * data:4 * data + 4], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.slow  # about 30 s: one, two and four processes
+@pytest.mark.slow  # about 40 s: one, two and four processes
 def test_a_checkpoint_at_one_expert_size_continues_at_another(tmp_path):
-    """2 steps at expert size 2 (2 ranks), saved; from that checkpoint one process (every expert whole) and expert
-    size 4 (4 ranks, the same global batch) continue to step 4: each equals the uninterrupted one-process run
+    """2 steps at expert size 2 (2 ranks), saved; from that checkpoint one process (every expert whole), expert
+    size 4 (4 ranks, the same global batch) and dp 2 x tp 2 msp (experts whole, replicated) continue to step 4: each equals the uninterrupted one-process run
     (1e-5 relative, tests/parallel/test_resume.py's check). DCP reshards the experts between sizes. (Four steps in
     all: later, a token whose k-th and (k+1)-th router scores are within the layouts' last-bit differences may
     choose another expert, tests/parallel/test_moe_layouts.py.)"""
@@ -207,5 +208,7 @@ def test_a_checkpoint_at_one_expert_size_continues_at_another(tmp_path):
     straight = part(1, tmp_path / "straight", dict(moe, micro_num=4), 4, 4)
     one = part(1, tmp_path / "ep1", dict(moe, micro_num=4), 4, 4, saved)
     four = part(4, tmp_path / "ep4", dict(moe, expert=4, micro_num=1), 4, 4, saved)
+    tensor = part(4, tmp_path / "tp", dict(moe, tp=2, mode="msp"), 4, 4, saved)  # experts whole, split over tp
     assert_continues(first, one, straight, "expert size 2 -> one process")
     assert_continues(first, four, straight, "expert size 2 -> 4")
+    assert_continues(first, tensor, straight, "expert size 2 -> dp 2 x tp 2, experts whole")

@@ -6,7 +6,6 @@ outside any collective); rank 0 is then waiting in a collective of that step."""
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
