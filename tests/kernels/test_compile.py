@@ -250,6 +250,7 @@ def test_compiled_model_matches_eager_model():
         torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # about 35 s through the interpreter; .ci/run runs it after `make test`
 def test_compiled_moe_layers_train_as_eager_ones():
     """model.compile with MoE layers (each decoder layer through torch.compile, as evo.parallel.parallelize does),
     checkpointed, Triton backend: the same per-token losses and gradients as eager (the aux loss's included), one
