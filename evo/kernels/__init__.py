@@ -35,6 +35,7 @@ _TRITON: dict[str, str] = {  # op name -> the module (in evo/kernels/) holding i
     "fused_linear_cross_entropy": "loss",
     "flash_attn_func": "attention",
     "flash_attn_varlen_func": "attention",
+    "flash_attn_varlen_backward": "attention",
     "flash_attn_with_kvcache": "attention",
     "moe_routing": "moe",
     "grouped_mm": "moe",
@@ -177,6 +178,25 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                               deterministic, return_attn_probs)
 
 
+def flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                               max_seqlen_k, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                               deterministic=False):
+    """The backward of ``flash_attn_varlen_func`` as a function (flash-attn's ``_flash_attn_varlen_backward``, which
+    writes into buffers; this returns them): from dout, the inputs, and the forward's out and softmax_lse
+    (heads_q, total_q) fp32, returns (dq, dk, dv) in the inputs' shapes and dtypes. out and lse may come from
+    elsewhere than one call (a context-parallel ring merges them over key blocks): the gradients are those of
+    softmax(q k^T) v with that lse as the normalizer and delta = rowsum(dout * out). Deterministic on both backends."""
+    if softmax_lse.shape != (q.shape[1], q.shape[0]):
+        raise ValueError(f"flash_attn_varlen_backward needs softmax_lse (heads_q, total_q) = ({q.shape[1]}, "
+                         f"{q.shape[0]}), got {tuple(softmax_lse.shape)}")
+    if dout.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"flash_attn_varlen_backward needs dout and out shaped as q {tuple(q.shape)}, got "
+                         f"{tuple(dout.shape)} and {tuple(out.shape)}")
+    return _impl("flash_attn_varlen_backward", q)(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,
+                                                  max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size,
+                                                  softcap, deterministic)
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """flash-attn 2's attention: q (batch, seqlen_q, heads_q, d), k and v (batch, seqlen_k, heads_kv, d)."""
@@ -238,7 +258,8 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
 
 __all__ = ["backend", "use_backend", "rms_norm", "fused_add_rms_norm", "apply_rotary_emb", "apply_rotary_emb_qkv_",
            "apply_rotary_emb_kv_", "swiglu", "cross_entropy", "cross_entropy_loss",
-           "fused_linear_cross_entropy", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func",
+           "fused_linear_cross_entropy", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_varlen_backward",
+           "flash_attn_qkvpacked_func",
            "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
            "flash_attn_with_kvcache", "moe_routing", "grouped_mm", "grouped_mm_unchecked", "moe_experts"]
 

@@ -738,6 +738,19 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return (out, lse, None) if return_attn_probs else out
 
 
+def flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                               max_seqlen_k, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                               deterministic=False):
+    """(dq, dk, dv) of ``flash_attn_varlen_func`` from its out and lse, through the backward kernels (checked by
+    the caller, evo.kernels.flash_attn_varlen_backward)."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
+    left, right = attention_window(causal, window_size, max_q, max_k)
+    dout, q, k, v, out = _unit_last(dout, q, k, v, out)
+    return _backward_op(dout, q, k, v, out, softmax_lse.float().contiguous(), cu_seqlens_q.to(torch.int32),
+                        cu_seqlens_k.to(torch.int32), max_q, max_k, scale, left, right, float(softcap))
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """flash-attn 2's batched attention: q (batch, seqlen_q, heads_q, d), k and v (batch, seqlen_k, heads_kv, d).

@@ -509,6 +509,53 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return out
 
 
+def _attend_backward(dout, q, k, v, out, lse, scale, left, right, softcap):
+    """One sequence's (dq, dk, dv) from the forward's out and lse (hq, sq), a normalized window:
+        P = exp(S - lse) (0 where masked, and for a query with lse = +inf), delta = rowsum(dout * out),
+        dV = P^T dout,  dS = P * (dout V^T - delta),  through the cap: dS * (1 - tanh^2(raw / softcap)),
+        dQ = scale dS K,  dK = scale dS^T Q;  a key head's dK, dV sum over the query heads of its group."""
+    sq, hq, d = q.shape
+    sk, hkv = k.shape[0], k.shape[1]
+    group = hq // hkv
+    qf, dof, of = (_acc(t).transpose(0, 1) for t in (q, dout, out))  # (hq, sq, d)
+    kf = _acc(k).transpose(0, 1).repeat_interleave(group, dim=0)  # (hq, sk, d)
+    vf = _acc(v).transpose(0, 1).repeat_interleave(group, dim=0)
+    raw = qf @ kf.transpose(1, 2) * scale
+    s = softcap * torch.tanh(raw / softcap) if softcap > 0 else raw
+    mask = _attention_mask(sq, sk, left, right, q.device)
+    lse = lse.to(s.dtype)
+    p = torch.exp(s - lse[..., None])
+    p = torch.where(torch.isinf(lse)[..., None], torch.zeros_like(p), p)
+    if mask is not None:
+        p = p.masked_fill(~mask, 0.0)
+    dv = p.transpose(1, 2) @ dof  # (hq, sk, d)
+    delta = (dof * of).sum(-1, keepdim=True)  # (hq, sq, 1)
+    ds = p * (dof @ vf.transpose(1, 2) - delta)
+    if softcap > 0:
+        ds = ds * (1 - torch.tanh(raw / softcap) ** 2)
+    dq = ds @ kf * scale
+    dk = ds.transpose(1, 2) @ qf * scale
+    dk = dk.view(hkv, group, sk, d).sum(1)
+    dv = dv.view(hkv, group, sk, d).sum(1)
+    return dq.transpose(0, 1).to(q.dtype), dk.transpose(0, 1).to(k.dtype), dv.transpose(0, 1).to(v.dtype)
+
+
+def flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                               max_seqlen_k, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                               deterministic=False):
+    """The backward of ``flash_attn_varlen_func`` from its out and lse (hq, total_q): (dq, dk, dv), each sequence
+    on its own (``_attend_backward``)."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    left, right = attention_window(causal, window_size, int(max_seqlen_q), int(max_seqlen_k))
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for i in range(len(bq) - 1):
+        rows, keys = slice(bq[i], bq[i + 1]), slice(bk[i], bk[i + 1])
+        dq[rows], dk[keys], dv[keys] = _attend_backward(dout[rows], q[rows], k[keys], v[keys], out[rows],
+                                                        softmax_lse[:, rows], scale, left, right, softcap)
+    return dq, dk, dv
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """Batched: q (batch, sq, hq, d), k and v (batch, sk, hkv, d). Returns out, or (out, lse (batch, hq, sq), None)."""
