@@ -195,6 +195,8 @@ def _validate_parallel(cfg: Config, world_size: int | None = None) -> None:
         p.expert.size = expert_size(p.expert.size, dp, m.num_experts)  # -1 resolved: the size every rank uses
         problem = expert_error(p.expert.size, dp, zero, m.num_experts, p.zero1.size, p.tensor.mode)
         require(problem is None, str(problem))
+    require(p.expert.size <= 1 or not m.compile, f"'model.compile' with 'parallel.expert.size' {p.expert.size} is not "
+            "supported yet (compiled, an expert-parallel layer does not yet train as it does eagerly): set one off")
     problem = check_pipeline(m, p.pipeline.size, p.pipeline.mode, cfg.data.micro_num)
     require(problem is None, str(problem))
     mode = TENSOR_MODE[p.tensor.mode]

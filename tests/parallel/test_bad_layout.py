@@ -85,8 +85,9 @@ def test_more_processes_on_a_node_than_gpus_is_one_line(monkeypatch, tmp_path):
         initialize_distributed_env(config=sections, launcher="torch")
 
 
-def moe_sections(experts=6, **parallel):
-    return {**small_sections(model=dict(num_experts=experts, top_k=2), parallel=parallel), "model_type": "QWEN3MOE"}
+def moe_sections(experts=6, compile=False, **parallel):
+    return {**small_sections(model=dict(num_experts=experts, top_k=2, compile=compile), parallel=parallel),
+            "model_type": "QWEN3MOE"}
 
 
 @pytest.mark.parametrize("world, parallel, line", [
@@ -97,6 +98,7 @@ def moe_sections(experts=6, **parallel):
     (4, dict(expert=dict(size=2), zero1=dict(size=2)), "'parallel.zero1.size' (2) must be -1 or the data-parallel "
                                                        "size (4) with expert parallelism (InternEvo's rule)"),
     (2, dict(expert=dict(size=0)), "'parallel.expert.size' must be >= 1, or -1"),
+    (2, dict(expert=dict(size=2), compile=True), "'model.compile' with 'parallel.expert.size' 2 is not supported yet"),
 ])
 def test_bad_expert_layouts_are_config_errors(world, parallel, line):
     with pytest.raises(ConfigError) as err:
