@@ -20,7 +20,9 @@ A layer's forward on one rank, T tokens each choosing k experts (``expert_parall
 4. the outputs go back by the reverse all-to-all, land in the sender's expert order, and each token's k outputs
    are weighted and added, in fp32 for 16-bit inputs (as on one process).
 A rank that receives no rows still takes part in every exchange. The gradient of an expert's weights on its rank
-sums the rows every rank sent it: on the expert-data group it is then summed as any other gradient is.
+sums the rows every rank of its group sent it; FSDP2 then sums it over the expert-data group and, with tp > 1,
+over the tensor ranks, each of which routed tokens of its own (its sequence shard under msp, fsp and isp; under
+mtp, where the tensor ranks share their tokens, its 1 / tp piece of them: ``ExpertParallelBlock``).
 """
 
 from __future__ import annotations
