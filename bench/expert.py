@@ -17,13 +17,12 @@
 
 from __future__ import annotations
 
-from bench.parallel import _merge, _tiny_config, computed_memory, measure_layouts, model_config
+from bench.parallel import MEMORY_KEYS, computed_memory, measure_layouts, merge_ranks, model_config, tiny_config
 
 # (name, world, layout): zero1 -1 shards over all the data ranks (required with expert groups)
 LAYOUTS = [("dp=2, every expert", 2, dict(zero1=-1)), ("dp=2, ep=2", 2, dict(zero1=-1, expert=2)),
            ("dp=4, every expert", 4, dict(zero1=-1)), ("dp=4, ep=2", 4, dict(zero1=-1, expert=2)),
            ("dp=4, ep=4", 4, dict(zero1=-1, expert=4))]
-MEMORY_KEYS = ("master_weights", "gradients", "optimizer_state", "compute_weights", "total")
 BIG = [(8, 1), (8, 8), (16, 16), (64, 64)]  # (GPUs, expert size) for configs/qwen3_30b_a3b.py
 
 
@@ -40,14 +39,14 @@ def measured_rows(quick: bool) -> list[dict]:
     from tests.dist import run_distributed
 
     steps, warmup = (3, 1) if quick else (10, 2)
-    cfg = _tiny_config(None, "tiny_moe")
+    cfg = tiny_config(None, "tiny_moe")
     rows = []
     for world in (2, 4):
         layouts = [(name, layout) for name, w, layout in LAYOUTS if w == world]
         jobs = [dict(layout=layout, steps=steps, warmup=warmup, threads=1, config="tiny_moe") for _, layout in layouts]
         ranks = run_distributed(measure_layouts, world, jobs)
         for i, (name, layout) in enumerate(layouts):
-            r = _merge([rank[i] for rank in ranks])
+            r = merge_ranks([rank[i] for rank in ranks])
             ep = layout.get("expert", 1)
             mem = r["memory_estimate"]
             computed = computed_memory(cfg.model, world, 1, -1, ep=ep)

@@ -87,7 +87,7 @@ def computed_rows(configs=CONFIGS_7B, layouts=LAYOUTS_7B) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- measured
-def _tiny_config(dtype: str | None = None, name: str = "tiny"):
+def tiny_config(dtype: str | None = None, name: str = "tiny"):
     from evo.config import load_config
 
     cfg = load_config(ROOT / "configs" / f"{name}.py")
@@ -157,7 +157,7 @@ def measure_layout(rank: int, world: int, layout: dict, dtype: str | None = None
         torch.set_num_threads(threads)
     if steps:
         torch.set_flush_denormal(True)  # timed as scripts/train.py trains
-    cfg = _tiny_config(dtype, config)
+    cfg = tiny_config(dtype, config)
     ctx = build_context(world, rank, rank, torch.device("cpu"), 1, layout.get("tp", 1), layout.get("zero1", 1),
                         layout.get("mode", "mtp"), ep=layout.get("expert", 1))
     model = build_parallel_model(cfg.model, ctx, seed)
@@ -227,7 +227,7 @@ def measure_layouts(rank: int, world: int, jobs: list[dict]) -> list[dict]:
     return [measure_layout(rank, world, **job) for job in jobs]
 
 
-def _merge(ranks: list[dict]) -> dict:
+def merge_ranks(ranks: list[dict]) -> dict:
     """Each number's largest over the ranks (per-rank bytes; per-step seconds step by step)."""
     out = {"memory_estimate": {k: max(r["memory_estimate"][k] for r in ranks) for k in ranks[0]["memory_estimate"]}}
     for key in ranks[0]:
@@ -245,7 +245,7 @@ def measured(jobs_by_world: dict[int, list[dict]]) -> dict[int, list[dict]]:
     out = {}
     for world, jobs in jobs_by_world.items():
         ranks = run_distributed(measure_layouts, world, jobs)
-        out[world] = [_merge([r[i] for r in ranks]) for i in range(len(jobs))]
+        out[world] = [merge_ranks([r[i] for r in ranks]) for i in range(len(jobs))]
     return out
 
 
@@ -259,7 +259,7 @@ def measured_rows(quick: bool, timing: bool) -> list[dict]:
     if timing:  # the baseline given both cores
         jobs[1].append(dict(layout=TINY_LAYOUTS[0][2], steps=steps, warmup=warmup, threads=2))
     results = measured(jobs)
-    cfg = _tiny_config()
+    cfg = tiny_config()
     rows = []
     for name, world, layout, i in index[:4]:  # memory: the issue's four layouts (msp holds what mtp does)
         r = results[world][i]

@@ -368,7 +368,7 @@ class MoEExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, expert_ids, weights, w1, w3, w2):
         tokens, k = expert_ids.shape
-        _, offs, slots, order = _routing_op(expert_ids.reshape(-1).contiguous(), w1.shape[0])
+        _, offs, slots, order = moe_routing(expert_ids, w1.shape[0])
         rows = order // k  # the token of each sorted row
         ws = weights.reshape(-1).float()[order]  # the routing weight of each sorted row
         gate, up, h = _swiglu_forward_op(x, rows, w1, w3, offs)

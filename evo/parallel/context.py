@@ -118,10 +118,6 @@ class ParallelContext:
         return self.dp_rank % self.zero_size
 
     @property
-    def ep_rank(self) -> int:
-        return self.dp_rank % self.ep_size
-
-    @property
     def is_main(self) -> bool:
         """The rank that writes logs, metrics and single-writer files."""
         return self.rank == 0

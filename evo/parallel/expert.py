@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor, Shard
 from evo import kernels
 from evo.kernels.reference import SortTokens
 from evo.model.moe import moe_blocks
-from evo.parallel.tensor import all_gather_single, distribute_parameter, swap_class
+from evo.parallel.tensor import distribute_parameter, gather_rows, swap_class
 
 
 def expert_groups(world_size: int, pp: int, tp: int, ep: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -108,7 +108,8 @@ def expert_parallel_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: 
 
 class _TakeMine(torch.autograd.Function):
     """Rows of ``x`` (the same on every rank of ``group``) cut in group-size pieces of ceil(T / n): this rank's
-    piece. Backward gathers every rank's piece of the gradient, so each rank gets the whole gradient."""
+    piece. Backward gathers every rank's piece of the gradient (``_gather_pieces``), so each rank gets the whole
+    gradient."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -120,20 +121,6 @@ class _TakeMine(torch.autograd.Function):
         return _gather_pieces(grad, ctx.total, ctx.group), None
 
 
-class _GatherPieces(torch.autograd.Function):
-    """Each rank's piece of ``_TakeMine`` -> all ``total`` rows, on every rank of ``group``. Backward keeps this
-    rank's piece of the gradient (every rank holds the same gradient: the tensor group computes alike)."""
-
-    @staticmethod
-    def forward(ctx, y, total: int, group):
-        ctx.group, ctx.total = group, total
-        return _gather_pieces(y, total, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad[_piece(ctx.total, ctx.group)], None, None
-
-
 def _piece(total: int, group) -> slice:
     per = -(-total // dist.get_world_size(group))
     start = min(total, dist.get_rank(group) * per)
@@ -141,13 +128,13 @@ def _piece(total: int, group) -> slice:
 
 
 def _gather_pieces(y: torch.Tensor, total: int, group) -> torch.Tensor:
-    n = dist.get_world_size(group)
-    per = -(-total // n)
-    padded = torch.zeros((per, *y.shape[1:]), dtype=y.dtype, device=y.device)
-    padded[:y.shape[0]] = y
-    out = y.new_empty((per * n, *y.shape[1:]))
-    all_gather_single(out, padded.contiguous(), group=group)
-    return out if per * n == total else out[:total].clone()  # not a view: FSDP2 hooks the experts' output
+    """Each rank's piece of ``_TakeMine`` -> all ``total`` rows, on every rank of ``group``: the pieces padded to
+    ceil(T / n) rows and gathered (``gather_rows``, whose backward keeps this rank's rows of the gradient: every rank
+    holds the same gradient, the tensor group computes alike)."""
+    per = -(-total // dist.get_world_size(group))
+    padded = torch.cat([y, y.new_zeros((per - y.shape[0], *y.shape[1:]))])
+    out = gather_rows(padded, group)
+    return out if out.shape[0] == total else out[:total].clone()  # not a view: FSDP2 hooks the experts' output
 
 
 class ExpertParallelBlock:
@@ -171,7 +158,7 @@ class ExpertParallelBlock:
         mine = _piece(x.shape[0], self.tensor_group)
         out = expert_parallel_experts(_TakeMine.apply(x, self.tensor_group), ids[mine],
                                       _TakeMine.apply(weights, self.tensor_group), w1, w3, w2, self.expert_group)
-        return _GatherPieces.apply(out, x.shape[0], self.tensor_group)
+        return _gather_pieces(out, x.shape[0], self.tensor_group)
 
 
 def apply_expert_parallel(model: nn.Module, ctx) -> None:

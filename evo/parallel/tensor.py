@@ -56,7 +56,7 @@ def distribute_parameter(module: nn.Module, name: str, mesh, placement) -> None:
 
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated there); older releases have only the old name
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class _GatherRows(torch.autograd.Function):
@@ -66,7 +66,7 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, x, group):
         ctx.group = group
         out = torch.empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]), dtype=x.dtype, device=x.device)
-        all_gather_single(out, x.contiguous(), group=group)
+        _all_gather_single(out, x.contiguous(), group=group)
         return out
 
     @staticmethod

@@ -27,7 +27,7 @@ def measured():
 
 def test_computed_memory_equals_measured_tiny_layouts(measured):
     for (world, layout, dtype), got in zip(LAYOUTS, measured):
-        cfg = bench._tiny_config(dtype).model
+        cfg = bench.tiny_config(dtype).model
         want = bench.computed_memory(cfg, world, layout.get("tp", 1), layout.get("zero1", 1))
         what = f"world {world} {layout} {dtype or 'fp32'}"
         mem = got["memory_estimate"]
@@ -96,13 +96,13 @@ def test_expert_parallel_memory_is_computed_and_its_all_to_all_moves_the_routed_
     from evo.model import build_model
     from tests.dist import run_distributed
 
-    cfg = bench._tiny_config(None, "tiny_moe")
+    cfg = bench.tiny_config(None, "tiny_moe")
     experts = sum(p.numel() for n, p in build_model(cfg.model, "meta").named_parameters() if ".experts.w" in n)
     for world, eps in ((2, (1, 2)), (4, (2, 4))):
         jobs = [dict(layout=dict(zero1=-1, expert=ep), config="tiny_moe") for ep in eps]
         ranks = run_distributed(bench.measure_layouts, world, jobs)
         for i, ep in enumerate(eps):
-            got = bench._merge([r[i] for r in ranks])
+            got = bench.merge_ranks([r[i] for r in ranks])
             want = bench.computed_memory(cfg.model, world, 1, -1, ep=ep)
             for key, value in got["memory_estimate"].items():
                 assert want[key] == value, (world, ep, key)
