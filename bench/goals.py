@@ -73,6 +73,11 @@ def evaluate(rows: list[dict]) -> list[dict]:
     add("MoE experts fwd+bwd >= 1.2x torch._grouped_mm", evo["TFLOP_s"] / torch_gmm["TFLOP_s"] if both else None, 1.2,
         "evo TFLOP/s over the same experts on torch._grouped_mm, same run" +
         (f": {evo['TFLOP_s']:.0f} vs {torch_gmm['TFLOP_s']:.0f}" if both else ""))
+    ring = _find(rows, "context", "ring per-block attention", "fwd+bwd", shape="16384x16/4x128, context 4",
+                 provider="ring")  # the GPU shape: a CPU's rows (the reference attention, small) are not the goal's
+    add("ring per-block attention >= 90% of single-process attention TFLOP/s", ring and ring.get("vs_single_process"),
+        0.9, "context rank 0's ring steps (context 4, forward + backward, merges included) over one process's "
+        "varlen attention on the whole 16k row, same run")
     out += compiler_goals([r for r in rows if r.get("benchmark") == "kernel_report"])
     row = next((r for r in rows if r.get("benchmark") == "train_step" and r.get("provider") == "evo"), None)
     add("end-to-end MFU >= 50% (Llama-style 1B, seq 4096, bf16)", row and row.get("mfu"), 0.5,

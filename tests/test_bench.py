@@ -206,7 +206,11 @@ def test_goals_met_missed_or_not_measured():
                 peak_MiB=6000.0, ms=10.0),
             row("moe", "moe_experts", "fwd+bwd", shape="16384x8x128x2048x768", TFLOP_s=300.0),
             row("moe", "moe_experts", "fwd+bwd", "torch._grouped_mm", shape="16384x8x128x2048x768", TFLOP_s=200.0),
-            row("moe", "moe_experts", "fwd+bwd", "liger", shape="8192x8x128x2048x768", TFLOP_s=900.0)]  # not the shape
+            row("moe", "moe_experts", "fwd+bwd", "liger", shape="8192x8x128x2048x768", TFLOP_s=900.0),  # not the shape
+            row("context", "ring per-block attention", "fwd+bwd", "ring", shape="16384x16/4x128, context 4",
+                TFLOP_s=270.0, vs_single_process=0.9),
+            row("context", "ring per-block attention", "fwd+bwd", "ring", shape="1056x4/2x32, context 4",
+                vs_single_process=0.1)]  # a CPU's row: not the goal's shape
     verdicts = {g["goal"]: g["verdict"] for g in goals.evaluate(rows)}
     assert verdicts["MoE experts fwd+bwd >= 400 TFLOP/s (Qwen3-30B-A3B experts, 16k tokens, bf16)"].startswith(
         "missed (-25%")
@@ -219,7 +223,8 @@ def test_goals_met_missed_or_not_measured():
     assert verdicts["fused linear cross-entropy memory <= 10% of naive"].startswith("met (-50%")
     assert verdicts["fused linear cross-entropy time <= 1.0x naive"].startswith("met (-10%")
     assert verdicts["end-to-end MFU >= 50% (Llama-style 1B, seq 4096, bf16)"] == "not measured"
-    assert goals.markdown(goals.evaluate(rows)).count("\n") == 11  # no kernel report rows: its goals not listed
+    assert verdicts["ring per-block attention >= 90% of single-process attention TFLOP/s"].startswith("met (+0%")
+    assert goals.markdown(goals.evaluate(rows)).count("\n") == 12  # no kernel report rows: its goals not listed
 
 
 def test_compiler_goals_read_from_the_kernel_report_rows():

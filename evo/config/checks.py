@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from evo.config.layout import (PIPELINE_MODES, TENSOR_MODE, TENSOR_MODES, check_pipeline, check_tensor_parallel,
-                               data_and_zero_sizes, expert_error, expert_size)
+                               data_and_zero_sizes, expert_error, expert_size, sequence_2d_error)
 from evo.config.sections import CKPT_CONTENTS, DTYPES, MOE_MODEL_TYPES, MOE_TYPES, Config, DataConfig, ModelConfig
 from evo.errors import ConfigError
 
@@ -184,6 +184,9 @@ def _validate_parallel(cfg: Config, world_size: int | None = None) -> None:
         require(size >= 1, f"'parallel.{name}.size' must be >= 1, got {size}")
     p.tensor.mode = p.tensor.mode or ("msp" if p.sequence_parallel else "mtp")  # InternEvo's older configs: the switch
     check_choice(p.tensor.mode, TENSOR_MODES, "parallel.tensor.mode")
+    if p.sequence_2D.enable:  # the section's own rules, before the world's
+        problem = sequence_2d_error(p, m, cfg.data.packed_length)
+        require(problem is None, str(problem))
     mode = p.pipeline.mode or "1F1B"
     p.pipeline.mode = mode.upper() if mode.upper() in PIPELINE_MODES else mode  # InternEvo's configs write "1f1b"
     require(p.expert.size != 0 and p.expert.size >= -1, f"'parallel.expert.size' must be >= 1, or -1 (the "
@@ -210,9 +213,9 @@ def _validate_parallel(cfg: Config, world_size: int | None = None) -> None:
                  f"'parallel.sequence_parallel' = {p.sequence_parallel} contradicts 'parallel.tensor.mode' "
                  f"'{p.tensor.mode}' (msp and fsp are sequence parallel, mtp is not): leave it out, or make them agree")
     require(p.timeout_s > 0, f"'parallel.timeout_s' must be > 0 seconds, got {p.timeout_s}")
-    tp = p.tensor.size
+    tp, two_d = p.tensor.size, p.sequence_2D.enable
     if tp > 1:
-        problem = check_tensor_parallel(m, tp, p.tensor.mode)
+        problem = check_tensor_parallel(m, tp, p.tensor.mode, p.sequence_2D.head_size if two_d else None)
         require(problem is None, str(problem))
         if mode.sequence_parallel:
             require(cfg.data.packed_length % tp == 0,

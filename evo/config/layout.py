@@ -55,13 +55,53 @@ PIPELINE_MODES = tuple(PIPELINE_MODE)
 _WORDS = {2: "two"}
 
 
-def check_tensor_parallel(cfg, tp: int, mode: str = "mtp") -> str | None:
-    """Why a model config cannot be split over ``tp`` ranks in ``mode``, or None (isp splits only the heads)."""
+def check_tensor_parallel(cfg, tp: int, mode: str = "mtp", head_size: int | None = None) -> str | None:
+    """Why a model config cannot be split over ``tp`` ranks in ``mode``, or None (isp splits only the heads; under
+    sequence_2D only its ``head_size`` ranks split them)."""
     for attr in TENSOR_MODE[mode].splits:
-        value = getattr(cfg, attr)
-        if value % tp:
+        value, size = getattr(cfg, attr), tp if head_size is None else head_size
+        if value % size:
             key = "num_kv_attention_heads" if attr == "kv_heads" else attr
-            return f"'parallel.tensor.size' ({tp}) must divide 'model.{key}' ({value})"
+            by = "'parallel.tensor.size'" if head_size is None else "'parallel.sequence_2D.head_size'"
+            return f"{by} ({size}) must divide 'model.{key}' ({value})"
+    return None
+
+
+KV_EXCHANGES = ("ring", "all_gather")  # how a context group shares keys and values (evo.parallel.sequence_2d)
+
+
+def sequence_2d_error(parallel, model_cfg, packed_length: int) -> str | None:
+    """Why ``parallel.sequence_2D`` (enabled) cannot run, or None: InternEvo's rules (isp, head x context = tensor
+    size, windows dividing the context group, no interleaving of head-first placements with head groups), evo's
+    key exchange and a row long enough to give every rank of the sequence group two tokens (a document filling it
+    gives each context rank a head and a tail chunk)."""
+    s, tp, mode = parallel.sequence_2D, parallel.tensor.size, parallel.tensor.mode
+    key = "'parallel.sequence_2D"
+    if mode != "isp":
+        return f"{key}.enable' needs 'parallel.tensor.mode' 'isp' (its sequence group is what 2D splits); got '{mode}'"
+    for name in ("head_size", "context_size", "window_size"):
+        if getattr(s, name) < 1:
+            return f"{key}.{name}' must be >= 1, got {getattr(s, name)}"
+    if s.head_size * s.context_size != tp:
+        return (f"{key}.head_size' ({s.head_size}) x {key}.context_size' ({s.context_size}) must equal "
+                f"'parallel.tensor.size' ({tp})")
+    if s.context_size % s.window_size:
+        return f"{key}.window_size' ({s.window_size}) must divide {key}.context_size' ({s.context_size})"
+    place = s.device_placement_strategy
+    if place.head_first and place.interleaved and s.head_size > 1:
+        return (f"{key}.device_placement_strategy.interleaved' must be False when head_first is True and "
+                f"head_size ({s.head_size}) > 1 (InternEvo's rule: context groups are then strided)")
+    if s.kv_exchange not in KV_EXCHANGES:
+        return f"{key}.kv_exchange' must be one of {', '.join(KV_EXCHANGES)}; got {s.kv_exchange!r}"
+    if model_cfg.sliding_window and s.kv_exchange == "ring" and s.context_size > 1:
+        return (f"'model.sliding_window' ({model_cfg.sliding_window}) with {key}.kv_exchange' 'ring': a ring step's "
+                "keys are not where the window needs them; set kv_exchange='all_gather'")
+    if model_cfg.compile:
+        return (f"'model.compile' with {key}' is not supported yet (the ring's transfers and per-row plans are not "
+                "traced): set one off")
+    if packed_length < 2 * tp:
+        return (f"'data.seq_len' x 'data.micro_bsz' ({packed_length} tokens a row) is too short for a sequence group "
+                f"of {tp} ranks under {key}': every rank needs at least two tokens (a head and a tail chunk)")
     return None
 
 

@@ -170,12 +170,32 @@ class ExpertDim:
 
 
 @dataclass
+class Placement:
+    head_first: bool = True  # a head group's ranks are consecutive (share a node); False: a context group's are
+    interleaved: bool = False  # windows take every other rank of a context group (InternEvo's NIC balance)
+
+
+@dataclass
+class Sequence2DConfig:
+    """InternEvo's 2D sequence parallelism (evo/parallel/sequence_2d.py): isp's sequence group split into head groups
+    (Ulysses) x context groups (rings over packed rows)."""
+
+    enable: bool = False  # on: parallel.tensor.size ranks split as head_size x context_size
+    head_size: int = 1  # ranks splitting the heads (Ulysses' all-to-all); head_size x context_size = tensor.size
+    context_size: int = 1  # ranks splitting every document of a row (ring attention)
+    window_size: int = 1  # ranks in an inner ring of the double ring; it divides context_size
+    device_placement_strategy: Placement = field(default_factory=Placement)  # where head and context ranks sit
+    kv_exchange: str = "ring"  # evo: how a context group shares keys and values: 'ring' or 'all_gather'
+
+
+@dataclass
 class ParallelConfig:
     zero1: ParallelDim = field(default_factory=lambda: ParallelDim(size=-1))  # <= 0: the whole data group; 1: off
     tensor: ParallelDim = field(default_factory=lambda: ParallelDim(mode="mtp"))  # tensor (or isp's sequence) groups
     pipeline: ParallelDim = field(default_factory=ParallelDim)  # pipeline stages and their schedule
     weight: ParallelDim = field(default_factory=ParallelDim)  # isp: weight groups that shard the weights
     expert: ExpertDim = field(default_factory=ExpertDim)  # MoE: expert groups (expert parallelism)
+    sequence_2D: Sequence2DConfig = field(default_factory=Sequence2DConfig)  # isp's group as head x context
     sequence_parallel: Optional[bool] = None  # InternEvo's switch: True needs tensor.mode msp or fsp
     timeout_s: float = 1800.0  # evo: collective timeout in seconds
 

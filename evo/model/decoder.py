@@ -21,13 +21,16 @@ Parameter names follow InternLM2 (``tok_embeddings``, ``layers.N.attention.wq``,
 What a parallel layout changes in these modules, it changes in two declared ways, never by assigning
 ``module.forward``:
 - a class swap: tensor parallelism (``evo.parallel.tensor``: ``ColumnParallel``, ``RowParallel``,
-  ``VocabParallel``, ``ReplicatedWeight``, ``VocabParallelLoss``) and isp's output head
-  (``evo.parallel.sequence.SequenceParallelLoss``) make a module an instance of a subclass of its class with a
-  parallel forward (``evo.parallel.tensor.swap_class``, as FSDP2's ``fully_shard`` makes ``FSDP<class>``):
-  ``type(module).__name__`` says which, e.g. ``ColumnParallelLinear``;
-- forward hooks: isp's exchanges around attention (``evo.parallel.sequence``), and FSDP2's gathers.
-Both read ``DecoderModel.sequence_shards`` (``evo.parallel.shards.SequenceShards``): whether the forward in
-progress runs on sequence shards of the tensor group. Pipeline parallelism wraps the model instead
+  ``VocabParallel``, ``ReplicatedWeight``, ``VocabParallelLoss``), isp's output head
+  (``evo.parallel.sequence.SequenceParallelLoss``) and 2D sequence parallelism's attention
+  (``evo.parallel.sequence_2d.ContextParallelAttention``) make a module an instance of a subclass of its class
+  with a parallel forward (``evo.parallel.tensor.swap_class``, as FSDP2's ``fully_shard`` makes
+  ``FSDP<class>``): ``type(module).__name__`` says which, e.g. ``ColumnParallelLinear``;
+- forward hooks: isp's exchanges around attention (``evo.parallel.sequence``), the embedding keeping this rank's
+  tokens, and FSDP2's gathers.
+Both read ``DecoderModel.sequence_shards`` (``evo.parallel.shards.SequenceShards``), which the model asks at the
+start of each forward (``decide``, given the row's ``cu_seqlens``) whether it runs on sequence shards of the
+tensor group. Pipeline parallelism wraps the model instead
 (``evo.parallel.pipeline.PipelineModel``); activation checkpointing is ``DecoderLayer.checkpointed``.
 """
 
@@ -292,6 +295,8 @@ class DecoderModel(nn.Module):
             cu_seqlens = cu_seqlens_of(ids)
         if max_seqlen is None:
             max_seqlen = max_seqlen_of(cu_seqlens)
+        if self.sequence_shards is not None:  # whether this forward runs on sequence shards (evo.parallel)
+            self.sequence_shards.decide(ids.numel(), True, cu_seqlens)
         x = self.tok_embeddings(ids)
         for layer in self.layers:
             x = layer(x, cu_seqlens, max_seqlen)
@@ -342,6 +347,8 @@ class DecoderModel(nn.Module):
     def _forward_cached(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         ids = input_ids if input_ids.ndim == 2 else input_ids[None]
         cache.check_room(ids.shape[1])
+        if self.sequence_shards is not None:
+            self.sequence_shards.decide(0, False)
         x = self.tok_embeddings(ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, cache=cache, layer=i)

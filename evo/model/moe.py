@@ -217,7 +217,7 @@ class MoEBlock(nn.Module):
         """GShard's kept assignments of this rank's tokens, and the number dropped in the whole forward: places are
         taken over the forward's tokens in order (gathered from the group when this rank holds a shard)."""
         group = self.group()
-        every = ids if group is None else gathered_rows(ids, group)
+        every = ids if group is None else self.shards.in_row_order(gathered_rows(ids, group))
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         capacity = max(math.ceil(every.shape[0] / self.num_experts * factor * self.top_k), self.min_capacity)
         if not self.drop_tokens:  # InternEvo's drop_tokens=False: room for every assignment

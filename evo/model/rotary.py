@@ -139,8 +139,10 @@ class RotaryEmbedding(nn.Module):
         self._by_length.move_to_end(key)
         return self._by_length[key]
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        """Rotate packed heads x (tokens, heads, head_dim); positions restart at each ``cu_seqlens`` boundary."""
-        cos, sin = self.tables(max_seqlen, x.device)
-        return kernels.apply_rotary_emb(x, cos, sin, interleaved=self.interleaved, cu_seqlens=cu_seqlens,
-                                        max_seqlen=max_seqlen)
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, seqlen_offsets=0,
+                max_position: int | None = None) -> torch.Tensor:
+        """Rotate packed heads x (tokens, heads, head_dim); positions restart at each ``cu_seqlens`` boundary, from
+        ``seqlen_offsets`` (an int, or one per sequence: pieces of longer documents, which reach ``max_position``)."""
+        cos, sin = self.tables(max_seqlen if max_position is None else max_position, x.device)
+        return kernels.apply_rotary_emb(x, cos, sin, interleaved=self.interleaved, seqlen_offsets=seqlen_offsets,
+                                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)

@@ -25,8 +25,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from evo.config import (TENSOR_MODE, ConfigError, ExpertDim, ParallelConfig, ParallelDim, TensorMode,
-                        data_and_zero_sizes)
+from evo.config import (TENSOR_MODE, ConfigError, ExpertDim, ParallelConfig, ParallelDim, Sequence2DConfig,
+                        TensorMode, data_and_zero_sizes)
 
 
 @dataclass
@@ -51,6 +51,9 @@ class ParallelContext:
     # "tp"), the zero dimension (all of the data ranks) unflattened
     expert_fsdp_mesh: object = field(default=None, repr=False)  # what FSDP2 shards the spread experts over: "edp",
     # with tp > 1 ("edp", "tp") flattened (the tensor ranks route their own tokens, or their own pieces under mtp)
+    sequence_2d: Sequence2DConfig | None = None  # isp's sequence group as head x context (evo.parallel.sequence_2d)
+    sequence_2d_mesh: object = field(default=None, repr=False)  # the "tp" dimension unflattened: ("cp", "hp") with
+    # head groups as runs (head_first), else ("hp", "cp")
 
     @classmethod
     def from_config(cls, parallel: ParallelConfig, world_size: int = 1, rank: int = 0, local_rank: int = 0,
@@ -79,8 +82,9 @@ class ParallelContext:
         tp_mode, pp_mode = parallel.tensor.mode or "mtp", parallel.pipeline.mode or "1F1B"
         dp, zero = data_and_zero_sizes(parallel, world_size)  # a ConfigError when the layout does not fit
         ep = parallel.expert.size if parallel.expert.size >= 1 else dp  # validation resolved -1 with the experts
+        two_d = parallel.sequence_2D if parallel.sequence_2D.enable and tp > 1 else None
         return cls(world_size=world_size, rank=rank, local_rank=local_rank, pp_size=pp, dp_size=dp, tp_size=tp,
-                   zero_size=zero, tp_mode=tp_mode, weight_size=weight, pp_mode=pp_mode, ep_size=ep)
+                   zero_size=zero, tp_mode=tp_mode, weight_size=weight, pp_mode=pp_mode, ep_size=ep, sequence_2d=two_d)
 
     def _build_mesh(self) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -95,6 +99,11 @@ class ParallelContext:
             self.expert_mesh = self.mesh._unflatten(data_dim, (dp // self.ep_size, self.ep_size), ("edp", "ep"))
             self.expert_fsdp_mesh = self.expert_mesh["edp"] if tp == 1 else \
                 self.expert_mesh["edp", "tp"]._flatten("edp_tp")
+        if self.sequence_2d is not None:
+            s = self.sequence_2d
+            sizes, names = ((s.context_size, s.head_size), ("cp", "hp")) if s.device_placement_strategy.head_first \
+                else ((s.head_size, s.context_size), ("hp", "cp"))
+            self.sequence_2d_mesh = self.mesh._unflatten(3, sizes, names)
         if self.tensor_mode.weight_parallel:  # InternEvo's weight groups [0, 1] [2, 3], weight-data groups [0, 2]
             # [1, 3] (w = 2)
             stage = self.mesh["dp_replicate", "zero", "tp"]._flatten("dp_tp")
@@ -198,11 +207,42 @@ class ParallelContext:
 
     def describe(self) -> str:
         """The layout in one line, for the start-up log."""
+        two_d, here = self._describe_2d()
         return (f"world {self.world_size} = pp {self.pp_size} x dp {self.dp_size} x tp {self.tp_size} "
                 f"(pipeline {self.pp_mode}, tensor mode {self.tp_mode}, zero groups of {self.zero_size}, "
-                f"weight groups of {self.weight_size}, expert groups of {self.ep_size}); this rank {self.rank}: "
-                f"pp {self.pp_rank} dp {self.dp_rank} tp {self.tp_rank} zero {self.zero_rank}" +
+                f"weight groups of {self.weight_size}, expert groups of {self.ep_size}{two_d}); this rank "
+                f"{self.rank}: pp {self.pp_rank} dp {self.dp_rank} tp {self.tp_rank} zero {self.zero_rank}{here}" +
                 (f", expert group {self.expert_group_ranks()}" if self.ep_size > 1 else ""))
+
+    def _describe_2d(self) -> tuple[str, str]:
+        """(the 2D sequence group's sizes, this rank's place in it) for ``describe``; empty without it."""
+        s = self.sequence_2d
+        if s is None:
+            return "", ""
+        hs, cs = s.head_size, s.context_size
+        c, h = (self.tp_rank // hs, self.tp_rank % hs) if s.device_placement_strategy.head_first else \
+            (self.tp_rank % cs, self.tp_rank // cs)
+        return (f", 2D sequence groups of head {hs} x context {cs} (windows of {s.window_size}, {s.kv_exchange})",
+                f", head {h} context {c}")
+
+    def sequence_2d_layout(self):
+        """This rank's ``evo.parallel.sequence_2d.SequenceGroup2D``: its head group and context group (ranks in
+        context order, windows as InternEvo's initializer places them), from the mesh."""
+        from evo.parallel.context_attention import ContextGroup
+        from evo.parallel.sequence_2d import SequenceGroup2D, sequence_2d_groups
+
+        s, mesh = self.sequence_2d, self.sequence_2d_mesh
+        place = s.device_placement_strategy
+        tp_ranks = dist.get_process_group_ranks(self.tp_group)
+        groups = sequence_2d_groups(tp_ranks, s.head_size, s.context_size, s.window_size, place.head_first,
+                                    place.interleaved)
+        cp = mesh["cp"].get_group()
+        ranks = dist.get_process_group_ranks(cp)
+        windows = [[ranks.index(r) for r in w] for w in groups["intra_window"] if set(w) <= set(ranks)]
+        context = ContextGroup(ranks, ranks.index(self.rank), windows, cp)
+        head = mesh["hp"].get_group() if s.head_size > 1 else None
+        head_index = dist.get_group_rank(head, self.rank) if head is not None else 0
+        return SequenceGroup2D(s.head_size, head_index, head, context, place.head_first, s.kv_exchange == "all_gather")
 
     def expert_group_ranks(self) -> list[int]:
         """The global ranks of this rank's expert group (evo.parallel.expert.expert_groups)."""
@@ -236,11 +276,12 @@ def start_process_group(world_size: int, rank: int, device: torch.device, timeou
 
 
 def build_context(world_size: int, rank: int, local_rank: int, device: torch.device, pp: int, tp: int, zero1: int,
-                  tp_mode: str, weight: int = 1, pp_mode: str = "1F1B", ep: int = 1) -> ParallelContext:
+                  tp_mode: str, weight: int = 1, pp_mode: str = "1F1B", ep: int = 1,
+                  sequence_2d: Sequence2DConfig | None = None) -> ParallelContext:
     """``ParallelContext.from_config`` for a layout given by its sizes rather than a config section (tests and
     benchmarks): pipeline ``pp``, tensor ``tp`` in ``tp_mode``, InternEvo's ``zero1``, isp's ``weight``, expert
-    groups of ``ep``."""
+    groups of ``ep``, isp's group split by ``sequence_2d`` (enabled)."""
     parallel = ParallelConfig(zero1=ParallelDim(size=zero1), tensor=ParallelDim(size=tp, mode=tp_mode),
                               pipeline=ParallelDim(size=pp, mode=pp_mode), weight=ParallelDim(size=weight),
-                              expert=ExpertDim(size=ep))
+                              expert=ExpertDim(size=ep), sequence_2D=sequence_2d or Sequence2DConfig())
     return ParallelContext.from_config(parallel, world_size, rank, local_rank, device)

@@ -3,7 +3,7 @@
 ``parallelize(model, ctx, model_cfg)`` applies, in this order:
 1. expert parallelism (``evo.parallel.expert``, when parallel.expert.size > 1), then tensor parallelism
    (``evo.parallel.tensor``, when tp > 1), or intern sequence parallelism (``evo.parallel.sequence``, tensor.mode
-   isp);
+   isp), or isp's group split as head x context (``evo.parallel.sequence_2d``, parallel.sequence_2D);
 2. activation checkpointing (``model.checkpoint``: the first layers recompute their forward in backward);
 3. ``torch.compile`` of each decoder layer (opt-in, ``model.compile=True``);
 4. FSDP2 (``fully_shard``, in any world of more than one process): the fp32 weights are the masters,
@@ -52,6 +52,10 @@ def parallelize(model: nn.Module, ctx: ParallelContext, cfg: ModelConfig) -> nn.
         from evo.parallel.tensor import apply_tensor_parallel
 
         apply_tensor_parallel(model, ctx)
+    elif ctx.tp_size > 1 and ctx.sequence_2d is not None:  # isp's group as head x context: rings on packed rows
+        from evo.parallel.sequence_2d import apply_sequence_2d
+
+        apply_sequence_2d(model, ctx, ctx.sequence_2d_layout())
     elif ctx.tp_size > 1:  # isp: the weights stay whole in compute; heads split around attention
         from evo.parallel.sequence import apply_intern_sequence_parallel
 

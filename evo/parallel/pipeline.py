@@ -99,10 +99,10 @@ class PipelineStageModule(nn.Module):
         if num_docs is not None:  # a schedule's micro-batch: strip the padding
             cu_seqlens = cu_seqlens[0, :int(num_docs[0]) + 1]
         max_seqlen = max_seqlen_of(cu_seqlens)
+        if self._shards is not None:
+            self._shards.decide(int(cu_seqlens[-1]), True, cu_seqlens)
         if self.tok_embeddings is not None:
             x = self.tok_embeddings(x.reshape(-1))
-        elif self._shards is not None:  # what the embedding decides on the first stage
-            self._shards.decide(int(cu_seqlens[-1]), packed=True)
         for layer in self.layers.values():
             x = layer(x, cu_seqlens, max_seqlen)
         if self.output is None:
@@ -115,10 +115,10 @@ class PipelineStageModule(nn.Module):
 
     def _forward_cached(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """(batch, new) ids or (batch, new, hidden) states continuing the cached positions."""
+        if self._shards is not None:
+            self._shards.decide(0, False)
         if self.tok_embeddings is not None:
             x = self.tok_embeddings(x)
-        elif self._shards is not None:
-            self._shards.decide(0, packed=False)
         for i, layer in self.layers.items():
             x = layer(x, cache=cache, layer=int(i))
         return x if self.output is None else self.output(self.norm(x))

@@ -94,12 +94,13 @@ class SequenceParallelLoss:
         if not shards.sharded:
             return super().forward(h, labels, label_smoothing, return_accuracy)
         if labels is None:  # logits of the whole row (a forward without labels: evaluation by logits, generation)
-            return gather_rows(super().forward(h), shards.group)
+            return shards.in_row_order(gather_rows(super().forward(h), shards.group))
         out = kernels.fused_linear_cross_entropy(h, self.weight, labels[shards.mine(labels.shape[0])],
                                                  label_smoothing=label_smoothing, reduction="none",
                                                  return_accuracy=return_accuracy)
         loss, correct = out if return_accuracy else (out, None)
-        loss = gather_rows(loss, shards.group)  # the row's per-token losses, each rank's own differentiable
+        loss = shards.in_row_order(gather_rows(loss, shards.group))  # the row's per-token losses, each rank's own
+        # differentiable
         if not return_accuracy:
             return loss
         correct = correct.clone()
@@ -114,7 +115,6 @@ def apply_intern_sequence_parallel(model, ctx) -> None:
     shards = SequenceShards(ctx.tp_size, ctx.tp_rank, ctx.tp_group)
 
     def embedded(module, inputs, out):
-        shards.decide(out.shape[0], packed=out.ndim == 2)
         return out[shards.mine(out.shape[0])] if shards.sharded else out
 
     def heads_out(module, inputs, out):  # (tokens / s, heads * d) -> (tokens, heads / s * d)
@@ -129,7 +129,7 @@ def apply_intern_sequence_parallel(model, ctx) -> None:
         (x,) = inputs
         return (head_to_seq(x.view(x.shape[0], -1, module.head_dim), shards.group).flatten(1),)
 
-    if model.tok_embeddings is not None:  # a pipeline stage without it decides in its forward
+    if model.tok_embeddings is not None:
         model.tok_embeddings.register_forward_hook(embedded)
     for layer in decoder_layers(model):
         attention = layer.attention

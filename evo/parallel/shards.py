@@ -70,10 +70,12 @@ def fill_parameter(p: torch.Tensor, source, where: str, key: str) -> None:
 class SequenceShards:
     """Whether the forward in progress runs on sequence shards of the tensor group (this rank holding tokens
     ``mine(tokens)`` of the packed row), shared by every module that tensor or sequence parallelism changed
-    (``DecoderModel.sequence_shards``). The embedding decides per call, a pipeline stage without it from the row
-    it receives; the other modules read ``sharded``. A forward over a packed row whose tokens split evenly runs
-    sharded when the mode shards sequences (``enabled``: msp, fsp, isp); any other (batched rows, generation)
-    runs whole on every rank, so one model serves training, evaluation and generation.
+    (``DecoderModel.sequence_shards``). The model decides at the start of each forward (``decide``: the
+    ``DecoderModel``, or a pipeline stage, before its embedding); the modules read ``sharded``. A forward over a
+    packed row whose tokens split evenly runs sharded when the mode shards sequences (``enabled``: msp, fsp, isp);
+    any other (batched rows, generation) runs whole on every rank, so one model serves training, evaluation and
+    generation. Here a rank holds a contiguous run of the row; 2D sequence parallelism's subclass
+    (evo.parallel.sequence_2d.ContextShards) holds tokens spread over the row's documents.
 
     ``regather_in_backward`` (fsp): a gathered input is gathered again in backward instead of kept."""
 
@@ -82,10 +84,15 @@ class SequenceShards:
         self.enabled, self.regather_in_backward = enabled, regather_in_backward
         self.sharded = False
 
-    def decide(self, tokens: int, packed: bool) -> None:
-        """The forward starting now covers ``tokens`` tokens, of a packed row (``packed``) or batched rows."""
+    def decide(self, tokens: int, packed: bool, cu_seqlens: torch.Tensor | None = None) -> None:
+        """The forward starting now covers ``tokens`` tokens, of a packed row (``packed``, its documents ending at
+        ``cu_seqlens``) or batched rows."""
         self.sharded = self.enabled and packed and tokens % self.size == 0
 
-    def mine(self, n: int) -> slice:
-        """This rank's part of ``n`` tokens."""
+    def mine(self, n: int) -> slice | torch.Tensor:
+        """This rank's part of ``n`` tokens (an index into the row)."""
         return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
+
+    def in_row_order(self, gathered: torch.Tensor) -> torch.Tensor:
+        """Rows gathered from the group in rank order, put in the row's order (here they already are)."""
+        return gathered

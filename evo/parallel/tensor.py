@@ -24,10 +24,9 @@ DTensor.
 
 Sequence sharding applies to a forward whose token count divides by tp (training's packed rows
 always do: validation checks ``seq_len * micro_bsz``); any other forward, e.g. a generation step,
-runs that call as mtp. The embedding decides per call and the other styles read the decision
+runs that call as mtp. The model decides at the start of each forward and the styles read the decision
 (``evo.parallel.shards.SequenceShards``, ``model.sequence_shards``), so one model serves training, evaluation
-and generation. Packed rows keep
-working: attention runs after the column-parallel gather, on every token of the row with local heads,
+and generation. Packed rows keep working: attention runs after the column-parallel gather, on every token of the row with local heads,
 so ``cu_seqlens`` and positions are those of the full row.
 """
 
@@ -114,12 +113,11 @@ def _reduced_output(out: DTensor, mesh, shards: SequenceShards) -> torch.Tensor:
 
 
 class VocabParallel:
-    """An embedding with the rows of its table split across ranks; decides whether this forward runs on sequence
-    shards."""
+    """An embedding with the rows of its table split across ranks; its output reduced, onto this rank's sequence
+    shard when the forward runs on them."""
 
     def forward(self, ids):
         out = F.embedding(DTensor.from_local(ids, self.tp_mesh, [Replicate()], run_check=False), self.weight)
-        self.shards.decide(out.shape[0], packed=out.ndim == 2)
         return _reduced_output(out, self.tp_mesh, self.shards)
 
 

@@ -49,6 +49,10 @@ def tiny_sections(folder: Path, micro_num: int = 2, **parallel) -> dict:
                            weight=dict(size=parallel.get("weight", 1)),
                            expert=dict(size=parallel.get("expert", 1)),
                            timeout_s=120)
+    if parallel.get("sequence_2D"):  # isp's group as head x context (evo.parallel.sequence_2d)
+        raw["parallel"]["sequence_2D"] = dict(parallel["sequence_2D"], enable=True)
+    if parallel.get("sliding_window"):
+        raw["model"]["sliding_window"] = parallel["sliding_window"]
     return raw
 
 

@@ -124,3 +124,58 @@ def test_a_bad_expert_layout_under_torchrun_exits_2(tmp_path):
     line = ("evo: error: 'parallel.expert.size' (3) must divide 'model.num_experts' (8): experts are not split")
     lines = [x for x in result.stderr.splitlines() if not re.match(r"[WIE]\d{4} \d\d:\d\d:", x)]
     assert lines[0] == line and "exitcode  : 2" in result.stderr and not (tmp_path / "run").exists()
+
+
+def sequence_2d(tp=4, mode="isp", **fields):
+    return dict(tensor=dict(size=tp, mode=mode), sequence_2D=dict(dict(enable=True, head_size=1, context_size=tp),
+                                                                  **fields))
+
+
+@pytest.mark.parametrize("parallel, data, line", [
+    (sequence_2d(head_size=2), {}, "'parallel.sequence_2D.head_size' (2) x 'parallel.sequence_2D.context_size' (4) "
+                                   "must equal 'parallel.tensor.size' (4)"),
+    (sequence_2d(mode="msp"), {}, "'parallel.sequence_2D.enable' needs 'parallel.tensor.mode' 'isp'"),
+    (sequence_2d(window_size=3), {}, "'parallel.sequence_2D.window_size' (3) must divide "
+                                     "'parallel.sequence_2D.context_size' (4)"),
+    (sequence_2d(head_size=2, context_size=2, device_placement_strategy=dict(head_first=True, interleaved=True)), {},
+     "'parallel.sequence_2D.device_placement_strategy.interleaved' must be False when head_first is True and "
+     "head_size (2) > 1"),
+    (sequence_2d(tp=8, context_size=8), dict(seq_len=4, micro_bsz=2, packed_length=None),
+     "'data.seq_len' x 'data.micro_bsz' (8 tokens a row) is too short for a sequence group of 8 ranks"),
+    (sequence_2d(kv_exchange="gather"), {}, "'parallel.sequence_2D.kv_exchange' must be one of ring, all_gather"),
+    (sequence_2d(), "compile", "'model.compile' with 'parallel.sequence_2D' is not supported yet"),
+    (sequence_2d(tp=4, head_size=4, context_size=1), {}, "'parallel.sequence_2D.head_size' (4) must divide "
+                                                        "'model.num_kv_attention_heads' (2)"),
+])
+def test_bad_sequence_2d_layouts_are_config_errors(parallel, data, line):
+    model = dict(compile=True) if data == "compile" else {}
+    data = {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else {}
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(small_sections(parallel=parallel, data=data, model=model), world_size=8)
+    assert str(err.value).startswith(line)
+
+
+def test_sequence_2d_splits_heads_over_head_size_only():
+    """tensor.size 4 with 2 kv heads is valid under sequence_2D when head_size is 1 (InternEvo's rule)."""
+    cfg = config_from_dict(small_sections(parallel=sequence_2d()), world_size=4)
+    assert cfg.parallel.sequence_2D.context_size == 4
+    with pytest.raises(ConfigError, match="'model.sliding_window' .* with 'parallel.sequence_2D.kv_exchange' 'ring'"):
+        config_from_dict(small_sections(model=dict(sliding_window=8), parallel=sequence_2d()), world_size=4)
+    assert config_from_dict(small_sections(model=dict(sliding_window=8), parallel=sequence_2d(kv_exchange="all_gather")),
+                            world_size=4).parallel.sequence_2D.kv_exchange == "all_gather"
+
+
+@pytest.mark.parametrize("value", ["{'enable': True, 'head_size': 1, 'context_size': 2, 'window_size': 1}",
+                                   "dict(enable=True, head_size=1, context_size=2, window_size=3)"])
+def test_a_bad_sequence_2d_layout_on_the_command_line_exits_2(tmp_path, value):
+    """The section as a literal and as dict(...) on the command line: read (the literal with tensor.mode mtp is
+    refused for it; the dict for its window), one line, exit 2, nothing written."""
+    mode = "mtp" if "{" in value else "isp"
+    result = run_script("scripts/train.py", "--config", "configs/tiny.py", "parallel.tensor.size=2",
+                        f"parallel.tensor.mode={mode}", f"parallel.sequence_2D={value}",
+                        f"monitor.run_folder={tmp_path / 'run'}")
+    line = result.stderr.strip().splitlines()[-1]
+    expected = "'parallel.sequence_2D.enable' needs 'parallel.tensor.mode' 'isp'" if "{" in value else \
+        "'parallel.sequence_2D.window_size' (3) must divide 'parallel.sequence_2D.context_size' (2)"
+    assert result.returncode == 2 and line.startswith(f"evo: error: {expected}"), result.stderr
+    assert not (tmp_path / "run").exists()

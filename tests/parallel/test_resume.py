@@ -228,6 +228,9 @@ def test_tied_embeddings_cross_between_one_tensor_and_pipeline_copies(tmp_path, 
     ((2, dict(tp=2, mode="isp", weight=2)), (2, dict(pp=2, chunks=2)), dict()),  # isp's weight shards -> stages
     ((2, dict(zero1=2)), (1, dict(micro_num=4)), dict(micro_num=4)),  # ZeRO shards over dp=2 -> one process
     ((1, dict()), (2, dict(tp=2, mode="fsp")), dict()),  # one process -> tensor-parallel shards
+    # 2D sequence parallelism (context 2) -> one process, and one process -> it
+    ((2, dict(tp=2, mode="isp", sequence_2D=dict(head_size=1, context_size=2, window_size=1))), (1, dict()), dict()),
+    ((1, dict()), (2, dict(tp=2, mode="isp", sequence_2D=dict(head_size=1, context_size=2, window_size=1))), dict()),
 ])
 def test_checkpoints_cross_between_more_layouts(tmp_path, before, after, reference):
     (world_before, layout_before), (world_after, layout_after) = before, after
