@@ -78,6 +78,14 @@ def evaluate(rows: list[dict]) -> list[dict]:
     add("ring per-block attention >= 90% of single-process attention TFLOP/s", ring and ring.get("vs_single_process"),
         0.9, "context rank 0's ring steps (context 4, forward + backward, merges included) over one process's "
         "varlen attention on the whole 16k row, same run")
+    modes = [_find(rows, "checkpointing", "checkpointing", m) for m in ("none", "full", "selective")]
+    none, full, sel = (r if r and "llama-1b" in r.get("case", "") else None for r in modes)  # the GPU case only
+    add("selective checkpointing step time <= 1.05x no checkpointing (1B, seq 16k)",
+        sel["ms_per_step"] / none["ms_per_step"] if sel and none else None, 1.05,
+        "selective's ms per step over no checkpointing's, same run", higher_is_better=False)
+    add("selective checkpointing memory <= full checkpointing's + the kept attention outputs",
+        sel["peak_extra_bytes"] / (full["peak_extra_bytes"] + sel["kept_attention_bytes"]) if sel and full else None,
+        1.0, "peak bytes a step adds, over full checkpointing's plus (out, lse) of every layer", higher_is_better=False)
     out += compiler_goals([r for r in rows if r.get("benchmark") == "kernel_report"])
     row = next((r for r in rows if r.get("benchmark") == "train_step" and r.get("provider") == "evo"), None)
     add("end-to-end MFU >= 50% (Llama-style 1B, seq 4096, bf16)", row and row.get("mfu"), 0.5,

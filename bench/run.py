@@ -25,7 +25,7 @@ if __name__ == "__main__":  # Python put bench/ first on the path: the repositor
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 BENCHMARKS = ["train_step", "loader", "generate", "kernels", "attention", "attention_tiles", "moe", "kernel_report",
-              "flce_memory", "parallel", "expert", "context", "pipeline", "overhead"]
+              "flce_memory", "parallel", "expert", "context", "checkpointing", "pipeline", "overhead"]
 # the GPU benchmarks, runnable at tiny shapes anywhere with --smoke
 SMOKE = ["kernels", "attention", "attention_tiles", "moe", "train_step"]
 USES_PEAKS = {"kernels", "attention", "moe", "train_step"}

@@ -20,7 +20,7 @@ from evo.config import REQUIRED, TENSOR_MODE, Config, config_from_dict, resolve_
 from evo.data import build_train_loader, build_valid_loaders
 from evo.model.flops import whole_model_sizes
 from evo.parallel.context import ParallelContext
-from evo.parallel.parallelize import computed_memory, format_bytes
+from evo.parallel.parallelize import MemoryOptions, computed_memory, format_bytes
 
 
 def launch_world_size(env=os.environ) -> tuple[int, str] | None:
@@ -93,14 +93,16 @@ def dry_run(config, overrides=None) -> str:
     world, source = launched or smallest_world(p)
     ctx = ParallelContext.plan(p, world)  # a ConfigError when the layout does not fit the world
     total, matmul = whole_model_sizes(cfg.model)
-    memory = computed_memory(cfg.model, world // p.pipeline.size, p.tensor.size, p.zero1.size, ep=ctx.ep_size)
+    savers = MemoryOptions.from_config(cfg)
+    memory = computed_memory(cfg.model, world // p.pipeline.size, p.tensor.size, p.zero1.size, ep=ctx.ep_size,
+                             memory=savers, tokens=cfg.data.packed_length)
     lines = [f"dry run of {cfg.source or 'a config'}: nothing is written", "", "config (differences from evo's "
              "defaults):", *(f"  {line}" for line in config_differences(cfg)), "",
              f"layout: {ctx.describe().split('; this rank')[0]} ({source})",
              f"model: {total / 1e6:.2f}M parameters ({matmul / 1e6:.2f}M in matmuls), dtype {cfg.model.dtype}",
              "memory per rank (model state): " + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}"
                                                            for k, v in memory.items()
-                                                           if k not in ("layer_weights", "params"))]
+                                                           if k not in ("layer_weights", "params")) + savers.note()]
     if p.pipeline.size > 1 or TENSOR_MODE[p.tensor.mode].weight_parallel:
         lines.append("  (pipeline stages and isp's weight groups are not modelled here: the numbers are those of "
                      "the whole model over the tensor and zero groups)")

@@ -168,16 +168,17 @@ def initialize_model_and_parallel_communicator() -> torch.nn.Module:
     """Build the model from the launch config, on the launch device, initialized from the launch seed. In one
     process a 16-bit model also keeps its fp32 initial values for the optimizer's masters (``TrainerBuilder``
     takes them over); a model that is not trained holds them until it is dropped."""
-    from evo.parallel import build_parallel_model, format_bytes, memory_estimate
+    from evo.parallel import MemoryOptions, build_parallel_model, format_bytes, memory_estimate
 
     state = launch_state()
     cfg = state.config.model
-    model = build_parallel_model(cfg, state.ctx, seed=state.seed, for_training=True)
+    memory = MemoryOptions.from_config(state.config)
+    model = build_parallel_model(cfg, state.ctx, seed=state.seed, for_training=True, memory=memory)
     total, _ = state.model_sizes()  # the whole model's, whatever part of it this rank holds
     logger.info("model: %.2fM parameters, dtype %s", total / 1e6, cfg.dtype)
-    mem = memory_estimate(model, state.ctx, cfg)
-    logger.info("memory per rank (estimate): %s", ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}"
-                                                            for k, v in mem.items()))
+    mem = memory_estimate(model, state.ctx, cfg, memory, state.config.data.packed_length)
+    logger.info("memory per rank (estimate): %s%s", ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}"
+                                                              for k, v in mem.items()), memory.note())
     return model
 
 

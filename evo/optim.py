@@ -8,6 +8,9 @@
 - more processes: FSDP2 (``evo.parallel.parallelize``) holds the fp32 masters as the parameters'
   shards and reduce-scatters fp32 gradients into them; this class then sees DTensors and leaves the
   communication to FSDP2.
+With ``cpu_offload`` (``hybrid_zero_optimizer.cpu_offload``) the masters, their gradients and AdamW's state live
+on the CPU: in one process this class keeps them there itself (fp32 copies, even of an fp32 model), under FSDP2
+its ``CPUOffloadPolicy`` does.
 ``step()`` unscales the gradients, computes the global gradient norm (over every shard and group:
 all ranks get the same number, so all agree on skipping a step), skips the update when it is inf or
 NaN (and tells the loss scaler), clips, and steps AdamW. Its state is keyed by parameter FQN,
@@ -110,12 +113,13 @@ class LrSchedule(torch.optim.lr_scheduler.LambdaLR):
         return saved_lr
 
 
-def global_grad_norm(grads: list[torch.Tensor], distributed: bool = False) -> torch.Tensor:
+def global_grad_norm(grads: list[torch.Tensor], distributed: bool = False, device=None) -> torch.Tensor:
     """The 2-norm of all gradients together (fp64), the same on every rank: each rank's sum of squares of its
     local tensors in fp64, a DTensor's replicated copies counted once, all-reduced over the world when
     ``distributed`` (the gradients are then FSDP2's DTensor shards). fp64 sums make the norm, and so the
     clipping, independent of how the gradients are split (an fp32 sum of a million squares is off in the sixth
-    digit, differently for every split)."""
+    digit, differently for every split). ``device``: where the all-reduce runs (NCCL's device, for gradients
+    offloaded to the CPU)."""
     total = torch.zeros((), dtype=torch.float64, device=local(grads[0]).device if grads else None)
     for g in grads:
         copies = 1
@@ -125,14 +129,17 @@ def global_grad_norm(grads: list[torch.Tensor], distributed: bool = False) -> to
                     copies *= g.device_mesh.size(dim)
         total += local(g).double().square().sum() / copies
     if distributed:  # every rank joins, with or without gradients of its own
+        if device is not None:
+            total = total.to(device)
         dist.all_reduce(total)
     return total.sqrt()
 
 
 class MixedPrecisionOptimizer:
     def __init__(self, model: nn.Module, adam: AdamConfig, clip_grad_norm: float, scaler: DynamicLossScaler,
-                 ctx: ParallelContext):
+                 ctx: ParallelContext, cpu_offload: bool = False):
         self.model, self.clip_grad_norm, self.scaler, self.ctx = model, clip_grad_norm, scaler, ctx
+        self.on_cpu = cpu_offload and not ctx.distributed  # this class keeps the masters on the CPU (FSDP2 would)
         self.params: dict[str, nn.Parameter] = dict(model.named_parameters())  # FQN -> model param (tied: once)
         self.masters: dict[str, torch.Tensor] = {}
         initial = model.__dict__.pop("initial_masters", None) or {}  # the fp32 values the 16-bit model rounds
@@ -140,7 +147,11 @@ class MixedPrecisionOptimizer:
             start = initial.get(name)
             if start is None or not torch.equal(start.to(p.dtype), p):  # absent, or the model changed since
                 start = p
-            self.masters[name] = p if p.dtype == torch.float32 else start.detach().float().requires_grad_(True)
+            if p.dtype == torch.float32 and not self.on_cpu:
+                self.masters[name] = p
+            else:  # a copy of its own: fp32, on the CPU when offloaded
+                master = start.detach().to("cpu" if self.on_cpu else p.device, torch.float32, copy=True)
+                self.masters[name] = master.requires_grad_(True)
         self.separate_masters = any(m is not self.params[n] for n, m in self.masters.items())
         # a pipeline's tied head: a copy whose gradient the embedding's copy also holds, counted once in the norm
         self.duplicates = set(model.duplicate_parameters()) if hasattr(model, "duplicate_parameters") else set()
@@ -166,9 +177,9 @@ class MixedPrecisionOptimizer:
                 continue
             m = self.masters[name]
             if m.grad is None:
-                m.grad = p.grad.float()
+                m.grad = p.grad.to(m.device, torch.float32, copy=True)
             else:
-                m.grad.add_(p.grad)
+                m.grad.add_(p.grad.to(m.device))
             p.grad = None
 
     def zero_grad(self) -> None:
@@ -187,7 +198,7 @@ class MixedPrecisionOptimizer:
         if self.scaler.scale != 1.0:
             torch._foreach_mul_(shards, 1.0 / self.scaler.scale)
         norm = global_grad_norm([m.grad for n, m in with_grad.items() if n not in self.duplicates],
-                                self.ctx.distributed)
+                                self.ctx.distributed, self.ctx.device)
         norm_value = float(norm)  # the one host sync of a step: the skip decision needs it
         overflow = not math.isfinite(norm_value)
         self.scaler.update(overflow)

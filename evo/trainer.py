@@ -281,10 +281,9 @@ class Trainer:
 class TrainerBuilder(Trainer):
     """The documented flow's trainer: ``TrainerBuilder(model, train_dl, val_dls, dataset_types=..., **vars(args))``.
 
-    Reads the config and ParallelContext from the launch state, builds the optimizer (fp32 masters,
-    AdamW), the loss scaler and the lr schedule, then resumes: from ``ckpt.load_ckpt_info`` when given,
-    else (with ``ckpt.auto_resume``) from the newest complete checkpoint in the save folder.
-    """
+    Reads the config and ParallelContext from the launch state, builds the optimizer (fp32 masters, AdamW), the
+    loss scaler and the lr schedule, then resumes: from ``ckpt.load_ckpt_info`` when given, else (with
+    ``ckpt.auto_resume``) from the newest complete checkpoint in the save folder."""
 
     def __init__(self, model, train_dl, val_dls, dataset_types=None, profiling: bool = False, **_args):
         from evo.initialize import launch_state
@@ -292,7 +291,8 @@ class TrainerBuilder(Trainer):
         state = launch_state()
         cfg, ctx = state.config, state.ctx
         scaler = DynamicLossScaler(cfg.grad_scaler, enabled=cfg.model.torch_dtype == torch.float16)
-        optimizer = MixedPrecisionOptimizer(model, cfg.adam, cfg.hybrid_zero_optimizer.clip_grad_norm, scaler, ctx)
+        zero = cfg.hybrid_zero_optimizer  # clipping, and the optimizer state's place
+        optimizer = MixedPrecisionOptimizer(model, cfg.adam, zero.clip_grad_norm, scaler, ctx, zero.cpu_offload)
         scheduler = LrSchedule(optimizer, cfg.lr_scheduler, cfg.adam.lr)
         super().__init__(model, train_dl, val_dls, cfg, ctx, list(dataset_types or ["default"]), optimizer, scheduler,
                          state.run_folder, state.model_sizes()[1], profiling=profiling)

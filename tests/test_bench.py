@@ -210,7 +210,12 @@ def test_goals_met_missed_or_not_measured():
             row("context", "ring per-block attention", "fwd+bwd", "ring", shape="16384x16/4x128, context 4",
                 TFLOP_s=270.0, vs_single_process=0.9),
             row("context", "ring per-block attention", "fwd+bwd", "ring", shape="1056x4/2x32, context 4",
-                vs_single_process=0.1)]  # a CPU's row: not the goal's shape
+                vs_single_process=0.1),  # a CPU's row: not the goal's shape
+            row("checkpointing", "checkpointing", "none", case="llama-1b bf16, 16384-token row", ms_per_step=100.0),
+            row("checkpointing", "checkpointing", "full", case="llama-1b bf16, 16384-token row", ms_per_step=130.0,
+                peak_extra_bytes=1000),
+            row("checkpointing", "checkpointing", "selective", case="llama-1b bf16, 16384-token row", ms_per_step=110.0,
+                peak_extra_bytes=1100, kept_attention_bytes=200)]
     verdicts = {g["goal"]: g["verdict"] for g in goals.evaluate(rows)}
     assert verdicts["MoE experts fwd+bwd >= 400 TFLOP/s (Qwen3-30B-A3B experts, 16k tokens, bf16)"].startswith(
         "missed (-25%")
@@ -224,7 +229,11 @@ def test_goals_met_missed_or_not_measured():
     assert verdicts["fused linear cross-entropy time <= 1.0x naive"].startswith("met (-10%")
     assert verdicts["end-to-end MFU >= 50% (Llama-style 1B, seq 4096, bf16)"] == "not measured"
     assert verdicts["ring per-block attention >= 90% of single-process attention TFLOP/s"].startswith("met (+0%")
-    assert goals.markdown(goals.evaluate(rows)).count("\n") == 12  # no kernel report rows: its goals not listed
+    assert verdicts["selective checkpointing step time <= 1.05x no checkpointing (1B, seq 16k)"].startswith(
+        "missed (+5%")  # 1.10 against 1.05
+    assert verdicts["selective checkpointing memory <= full checkpointing's + the kept attention outputs"].startswith(
+        "met (-8%")  # 1100 against 1200
+    assert goals.markdown(goals.evaluate(rows)).count("\n") == 14  # no kernel report rows: its goals not listed
 
 
 def test_compiler_goals_read_from_the_kernel_report_rows():

@@ -58,11 +58,30 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _validate_data(cfg.data)
     _validate_parallel(cfg, world_size)
     _validate_optimizer(cfg)
+    _validate_memory(cfg)
     _validate_ckpt(cfg.ckpt)
     require(cfg.monitor.log_every >= 1, f"'monitor.log_every' must be >= 1, got {cfg.monitor.log_every}")
     peak = cfg.monitor.peak_tflops
     require(peak is None or peak > 0, f"'monitor.peak_tflops' must be > 0 (TFLOP/s of one device), got {peak}")
     _resolve_folders(cfg)
+
+
+def _validate_memory(cfg: Config) -> None:
+    """selective_checkpoint and its offload, cpu_offloading (InternEvo's rules, and none that does nothing)."""
+    m, off = cfg.model, cfg.cpu_offloading
+    require(not cfg.selective_checkpoint_offload or cfg.selective_checkpoint,
+            "'selective_checkpoint_offload' = True needs 'selective_checkpoint' = True (it offloads what that keeps)")
+    require(not cfg.selective_checkpoint or float(m.checkpoint) > 0,
+            "'selective_checkpoint' = True needs 'model.checkpoint' > 0: it changes how checkpointed layers "
+            "recompute, and none is checkpointed")
+    require(not cfg.selective_checkpoint or not m.compile,
+            "'selective_checkpoint' with 'model.compile' is not supported yet: set one off")
+    require(0 <= off.num_layers <= m.num_layers, f"'cpu_offloading.num_layers' must be 0 to 'model.num_layers' "
+            f"({m.num_layers}), got {off.num_layers}")
+    require(off.enable or off.num_layers == 0, f"'cpu_offloading.num_layers' = {off.num_layers} with enable=False: "
+            "InternEvo's rule is 0 when disabled; set enable=True or num_layers=0")
+    require(not off.enable or off.num_layers >= 1, "'cpu_offloading.enable' = True offloads nothing with "
+            "num_layers=0: set num_layers to the layers to offload")
 
 
 def _validate_model(m) -> None:

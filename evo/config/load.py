@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from evo.config.checks import check_choice, validate
-from evo.config.sections import MODEL_TYPES, MOE_MODEL_TYPES, REQUIRED, SECTIONS, Config
+from evo.config.sections import MODEL_TYPES, MOE_MODEL_TYPES, REQUIRED, SECTIONS, TOP_LEVEL_SWITCHES, Config
 from evo.errors import ConfigError
 
 # InternEvo keys that evo accepts without a warning but that change nothing here (they tune
@@ -37,7 +37,7 @@ _ACCEPTED_NO_EFFECT = {
     "data": {"rampup_batch_size", "empty_cache_and_diag_interval", "diag_outlier_ratio", "num_worker",
              "fixed_random_dataset_seqlen", "gradient_accumulation"},
     "hybrid_zero_optimizer": {"overlap_sync_grad", "overlap_sync_param", "reduce_bucket_size",
-                              "zero_overlap_communication", "cpu_offload"},
+                              "zero_overlap_communication"},
     "ckpt": {"async_upload_tmp_folder", "oss_snapshot_freq",
              "snapshot_ckpt_folder", "load_optimizer", "universal_ckpt"},
     "monitor": {"alert"},
@@ -179,6 +179,8 @@ def config_from_dict(raw: dict, world_size: int | None = None) -> Config:
             kwargs[name] = _build(_section_type(name), value, name)
         elif name == "JOB_NAME":
             kwargs[name] = _check_type(value, str, name)
+        elif name in TOP_LEVEL_SWITCHES:
+            kwargs[name] = _check_type(value, bool, name)
         elif name == "source":  # a saved config's (to_dict) record of its file
             kwargs[name] = _check_type(value, Optional[str], name)
         elif name == "model_type":

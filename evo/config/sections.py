@@ -236,6 +236,13 @@ class GradScalerConfig:
 @dataclass
 class HybridZeroConfig:
     clip_grad_norm: float = 1.0  # <= 0: no clipping (inf/NaN steps are still skipped)
+    cpu_offload: bool = False  # the fp32 masters, gradients and AdamW state on the CPU (FSDP2's CPUOffloadPolicy)
+
+
+@dataclass
+class CpuOffloadingConfig:
+    enable: bool = False  # InternEvo's: the first num_layers layers' saved activations wait on the CPU
+    num_layers: int = 0  # how many layers, from the first (0 when not enabled)
 
 
 @dataclass
@@ -275,7 +282,12 @@ class Config:
     adam: AdamConfig = field(default_factory=AdamConfig)  # the optimizer
     lr_scheduler: LrSchedulerConfig = field(default_factory=LrSchedulerConfig)  # the lr of each step
     grad_scaler: GradScalerConfig = field(default_factory=GradScalerConfig)  # fp16's dynamic loss scale
-    hybrid_zero_optimizer: HybridZeroConfig = field(default_factory=HybridZeroConfig)  # gradient clipping
+    hybrid_zero_optimizer: HybridZeroConfig = field(default_factory=HybridZeroConfig)  # clipping, CPU offload
+    cpu_offloading: CpuOffloadingConfig = field(default_factory=CpuOffloadingConfig)  # activations to the CPU
+    # InternEvo's Selective Checkpoint++: checkpointed layers keep attention's output and log-sum-exp from the
+    # forward, so their recomputation skips attention (evo/model/selective.py)
+    selective_checkpoint: bool = False
+    selective_checkpoint_offload: bool = False  # ... and the kept tensors wait on the CPU
     loss: LossConfig = field(default_factory=LossConfig)  # the training loss
     ckpt: CkptConfig = field(default_factory=CkptConfig)  # saving, resuming, loading
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # the run folder, metrics, logs
@@ -290,4 +302,6 @@ class Config:
         return out
 
 
-SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name not in ("JOB_NAME", "model_type", "source", "extra")]
+TOP_LEVEL_SWITCHES = ("selective_checkpoint", "selective_checkpoint_offload")  # top-level True / False keys
+SECTIONS = [f.name for f in dataclasses.fields(Config)
+            if f.name not in ("JOB_NAME", "model_type", "source", "extra", *TOP_LEVEL_SWITCHES)]

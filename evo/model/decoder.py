@@ -36,6 +36,7 @@ tensor group. Pipeline parallelism wraps the model instead
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ from evo import kernels
 from evo.config import ModelConfig
 from evo.model.moe import MoEBlock, is_moe_layer
 from evo.model.rotary import RotaryEmbedding
+from evo.model.selective import KeptAttention, OffloadedActivations, kept_attention, using
 
 
 class RMSNorm(nn.Module):
@@ -99,6 +101,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, cfg.layer_norm_epsilon) if cfg.qk_norm else None
         self.rotary = rotary  # shared by every layer: it holds tables, no parameters
         self.window = cfg.attention_window
+        self.kept = None  # selective checkpointing: the KeptAttention slot of the checkpointed call in progress
 
     def _qkv(self, x: torch.Tensor):
         """Projections of x (..., hidden) as heads (..., heads, head_dim), q and k normalized per head if asked."""
@@ -116,8 +119,11 @@ class Attention(nn.Module):
             return self._forward_cached(x, cache, layer)
         q, k, v = self._qkv(x)
         q, k = self.rotary(q, cu_seqlens, max_seqlen), self.rotary(k, cu_seqlens, max_seqlen)
-        out = kernels.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
-                                             window_size=self.window)
+        if self.kept is not None:  # selective checkpointing: run once per checkpointed call (evo.model.selective)
+            out = kept_attention(q, k, v, cu_seqlens, max_seqlen, self.window, self.kept)
+        else:
+            out = kernels.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                                 causal=True, window_size=self.window)
         return self.wo(out.reshape(out.shape[0], -1))
 
     def _forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
@@ -161,7 +167,10 @@ class DecoderLayer(nn.Module):
         self.attention = Attention(cfg, rotary)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.feed_forward = feed_forward(cfg, index)
-        self.checkpointed = False  # activation checkpointing: set by evo.parallel.parallelize
+        # set by evo.parallel.parallelize: activation checkpointing; with selective_checkpoint (and its offload) the
+        # checkpointed forward keeps attention's output (evo.model.selective); cpu_offloading's layers save to the CPU
+        self.checkpointed = self.keeps_attention = self.offloads_kept = self.offloaded = False
+        self.offload_stream = None  # selective_checkpoint_offload on a GPU: the side stream of the copies
 
     def _forward(self, x, cu_seqlens, max_seqlen, cache, layer):
         """(the layer's output, a MoE block's stats or None)."""
@@ -172,14 +181,32 @@ class DecoderLayer(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h)), None
 
     def forward(self, x, cu_seqlens=None, max_seqlen=None, cache: KVCache | None = None, layer: int = 0):
-        if self.checkpointed and torch.is_grad_enabled():
-            h, stats = torch.utils.checkpoint.checkpoint(self._forward, x, cu_seqlens, max_seqlen, cache, layer,
-                                                         use_reentrant=False)
-        else:
-            h, stats = self._forward(x, cu_seqlens, max_seqlen, cache, layer)
+        training = torch.is_grad_enabled() and cache is None
+        with self.saved_on_cpu() if self.offloaded and training else contextlib.nullcontext():
+            if self.checkpointed and training:
+                h, stats = torch.utils.checkpoint.checkpoint(self._forward, x, cu_seqlens, max_seqlen, cache, layer,
+                                                             use_reentrant=False, context_fn=self._contexts)
+            else:
+                h, stats = self._forward(x, cu_seqlens, max_seqlen, cache, layer)
         if stats is not None:  # recorded here, outside the checkpoint: its recompute in backward records nothing
             self.feed_forward.record(*stats)
         return h
+
+    def _contexts(self):
+        """torch.utils.checkpoint's (forward, recomputation) contexts: with selective checkpointing both give the
+        attention one ``KeptAttention`` slot, so the recomputation reuses the forward's attention output."""
+        if not self.keeps_attention:
+            return contextlib.nullcontext(), contextlib.nullcontext()
+        if self.offloads_kept and self.offload_stream is None and self.ffn_norm.weight.is_cuda:
+            self.offload_stream = torch.cuda.Stream(self.ffn_norm.weight.device)
+        slot = KeptAttention(self.offloads_kept, self.offload_stream)
+        self.last_kept = slot  # the newest slot (tests read what it offloaded)
+        return using(self.attention, slot), using(self.attention, slot)
+
+    def saved_on_cpu(self) -> OffloadedActivations:
+        """cpu_offloading: what this layer saves for backward waits on the CPU (``moved`` counts its bytes)."""
+        self.offload_hooks = OffloadedActivations()
+        return self.offload_hooks
 
 
 class OutputHead(nn.Linear):

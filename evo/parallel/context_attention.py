@@ -397,12 +397,17 @@ def _gather_blocks(kv: torch.Tensor, group: ContextGroup) -> torch.Tensor:
 
 class _ContextAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan: ContextPlan, scale: float | None, window: tuple[int, int]):
+    def forward(ctx, q, k, v, plan: ContextPlan, scale: float | None, window: tuple[int, int], kept):
         kv = torch.stack([k, v])
-        run = _gathered_forward if plan.all_gather else _ring_forward
-        out, lse = run(q, kv, plan, scale, window)
-        out = out.to(q.dtype)
-        lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # flash-attn's: +inf where no key was seen
+        if kept is not None and kept.filled:  # a selective checkpoint's recomputation: the ring does not run again
+            out, lse = (t.detach() for t in kept.take())  # the forward's output: this call's output is its own
+        else:
+            run = _gathered_forward if plan.all_gather else _ring_forward
+            out, lse = run(q, kv, plan, scale, window)
+            out = out.to(q.dtype)
+            lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # flash-attn's: +inf where no key was seen
+            if kept is not None:
+                kept.keep(out, lse)
         ctx.save_for_backward(q, kv, out, lse)
         ctx.plan, ctx.scale, ctx.window = plan, scale, window
         ctx.mark_non_differentiable(lse)
@@ -413,19 +418,20 @@ class _ContextAttention(torch.autograd.Function):
         q, kv, out, lse = ctx.saved_tensors
         run = _gathered_backward if ctx.plan.all_gather else _ring_backward
         dq, dkv = run(dout.contiguous(), q, kv, out, lse, ctx.plan, ctx.scale, ctx.window)
-        return dq.to(q.dtype), dkv[0].to(q.dtype), dkv[1].to(q.dtype), None, None, None
+        return dq.to(q.dtype), dkv[0].to(q.dtype), dkv[1].to(q.dtype), None, None, None, None
 
 
 def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ContextPlan,
                       softmax_scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
-                      return_lse: bool = False):
+                      return_lse: bool = False, kept=None):
     """Causal attention of this context rank's shard of a packed row against the whole group's keys: q (rows,
     heads, d), k and v (rows, kv heads, d), this rank's rows in ``plan``'s shard order (``zigzag_shards``). Returns
     out (rows, heads, d), with ``return_lse`` also lse (heads, rows) fp32 (+inf where no key is seen), both equal
     to one process's ``flash_attn_varlen_func`` over the whole row; differentiable in q, k, v. Sliding windows
-    (``window_size`` (left, 0)) need the all-gather plan (made with that ``left``)."""
+    (``window_size`` (left, 0)) need the all-gather plan (made with that ``left``). ``kept``: a selective
+    checkpoint's ``evo.model.selective.KeptAttention`` slot: the forward fills it, the recomputation reads it."""
     if window_size != (-1, -1) and not plan.all_gather and plan.group.size > 1:
         raise ValueError("a sliding window needs kv_exchange='all_gather' (a ring step's keys are not contiguous in "
                          "position)")
-    out, lse = _ContextAttention.apply(q, k, v, plan, softmax_scale, tuple(window_size))
+    out, lse = _ContextAttention.apply(q, k, v, plan, softmax_scale, tuple(window_size), kept)
     return (out, lse) if return_lse else out

@@ -150,7 +150,7 @@ class ContextParallelAttention:
             q, k, v = (seq_to_head(t, heads) for t in (q, k, v))
         seg_cu, seg_max, offsets, longest = shards.rotary
         q, k = (self.rotary(t, seg_cu, seg_max, seqlen_offsets=offsets, max_position=longest) for t in (q, k))
-        out = context_attention(q, k, v, shards.plan, window_size=self.window)
+        out = context_attention(q, k, v, shards.plan, window_size=self.window, kept=self.kept)
         if heads is not None:
             out = head_to_seq(out, heads)
         return self.wo(out.reshape(out.shape[0], -1))

@@ -53,6 +53,13 @@ def tiny_sections(folder: Path, micro_num: int = 2, **parallel) -> dict:
         raw["parallel"]["sequence_2D"] = dict(parallel["sequence_2D"], enable=True)
     if parallel.get("sliding_window"):
         raw["model"]["sliding_window"] = parallel["sliding_window"]
+    if parallel.get("selective"):  # Selective Checkpoint++ ("offload": its kept tensors on the CPU)
+        raw["selective_checkpoint"] = True
+        raw["selective_checkpoint_offload"] = parallel["selective"] == "offload"
+    if parallel.get("offload_layers"):  # cpu_offloading of the first layers' activations
+        raw["cpu_offloading"] = dict(enable=True, num_layers=parallel["offload_layers"])
+    if parallel.get("cpu_offload"):  # the optimizer state on the CPU
+        raw["hybrid_zero_optimizer"] = dict(raw.get("hybrid_zero_optimizer", {}), cpu_offload=True)
     return raw
 
 
