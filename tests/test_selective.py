@@ -132,6 +132,8 @@ def test_one_process_optimizer_keeps_its_masters_and_state_on_the_cpu_apart_from
     (dict(selective_checkpoint=True), "'selective_checkpoint' = True needs 'model.checkpoint' > 0"),
     (dict(cpu_offloading=dict(num_layers=1)), "'cpu_offloading.num_layers' = 1 with enable=False"),
     (dict(selective_checkpoint=1), "'selective_checkpoint' must be True or False, got 1"),
+    (dict(cpu_offloading=dict(enable=True, num_layers=1), model=dict(small_sections()["model"], compile=True)),
+     "'cpu_offloading' with 'model.compile' is not supported yet"),
 ])
 def test_bad_memory_settings_are_one_line(sections, line):
     from evo.errors import ConfigError

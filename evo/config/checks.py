@@ -82,6 +82,8 @@ def _validate_memory(cfg: Config) -> None:
             "InternEvo's rule is 0 when disabled; set enable=True or num_layers=0")
     require(not off.enable or off.num_layers >= 1, "'cpu_offloading.enable' = True offloads nothing with "
             "num_layers=0: set num_layers to the layers to offload")
+    require(not off.enable or not m.compile, "'cpu_offloading' with 'model.compile' is not supported yet (its "
+            "saved-tensor hooks run inside the compiled layer): set one off")
 
 
 def _validate_model(m) -> None:
