@@ -183,9 +183,11 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cu_seqlens=None, max_seqlen=None, cache: KVCache | None = None, layer: int = 0):
         training = torch.is_grad_enabled() and cache is None
         with self.saved_on_cpu() if self.offloaded and training else contextlib.nullcontext():
-            if self.checkpointed and training:
+            if self.checkpointed and training:  # (torch.compile takes a context_fn only for its own policies:
+                # selective checkpointing, which sets one, is refused with compile)
+                kept = dict(context_fn=self._contexts) if self.keeps_attention else {}
                 h, stats = torch.utils.checkpoint.checkpoint(self._forward, x, cu_seqlens, max_seqlen, cache, layer,
-                                                             use_reentrant=False, context_fn=self._contexts)
+                                                             use_reentrant=False, **kept)
             else:
                 h, stats = self._forward(x, cu_seqlens, max_seqlen, cache, layer)
         if stats is not None:  # recorded here, outside the checkpoint: its recompute in backward records nothing
@@ -193,10 +195,8 @@ class DecoderLayer(nn.Module):
         return h
 
     def _contexts(self):
-        """torch.utils.checkpoint's (forward, recomputation) contexts: with selective checkpointing both give the
+        """torch.utils.checkpoint's (forward, recomputation) contexts under selective checkpointing: both give the
         attention one ``KeptAttention`` slot, so the recomputation reuses the forward's attention output."""
-        if not self.keeps_attention:
-            return contextlib.nullcontext(), contextlib.nullcontext()
         if self.offloads_kept and self.offload_stream is None and self.ffn_norm.weight.is_cuda:
             self.offload_stream = torch.cuda.Stream(self.ffn_norm.weight.device)
         slot = KeptAttention(self.offloads_kept, self.offload_stream)
