@@ -219,9 +219,10 @@ class ParallelContext:
         s = self.sequence_2d
         if s is None:
             return "", ""
+        from evo.parallel.sequence_2d import place_2d
+
         hs, cs = s.head_size, s.context_size
-        c, h = (self.tp_rank // hs, self.tp_rank % hs) if s.device_placement_strategy.head_first else \
-            (self.tp_rank % cs, self.tp_rank // cs)
+        c, h = place_2d(self.tp_rank, hs, cs, s.device_placement_strategy.head_first)
         return (f", 2D sequence groups of head {hs} x context {cs} (windows of {s.window_size}, {s.kv_exchange})",
                 f", head {h} context {c}")
 

@@ -89,9 +89,14 @@ class SequenceGroup2D:
 
     def place(self, tp_rank: int) -> tuple[int, int]:
         """(context index, head index) of tensor-group rank ``tp_rank``."""
-        c = self.context.size
-        return (tp_rank // self.head_size, tp_rank % self.head_size) if self.head_first else \
-            (tp_rank % c, tp_rank // c)
+        return place_2d(tp_rank, self.head_size, self.context.size, self.head_first)
+
+
+def place_2d(tp_rank: int, head_size: int, context_size: int, head_first: bool) -> tuple[int, int]:
+    """(context index, head index) of tensor-group rank ``tp_rank``: head groups are runs of ``head_size`` ranks
+    (``head_first``), else context groups are runs of ``context_size``."""
+    return (tp_rank // head_size, tp_rank % head_size) if head_first else (tp_rank % context_size,
+                                                                           tp_rank // context_size)
 
 
 class ContextShards(SequenceShards):
