@@ -99,6 +99,10 @@ def sequence_2d_error(parallel, model_cfg, packed_length: int) -> str | None:
     if model_cfg.compile:
         return (f"'model.compile' with {key}' is not supported yet (the ring's transfers and per-row plans are not "
                 "traced): set one off")
+    if parallel.pipeline.size > 1 and float(model_cfg.checkpoint) > 0:
+        return (f"'model.checkpoint' with 'parallel.pipeline.size' > 1 under {key}' is not supported yet: a "
+                "pipeline runs the next micro-batch's forward before this one's backward, and a checkpointed layer "
+                "would recompute with that row's split; set one off")
     if packed_length < 2 * tp:
         return (f"'data.seq_len' x 'data.micro_bsz' ({packed_length} tokens a row) is too short for a sequence group "
                 f"of {tp} ranks under {key}': every rank needs at least two tokens (a head and a tail chunk)")

@@ -144,11 +144,14 @@ def sequence_2d(tp=4, mode="isp", **fields):
      "'data.seq_len' x 'data.micro_bsz' (8 tokens a row) is too short for a sequence group of 8 ranks"),
     (sequence_2d(kv_exchange="gather"), {}, "'parallel.sequence_2D.kv_exchange' must be one of ring, all_gather"),
     (sequence_2d(), "compile", "'model.compile' with 'parallel.sequence_2D' is not supported yet"),
+    (dict(sequence_2d(tp=2), pipeline=dict(size=2)), "checkpoint",
+     "'model.checkpoint' with 'parallel.pipeline.size' > 1 under 'parallel.sequence_2D' is not supported yet"),
     (sequence_2d(tp=4, head_size=4, context_size=1), {}, "'parallel.sequence_2D.head_size' (4) must divide "
                                                         "'model.num_kv_attention_heads' (2)"),
 ])
 def test_bad_sequence_2d_layouts_are_config_errors(parallel, data, line):
-    model = dict(compile=True) if data == "compile" else {}
+    model = {"compile": dict(compile=True), "checkpoint": dict(checkpoint=True)}.get(data, {}) if isinstance(
+        data, str) else {}
     data = {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else {}
     with pytest.raises(ConfigError) as err:
         config_from_dict(small_sections(parallel=parallel, data=data, model=model), world_size=8)
